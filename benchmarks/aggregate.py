@@ -1,0 +1,141 @@
+"""Throughput and memory of the streaming analysis (`mlsae.analysis.aggregate`).
+
+Builds two random latent stores of realistic shape (L=30 layers, k=32, 9216 latents) with N and
+4N eval tokens, then runs `aggregate` on each in a fresh subprocess so that each peak RSS is its
+own. Prints rows/s (rows = tokens x layers x k sparse entries), peak RSS and the RSS ratio.
+
+Targets: >= 10M rows/s on 2 cores; peak RSS of the 4N run within 1.5x of the N run.
+
+    .venv/bin/python benchmarks/aggregate.py [--tokens 8192] [--keep DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+N_LAYERS = 30
+K = 32
+N_LATENTS = 9216
+CONTEXT = 128  # a special (BOS) token opens every context
+SHARD_TOKENS = 2048
+CHUNK_TOKENS = 256
+
+
+def build_store(path: Path, n_tokens: int, seed: int = 0) -> None:
+    """Write a complete random latent store of `n_tokens` tokens.
+
+    Per token, a pool of distinct latent ids is drawn without replacement with Zipf-like weights
+    (Gumbel top-k); layer l takes a window of k consecutive pool entries whose start moves by a
+    random 8..24 per layer, so a latent stays active over a few adjacent layers, as in MLSAEs.
+    About 2 % of the entries are zero (inactive).
+    """
+    rng = np.random.default_rng(seed)
+    log_w = -1.1 * np.log(rng.permutation(N_LATENTS) + 10.0)
+    steps = rng.integers(8, 25, size=(n_tokens, N_LAYERS))
+    steps[:, 0] = 0
+    offsets = np.cumsum(steps, axis=1)  # (T, L)
+    pool_size = int(offsets.max()) + K
+    group = zarr.create_group(str(path), overwrite=True)
+    arrays = {}
+    for name, dtype in (("indices", np.int32), ("values", np.float16)):
+        arrays[name] = group.create_array(
+            name,
+            shape=(n_tokens, N_LAYERS, K),
+            dtype=dtype,
+            chunks=(CHUNK_TOKENS, N_LAYERS, K),
+            shards=(SHARD_TOKENS, N_LAYERS, K),
+        )
+    window = offsets[:, :, None] + np.arange(K)[None, None, :]  # (T, L, k) pool positions
+    for start in range(0, n_tokens, SHARD_TOKENS):
+        stop = min(start + SHARD_TOKENS, n_tokens)
+        gumbel = log_w[None, :] - np.log(-np.log(rng.random((stop - start, N_LATENTS))))
+        pool = np.argpartition(-gumbel, pool_size, axis=1)[:, :pool_size]
+        rng.permuted(pool, axis=1, out=pool)
+        idx = np.take_along_axis(pool[:, None, :], window[start:stop].reshape(stop - start, 1, -1), axis=2)
+        vals = rng.lognormal(0.0, 1.0, size=idx.shape).astype(np.float16)
+        vals[rng.random(idx.shape) < 0.02] = 0
+        arrays["indices"][start:stop] = idx.reshape(stop - start, N_LAYERS, K).astype(np.int32)
+        arrays["values"][start:stop] = vals.reshape(stop - start, N_LAYERS, K)
+    t = np.arange(n_tokens)
+    group.create_array("tokens", data=rng.integers(0, 49152, n_tokens).astype(np.int32), chunks=(SHARD_TOKENS,))
+    group.create_array("context", data=(t // CONTEXT).astype(np.int32), chunks=(SHARD_TOKENS,))
+    group.create_array("position", data=(t % CONTEXT).astype(np.int16), chunks=(SHARD_TOKENS,))
+    group.create_array("special", data=(t % CONTEXT == 0), chunks=(SHARD_TOKENS,))
+    group.attrs.update({"layers": list(range(N_LAYERS)), "n_latents": N_LATENTS, "k": K, "complete": True})
+
+
+def peak_rss_kib() -> int:
+    """This process's peak RSS (VmHWM: unlike ru_maxrss, it starts afresh at exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
+
+
+def run_one(store: Path, out: Path) -> dict:
+    """Child process: run `aggregate` once and report time and peak RSS as JSON on stdout."""
+    from mlsae.analysis import aggregate
+
+    base_kib = peak_rss_kib()
+    t0 = time.perf_counter()
+    metrics = aggregate(store, out / "analysis", out / "analysis.json")
+    seconds = time.perf_counter() - t0
+    peak_kib = peak_rss_kib()
+    return {"seconds": seconds, "peak_mib": peak_kib / 1024, "base_mib": base_kib / 1024, "metrics": metrics}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=8192, help="N: the small store's tokens (the large has 4N)")
+    parser.add_argument("--keep", type=Path, default=None, help="build the stores here and keep them")
+    parser.add_argument("--child", nargs=2, metavar=("STORE", "OUT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(run_one(Path(args.child[0]), Path(args.child[1]))))
+        return
+
+    with tempfile.TemporaryDirectory(dir=args.keep) as tmp_name:
+        root = Path(args.keep or tmp_name)
+        results = {}
+        for scale in (1, 4):
+            n_tokens = scale * args.tokens
+            store = root / f"latents_{scale}x.zarr"
+            if not store.exists():
+                t0 = time.perf_counter()
+                build_store(store, n_tokens, seed=scale)
+                print(f"built {store.name}: {n_tokens} tokens in {time.perf_counter() - t0:.1f}s", flush=True)
+            out = root / f"out_{scale}x"
+            child = subprocess.run(
+                [sys.executable, __file__, "--child", str(store), str(out)],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+            result = json.loads(child.stdout.strip().splitlines()[-1])
+            rows = n_tokens * N_LAYERS * K
+            result["rows"] = rows
+            results[scale] = result
+            print(
+                f"{scale}x: tokens={n_tokens} rows={rows:,} time={result['seconds']:.2f}s "
+                f"rows/s={rows / result['seconds'] / 1e6:.1f}M peak_rss={result['peak_mib']:.0f}MiB "
+                f"(after imports {result['base_mib']:.0f}MiB) pairs={result['metrics']['n_active_pairs']:,} "
+                f"var_ratio={result['metrics']['var_ratio']:.2f}",
+                flush=True,
+            )
+        ratio = results[4]["peak_mib"] / results[1]["peak_mib"]
+        speed = min(r["rows"] / r["seconds"] for r in results.values()) / 1e6
+        print(f"peak RSS ratio 4x/1x = {ratio:.2f} (target <= 1.5): {'OK' if ratio <= 1.5 else 'MISSED'}")
+        print(f"slowest rows/s = {speed:.1f}M (target >= 10M): {'OK' if speed >= 10 else 'MISSED'}")
+
+
+if __name__ == "__main__":
+    main()

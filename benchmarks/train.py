@@ -1,0 +1,180 @@
+"""Throughput of the MLSAE training step against a plain dense-autograd TopK SAE.
+
+Both arms start from the same weights, see the same batches and use the same Adam, decoder
+constraints and per-vector normalisation; they differ only in how the step is computed:
+
+  sparse  mlsae.sae.train_step: dense encoder matmul, then gathers / index_add over the k active
+          latents for the decoder and for every gradient.
+  dense   full matmul encoder, TopK mask into a dense (N, n_latents) code, dense matmul decoder,
+          plain autograd backward.
+
+Data: sparse positive combinations of random unit atoms plus noise, with a per-layer scale and
+offset, so that FVU falls during the run. No latent dies within a short run (dead_tokens is far
+away), so the AuxK term is zero in both arms.
+
+    .venv/bin/python benchmarks/train.py [--steps 20] [--tokens 512] [--layers 4] [--device cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import resource
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import torch
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from mlsae.sae import MLSAE, SAEConfig, make_optimizer, train_step  # noqa: E402
+
+
+class DenseTopKSAE(nn.Module):
+    """The textbook dense TopK SAE, starting from a copy of an MLSAE's weights."""
+
+    def __init__(self, sae: MLSAE) -> None:
+        super().__init__()
+        self.k = sae.cfg.k
+        self.W_enc = nn.Parameter(sae.W_enc.detach().clone())
+        self.W_dec = nn.Parameter(sae.W_dec.detach().clone().contiguous())
+        self.b_pre = nn.Parameter(sae.b_pre.detach().clone())
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Return (normalised input, reconstruction in the normalised space), both (B, L, d)."""
+        x = x.float()
+        xn = (x - x.mean(-1, keepdim=True)) / (x.var(-1, keepdim=True, unbiased=False) + 1e-6).sqrt()
+        z = (xn - self.b_pre) @ self.W_enc.T
+        values, indices = z.topk(self.k, dim=-1)
+        code = torch.zeros_like(z).scatter(-1, indices, values.relu())
+        return xn, code @ self.W_dec.T + self.b_pre
+
+
+def fvu(xn: Tensor, xn_hat: Tensor) -> Tensor:
+    """Mean over layers of Σ‖x − x̂‖² / Σ‖x − mean(x)‖² over the batch."""
+    err = (xn - xn_hat).float().pow(2).sum(dim=(0, 2))
+    total = (xn - xn.mean(0, keepdim=True)).float().pow(2).sum(dim=(0, 2))
+    return (err / total).mean()
+
+
+def dense_step(model: DenseTopKSAE, opt: torch.optim.Optimizer, x: Tensor) -> float:
+    """One step of the dense baseline with the same decoder constraints as the MLSAE."""
+    loss = fvu(*model(x))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    with torch.no_grad():
+        w, g = model.W_dec, model.W_dec.grad
+        g -= w * (g * w).sum(0)
+    opt.step()
+    with torch.no_grad():
+        model.W_dec /= model.W_dec.norm(dim=0)
+    return float(loss)
+
+
+def make_data(n_batches: int, tokens: int, layers: int, d: int, seed: int) -> list[Tensor]:
+    """Batches of (tokens, layers, d) float16 residual-like vectors."""
+    gen = torch.Generator().manual_seed(seed)
+    atoms = torch.nn.functional.normalize(torch.randn(4 * d, d, generator=gen), dim=1)
+    scale = 1 + torch.arange(layers).float()[:, None]
+    offset = torch.randn(layers, d, generator=gen)
+    batches = []
+    for _ in range(n_batches):
+        coef = torch.rand(tokens * layers, atoms.shape[0], generator=gen)
+        coef = coef * (coef > 0.99)  # ~1 % of atoms active per vector
+        x = (coef @ atoms).reshape(tokens, layers, d) + 0.05 * torch.randn(tokens, layers, d, generator=gen)
+        batches.append((x * scale + offset).half())
+    return batches
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=20, help="timed steps per arm")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps per arm before timing")
+    ap.add_argument("--tokens", type=int, default=512, help="tokens per batch")
+    ap.add_argument("--layers", type=int, default=4, help="layers per token (vectors = tokens × layers)")
+    ap.add_argument("--d-model", type=int, default=576)
+    ap.add_argument("--expansion", type=int, default=16)
+    ap.add_argument("--k", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda (bf16 autocast)")
+    args = ap.parse_args()
+
+    device = torch.device(args.device)
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    )
+    d, n = args.d_model, args.expansion * args.d_model
+    vectors = args.tokens * args.layers
+    print(
+        f"d_model {d}, n_latents {n}, k {args.k}, batch {args.tokens} tokens x {args.layers} layers = {vectors}"
+        f" vectors, {args.steps} timed steps, device {device}, threads {torch.get_num_threads()}"
+    )
+    batches = make_data(args.warmup + args.steps + 1, args.tokens, args.layers, d, args.seed)
+    batches = [b.to(device) for b in batches]
+    train, held_out = batches[:-1], batches[-1]
+
+    torch.manual_seed(args.seed)
+    sae = MLSAE(SAEConfig(d_model=d, n_latents=n, k=args.k, layers=list(range(args.layers)))).to(device)
+    sae.init_b_pre(sae.normalise(torch.cat(train[:2]).float())[0])
+    dense = DenseTopKSAE(sae)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    # The arms alternate step by step so that load from other processes hits both alike.
+    sparse_opt, dense_opt = make_optimizer(sae, args.lr), make_optimizer(dense, args.lr)
+    arms = {
+        "sparse": lambda x: train_step(sae, sparse_opt, x)["fvu"],
+        "dense": lambda x: dense_step(dense, dense_opt, x),
+    }
+    seconds = {name: 0.0 for name in arms}
+    last = {name: math.nan for name in arms}
+    peak_rss = {}
+    with autocast:
+        for name, step in arms.items():  # warm-up, one arm after the other, to see each one's peak RSS
+            for x in train[: args.warmup]:
+                step(x)
+            peak_rss[name] = peak_rss_mib()
+        for x in train[args.warmup :]:
+            for name, step in arms.items():
+                sync()
+                start = time.perf_counter()
+                last[name] = step(x)
+                sync()
+                seconds[name] += time.perf_counter() - start
+    sparse_rate, dense_rate = (args.steps * vectors / seconds[name] for name in ("sparse", "dense"))
+    sparse_last, dense_last = last["sparse"], last["dense"]
+
+    with torch.no_grad(), autocast:
+        out = sae(held_out)
+        sparse_eval = float(fvu(out.xn, out.xn_hat))
+        dense_eval = float(fvu(*dense(held_out)))
+
+    print(f"{'':24}{'sparse (mlsae)':>16}{'dense autograd':>16}")
+    print(f"{'vectors/s':24}{sparse_rate:16.0f}{dense_rate:16.0f}")
+    print(f"{'last train-step FVU':24}{sparse_last:16.4f}{dense_last:16.4f}")
+    print(f"{'held-out FVU':24}{sparse_eval:16.4f}{dense_eval:16.4f}")
+    print(f"{'peak RSS (MiB)':24}{peak_rss['sparse']:16.0f}{peak_rss['dense']:16.0f}")
+    print(f"speed ratio sparse/dense: {sparse_rate / dense_rate:.2f}x (target >= 3.0)")
+    rel = abs(sparse_eval - dense_eval) / dense_eval
+    print(f"held-out FVU relative difference: {100 * rel:.2f}% (target within 2%)")
+    if device.type == "cuda":
+        print(f"peak CUDA memory: {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
+    print(f"(peak RSS is the process's high-water mark after each arm's warm-up, sparse arm first;"
+          f" current RSS {psutil.Process().memory_info().rss / 2**20:.0f} MiB)")
+    if not math.isfinite(rel):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""Every file name and store key in one place (stages and tests import these, never literals)."""
+
+from pathlib import Path
+
+DATA = Path("data")
+REPORTS = Path("reports")
+
+ACTIVATIONS = DATA / "activations.zarr"
+LATENTS = DATA / "latents.zarr"
+SAE_DIR = DATA / "sae"
+LENS_DIR = DATA / "lens"
+ANALYSIS_DIR = DATA / "analysis"
+CHECKPOINTS_DIR = DATA / "checkpoints"  # untracked working state of resumable stages
+
+METRICS_DIR = REPORTS / "metrics"
+PLOTS_DIR = REPORTS / "plots"
+TABLES_DIR = REPORTS / "tables"
+FIGURES_DIR = REPORTS / "figures"
+
+EXTRACT_METRICS = METRICS_DIR / "extract.json"
+LENS_METRICS = METRICS_DIR / "lens.json"
+TRAIN_METRICS = METRICS_DIR / "train.json"
+EVAL_METRICS = METRICS_DIR / "eval.json"
+ANALYSIS_METRICS = METRICS_DIR / "analysis.json"
+
+TRAIN_PLOT = PLOTS_DIR / "train.csv"
+EVAL_PLOT = PLOTS_DIR / "eval_by_layer.csv"
+LENS_PLOT = PLOTS_DIR / "lens_by_layer.csv"
+ADJ_COS_PLOT = PLOTS_DIR / "adjacent_cos.csv"
+
+# SAE directory contents
+SAE_WEIGHTS = "sae.safetensors"
+SAE_CONFIG = "config.json"
+CHECKPOINT = "checkpoint.pt"
+
+# tuned-lens directory contents (the tuned-lens package's own names)
+LENS_CONFIG = "config.json"
+LENS_PARAMS = "params.pt"
+
+# Activation store arrays and attrs
+STORE_SCHEMA = 1
+HOOK_NAME = "blocks.{i}.hook_resid_post"
+RESID = "resid"
+TOKENS = "tokens"
+CONTEXT = "context"
+POSITION = "position"
+SPECIAL = "special"
+SPLITS = ("train", "eval")
+
+# Latent store arrays
+INDICES = "indices"
+VALUES = "values"
+
+# analysis parquet files
+TOKEN_STATS = ANALYSIS_DIR / "token_latent.parquet"
+LATENT_STATS = ANALYSIS_DIR / "latents.parquet"
+LAYER_STATS = ANALYSIS_DIR / "layers.parquet"
+LATENT_LAYER = ANALYSIS_DIR / "latent_layer.parquet"
+TOP_TOKENS = ANALYSIS_DIR / "top_tokens.parquet"

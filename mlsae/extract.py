@@ -1,0 +1,167 @@
+"""The extract stage: corpus -> model -> residual stream of every block -> activation store.
+
+Everything that can be wrong with the inputs (model, corpus, context length, an existing store
+from another configuration) is checked before the store is touched. Shards of `resid` are written
+by a background thread while the model computes the next one; the `done` counters in the store's
+attrs make an interrupted run resume from the last finished shard.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from mlsae import corpus, store
+from mlsae.constants import RESID, SPECIAL
+from mlsae.errors import MlsaeError
+from mlsae.io import remove, write_json
+from mlsae.models import LoadedModel, load_model
+from mlsae.params import Params
+
+
+def fingerprint_attrs(p: Params, model: LoadedModel) -> dict:
+    """What identifies the store's content: resuming is only allowed when all of it matches."""
+    return {
+        "model": p.model,
+        "revision": model.revision,
+        "n_layers": model.n_layers,
+        "d_model": model.d_model,
+        "corpus": p.data.source,
+        "context": p.data.context,
+        "train_tokens": p.data.train_tokens,
+        "eval_tokens": p.data.eval_tokens,
+        "dtype": p.extract.dtype,
+        "seed": p.seed,
+    }
+
+
+def prepare_splits(p: Params, model: LoadedModel) -> dict[str, store.SplitData]:
+    """Tokenise the corpus into contexts and make the seeded train/eval split."""
+    if p.data.context > model.max_context:
+        raise MlsaeError(
+            f"data.context: {p.data.context} exceeds the maximum context of model {p.model} ({model.max_context})"
+        )
+    n_train, n_eval = corpus.plan(p.data.train_tokens, p.data.eval_tokens, p.data.context)
+    docs = corpus.iter_documents(p.data.source)
+    ctx = corpus.build_contexts(docs, model.tokenizer, p.data.context, n_train + n_eval)
+    train_idx, eval_idx = corpus.split_contexts(n_train + n_eval, n_eval, p.seed)
+    return {
+        name: store.SplitData(tokens=ctx.tokens[idx], special=ctx.special[idx], context_index=idx.astype(np.int32))
+        for name, idx in (("train", train_idx), ("eval", eval_idx))
+    }
+
+
+def open_for_writing(path: str, attrs: dict, splits: dict[str, store.SplitData]) -> tuple[object, bool]:
+    """(root group, resumed). An incomplete store of the same configuration is resumed; an
+    incomplete one of another configuration is refused; a complete one is rebuilt."""
+    if store.exists(path):
+        old = dict(store.open_root(path).attrs)
+        same = all(old.get(k) == v for k, v in attrs.items()) and old.get("schema") == store.STORE_SCHEMA
+        if not old.get("complete"):
+            if same:
+                return store.open_root(path, mode="r+"), True
+            raise MlsaeError(
+                f"{path}: an incomplete store from another configuration (model {old.get('model')!r}, "
+                f"corpus {old.get('corpus')!r}) is in the way; delete it or rerun with those params to resume it"
+            )
+        remove(path)
+    return store.create(path, attrs, splits), False
+
+
+def extract(p: Params, out: str, progress: bool = True, stop_after_shards: int | None = None) -> dict:
+    """Run the model over the corpus and fill the store at `out`; returns extract metrics.
+
+    `stop_after_shards` simulates an interruption (tests): return after writing that many shards.
+    """
+    model = load_model(p.model, p.extract.device)
+    splits = prepare_splits(p, model)
+    attrs = fingerprint_attrs(p, model)
+    root, resumed = open_for_writing(out, attrs, splits)
+    shard_tokens = int(root.attrs["shard_tokens"])
+    per_shard = shard_tokens // p.data.context
+    done = dict(root.attrs["done"])
+
+    work = []  # (split, shard index, first context, last context)
+    for name, data in splits.items():
+        n_ctx = data.tokens.shape[0]
+        for s in range(done[name], -(-n_ctx // per_shard)):
+            work.append((name, s, s * per_shard, min(n_ctx, (s + 1) * per_shard)))
+    total = sum(hi - lo for _, _, lo, hi in work) * p.data.context
+
+    def write(name: str, shard: int, lo: int, block: np.ndarray) -> None:
+        root[name][RESID][lo * p.data.context : lo * p.data.context + block.shape[0]] = block
+        done[name] = shard + 1
+        root.attrs["done"] = dict(done)  # only after the shard is on disk
+
+    bar = tqdm(total=total, unit="tok", desc=f"extract {p.model}", disable=not progress)
+    t0 = time.perf_counter()
+    pending: Future | None = None
+    written = 0
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        for name, shard, lo, hi in work:
+            ids = torch.from_numpy(splits[name].tokens[lo:hi]).long()
+            parts = []
+            for start in range(0, ids.shape[0], p.extract.batch_size):
+                batch = ids[start : start + p.extract.batch_size]
+                resid = model.residuals(batch)  # (B, T, L, d)
+                parts.append(store.to_storage(resid.reshape(-1, model.n_layers, model.d_model), p.extract.dtype))
+                bar.update(batch.numel())
+            if pending is not None:
+                pending.result()
+            pending = pool.submit(write, name, shard, lo, np.concatenate(parts))
+            written += 1
+            if stop_after_shards is not None and written >= stop_after_shards:
+                pending.result()
+                bar.close()
+                return {}
+        if pending is not None:
+            pending.result()
+    elapsed = time.perf_counter() - t0
+    bar.close()
+
+    reader = store.ActivationStore(out, allow_incomplete=True)
+    cos = adjacent_cosine(reader)
+    root.attrs["complete"] = True
+    n_tokens = sum(d.n_tokens for d in splits.values())
+    return {
+        "tokens": n_tokens,
+        "train_tokens": splits["train"].n_tokens,
+        "eval_tokens": splits["eval"].n_tokens,
+        "tokens_per_s": total / elapsed if total else None,
+        "resumed": resumed,
+        "n_layers": model.n_layers,
+        "d_model": model.d_model,
+        "adjacent_cos": float(np.mean(cos)) if len(cos) else None,
+        "adjacent_cos_by_layer": cos,
+    }
+
+
+def adjacent_cosine(reader: store.ActivationStore, split: str = "eval", chunk: int = 4096) -> list[float]:
+    """Mean cosine similarity of mean-centred residuals at blocks (i, i+1), special tokens masked.
+
+    Two streaming passes over the split: per-layer means, then per-token cosines.
+    """
+    n = reader.n_tokens(split)
+    keep = ~reader.meta(split, SPECIAL)
+    L, d = reader.n_layers, reader.d_model
+    total = torch.zeros(L, d, dtype=torch.float64)
+    count = 0
+    for start in range(0, n, chunk):
+        x = reader.resid(split, start, min(n, start + chunk)).double()
+        m = torch.from_numpy(keep[start : start + x.shape[0]])
+        total += x[m].sum(0)
+        count += int(m.sum())
+    if count == 0 or L < 2:
+        return []
+    mean = total / count
+    cos_sum = torch.zeros(L - 1, dtype=torch.float64)
+    for start in range(0, n, chunk):
+        x = reader.resid(split, start, min(n, start + chunk)).double()
+        m = torch.from_numpy(keep[start : start + x.shape[0]])
+        xc = x[m] - mean
+        cos_sum += torch.nn.functional.cosine_similarity(xc[:, :-1], xc[:, 1:], dim=-1).sum(0)
+    return (cos_sum / count).tolist()

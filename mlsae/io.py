@@ -1,0 +1,78 @@
+"""Atomic output helpers: everything is written to a temporary path and renamed into place."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: NaN/inf become null (DVC and json readers choke on them)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def write_text(path: str | Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    write_text(path, json.dumps(_clean(obj), indent=2) + "\n")
+
+
+def read_json(path: str | Path) -> dict:
+    from mlsae.errors import MlsaeError
+
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise MlsaeError(f"{path}: not found (run the stage that writes it first)") from None
+    except json.JSONDecodeError as e:
+        raise MlsaeError(f"{path}: not valid JSON ({e})") from None
+
+
+def remove(path: str | Path) -> None:
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a fresh temporary directory that replaces `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    remove(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        remove(tmp)
+        raise
+    old = path.with_name(f".{path.name}.old{os.getpid()}")
+    if path.exists():
+        path.rename(old)
+    tmp.rename(path)
+    remove(old)

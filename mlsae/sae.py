@@ -1,0 +1,489 @@
+"""The multi-layer TopK sparse autoencoder (MLSAE): model, loss, sparse kernels, training step, I/O.
+
+One SAE reads the residual vector of every selected layer of a token as a separate example
+(Lawson et al. 2024). Each vector is standardised over its own entries, encoded with
+``z = W_enc (x̂ − b_pre)`` and a TopK + ReLU, and decoded with ``W_dec · topk(z) + b_pre``.
+The training path is sparse end to end: only the encoder's forward matmul is dense; the decoder
+gathers k columns per vector and the encoder's backward touches only the k active rows. A plain
+dense path (``dense=True``) is kept as the reference the sparse one is tested against.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+from dataclasses import MISSING, asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from mlsae.constants import SAE_CONFIG, SAE_WEIGHTS
+from mlsae.errors import MlsaeError
+
+NORM_EPS = 1e-6
+"""Added to each vector's variance before dividing by its std (so a constant vector maps to 0)."""
+ADAM_EPS = 6.25e-10
+NORMALISATIONS = ("vector",)
+LENSES = ("none", "pretrained", "fit")
+
+
+@dataclass
+class SAEConfig:
+    """Everything needed to rebuild an MLSAE; stored as ``config.json`` next to the weights."""
+
+    d_model: int
+    """Width of each residual vector."""
+    n_latents: int
+    """Number of dictionary latents (``expansion × d_model``)."""
+    k: int
+    """Latents kept active per vector (TopK)."""
+    layers: list[int]
+    """Block indices of the selected layers, in the order of the input's layer axis (length L)."""
+    auxk: int = 256
+    """Dead latents per vector used by the AuxK loss (0 disables it)."""
+    auxk_coef: float = 1 / 32
+    """Weight of the AuxK loss in the total loss."""
+    dead_tokens: int = 1_000_000
+    """A latent is dead once it has not fired for this many tokens (a token counts once for all layers)."""
+    normalisation: str = "vector"
+    """Input normalisation: ``vector`` standardises each vector over its own d_model entries."""
+    lens: str = "none"
+    """Space the SAE works in: ``none`` (model basis), ``pretrained`` or ``fit`` (tuned-lens space)."""
+    model: str = ""
+    """Name of the model whose residuals were used (provenance only)."""
+    params_hash: str = ""
+    """Hash of the params that produced this SAE (provenance only)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready copy of the config."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SAEConfig:
+        """Build and validate a config; unknown or missing keys raise :class:`MlsaeError`."""
+        names = [f.name for f in fields(cls)]
+        for key in data:
+            if key not in names:
+                raise MlsaeError(f"sae config: unknown key {key!r}")
+        for f in fields(cls):
+            if f.default is MISSING and f.default_factory is MISSING and f.name not in data:
+                raise MlsaeError(f"sae config: missing key 'sae.{f.name}'")
+        values = dict(data)
+        if isinstance(values.get("layers"), (list, tuple)):
+            values["layers"] = list(values["layers"])
+        cfg = cls(**values)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        """Raise :class:`MlsaeError` with one line naming the first bad key."""
+
+        def check(ok: bool, key: str, rule: str, got: object) -> None:
+            if not ok:
+                raise MlsaeError(f"sae.{key} must be {rule} (got {got!r})")
+
+        check(_is_int(self.d_model) and self.d_model >= 1, "d_model", "a positive integer", self.d_model)
+        check(_is_int(self.n_latents) and self.n_latents >= 1, "n_latents", "a positive integer", self.n_latents)
+        check(_is_int(self.k) and 1 <= self.k <= self.n_latents, "k", "in 1..n_latents", self.k)
+        check(
+            isinstance(self.layers, list)
+            and len(self.layers) > 0
+            and all(_is_int(i) and i >= 0 for i in self.layers)
+            and len(set(self.layers)) == len(self.layers),
+            "layers",
+            "a non-empty list of distinct block indices >= 0",
+            self.layers,
+        )
+        check(_is_int(self.auxk) and 0 <= self.auxk <= self.n_latents, "auxk", "in 0..n_latents", self.auxk)
+        check(
+            isinstance(self.auxk_coef, (int, float))
+            and not isinstance(self.auxk_coef, bool)
+            and math.isfinite(self.auxk_coef)
+            and self.auxk_coef >= 0,
+            "auxk_coef",
+            "a finite number >= 0",
+            self.auxk_coef,
+        )
+        check(_is_int(self.dead_tokens) and self.dead_tokens >= 1, "dead_tokens", "a positive integer", self.dead_tokens)
+        check(self.normalisation in NORMALISATIONS, "normalisation", f"one of {NORMALISATIONS}", self.normalisation)
+        check(self.lens in LENSES, "lens", f"one of {LENSES}", self.lens)
+        check(isinstance(self.model, str), "model", "a string", self.model)
+        check(isinstance(self.params_hash, str), "params_hash", "a string", self.params_hash)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass
+class SAEOutput:
+    """What :meth:`MLSAE.forward` returns; every tensor keeps the input's (B, L) leading axes."""
+
+    recon: Tensor
+    """(B, L, d) reconstruction mapped back to the input space."""
+    xn: Tensor
+    """(B, L, d) normalised input."""
+    xn_hat: Tensor
+    """(B, L, d) reconstruction in the normalised space."""
+    values: Tensor
+    """(B, L, k) activations of the active latents (ReLU'd, may contain zeros)."""
+    indices: Tensor
+    """(B, L, k) int64 indices of the active latents."""
+    aux_recon: Tensor | None = None
+    """(B, L, d) the dead latents' reconstruction of the residual error (no b_pre); None if unused."""
+
+
+@dataclass
+class SAELoss:
+    """Loss components of one batch (scalars are 0-dim tensors)."""
+
+    loss: Tensor
+    """Total loss: ``fvu + auxk_coef · auxk``."""
+    fvu_by_layer: Tensor
+    """(L,) fraction of variance unexplained per layer, in the normalised space."""
+    fvu: Tensor
+    """Mean of ``fvu_by_layer``."""
+    auxk: Tensor
+    """AuxK loss (0 when no latent is dead)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Sparse kernels
+
+
+def _select(z: Tensor, k: int, dead: Tensor | None, n_aux: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """TopK + ReLU of the pre-activations z (N, n), and the top-``n_aux`` among the dead latents."""
+    values, indices = z.topk(k, dim=-1, sorted=False)
+    if dead is None or n_aux == 0:
+        aux_values, aux_indices = z.new_zeros(z.shape[0], 0), indices.new_zeros(z.shape[0], 0)
+    else:
+        aux_values, aux_indices = z.masked_fill(~dead, -math.inf).topk(n_aux, dim=-1, sorted=False)
+    return values.relu(), indices, aux_values.relu(), aux_indices
+
+
+def _sparse_outer(indices: Tensor, coef: Tensor, x: Tensor, n_rows: int) -> Tensor:
+    """``out[r] = Σ_{(i, j): indices[i, j] = r} coef[i, j] · x[i]``, i.e. ``Gᵀ x`` for the sparse
+    (N, n_rows) matrix G with ``G[i, indices[i, j]] = coef[i, j]``, never materialised densely."""
+    n, k = indices.shape
+    rows = torch.arange(n, device=indices.device).repeat_interleave(k)
+    g_t = torch.sparse_coo_tensor(
+        torch.stack([indices.reshape(-1), rows]), coef.reshape(-1), (n_rows, n), check_invariants=False
+    )
+    return torch.sparse.mm(g_t, x)
+
+
+@functools.cache
+def _sparse_encoder(device_type: str) -> type[torch.autograd.Function]:
+    """The TopK encoder as an autograd Function whose backward only touches the active latents.
+
+    ``custom_fwd``/``custom_bwd`` are bound to one device type, so there is one class per type.
+    """
+
+    class SparseTopKEncode(torch.autograd.Function):
+        @staticmethod
+        @torch.amp.custom_fwd(device_type=device_type)
+        def forward(  # type: ignore[override]
+            ctx: Any, xc: Tensor, w_enc: Tensor, k: int, dead: Tensor | None, n_aux: int
+        ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+            z = xc @ w_enc.T  # the one dense product; lower precision under autocast
+            values, indices, aux_values, aux_indices = _select(z, k, dead, n_aux)
+            values, aux_values = values.to(xc.dtype), aux_values.to(xc.dtype)
+            ctx.save_for_backward(xc, w_enc, torch.cat([indices, aux_indices], 1), torch.cat([values, aux_values], 1))
+            ctx.mark_non_differentiable(indices, aux_indices)
+            return values, indices, aux_values, aux_indices
+
+        @staticmethod
+        @torch.amp.custom_bwd(device_type=device_type)
+        def backward(  # type: ignore[override]
+            ctx: Any, g_values: Tensor, _g_indices: Any, g_aux: Tensor, _g_aux_indices: Any
+        ) -> tuple[Tensor | None, Tensor | None, None, None, None]:
+            xc, w_enc, indices, values = ctx.saved_tensors
+            coef = torch.cat([g_values, g_aux], 1).to(xc.dtype) * (values > 0)  # ReLU gate
+            grad_xc = grad_w = None
+            if ctx.needs_input_grad[0]:  # Σ_j coef[i, j] · W_enc[indices[i, j]]
+                grad_xc = F.embedding_bag(indices, w_enc, per_sample_weights=coef.to(w_enc.dtype), mode="sum")
+            if ctx.needs_input_grad[1]:
+                with torch.autocast(device_type, enabled=False):  # sparse kernels: keep full precision
+                    grad_w = _sparse_outer(indices, coef, xc, w_enc.shape[0]).to(w_enc.dtype)
+            return grad_xc, grad_w, None, None, None
+
+    return SparseTopKEncode
+
+
+def geometric_median(points: Tensor, max_iter: int = 200, tol: float = 1e-7) -> Tensor:
+    """Geometric median of the rows of ``points`` (N, d) by Weiszfeld's iteration, started at the mean."""
+    x = points.reshape(-1, points.shape[-1]).double()
+    y = x.mean(0)
+    for _ in range(max_iter):
+        weights = 1.0 / (x - y).norm(dim=1).clamp_min(1e-12)
+        y_next = (weights[:, None] * x).sum(0) / weights.sum()
+        done = (y_next - y).norm() <= tol * max(1.0, float(y.norm()))
+        y = y_next
+        if done:
+            break
+    return y.to(points.dtype)
+
+
+def _fvu(x: Tensor, x_hat: Tensor) -> Tensor:
+    """Per-layer Σ‖x − x̂‖² / Σ‖x − mean_batch(x)‖² over the batch: (B, L, d) → (L,)."""
+    err = (x - x_hat).pow(2).sum(dim=(0, 2))
+    total = (x - x.mean(0, keepdim=True)).pow(2).sum(dim=(0, 2))
+    return err / total.clamp_min(torch.finfo(total.dtype).eps)
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+
+
+class MLSAE(nn.Module):
+    """A TopK SAE over (token, layer) residual vectors.
+
+    Parameters: ``W_enc`` (n_latents, d_model), ``W_dec`` (d_model, n_latents) with unit-norm
+    columns, ``b_pre`` (d_model,); buffer ``tokens_since_fired`` (n_latents,) int64.
+    Computation runs in the parameters' dtype (float32 by default) unless under autocast.
+    """
+
+    def __init__(self, cfg: SAEConfig) -> None:
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        w_enc = torch.randn(cfg.n_latents, cfg.d_model) / math.sqrt(cfg.d_model)
+        self.W_enc = nn.Parameter(w_enc)
+        # Stored latent-major, i.e. as the transpose of a contiguous (n_latents, d_model) matrix:
+        # the sparse decoder gathers whole columns, and the gradient keeps the same layout.
+        self.W_dec = nn.Parameter(w_enc.clone().T)
+        self.b_pre = nn.Parameter(torch.zeros(cfg.d_model))
+        self.register_buffer("tokens_since_fired", torch.zeros(cfg.n_latents, dtype=torch.int64))
+        self.normalise_decoder()
+
+    # -- normalisation -------------------------------------------------------------------------
+
+    def normalise(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Standardise each vector over its last axis; returns ``(xn, mean, std)``."""
+        x = x.to(self.b_pre.dtype)
+        mean = x.mean(-1, keepdim=True)
+        std = (x.var(-1, keepdim=True, unbiased=False) + NORM_EPS).sqrt()
+        return (x - mean) / std, mean, std
+
+    @staticmethod
+    def denormalise(xn: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+        """Inverse of :meth:`normalise`."""
+        return xn * std + mean
+
+    # -- encoder / decoder ---------------------------------------------------------------------
+
+    def encode(self, xn: Tensor, dense: bool = False) -> tuple[Tensor, Tensor]:
+        """TopK + ReLU latents of normalised vectors (..., d) → ``(values, indices)``, each (..., k)."""
+        values, indices, _, _ = self._encode(xn, dense, 0)
+        return values, indices
+
+    def _encode(self, xn: Tensor, dense: bool, n_aux: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        lead = xn.shape[:-1]
+        xc = xn.reshape(-1, self.cfg.d_model) - self.b_pre
+        dead = self.dead_mask() if n_aux else None
+        if dense:
+            z = xc @ self.W_enc.T
+            out = list(_select(z, self.cfg.k, dead, n_aux))
+            out[0], out[2] = out[0].to(xc.dtype), out[2].to(xc.dtype)
+        else:
+            out = list(_sparse_encoder(xc.device.type).apply(xc, self.W_enc, self.cfg.k, dead, n_aux))
+        return tuple(t.reshape(*lead, t.shape[-1]) for t in out)  # type: ignore[return-value]
+
+    def decode(self, values: Tensor, indices: Tensor, dense: bool = False) -> Tensor:
+        """``W_dec · sparse + b_pre`` for latents given as (..., k) values and indices → (..., d)."""
+        return self._dictionary(values, indices, dense) + self.b_pre
+
+    def _dictionary(self, values: Tensor, indices: Tensor, dense: bool) -> Tensor:
+        """``W_dec · sparse`` without the bias; sparse path sums k gathered columns per vector."""
+        lead, k = values.shape[:-1], values.shape[-1]
+        v, i = values.reshape(-1, k).to(self.W_dec.dtype), indices.reshape(-1, k)
+        if dense:
+            f = v.new_zeros(v.shape[0], self.cfg.n_latents).scatter(1, i, v)
+            out = f @ self.W_dec.T
+        else:
+            out = F.embedding_bag(i, self.W_dec.T, per_sample_weights=v, mode="sum")
+        return out.to(self.W_dec.dtype).reshape(*lead, self.cfg.d_model)
+
+    # -- forward and loss ----------------------------------------------------------------------
+
+    def forward(self, x: Tensor, *, dense: bool = False, auxk: bool = False) -> SAEOutput:
+        """Encode and reconstruct raw residuals ``x`` (B, L, d_model) of any float dtype.
+
+        ``auxk=True`` also reconstructs the residual error from the top-``auxk`` dead latents
+        (needed by :meth:`loss` for the AuxK term). ``dense=True`` runs the dense reference path.
+        """
+        cfg = self.cfg
+        if x.ndim != 3 or x.shape[1:] != (len(cfg.layers), cfg.d_model):
+            raise MlsaeError(
+                f"sae input must have shape (batch, {len(cfg.layers)}, {cfg.d_model}) (got {tuple(x.shape)})"
+            )
+        xn, mean, std = self.normalise(x)
+        n_aux = self._n_aux() if auxk else 0
+        values, indices, aux_values, aux_indices = self._encode(xn, dense, n_aux)
+        xn_hat = self.decode(values, indices, dense)
+        aux_recon = self._dictionary(aux_values, aux_indices, dense) if n_aux else None
+        return SAEOutput(self.denormalise(xn_hat, mean, std), xn, xn_hat, values, indices, aux_recon)
+
+    def loss(self, out: SAEOutput) -> SAELoss:
+        """Mean per-layer FVU plus ``auxk_coef ·`` AuxK, all in the normalised space."""
+        if out.xn.shape[0] < 2:
+            raise MlsaeError("sae batch must hold at least 2 tokens (FVU needs a batch mean)")
+        fvu_by_layer = _fvu(out.xn, out.xn_hat)
+        fvu = fvu_by_layer.mean()
+        if out.aux_recon is None:
+            auxk = fvu.new_zeros(())
+        else:
+            error = (out.xn - out.xn_hat).detach()
+            auxk = _fvu(error, out.aux_recon).mean()
+        return SAELoss(fvu + self.cfg.auxk_coef * auxk, fvu_by_layer, fvu, auxk)
+
+    # -- dead latents --------------------------------------------------------------------------
+
+    def dead_mask(self) -> Tensor:
+        """(n_latents,) bool: latents that have not fired for ``dead_tokens`` tokens."""
+        return self.tokens_since_fired >= self.cfg.dead_tokens
+
+    def _n_aux(self) -> int:
+        if self.cfg.auxk == 0 or self.cfg.auxk_coef == 0:
+            return 0
+        return min(self.cfg.auxk, int(self.dead_mask().sum()))
+
+    @torch.no_grad()
+    def update_dead(self, values: Tensor, indices: Tensor, n_tokens: int) -> None:
+        """Reset the counter of latents that fired (value > 0) anywhere in the batch; add
+        ``n_tokens`` to the others. Under torch.distributed the batch is the global one."""
+        fired = torch.zeros(self.cfg.n_latents, dtype=torch.int32, device=indices.device)
+        fired[indices[values > 0]] = 1
+        count = torch.tensor(n_tokens, dtype=torch.int64, device=indices.device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(fired, op=torch.distributed.ReduceOp.MAX)
+            torch.distributed.all_reduce(count)
+        self.tokens_since_fired.add_(count).masked_fill_(fired.bool(), 0)
+
+    # -- initialisation and decoder constraints -----------------------------------------------
+
+    @torch.no_grad()
+    def init_b_pre(self, xn_sample: Tensor) -> None:
+        """Set ``b_pre`` to the geometric median of a sample of *normalised* vectors (..., d)."""
+        self.b_pre.copy_(geometric_median(xn_sample.reshape(-1, self.cfg.d_model)))
+
+    @torch.no_grad()
+    def remove_parallel_grads(self) -> None:
+        """Remove from ``W_dec.grad`` the component parallel to each decoder column."""
+        grad, w = self.W_dec.grad, self.W_dec
+        if grad is not None:
+            grad.sub_(w * ((grad * w).sum(0) / (w * w).sum(0).clamp_min(1e-12)))
+
+    @torch.no_grad()
+    def normalise_decoder(self) -> None:
+        """Rescale every decoder column to unit norm."""
+        self.W_dec.div_(self.W_dec.norm(dim=0).clamp_min(1e-12))
+
+    # -- persistence ---------------------------------------------------------------------------
+
+    def save(self, directory: str | Path) -> None:
+        """Write ``sae.safetensors`` (weights + dead counter) and ``config.json`` atomically."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {name: t.detach().cpu().contiguous() for name, t in self.state_dict().items()}
+        _atomic_write(directory / SAE_WEIGHTS, lambda p: save_file(tensors, str(p)))
+        text = json.dumps(self.cfg.to_dict(), indent=2) + "\n"
+        _atomic_write(directory / SAE_CONFIG, lambda p: p.write_text(text))
+
+    @classmethod
+    def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> MLSAE:
+        """Rebuild an SAE saved by :meth:`save`; a missing or corrupt file raises MlsaeError."""
+        directory = Path(directory)
+        cfg_path, weights_path = directory / SAE_CONFIG, directory / SAE_WEIGHTS
+        for path in (cfg_path, weights_path):
+            if not path.is_file():
+                raise MlsaeError(f"{path}: missing (not a saved SAE directory)")
+        try:
+            raw = json.loads(cfg_path.read_text())
+        except (OSError, ValueError) as e:
+            raise MlsaeError(f"{cfg_path}: unreadable config ({_one_line(e)})") from None
+        if not isinstance(raw, dict):
+            raise MlsaeError(f"{cfg_path}: config must be a JSON object")
+        try:
+            cfg = SAEConfig.from_dict(raw)
+        except (MlsaeError, TypeError) as e:
+            raise MlsaeError(f"{cfg_path}: {_one_line(e)}") from None
+        try:
+            tensors = load_file(str(weights_path))
+        except Exception as e:  # safetensors raises its own error types for corrupt files
+            raise MlsaeError(f"{weights_path}: unreadable weights ({_one_line(e)})") from None
+        sae = cls(cfg)
+        for name, ref in sae.state_dict().items():
+            got = tensors.get(name)
+            if got is None or got.shape != ref.shape:
+                found = "missing" if got is None else f"shape {tuple(got.shape)}"
+                raise MlsaeError(f"{weights_path}: tensor {name!r} {found}, expected shape {tuple(ref.shape)}")
+        sae.load_state_dict(tensors)
+        return sae.to(device)
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
+
+def _atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
+    """Write through ``write(tmp)`` then rename onto ``path``, so readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+def make_optimizer(sae: nn.Module, lr: float) -> torch.optim.Adam:
+    """Adam with the paper's eps; the fused kernel (one pass over each tensor) on CPU and CUDA."""
+    params = list(sae.parameters())
+    fused = all(p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.Adam(params, lr=lr, eps=ADAM_EPS, fused=fused)
+
+
+def train_step(sae: nn.Module, opt: torch.optim.Optimizer, x: Tensor, grad_clip: float = 0.0) -> dict[str, float]:
+    """One optimiser step on raw residuals ``x`` (B, L, d); returns the batch's metrics.
+
+    ``sae`` is an :class:`MLSAE` or a DistributedDataParallel wrapper of one. The caller picks
+    the device and may wrap the call in ``torch.autocast``. Raises ``FloatingPointError`` before
+    touching the weights if the loss (or, with clipping, the gradient norm) is not finite.
+    """
+    core: MLSAE = getattr(sae, "module", sae)
+    sae.train()
+    out = sae(x, auxk=True)
+    losses = core.loss(out)
+    loss = float(losses.loss.detach())
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"sae training loss is {loss}; step skipped, weights unchanged")
+    opt.zero_grad(set_to_none=True)
+    losses.loss.backward()
+    core.remove_parallel_grads()
+    if grad_clip > 0:
+        norm = float(nn.utils.clip_grad_norm_(core.parameters(), grad_clip))
+        if not math.isfinite(norm):
+            raise FloatingPointError(f"sae gradient norm is {norm}; step skipped, weights unchanged")
+    opt.step()
+    core.normalise_decoder()
+    core.update_dead(out.values, out.indices, n_tokens=x.shape[0])
+    metrics = {
+        "loss": loss,
+        "fvu": float(losses.fvu),
+        "auxk": float(losses.auxk),
+        "l0": float((out.values > 0).sum(-1).float().mean()),
+        "dead_fraction": float(core.dead_mask().float().mean()),
+    }
+    for layer, value in zip(core.cfg.layers, losses.fvu_by_layer.tolist()):
+        metrics[f"fvu_layer_{layer}"] = value
+    return metrics

@@ -1,0 +1,212 @@
+"""The train stage loop: shuffled batches from the store -> MLSAE steps -> checkpoints -> outputs.
+
+Single process, or `torchrun --nproc_per_node=N` with DistributedDataParallel (NCCL on GPUs, gloo
+on CPUs): every rank follows the same batch plan and takes its slice of each global batch, so the
+ranks always run the same number of steps. Rank 0 writes checkpoints and outputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from mlsae.constants import CHECKPOINT, SPECIAL
+from mlsae.errors import MlsaeError
+from mlsae.io import atomic_dir
+from mlsae.lens import Lens
+from mlsae.models import resolve_device
+from mlsae.params import Params
+from mlsae.sae import MLSAE, SAEConfig, make_optimizer, train_step
+from mlsae.shuffle import BatchPlan, iter_batches
+from mlsae.store import ActivationStore
+
+CHECKPOINT_VERSION = 1
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_spec: str) -> tuple[Dist, torch.device]:
+    """Join the torchrun process group when launched by torchrun; pick this rank's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist(), resolve_device(device_spec)
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_spec)
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank, world, local), device
+
+
+def sae_config(p: Params, reader: ActivationStore, model_name: str) -> SAEConfig:
+    layers = p.select_layers(reader.n_layers)
+    cfg = SAEConfig(
+        d_model=reader.d_model,
+        n_latents=p.sae.expansion * reader.d_model,
+        k=p.sae.k,
+        layers=layers,
+        auxk=p.sae.auxk,
+        auxk_coef=p.sae.auxk_coef,
+        dead_tokens=p.sae.dead_tokens,
+        lens=p.lens,
+        model=model_name,
+        params_hash=p.section_hash("sae", "train", "seed", "lens"),
+    )
+    cfg.validate()
+    return cfg
+
+
+def identity_of(p: Params, reader: ActivationStore) -> dict:
+    """What a checkpoint must match to be resumed."""
+    return {"params": p.section_hash("sae", "train", "seed", "lens", "lens_fit", "lens_path"),
+            "store": {k: reader.attrs.get(k) for k in ("model", "revision", "corpus", "context",
+                                                         "train_tokens", "seed", "dtype")}}
+
+
+def load_checkpoint(path: Path, identity: dict) -> dict | None:
+    """The checkpoint at `path` if it belongs to this run; None if absent or from another run."""
+    if not path.is_file():
+        return None
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        if not isinstance(ckpt, dict) or ckpt.get("version") != CHECKPOINT_VERSION:
+            raise ValueError("unknown layout")
+    except Exception as e:
+        raise MlsaeError(f"{path}: corrupted checkpoint ({type(e).__name__}); delete it to start over") from None
+    return ckpt if ckpt.get("identity") == identity else None
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def train(p: Params, reader: ActivationStore, lens: Lens, out_dir: Path, checkpoint_dir: Path,
+          progress: bool = True, max_steps: int | None = None) -> tuple[dict, list[dict]]:
+    """Train the MLSAE; write `out_dir` (sae.safetensors + config.json). Returns (metrics, history).
+
+    `max_steps` stops early as if killed after that many steps (tests of resume).
+    """
+    ctx, device = init_distributed(p.train.device)
+    cfg = sae_config(p, reader, str(reader.attrs.get("model")))
+    layers = cfg.layers
+    special = reader.meta("train", SPECIAL)
+    block = reader.shard_tokens // 8
+    plan = BatchPlan(special, block, p.train.shuffle_buffer_tokens, p.train.batch_tokens, p.train.epochs, p.seed)
+    if plan.n_batches == 0:
+        raise MlsaeError(
+            f"train.batch_tokens: {p.train.batch_tokens} is more than the train split's usable tokens per "
+            f"shuffle buffer; lower it or raise data.train_tokens / train.shuffle_buffer_tokens"
+        )
+    lens = lens.to(device)
+    ckpt_path = checkpoint_dir / CHECKPOINT
+    identity = identity_of(p, reader)
+    ckpt = load_checkpoint(ckpt_path, identity)
+
+    torch.manual_seed(p.seed)
+    sae = MLSAE(cfg).to(device)
+    opt = make_optimizer(sae, p.train.lr)
+    history: list[dict] = []
+    start = 0
+    if ckpt is not None:
+        sae.load_state_dict(ckpt["sae"])
+        opt.load_state_dict(ckpt["opt"])
+        history, start = ckpt["history"], ckpt["step"]
+    else:
+        sample = _sample(reader, layers, plan, lens, p.train.geometric_median_sample, p.seed, device)
+        sae.init_b_pre(sae.normalise(sample)[0])
+    model: torch.nn.Module = sae
+    if ctx.world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(sae, device_ids=[device.index] if device.type == "cuda" else None)
+
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
+    total = plan.n_batches if max_steps is None else min(plan.n_batches, max_steps)
+    bar = tqdm(total=plan.n_batches, initial=start, desc="train", unit="step", disable=not (progress and ctx.main))
+    t0, vectors = time.perf_counter(), 0
+    step = start
+    for x in iter_batches(reader, layers, plan, start, ctx.rank, ctx.world):
+        if step >= total:
+            break
+        x = lens(x.to(device, non_blocking=True), layers)
+        try:
+            with autocast:
+                stats = train_step(model, opt, x, p.train.grad_clip)
+        except FloatingPointError as e:
+            raise MlsaeError(
+                f"train: {e} at step {step}; last good checkpoint kept at {ckpt_path} "
+                f"(lower train.lr or set train.grad_clip)"
+            ) from None
+        step += 1
+        vectors += x.shape[0] * x.shape[1] * ctx.world
+        history.append({"step": step, **{k: stats[k] for k in ("loss", "fvu", "auxk", "l0", "dead_fraction")},
+                        **{k: v for k, v in stats.items() if k.startswith("fvu_layer_")}})
+        bar.update(1)
+        bar.set_postfix(loss=f"{stats['loss']:.4f}", fvu=f"{stats['fvu']:.4f}", dead=f"{stats['dead_fraction']:.3f}")
+        if ctx.main and (step % p.train.checkpoint_every == 0 or step == total):
+            save_checkpoint(ckpt_path, {"version": CHECKPOINT_VERSION, "identity": identity, "step": step,
+                                        "sae": sae.state_dict(), "opt": opt.state_dict(), "history": history})
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    if max_steps is not None and step < plan.n_batches:
+        return {}, history
+    if ctx.main:
+        sae.cpu()
+        with atomic_dir(out_dir) as tmp:
+            sae.save(tmp)
+        ckpt_path.unlink(missing_ok=True)
+    if ctx.world > 1:
+        dist.barrier()
+    return _metrics(history, cfg, plan, vectors / elapsed if elapsed > 0 and vectors else None), history
+
+
+def _sample(reader: ActivationStore, layers: list[int], plan: BatchPlan, lens: Lens, n: int, seed: int,
+            device: torch.device) -> torch.Tensor:
+    """`n` (token, layer) vectors from the first shuffled batches, in lens space, as (n, 1, d)."""
+    rows, got = [], 0
+    for x in iter_batches(reader, layers, plan):
+        rows.append(x)
+        got += x.shape[0]
+        if got >= n:
+            break
+    vectors = lens(torch.cat(rows).to(device), layers).reshape(-1, reader.d_model)
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(vectors.shape[0], generator=g)[:n].to(device)
+    return vectors[pick].unsqueeze(1)
+
+
+def _metrics(history: list[dict], cfg: SAEConfig, plan: BatchPlan, vectors_per_s: float | None) -> dict:
+    tail = history[-max(1, len(history) // 10):]
+    by_layer = [float(np.mean([h[f"fvu_layer_{layer}"] for h in tail])) for layer in cfg.layers]
+    return {
+        "fvu": float(np.mean(by_layer)),
+        "fvu_by_layer": by_layer,
+        "loss": float(np.mean([h["loss"] for h in tail])),
+        "l0": float(np.mean([h["l0"] for h in tail])),
+        "dead_fraction": history[-1]["dead_fraction"] if history else None,
+        "vectors_per_s": vectors_per_s,
+        "steps": len(history),
+        "tokens": len(history) * plan.batch_tokens,
+        "n_latents": cfg.n_latents,
+        "layers": cfg.layers,
+    }

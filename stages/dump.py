@@ -1,0 +1,22 @@
+"""dump: top-k latent (indices, values) of every eval token and layer -> data/latents.zarr."""
+
+import typer
+
+from mlsae import constants as C
+from mlsae.dump import dump
+from mlsae.lens_stage import load_stage_lens
+from mlsae.sae import MLSAE
+from mlsae.stage import params, stage
+from mlsae.store import ActivationStore
+
+
+def main(params_file: str = "params.yaml") -> None:
+    with stage("dump"):
+        p = params(params_file)
+        reader = ActivationStore(str(C.ACTIVATIONS))
+        reader.check_model(p.model)
+        dump(MLSAE.load(C.SAE_DIR), load_stage_lens(C.LENS_DIR, reader), reader, str(C.LATENTS))
+
+
+if __name__ == "__main__":
+    typer.run(main)

@@ -1,0 +1,30 @@
+"""evaluate: per-layer reconstruction metrics and spliced downstream loss on the eval split."""
+
+import typer
+
+from mlsae import constants as C
+from mlsae.evaluate import evaluate
+from mlsae.io import write_json, write_text
+from mlsae.lens_stage import load_stage_lens
+from mlsae.models import load_model
+from mlsae.sae import MLSAE
+from mlsae.stage import params, stage
+from mlsae.store import ActivationStore
+from mlsae.tables import to_csv
+
+
+def main(params_file: str = "params.yaml") -> None:
+    with stage("evaluate"):
+        p = params(params_file)
+        reader = ActivationStore(str(C.ACTIVATIONS))
+        reader.check_model(p.model)
+        lens = load_stage_lens(C.LENS_DIR, reader)
+        sae = MLSAE.load(C.SAE_DIR)
+        model = load_model(p.model, p.extract.device)
+        metrics, rows = evaluate(p, sae, lens, model, reader)
+        write_json(C.EVAL_METRICS, metrics)
+        write_text(C.EVAL_PLOT, to_csv(rows))
+
+
+if __name__ == "__main__":
+    typer.run(main)

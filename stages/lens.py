@@ -1,0 +1,22 @@
+"""lens: none (identity record) | pretrained (tuned-lens dir or hub) | fit (trained here)."""
+
+import typer
+
+from mlsae import constants as C
+from mlsae.io import write_json
+from mlsae.lens_stage import run_lens_stage
+from mlsae.stage import params, stage
+from mlsae.store import ActivationStore
+
+
+def main(params_file: str = "params.yaml") -> None:
+    with stage("lens"):
+        p = params(params_file)
+        reader = ActivationStore(str(C.ACTIVATIONS))
+        reader.check_model(p.model)
+        metrics = run_lens_stage(p, reader, C.LENS_DIR)
+        write_json(C.LENS_METRICS, metrics)
+
+
+if __name__ == "__main__":
+    typer.run(main)
