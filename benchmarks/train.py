@@ -71,7 +71,7 @@ def dense_step(model: DenseTopKSAE, opt: torch.optim.Optimizer, x: Tensor) -> fl
     opt.step()
     with torch.no_grad():
         model.W_dec /= model.W_dec.norm(dim=0)
-    return float(loss)
+    return float(loss.detach())
 
 
 def make_data(n_batches: int, tokens: int, layers: int, d: int, seed: int) -> list[Tensor]:
@@ -106,7 +106,10 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu", help="cpu, or cuda (bf16 autocast)")
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: leave the default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     device = torch.device(args.device)
     autocast = (

@@ -287,7 +287,8 @@ class Lens(nn.Module):
         has_bias = bool(config.get("bias", True))
         weight = torch.zeros(n_layers, d_model, d_model)
         bias = torch.zeros(n_layers, d_model)
-        expected = {f"{i}.weight" for i in range(n_layers)} | ({f"{i}.bias" for i in range(n_layers)} if has_bias else set())
+        kinds = ("weight", "bias") if has_bias else ("weight",)
+        expected = {f"{i}.{kind}" for i in range(n_layers) for kind in kinds}
         if not isinstance(state, dict) or set(state) != expected:
             keys = sorted(state)[:4] if isinstance(state, dict) else type(state).__name__
             raise MlsaeError(f"lens {params_path}: expected translators 0..{n_layers - 1}, found {keys}...")
@@ -316,7 +317,7 @@ def load_pretrained(spec: str | Path | None, n_layers: int, d_model: int, model_
     if spec is not None and str(spec).strip():
         path = Path(spec)
         if not path.is_dir():
-            raise MlsaeError(f"lens_path: {path} is not a directory (expected a tuned-lens {LENS_CONFIG} + {LENS_PARAMS})")
+            raise MlsaeError(f"lens_path: {path} is not a directory (expected tuned-lens {LENS_CONFIG} + {LENS_PARAMS})")
         return Lens.load(path, n_layers, d_model)
 
     load_artifacts = import_tuned_lens().load_artifacts

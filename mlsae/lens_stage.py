@@ -36,12 +36,14 @@ def load_stage_lens(lens_dir: str | Path, reader: ActivationStore) -> Lens:
     return Lens.load(lens_dir, reader.n_layers, reader.d_model)
 
 
-def eval_sample(reader: ActivationStore, n: int) -> torch.Tensor:
-    """The first `n` non-special eval tokens, all blocks, float32."""
+def eval_sample(reader: ActivationStore, n: int, skip: int = 0) -> torch.Tensor:
+    """`n` non-special eval tokens after the first `skip` of them, all blocks, float32."""
     keep = ~reader.meta("eval", SPECIAL)
-    stop = min(reader.n_tokens("eval"), int(np.searchsorted(np.cumsum(keep), n)) + 1)
-    x = reader.resid("eval", 0, stop)
-    return x[torch.from_numpy(keep[:stop])][:n]
+    rank = np.cumsum(keep)
+    start = int(np.searchsorted(rank, skip + 1))
+    stop = min(reader.n_tokens("eval"), int(np.searchsorted(rank, skip + n)) + 1)
+    x = reader.resid("eval", start, stop)
+    return x[torch.from_numpy(keep[start:stop])][:n]
 
 
 def train_chunks(reader: ActivationStore):
@@ -83,7 +85,11 @@ def run_lens_stage(p: Params, reader: ActivationStore, out_dir: Path, progress: 
             eval_resid=eval_sample(reader, p.lens_fit.eval_tokens), patience=p.lens_fit.patience,
             progress=progress,
         )
-    kl = kl_by_layer(lens, eval_sample(reader, p.lens_fit.eval_tokens), model.final_norm, model.unembed)
+    # early stopping saw the first eval_tokens eval tokens; measure on the next ones (held out)
+    held_out = eval_sample(reader, p.lens_fit.eval_tokens, skip=p.lens_fit.eval_tokens)
+    if held_out.shape[0] == 0:
+        held_out = eval_sample(reader, p.lens_fit.eval_tokens)
+    kl = kl_by_layer(lens, held_out, model.final_norm, model.unembed)
     with atomic_dir(out_dir) as tmp:
         lens.save(tmp, model_name=p.model, revision=str(reader.attrs.get("revision")))
         write_json(tmp / RECORD, record)

@@ -293,3 +293,22 @@ def load_model(name: str, device: str | torch.device = "cpu") -> LoadedModel:
 def batches(ids: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
     for start in range(0, ids.shape[0], batch_size):
         yield ids[start : start + batch_size]
+
+
+def load_tokenizer(name: str) -> object:
+    """Only the tokenizer of a model (the report decodes token ids with it)."""
+    kind, target = classify(name)
+    with _quiet():
+        if kind == TINY:
+            from mlsae.tiny import tiny_tokenizer
+
+            return tiny_tokenizer()
+        from transformers import AutoTokenizer
+
+        if kind in (EMBEDDED, "gguf"):
+            path = embedded_gguf() if kind == EMBEDDED else Path(target)
+            return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        try:
+            return AutoTokenizer.from_pretrained(target)
+        except (OSError, ValueError) as e:
+            raise MlsaeError(f"model: cannot load the tokenizer of {target} ({type(e).__name__}); {OFFLINE_HINT}") from None

@@ -103,7 +103,7 @@ def create(path: str, attrs: dict[str, Any], splits: dict[str, SplitData]) -> za
             SPECIAL: data.special.reshape(-1).astype(bool),
         }
         for key, values in meta.items():
-            g.create_array(key, data=values, chunks=(shard_tokens,), shards=(max(shard_tokens, 1 << 20),))
+            g.create_array(key, data=values, chunks=(max(1, min(len(values), 1 << 22)),))
     return root
 
 

@@ -1,0 +1,18 @@
+"""aggregate: streaming Polars analysis of the latents' layer distributions -> data/analysis/."""
+
+import typer
+
+from mlsae import constants as C
+from mlsae.analysis import aggregate
+from mlsae.stage import params, stage
+
+
+def main(params_file: str = "params.yaml") -> None:
+    with stage("aggregate"):
+        p = params(params_file)
+        aggregate(C.LATENTS, C.ANALYSIS_DIR, C.ANALYSIS_METRICS, min_count=p.analysis.min_count,
+                  top_tokens=p.analysis.top_tokens)
+
+
+if __name__ == "__main__":
+    typer.run(main)

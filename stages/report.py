@@ -1,0 +1,27 @@
+"""report: tables (Markdown + CSV), figures (PNG) and plot CSVs, then a one-screen summary."""
+
+import typer
+
+from mlsae import constants as C
+from mlsae.models import load_tokenizer
+from mlsae.report import build_report, render_summary
+from mlsae.stage import params, stage
+from mlsae.store import open_root
+
+
+def main(params_file: str = "params.yaml") -> None:
+    with stage("report"):
+        p = params(params_file)
+        latents = open_root(str(C.LATENTS))
+        tokenizer = load_tokenizer(p.model)
+        out = build_report(
+            C.METRICS_DIR, C.PLOTS_DIR, C.ANALYSIS_DIR, C.SAE_DIR / C.SAE_CONFIG, C.TABLES_DIR, C.FIGURES_DIR,
+            tokens=latents[C.TOKENS][:], context=latents[C.CONTEXT][:], position=latents[C.POSITION][:],
+            decode=lambda ids: tokenizer.decode(ids), top_latents=p.analysis.top_latents,
+            contexts_per_latent=p.analysis.top_tokens, min_count=p.analysis.min_count,
+        )
+        render_summary(out["text"])
+
+
+if __name__ == "__main__":
+    typer.run(main)

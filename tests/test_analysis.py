@@ -1,0 +1,513 @@
+"""The aggregate stage's library: streaming layer-distribution statistics of the latent store.
+
+Every expected number comes from an independent computation: hand arithmetic on a small hand-built
+latent set, or plain numpy on the dense ``(tokens, layers, latents)`` array rebuilt from the store's
+top-k lists (never from mlsae.analysis).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pytest
+import zarr
+from polars.testing import assert_frame_equal
+
+from mlsae.analysis import aggregate, paper_variances_dense
+from mlsae.constants import (
+    INDICES,
+    LATENT_LAYER,
+    LATENT_STATS,
+    LAYER_STATS,
+    SPECIAL,
+    TOKEN_STATS,
+    TOP_TOKENS,
+    VALUES,
+)
+from mlsae.errors import MlsaeError
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+
+
+def make_store(
+    path: Path,
+    indices: np.ndarray,
+    values: np.ndarray,
+    special: np.ndarray | None = None,
+    *,
+    n_latents: int,
+    blocks: list[int] | None = None,
+    chunk: int = 4,
+    attrs: dict[str, Any] | None = None,
+) -> Path:
+    """Write a latent store (Zarr v3 group) from numpy arrays, chunked along tokens."""
+    n_tokens, n_layers, k = indices.shape
+    special = np.zeros(n_tokens, dtype=bool) if special is None else np.asarray(special, dtype=bool)
+    group = zarr.create_group(str(path), overwrite=True)
+    group.create_array(INDICES, data=np.asarray(indices, dtype=np.int32), chunks=(chunk, n_layers, k))
+    group.create_array(VALUES, data=np.asarray(values), chunks=(chunk, n_layers, k))
+    group.create_array("tokens", data=np.arange(n_tokens, dtype=np.int32) + 100, chunks=(chunk,))
+    group.create_array("context", data=np.zeros(n_tokens, dtype=np.int32), chunks=(chunk,))
+    group.create_array("position", data=np.arange(n_tokens, dtype=np.int16), chunks=(chunk,))
+    group.create_array(SPECIAL, data=special, chunks=(chunk,))
+    meta = {"layers": blocks or list(range(n_layers)), "n_latents": n_latents, "k": k, "complete": True}
+    meta.update(attrs or {})
+    group.attrs.update(meta)
+    return path
+
+
+def run(store: Path, tmp_path: Path, name: str = "run", **kwargs: Any) -> tuple[dict[str, Any], Path]:
+    """aggregate() into tmp_path/name; returns (metrics, analysis dir)."""
+    out = tmp_path / name / "analysis"
+    metrics = aggregate(store, out, tmp_path / name / "analysis.json", **kwargs)
+    return metrics, out
+
+
+def dense(indices: np.ndarray, values: np.ndarray, special: np.ndarray, n_latents: int) -> np.ndarray:
+    """The dense (non-special tokens, layers, latents) activations, by looping over the entries."""
+    n_tokens, n_layers, k = indices.shape
+    a = np.zeros((n_tokens, n_layers, n_latents))
+    for t, layer, j in np.ndindex(n_tokens, n_layers, k):
+        a[t, layer, indices[t, layer, j]] += float(values[t, layer, j])
+    return a[~np.asarray(special, dtype=bool)]
+
+
+def moments(p: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and variance of layer position under (normalised) weights ``p`` along ``axis``."""
+    shape = [1] * p.ndim
+    shape[axis] = p.shape[axis]
+    ell = np.arange(p.shape[axis], dtype=np.float64).reshape(shape)
+    mean = (p * ell).sum(axis=axis)
+    var = (p * (ell - np.expand_dims(mean, axis)) ** 2).sum(axis=axis)
+    return mean, var
+
+
+def expected_metrics(a: np.ndarray, min_count: int) -> dict[str, Any]:
+    """Every headline figure from the dense array, with plain numpy."""
+    n_tokens, n_layers, n_latents = a.shape
+    pair_mass = a.sum(axis=1)  # (T, F)
+    active = pair_mass > 0
+    p = a / np.where(active, pair_mass, 1.0)[:, None, :]
+    _, var_tf = moments(p, axis=1)
+    n_layers_tf = (a > 0).sum(axis=1)
+    mass_f = a.sum(axis=(0, 1))
+    dist = a.sum(axis=0) / np.where(mass_f > 0, mass_f, 1.0)  # (L, F)
+    _, var_f = moments(dist, axis=0)
+    counted = active.sum(axis=0) >= max(min_count, 1)
+    var_token = var_tf[active].mean()
+    var_aggregate = var_f[counted].mean() if counted.any() else None
+    var_token_w = (pair_mass[active] * var_tf[active]).sum() / pair_mass[active].sum()
+    var_aggregate_w = (mass_f[counted] * var_f[counted]).sum() / mass_f[counted].sum() if counted.any() else None
+    paper = paper_variances_dense(a)
+    return {
+        "var_token": var_token,
+        "var_aggregate": var_aggregate,
+        "var_ratio": None if var_aggregate is None or var_token == 0 else var_aggregate / var_token,
+        "multi_layer_fraction": (n_layers_tf[active] > 1).mean(),
+        "mean_layer_std": np.sqrt(var_f[counted]).mean() if counted.any() else None,
+        "var_token_weighted": var_token_w,
+        "var_aggregate_weighted": var_aggregate_w,
+        "var_ratio_weighted": None if var_aggregate_w is None or var_token_w == 0 else var_aggregate_w / var_token_w,
+        "var_token_paper": paper["var_token_paper"],
+        "var_aggregate_paper": paper["var_aggregate_paper"],
+        "n_tokens": n_tokens,
+        "n_active_pairs": int(active.sum()),
+        "n_entries": int((a > 0).sum()),
+        "n_latents_active": int(active.any(axis=0).sum()),
+        "n_latents_counted": int(counted.sum()),
+        "n_layers": n_layers,
+    }
+
+
+def assert_metrics(actual: dict[str, Any], expected: dict[str, Any], rel: float = 1e-9) -> None:
+    assert set(actual) == set(expected)
+    for key, value in expected.items():
+        if value is None or isinstance(value, int):
+            assert actual[key] == value, key
+        else:
+            assert actual[key] == pytest.approx(float(value), rel=rel, abs=1e-12), key
+
+
+def random_store(
+    path: Path, rng: np.random.Generator, *, n_tokens: int, n_layers: int, k: int, n_latents: int, dtype: type
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A random store: distinct latents per (token, layer) from a small pool (so latents recur over
+    layers), a few zero values and special tokens, values on a coarse grid (ties)."""
+    pool = rng.permuted(np.tile(np.arange(n_latents), (n_tokens, 1)), axis=1)[:, : k + 3]
+    indices = np.stack([rng.permuted(pool, axis=1)[:, :k] for _ in range(n_layers)], axis=1)
+    values = (rng.integers(0, 8, size=indices.shape) / 4).astype(dtype)  # 0 (inactive) .. 1.75
+    special = rng.random(n_tokens) < 0.1
+    make_store(path, indices, values, special, n_latents=n_latents, chunk=8)
+    return indices, values, special
+
+
+# --------------------------------------------------------------------------------------------
+# The hand-built latent set
+# --------------------------------------------------------------------------------------------
+# 3 layers (blocks 2, 5, 7), k = 2, 5 latents; latent 4 is active only at the special token 3,
+# token 4 has no active entry at all (all values 0), and value 0 entries are inactive.
+
+BLOCKS = [2, 5, 7]
+N_LATENTS = 5
+HAND_INDICES = np.array(
+    [
+        [[0, 1], [0, 2], [0, 3]],  # t0: f2 listed at l1 with value 0
+        [[2, 1], [2, 1], [1, 0]],  # t1: f1 listed at l0 with value 0
+        [[3, 0], [3, 0], [1, 3]],  # t2
+        [[4, 0], [4, 0], [4, 0]],  # t3: special
+        [[0, 1], [2, 3], [1, 2]],  # t4: all zero
+        [[2, 0], [2, 1], [2, 0]],  # t5: f1 listed at l1 with value 0
+    ]
+)
+HAND_VALUES = np.array(
+    [
+        [[1.0, 2.0], [1.0, 0.0], [2.0, 1.0]],
+        [[3.0, 0.0], [1.0, 1.0], [1.0, 0.5]],
+        [[1.5, 0.25], [1.5, 0.0], [4.0, 0.0]],
+        [[9.0, 9.0], [9.0, 9.0], [9.0, 9.0]],
+        [[0.0, 0.0], [0.0, 0.0], [0.0, 0.0]],
+        [[2.0, 1.0], [2.0, 0.0], [2.0, 1.0]],
+    ],
+    dtype=np.float16,
+)
+HAND_SPECIAL = np.array([False, False, False, True, False, False])
+# (token, latent) -> (n_layers, mass, mu_tf, var_tf), worked out by hand.
+HAND_PAIRS = {
+    (0, 0): (3, 4.0, 1.25, 0.6875),  # a = 1, 1, 2 at l = 0, 1, 2
+    (0, 1): (1, 2.0, 0.0, 0.0),
+    (0, 3): (1, 1.0, 2.0, 0.0),
+    (1, 0): (1, 0.5, 2.0, 0.0),
+    (1, 1): (2, 2.0, 1.5, 0.25),  # a = 1, 1 at l = 1, 2
+    (1, 2): (2, 4.0, 0.25, 0.1875),  # a = 3, 1 at l = 0, 1
+    (2, 0): (1, 0.25, 0.0, 0.0),
+    (2, 1): (1, 4.0, 2.0, 0.0),
+    (2, 3): (2, 3.0, 0.5, 0.25),  # a = 1.5, 1.5 at l = 0, 1
+    (5, 0): (2, 2.0, 1.0, 1.0),  # a = 1, 1 at l = 0, 2
+    (5, 2): (3, 6.0, 1.0, 2.0 / 3.0),  # a = 2, 2, 2
+}
+
+
+@pytest.fixture()
+def hand_store(tmp_path: Path) -> Path:
+    return make_store(
+        tmp_path / "latents.zarr", HAND_INDICES, HAND_VALUES, HAND_SPECIAL, n_latents=N_LATENTS, blocks=BLOCKS, chunk=4
+    )
+
+
+def test_token_latent_rows_match_hand_computation(hand_store: Path, tmp_path: Path) -> None:
+    _, out = run(hand_store, tmp_path, min_count=1)
+    rows = pl.read_parquet(out / TOKEN_STATS.name).sort("token", "latent")
+    assert rows.schema == pl.Schema(
+        {
+            "token": pl.Int64,
+            "latent": pl.Int32,
+            "n_layers": pl.Int32,
+            "mass": pl.Float32,
+            "mean_layer": pl.Float32,
+            "var_layer": pl.Float32,
+        }
+    )
+    got = {(r["token"], r["latent"]): r for r in rows.iter_rows(named=True)}
+    assert set(got) == set(HAND_PAIRS)  # no special token 3, no all-zero token 4, no zero entries
+    for pair, (n_layers, mass, mean, var) in HAND_PAIRS.items():
+        row = got[pair]
+        assert row["n_layers"] == n_layers, pair
+        assert row["mass"] == pytest.approx(mass), pair
+        assert row["mean_layer"] == pytest.approx(mean, abs=1e-6), pair
+        assert row["var_layer"] == pytest.approx(var, abs=1e-6), pair
+        if n_layers == 1:
+            assert row["var_layer"] == 0.0, pair  # exactly, not merely close
+
+
+def test_headline_metrics_match_hand_and_numpy(hand_store: Path, tmp_path: Path) -> None:
+    metrics, _ = run(hand_store, tmp_path, min_count=2)
+    # By hand: 11 active pairs over the 5 non-special tokens, 6 of them at more than one layer.
+    var_sum = sum(v for *_, v in HAND_PAIRS.values())
+    assert metrics["n_tokens"] == 5
+    assert metrics["n_active_pairs"] == 11
+    assert metrics["n_entries"] == 19
+    assert metrics["var_token"] == pytest.approx(var_sum / 11)
+    assert metrics["multi_layer_fraction"] == pytest.approx(6 / 11)
+    mass_var = sum(m * v for _, m, _, v in HAND_PAIRS.values())
+    assert metrics["var_token_weighted"] == pytest.approx(mass_var / sum(m for _, m, _, _ in HAND_PAIRS.values()))
+    assert metrics["var_token_paper"] == pytest.approx(var_sum / (5 * N_LATENTS))
+    # Latent 4 fires only at the special token: never active. Latents 0..3 are active at
+    # 4, 3, 2, 2 tokens, so all four count with min_count=2.
+    assert metrics["n_latents_active"] == 4
+    assert metrics["n_latents_counted"] == 4
+    assert metrics["n_layers"] == 3
+    # Latent 3 by hand: mass 1 at l2 (t0) and 1.5 + 1.5 at l0, l1 (t2): P = (.375, .375, .25).
+    mean3 = 0.375 + 0.5
+    var3 = 0.375 * mean3**2 + 0.375 * (1 - mean3) ** 2 + 0.25 * (2 - mean3) ** 2
+    latents = pl.read_parquet(tmp_path / "run" / "analysis" / LATENT_STATS.name)
+    assert latents.filter(pl.col("latent") == 3)["var_layer"].item() == pytest.approx(var3)
+    assert_metrics(metrics, expected_metrics(dense(HAND_INDICES, HAND_VALUES, HAND_SPECIAL, N_LATENTS), 2))
+
+
+def test_min_count_filters_the_aggregate_figures(hand_store: Path, tmp_path: Path) -> None:
+    metrics, _ = run(hand_store, tmp_path, min_count=3)  # only latents 0 (4 tokens) and 1 (3 tokens)
+    a = dense(HAND_INDICES, HAND_VALUES, HAND_SPECIAL, N_LATENTS)
+    assert metrics["n_latents_counted"] == 2
+    assert_metrics(metrics, expected_metrics(a, 3))
+    none_counted, _ = run(hand_store, tmp_path, "none", min_count=5)
+    assert none_counted["n_latents_counted"] == 0
+    assert none_counted["var_aggregate"] is None and none_counted["var_ratio"] is None
+    assert none_counted["mean_layer_std"] is None and none_counted["var_ratio_weighted"] is None
+    assert none_counted["var_token"] == pytest.approx(metrics["var_token"])
+
+
+def test_latent_tables_match_numpy(hand_store: Path, tmp_path: Path) -> None:
+    metrics, out = run(hand_store, tmp_path, min_count=2)
+    a = dense(HAND_INDICES, HAND_VALUES, HAND_SPECIAL, N_LATENTS)
+    pair_mass = a.sum(axis=1)
+    active = pair_mass > 0
+    _, var_tf = moments(a / np.where(active, pair_mass, 1)[:, None, :], axis=1)
+    mass_lf = a.sum(axis=0)  # (L, F)
+    mass_f = mass_lf.sum(axis=0)
+
+    latents = pl.read_parquet(out / LATENT_STATS.name).sort("latent")
+    assert latents["latent"].to_list() == list(range(N_LATENTS))
+    assert latents["count"].to_list() == [4, 3, 2, 2, 0]
+    assert latents["n_entries"].to_list() == (a > 0).sum(axis=(0, 1)).tolist()
+    np.testing.assert_allclose(latents["mass"].to_numpy(), mass_f)
+    for f in range(4):
+        row = latents.row(f, named=True)
+        p = mass_lf[:, f] / mass_f[f]
+        mean, var = moments(p, axis=0)
+        entropy = -(p[p > 0] * np.log(p[p > 0])).sum() / np.log(3)
+        assert row["mean_layer"] == pytest.approx(mean)
+        assert row["var_layer"] == pytest.approx(var)
+        assert row["std_layer"] == pytest.approx(np.sqrt(var))
+        assert row["entropy"] == pytest.approx(entropy)
+        assert row["n_layers_5pct"] == int((p >= 0.05).sum())
+        assert row["layer_dist"] == pytest.approx(p.tolist())
+        assert row["var_token_mean"] == pytest.approx(var_tf[active[:, f], f].mean())
+        n_layers_tf = (a[:, :, f] > 0).sum(axis=1)
+        assert row["multi_layer_fraction"] == pytest.approx((n_layers_tf[active[:, f]] > 1).mean())
+    never = latents.row(4, named=True)
+    assert never["mass"] == 0 and never["n_entries"] == 0 and never["n_layers_5pct"] == 0
+    for column in ("mean_layer", "var_layer", "std_layer", "entropy", "var_token_mean", "layer_dist"):
+        assert never[column] is None, column
+    # Latent 0 by hand: mass 1+1+2 (t0), .5 (t1), .25 (t2), 1+1 (t5) = 6.75; P = (2.25, 1, 3.5) / 6.75.
+    assert latents.row(0, named=True)["layer_dist"] == pytest.approx([2.25 / 6.75, 1 / 6.75, 3.5 / 6.75])
+
+    long = pl.read_parquet(out / LATENT_LAYER.name).sort("latent", "layer")
+    assert long.columns == ["latent", "layer", "block", "mass", "count", "p"]
+    assert long["latent"].to_list() == [f for f in range(4) for _ in range(3)]  # active latents only
+    assert long["block"].to_list() == BLOCKS * 4
+    np.testing.assert_allclose(long["mass"].to_numpy(), mass_lf[:, :4].T.reshape(-1))
+    assert long["count"].to_list() == (a[:, :, :4] > 0).sum(axis=0).T.reshape(-1).tolist()
+    np.testing.assert_allclose(long["p"].to_numpy(), (mass_lf[:, :4] / mass_f[:4]).T.reshape(-1))
+
+    layers = pl.read_parquet(out / LAYER_STATS.name)
+    assert layers["layer"].to_list() == [0, 1, 2] and layers["block"].to_list() == BLOCKS
+    entries = (a > 0).sum(axis=(0, 2))
+    assert layers["n_entries"].to_list() == entries.tolist() == [7, 5, 7]
+    assert layers["n_latents_active"].to_list() == (a > 0).any(axis=0).sum(axis=1).tolist()
+    np.testing.assert_allclose(layers["mass"].to_numpy(), mass_lf.sum(axis=1))
+    np.testing.assert_allclose(layers["mean_activation"].to_numpy(), mass_lf.sum(axis=1) / entries)
+
+
+def test_top_tokens_by_hand(hand_store: Path, tmp_path: Path) -> None:
+    _, out = run(hand_store, tmp_path, top_tokens=2, chunk_tokens=1)
+    top = pl.read_parquet(out / TOP_TOKENS.name)
+    assert top.schema == pl.Schema(
+        {"latent": pl.Int32, "rank": pl.Int32, "token": pl.Int64, "value": pl.Float32, "layer": pl.Int32}
+    )
+    got = {(r["latent"], r["rank"]): (r["token"], r["value"], r["layer"]) for r in top.iter_rows(named=True)}
+    assert got == {
+        # latent 0: 2.0 at t0 (l2); t5 peaks at 1.0 at l0 and l2: the lower layer wins; the special
+        # token's 9.0 is ignored.
+        (0, 1): (0, 2.0, 2),
+        (0, 2): (5, 1.0, 0),
+        (1, 1): (2, 4.0, 2),
+        (1, 2): (0, 2.0, 0),
+        (2, 1): (1, 3.0, 0),
+        (2, 2): (5, 2.0, 0),
+        (3, 1): (2, 1.5, 0),
+        (3, 2): (0, 1.0, 2),
+    }
+
+
+def test_top_tokens_match_brute_force_under_any_chunking(tmp_path: Path) -> None:
+    rng = np.random.default_rng(7)
+    indices, values, special = random_store(
+        tmp_path / "s.zarr", rng, n_tokens=60, n_layers=4, k=3, n_latents=10, dtype=np.float16
+    )
+    a = dense(indices, values, special, 10)
+    tokens = np.flatnonzero(~special)
+    expected = []
+    for f in range(10):
+        peak = a[:, :, f].max(axis=1)
+        order = sorted((-peak[i], tokens[i]) for i in range(len(tokens)) if peak[i] > 0)[:4]
+        for rank, (neg, token) in enumerate(order, start=1):
+            i = int(np.searchsorted(tokens, token))
+            expected.append((f, rank, int(token), float(-neg), int(np.argmax(a[i, :, f]))))
+    for chunk_tokens in (1, 7, None):
+        _, out = run(tmp_path / "s.zarr", tmp_path, f"c{chunk_tokens}", top_tokens=4, chunk_tokens=chunk_tokens)
+        top = pl.read_parquet(out / TOP_TOKENS.name).sort("latent", "rank")
+        assert [tuple(r) for r in top.iter_rows()] == expected, chunk_tokens
+
+
+def test_chunking_does_not_change_results(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    store = tmp_path / "s.zarr"
+    indices, values, special = random_store(store, rng, n_tokens=45, n_layers=5, k=3, n_latents=12, dtype=np.float32)
+    results = {c: run(store, tmp_path, f"c{c}", min_count=3, chunk_tokens=c) for c in (1, 3, None)}
+    reference, ref_out = results[None]
+    assert_metrics(reference, expected_metrics(dense(indices, values, special, 12), 3))
+    for chunk_tokens, (metrics, out) in results.items():
+        assert_metrics(metrics, reference, rel=1e-12)
+        for name in (TOKEN_STATS.name, LATENT_STATS.name, LATENT_LAYER.name, LAYER_STATS.name, TOP_TOKENS.name):
+            actual = pl.read_parquet(out / name)
+            expected = pl.read_parquet(ref_out / name)
+            keys = [c for c in ("latent", "token", "layer", "rank") if c in actual.columns]
+            assert_frame_equal(actual.sort(keys), expected.sort(keys), check_exact=False, rel_tol=1e-12), (
+                chunk_tokens,
+                name,
+            )
+
+
+def test_single_layer_store_has_zero_variances(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    indices = np.stack([rng.permutation(8)[:3] for _ in range(20)])[:, None, :]
+    values = rng.uniform(0.5, 2.0, size=indices.shape).astype(np.float16)
+    store = make_store(tmp_path / "s.zarr", indices, values, n_latents=8, blocks=[4])
+    metrics, out = run(store, tmp_path, min_count=1)
+    assert metrics["n_layers"] == 1 and metrics["n_active_pairs"] == 60
+    for key in ("var_token", "var_aggregate", "var_token_weighted", "var_aggregate_weighted", "mean_layer_std"):
+        assert metrics[key] == 0.0, key
+    assert metrics["multi_layer_fraction"] == 0.0
+    assert metrics["var_ratio"] is None and metrics["var_ratio_weighted"] is None
+    assert metrics["var_aggregate_paper"] == pytest.approx(paper_variances_dense(dense(indices, values, np.zeros(20), 8))["var_aggregate_paper"])
+    saved = json.loads((tmp_path / "run" / "analysis.json").read_text())
+    assert saved == metrics and saved["var_ratio"] is None
+    latents = pl.read_parquet(out / LATENT_STATS.name).filter(pl.col("count") > 0)
+    assert (latents["entropy"] == 0).all() and (latents["var_layer"] == 0).all()
+    assert latents["layer_dist"].to_list() == [[1.0]] * latents.height
+    assert (pl.read_parquet(out / TOKEN_STATS.name)["var_layer"] == 0).all()
+
+
+def test_ratio_is_null_when_every_pair_is_single_layer(tmp_path: Path) -> None:
+    # Latent 0 at layer 0 on even tokens and layer 1 on odd ones: var_tf = 0, var_f = 0.25.
+    indices = np.zeros((10, 2, 1), dtype=np.int32)
+    values = np.zeros((10, 2, 1), dtype=np.float16)
+    values[0::2, 0, 0] = 1.0
+    values[1::2, 1, 0] = 1.0
+    metrics, _ = run(make_store(tmp_path / "s.zarr", indices, values, n_latents=2), tmp_path)
+    assert metrics["var_token"] == 0.0 and metrics["var_aggregate"] == pytest.approx(0.25)
+    assert metrics["var_ratio"] is None and metrics["var_ratio_weighted"] is None
+    assert json.loads((tmp_path / "run" / "analysis.json").read_text())["var_ratio"] is None
+
+
+def test_same_latent_at_consecutive_tokens_makes_separate_pairs(tmp_path: Path) -> None:
+    # Every token: latent 2 at both layers (values 1 and 3), nothing else.
+    indices = np.full((7, 2, 1), 2, dtype=np.int32)
+    values = np.tile(np.array([1.0, 3.0], dtype=np.float16)[None, :, None], (7, 1, 1))
+    metrics, out = run(make_store(tmp_path / "s.zarr", indices, values, n_latents=3), tmp_path, min_count=0)
+    rows = pl.read_parquet(out / TOKEN_STATS.name)
+    assert rows["token"].to_list() == list(range(7))
+    assert rows["n_layers"].to_list() == [2] * 7 and rows["mass"].to_list() == [4.0] * 7
+    assert rows["var_layer"].to_list() == [pytest.approx(0.1875)] * 7  # p = (1/4, 3/4)
+    # min_count=0 still leaves out the never-active latents 0 and 1 (their variance is undefined).
+    assert metrics["n_latents_counted"] == 1 and metrics["var_aggregate"] == pytest.approx(0.1875)
+
+
+def test_paper_formula_by_hand() -> None:
+    # One latent, active at 1 of 2 tokens, at layer 1 only: per-token variance 0, and the
+    # unnormalised q = (0, 1/2) gives 1/2 - 1/4 = r (1 - r) l^2 = 1/4.
+    a = np.zeros((2, 2, 1))
+    a[0, 1, 0] = 3.0
+    assert paper_variances_dense(a) == {"var_token_paper": 0.0, "var_aggregate_paper": 0.25}
+    # Two latents over 1 token: f0 split evenly over layers 0 and 2 (variance 1), f1 inactive.
+    b = np.zeros((1, 3, 2))
+    b[0, 0, 0] = b[0, 2, 0] = 2.0
+    assert paper_variances_dense(b) == {"var_token_paper": 0.5, "var_aggregate_paper": 0.5}
+
+
+def test_streaming_paper_formula_matches_dense_reference(tmp_path: Path) -> None:
+    rng = np.random.default_rng(11)
+    n_tokens, n_layers, n_latents, k = 30, 6, 9, 4
+    a = rng.exponential(size=(n_tokens, n_layers, n_latents))
+    a[rng.random(a.shape) < 0.4] = 0.0
+    # Top-k per (token, layer) of the dense toy tensor; the rest are zeroed (as the SAE does).
+    indices = np.argsort(-a, axis=2, kind="stable")[:, :, :k]
+    values = np.take_along_axis(a, indices, axis=2).astype(np.float32)
+    kept = np.zeros_like(a)
+    np.put_along_axis(kept, indices, values.astype(np.float64), axis=2)
+    metrics, _ = run(make_store(tmp_path / "s.zarr", indices, values, n_latents=n_latents), tmp_path)
+    reference = paper_variances_dense(kept)
+    assert metrics["var_token_paper"] == pytest.approx(reference["var_token_paper"], rel=1e-9)
+    assert metrics["var_aggregate_paper"] == pytest.approx(reference["var_aggregate_paper"], rel=1e-9)
+    # ...and they differ from ours in the stated way: var_token_paper is diluted by inactive pairs.
+    assert metrics["var_token_paper"] == pytest.approx(
+        metrics["var_token"] * metrics["n_active_pairs"] / (n_tokens * n_latents)
+    )
+
+
+@pytest.mark.parametrize("complete", [None, False, "true"])
+def test_incomplete_store_is_rejected_and_nothing_written(tmp_path: Path, complete: Any) -> None:
+    store = make_store(
+        tmp_path / "s.zarr", HAND_INDICES, HAND_VALUES, HAND_SPECIAL, n_latents=N_LATENTS, attrs={"complete": complete}
+    )
+    if complete is None:
+        del zarr.open_group(str(store), mode="a").attrs["complete"]
+    with pytest.raises(MlsaeError, match="incomplete"):
+        run(store, tmp_path)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda i, v: (np.where(i == 3, 5, i), v), "latent id 5"),
+        (lambda i, v: (np.where(i == 3, -1, i), v), "latent id -1"),
+        (lambda i, v: (i, np.where(v == 4.0, -1.0, v).astype(np.float16)), "negative or NaN"),
+        (lambda i, v: (i, np.where(v == 4.0, np.nan, v).astype(np.float16)), "negative or NaN"),
+    ],
+)
+def test_bad_entries_are_rejected(tmp_path: Path, change: Any, message: str) -> None:
+    indices, values = change(HAND_INDICES, HAND_VALUES)
+    store = make_store(tmp_path / "s.zarr", indices, values, HAND_SPECIAL, n_latents=N_LATENTS)
+    with pytest.raises(MlsaeError, match=message):
+        run(store, tmp_path)
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_store_and_params_are_rejected(tmp_path: Path, hand_store: Path) -> None:
+    with pytest.raises(MlsaeError, match="not found"):
+        run(tmp_path / "missing.zarr", tmp_path)
+    with pytest.raises(MlsaeError, match="min_count"):
+        run(hand_store, tmp_path, min_count=-1)
+    with pytest.raises(MlsaeError, match="top_tokens"):
+        run(hand_store, tmp_path, top_tokens=1.5)
+    with pytest.raises(MlsaeError, match="chunk_tokens"):
+        run(hand_store, tmp_path, chunk_tokens=0)
+    wrong_layers = make_store(tmp_path / "w.zarr", HAND_INDICES, HAND_VALUES, n_latents=5, blocks=[1, 2])
+    with pytest.raises(MlsaeError, match="'layers'"):
+        run(wrong_layers, tmp_path)
+    wrong_k = make_store(tmp_path / "k.zarr", HAND_INDICES, HAND_VALUES, n_latents=5, attrs={"k": 3})
+    with pytest.raises(MlsaeError, match="'k'"):
+        run(wrong_k, tmp_path)
+    all_special = make_store(tmp_path / "a.zarr", HAND_INDICES, HAND_VALUES, np.ones(6), n_latents=5)
+    with pytest.raises(MlsaeError, match="special"):
+        run(all_special, tmp_path)
+    assert not (tmp_path / "run").exists()
+
+
+def test_rerun_replaces_previous_outputs(hand_store: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run" / "analysis"
+    out.mkdir(parents=True)
+    (out / "stale.parquet").write_text("old")
+    metrics, _ = run(hand_store, tmp_path)
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [TOKEN_STATS.name, LATENT_STATS.name, LATENT_LAYER.name, LAYER_STATS.name, TOP_TOKENS.name]
+    )
+    assert sorted(p.name for p in out.parent.iterdir()) == ["analysis", "analysis.json"]
+    assert json.loads((out.parent / "analysis.json").read_text()) == metrics
