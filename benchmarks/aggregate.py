@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -26,8 +27,8 @@ N_LAYERS = 30
 K = 32
 N_LATENTS = 9216
 CONTEXT = 128  # a special (BOS) token opens every context
-SHARD_TOKENS = 2048
-CHUNK_TOKENS = 256
+SHARD_TOKENS = 8192  # the dump stage's layout (mlsae/dump.py)
+CHUNK_TOKENS = 1024
 
 
 def build_store(path: Path, n_tokens: int, seed: int = 0) -> None:
@@ -86,11 +87,18 @@ def run_one(store: Path, out: Path) -> dict:
     from mlsae.analysis import aggregate
 
     base_kib = peak_rss_kib()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     metrics = aggregate(store, out / "analysis", out / "analysis.json")
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     peak_kib = peak_rss_kib()
-    return {"seconds": seconds, "peak_mib": peak_kib / 1024, "base_mib": base_kib / 1024, "metrics": metrics}
+    return {
+        "seconds": seconds,
+        "cpu_seconds": cpu,
+        "peak_mib": peak_kib / 1024,
+        "base_mib": base_kib / 1024,
+        "load": os.getloadavg()[0],
+        "metrics": metrics,
+    }
 
 
 def main() -> None:
@@ -126,9 +134,11 @@ def main() -> None:
             results[scale] = result
             print(
                 f"{scale}x: tokens={n_tokens} rows={rows:,} time={result['seconds']:.2f}s "
-                f"rows/s={rows / result['seconds'] / 1e6:.1f}M peak_rss={result['peak_mib']:.0f}MiB "
-                f"(after imports {result['base_mib']:.0f}MiB) pairs={result['metrics']['n_active_pairs']:,} "
-                f"var_ratio={result['metrics']['var_ratio']:.2f}",
+                f"rows/s={rows / result['seconds'] / 1e6:.1f}M "
+                f"(cpu {result['cpu_seconds']:.2f}s = {rows / result['cpu_seconds'] / 1e6:.1f}M rows per cpu-s) "
+                f"peak_rss={result['peak_mib']:.0f}MiB (after imports {result['base_mib']:.0f}MiB) "
+                f"pairs={result['metrics']['n_active_pairs']:,} var_ratio={result['metrics']['var_ratio']:.1f} "
+                f"load_avg={result['load']:.1f} on {os.cpu_count()} cpus",
                 flush=True,
             )
         ratio = results[4]["peak_mib"] / results[1]["peak_mib"]

@@ -11,20 +11,20 @@ statistic (and of ``n_tokens``).
 * Aggregate distribution of latent ``f``: ``P_f(l) = sum_t a[t,l,f] / sum_{t,l} a[t,l,f]``, with
   mean ``mu_f`` and variance ``var_f``.
 
-How it streams. :func:`aggregate` reads the store one chunk of tokens at a time (the next chunk is
-read in the background). Per chunk:
+How it streams. :func:`aggregate` reads the store one chunk of tokens at a time (a reader thread
+fetches the next chunk meanwhile, a writer thread appends the previous chunk's rows). Per chunk:
 
-* the ``(f, l)`` sums (entries, mass) are one ``bincount`` over the integer key ``f * L + l`` into a
-  running ``n_latents x L`` table;
+* the ``(f, l)`` sums (entries, mass) are one ``bincount`` over the integer key ``f * L + l``, added
+  to a running ``n_latents x L`` table;
 * the ``(t, f)`` grouping exploits the store's token-major layout: each token's ``L * k`` entries
-  are packed into int64 keys ``latent | layer | value bits`` and sorted *within the token's row*
-  (small, cache-resident sorts), so the entries of each pair become a run and every per-pair sum is
-  a segmented ``reduceat``. On this layout that is about 5x faster than a Polars hash ``group_by``
-  on the combined ``t * n_latents + f`` key (most pairs hold 1-3 entries, so the hash table is as
-  large as the input), which is what makes the throughput target reachable on two cores;
-* the per-pair rows are folded into per-latent sums and appended (from a background thread) to
-  ``token_latent.parquet`` as one row group, then dropped; the running top tokens are a small
-  Polars table merged with the chunk's candidates.
+  are packed into int64 keys ``latent | activation bits | layer`` and sorted *within the token's
+  row* (small, cache-resident sorts), so each pair's entries form a run, the run's last key holds
+  its peak, and the per-pair sums are ``bincount`` over run numbers. A Polars hash ``group_by`` on
+  ``t * n_latents + f`` with the same aggregations was several times slower on the benchmark store
+  (most pairs hold 1-3 entries, so the hash table is as large as the input);
+* the per-pair rows are folded into per-latent sums and appended to ``token_latent.parquet`` as one
+  row group, then dropped; the running top tokens are a small Polars table merged with the chunk's
+  candidates (those beating the latent's current last entry).
 
 Nothing of size ``tokens x layers x latents`` (or ``tokens x latents``) is built and no per-token
 table outlives its chunk, so memory is bounded by the chunk size and ``n_latents x L``.
@@ -89,6 +89,7 @@ TOKEN_LATENT_SCHEMA: dict[str, pl.DataType] = {
     "mean_layer": pl.Float32(),
     "var_layer": pl.Float32(),
 }
+_TOKEN_LATENT_ARROW = pl.DataFrame(schema=TOKEN_LATENT_SCHEMA).to_arrow().schema
 LATENTS_SCHEMA: dict[str, pl.DataType] = {
     "latent": pl.Int32(),
     "count": pl.Int64(),
@@ -227,7 +228,8 @@ def _open_store(path: Path) -> _Store:
     indices, values, special = arrays[INDICES], arrays[VALUES], arrays[SPECIAL]
     if indices.ndim != 3 or values.shape != indices.shape:
         raise MlsaeError(
-            f"{path}: '{INDICES}' {indices.shape} and '{VALUES}' {values.shape} must share one (tokens, layers, k) shape"
+            f"{path}: '{INDICES}' {indices.shape} and '{VALUES}' {values.shape} must share one "
+            "(tokens, layers, k) shape"
         )
     if special.shape != indices.shape[:1]:
         raise MlsaeError(f"{path}: '{SPECIAL}' has shape {special.shape}, expected ({indices.shape[0]},)")
@@ -241,7 +243,9 @@ def _open_store(path: Path) -> _Store:
         or not all(isinstance(b, int) and not isinstance(b, bool) for b in blocks)
         or len(blocks) != indices.shape[1]
     ):
-        raise MlsaeError(f"{path}: attr 'layers' must list the {indices.shape[1]} selected block indices, got {blocks!r}")
+        raise MlsaeError(
+            f"{path}: attr 'layers' must list the {indices.shape[1]} selected block indices, got {blocks!r}"
+        )
     n_latents = attrs.get("n_latents")
     if not isinstance(n_latents, int) or isinstance(n_latents, bool) or n_latents < 1:
         raise MlsaeError(f"{path}: attr 'n_latents' must be a positive integer, got {n_latents!r}")
@@ -268,19 +272,22 @@ class _Chunk:
     token: np.ndarray  # (c,) int64 global eval index of each token kept
     indices: np.ndarray  # (c, L, k) latent ids
     values: np.ndarray  # (c, L, k) float16 or float32 activations
-    active: np.ndarray  # (c, L, k) bool: values > 0
+    inactive: np.ndarray  # (c, L, k) bool: values == 0
+    n_active: int  # active entries
     cell_count: np.ndarray  # (F, L) active entries per (latent, layer)
     cell_mass: np.ndarray  # (F, L) activation mass per (latent, layer)
 
 
-def _cell_sums(indices: np.ndarray, values: np.ndarray, active: np.ndarray, n_latents: int) -> tuple[np.ndarray, ...]:
+def _cell_sums(
+    indices: np.ndarray, values: np.ndarray, inactive: np.ndarray, n_latents: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Active entries and mass per (latent, layer): one bincount on the key ``f * L + l``."""
     n_layers = indices.shape[1]
     n_cells = n_latents * n_layers
     cell = indices.astype(np.int64)
     cell *= n_layers
     cell += np.arange(n_layers, dtype=np.int64)[None, :, None]
-    cell[~active] = n_cells  # one spare bin for inactive entries
+    cell[inactive] = n_cells  # one spare bin for inactive entries
     cell = cell.reshape(-1)
     count = np.bincount(cell, minlength=n_cells + 1)[:n_cells]
     mass = np.bincount(cell, weights=values.reshape(-1).astype(np.float64), minlength=n_cells + 1)[:n_cells]
@@ -305,8 +312,10 @@ def _read_chunk(store: _Store, start: int, stop: int) -> _Chunk:
         if low < 0 or high >= store.n_latents:
             bad = low if low < 0 else high
             raise MlsaeError(f"{store.path}: '{INDICES}' holds latent id {bad}, outside 0..{store.n_latents - 1}")
-    active = values > 0
-    return _Chunk(token, indices, values, active, *_cell_sums(indices, values, active, store.n_latents))
+    inactive = values == 0  # (no NaN or negative values by now)
+    n_active = inactive.size - int(np.count_nonzero(inactive))
+    cells = _cell_sums(indices, values, inactive, store.n_latents)
+    return _Chunk(token, indices, values, inactive, n_active, *cells)
 
 
 def _iter_chunks(store: _Store, chunk_tokens: int, pool: ThreadPoolExecutor) -> Iterator[_Chunk]:
@@ -395,7 +404,7 @@ class _Pairs:
 
 
 def _block_pairs(
-    indices: np.ndarray, values: np.ndarray, active: np.ndarray, pack: _Packing, out: _Pairs, pos: int
+    indices: np.ndarray, values: np.ndarray, inactive: np.ndarray, pack: _Packing, out: _Pairs, pos: int
 ) -> int:
     """Group one block of ``(b, L, k)`` entries by (token, latent) with per-token sorts.
 
@@ -408,7 +417,7 @@ def _block_pairs(
     key <<= pack.latent_shift
     key |= values.view(pack.bits_dtype).astype(np.int64) << pack.layer_bits
     key |= pack.layer_code
-    key[~active] = pack.sentinel
+    key[inactive] = pack.sentinel
     key = key.reshape(b, width)
     key.sort(axis=1)
     key = key.reshape(-1)
@@ -419,17 +428,16 @@ def _block_pairs(
     np.not_equal(latent[1:], latent[:-1], out=first[1:])
     first[::width] = True  # a pair never spans two tokens
     starts = np.flatnonzero(first)
-    group = np.cumsum(first) - 1  # each entry's run
-    n_groups = starts.size
+    run = np.cumsum(first)  # each entry's run, numbered from 1
 
     # bincount adds each run's few entries in order: exact, and far cheaper than reduceat per run.
     a = pack.value(key)
     layer = pack.layer(key).astype(np.float64)
-    mass = np.bincount(group, weights=a, minlength=n_groups)
+    mass = np.bincount(run, weights=a)[1:]
     a *= layer
-    s1 = np.bincount(group, weights=a, minlength=n_groups)
+    s1 = np.bincount(run, weights=a)[1:]
     a *= layer
-    s2 = np.bincount(group, weights=a, minlength=n_groups)
+    s2 = np.bincount(run, weights=a)[1:]
     size = np.diff(starts, append=key.size)
     real = np.flatnonzero(latent[starts] < pack.n_latents)  # drop the runs of inactive entries
     end = pos + real.size
@@ -465,13 +473,13 @@ class _Grouper:
     def pairs(self, chunk: _Chunk) -> _Pairs:
         n_tokens, n_layers, k = chunk.indices.shape
         block = max(1, _TARGET_BLOCK_ENTRIES // (n_layers * k))
-        capacity = int(np.count_nonzero(chunk.active))  # a pair holds >= 1 active entry
+        capacity = chunk.n_active  # a pair holds >= 1 active entry
         if self.buffer.row.size < capacity:
             self.buffer = _Pairs.empty(capacity)
         out, pos = self.buffer, 0
         for start in range(0, n_tokens, block):
             stop = start + block
-            block_entries = (chunk.indices[start:stop], chunk.values[start:stop], chunk.active[start:stop])
+            block_entries = (chunk.indices[start:stop], chunk.values[start:stop], chunk.inactive[start:stop])
             end = _block_pairs(*block_entries, self.pack, out, pos)
             out.row[pos:end] += start
             pos = end
@@ -587,17 +595,15 @@ class _Accumulator:
 
 def _token_latent_table(pairs: _Pairs, token: np.ndarray) -> pa.Table:
     """The chunk's rows of ``token_latent.parquet``."""
-    return pl.DataFrame(
-        {
-            "token": token[pairs.row],
-            "latent": pairs.latent.astype(np.int32),
-            "n_layers": pairs.n_layers.astype(np.int32),
-            "mass": pairs.mass.astype(np.float32),
-            "mean_layer": pairs.mean.astype(np.float32),
-            "var_layer": pairs.var.astype(np.float32),
-        },
-        schema=TOKEN_LATENT_SCHEMA,
-    ).to_arrow()
+    columns = {
+        "token": token[pairs.row],
+        "latent": pairs.latent.astype(np.int32),
+        "n_layers": pairs.n_layers.astype(np.int32),
+        "mass": pairs.mass.astype(np.float32),
+        "mean_layer": pairs.mean.astype(np.float32),
+        "var_layer": pairs.var.astype(np.float32),
+    }
+    return pa.table(columns, schema=_TOKEN_LATENT_ARROW)
 
 
 # --------------------------------------------------------------------------------------------
@@ -687,7 +693,7 @@ def _finish(
         list(TOP_TOKENS_SCHEMA)
     )
 
-    counted = acc.pair_count >= max(min_count, 0)
+    counted = acc.pair_count >= max(min_count, 1)
     n_counted = int(counted.sum())
     var_token = _mean_or_none(acc.var_sum, acc.n_pairs)
     var_aggregate = float(var[counted].mean()) if n_counted else None
@@ -765,9 +771,8 @@ def _stream(store: _Store, chunk_tokens: int, acc: _Accumulator, out_dir: Path) 
     grouper = _Grouper(_Packing(store.n_latents, store.n_layers, value_dtype))
     writer = pq.ParquetWriter(
         out_dir / TOKEN_STATS.name,
-        pl.DataFrame(schema=TOKEN_LATENT_SCHEMA).to_arrow().schema,
-        compression="zstd",
-        compression_level=1,
+        _TOKEN_LATENT_ARROW,
+        compression="lz4",
         use_dictionary=["latent", "n_layers"],
         write_statistics=["token", "latent"],
     )

@@ -9,6 +9,7 @@ the residual stream after block i is the hook `blocks.{i}.hook_resid_post`, in t
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import logging
 import os
@@ -81,6 +82,10 @@ class LoadedModel:
     bridge: nn.Module
     """The transformer-lens `TransformerBridge` around the HF model."""
     hf_model: nn.Module
+    """The HF model, its submodules wrapped in place by the bridge."""
+    plain: nn.Module
+    """An unwrapped HF model of the same class sharing `hf_model`'s parameters (no copy): the
+    fast path for extraction, free of the bridge's per-module hook wrappers."""
     tokenizer: object
     n_layers: int
     d_model: int
@@ -108,22 +113,28 @@ class LoadedModel:
     def residuals(self, ids: torch.Tensor) -> torch.Tensor:
         """Residual stream after every block: (batch, pos, n_layers, d_model), float32.
 
-        Stops after the last block, so neither the final norm nor the unembedding runs.
+        Block i's output is `blocks.{i}.hook_resid_post`: the output of HF decoder layer i, read
+        with plain forward hooks on the unwrapped model (`plain`); the forward stops after the
+        last block, so neither the final norm nor the unembedding runs.
         """
         out: list[torch.Tensor | None] = [None] * self.n_layers
+        last = self.n_layers - 1
 
         def grab(i: int) -> Callable:
-            def fn(tensor: torch.Tensor, hook: object) -> torch.Tensor:
-                out[i] = tensor.detach()
-                if i == self.n_layers - 1:
+            def fn(module: nn.Module, args: object, output: object) -> None:
+                out[i] = output[0] if isinstance(output, tuple) else output  # type: ignore[index]
+                if i == last:
                     raise _StopForward
-                return tensor
 
             return fn
 
-        hooks = [(self.hook(i), grab(i)) for i in range(self.n_layers)]
-        with contextlib.suppress(_StopForward):
-            self.bridge.run_with_hooks(ids.to(self.device), fwd_hooks=hooks, return_type=None)
+        handles = [layer.register_forward_hook(grab(i)) for i, layer in enumerate(_decoder_layers(self.plain))]
+        try:
+            with contextlib.suppress(_StopForward):
+                self.plain.base_model(input_ids=ids.to(self.device), use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
         return torch.stack(out, dim=2).float()  # type: ignore[arg-type]
 
     @torch.inference_mode()
@@ -138,6 +149,37 @@ def _replace(fn: Callable) -> Callable:
         return fn(tensor).to(tensor.dtype)
 
     return hook
+
+
+def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The list of transformer blocks of an HF causal LM (`layers`, `h`, ...)."""
+    n = int(model.config.num_hidden_layers)
+    for module in model.base_model.children():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return module
+    raise MlsaeError(f"model {type(model).__name__}: cannot find its {n} transformer blocks")
+
+
+def _unwrapped_twin(model: nn.Module) -> nn.Module:
+    """A second instance of `model`'s class whose parameters and buffers *are* `model`'s tensors.
+
+    Built before the bridge wraps `model`'s submodules in place, so it stays a plain HF model;
+    no weight is copied (the twin holds the very same Parameter objects, so it must be built
+    after `model` is on its device).
+    """
+    config = copy.deepcopy(model.config)
+    with torch.device("meta"):
+        twin = type(model)(config)
+    twin.load_state_dict(model.state_dict(keep_vars=True), strict=True, assign=True)
+    buffers = dict(model.named_buffers())
+    for name, buf in list(twin.named_buffers()):
+        if buf.is_meta:  # non-persistent buffers (e.g. rotary inv_freq) are not in state_dict
+            owner, _, attr = name.rpartition(".")
+            twin.get_submodule(owner).register_buffer(attr, buffers[name], persistent=False)
+    twin.eval().requires_grad_(False)
+    with contextlib.suppress(Exception):
+        twin.set_attn_implementation("sdpa")
+    return twin
 
 
 def known_models() -> str:
@@ -271,7 +313,8 @@ def load_model(name: str, device: str | torch.device = "cpu") -> LoadedModel:
             model, tok, revision = _load_gguf(Path(target))
         else:
             model, tok, revision = _load_hf(target, local=kind == "local")
-        model.eval().requires_grad_(False)
+        model.to(dev).eval().requires_grad_(False)
+        plain = _unwrapped_twin(model)
         bridge = _boot(f"{name}:{revision}", model, tok, dev)
         bridge.eval()
     cfg = model.config
@@ -281,6 +324,7 @@ def load_model(name: str, device: str | torch.device = "cpu") -> LoadedModel:
         revision=revision,
         bridge=bridge,
         hf_model=model,
+        plain=plain,
         tokenizer=bridge.tokenizer,
         n_layers=int(cfg.num_hidden_layers),
         d_model=int(cfg.hidden_size),

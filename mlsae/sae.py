@@ -83,42 +83,40 @@ class SAEConfig:
 
     def validate(self) -> None:
         """Raise :class:`MlsaeError` with one line naming the first bad key."""
+        rules: list[tuple[str, Callable[[], bool], str]] = [
+            ("d_model", lambda: _is_int(self.d_model) and self.d_model >= 1, "a positive integer"),
+            ("n_latents", lambda: _is_int(self.n_latents) and self.n_latents >= 1, "a positive integer"),
+            ("k", lambda: _is_int(self.k) and 1 <= self.k <= self.n_latents, "in 1..n_latents"),
+            ("layers", self._layers_ok, "a non-empty list of distinct block indices >= 0"),
+            ("auxk", lambda: _is_int(self.auxk) and self.auxk >= 0, "an integer >= 0"),
+            ("auxk_coef", lambda: _is_number(self.auxk_coef) and self.auxk_coef >= 0, "a finite number >= 0"),
+            ("dead_tokens", lambda: _is_int(self.dead_tokens) and self.dead_tokens >= 1, "an integer >= 1"),
+            ("normalisation", lambda: self.normalisation in NORMALISATIONS, f"one of {NORMALISATIONS}"),
+            ("lens", lambda: self.lens in LENSES, f"one of {LENSES}"),
+            ("model", lambda: isinstance(self.model, str), "a string"),
+            ("params_hash", lambda: isinstance(self.params_hash, str), "a string"),
+        ]
+        for key, ok, rule in rules:
+            if not ok():
+                raise MlsaeError(f"sae.{key} must be {rule} (got {getattr(self, key)!r})")
 
-        def check(ok: bool, key: str, rule: str, got: object) -> None:
-            if not ok:
-                raise MlsaeError(f"sae.{key} must be {rule} (got {got!r})")
-
-        check(_is_int(self.d_model) and self.d_model >= 1, "d_model", "a positive integer", self.d_model)
-        check(_is_int(self.n_latents) and self.n_latents >= 1, "n_latents", "a positive integer", self.n_latents)
-        check(_is_int(self.k) and 1 <= self.k <= self.n_latents, "k", "in 1..n_latents", self.k)
-        check(
-            isinstance(self.layers, list)
-            and len(self.layers) > 0
-            and all(_is_int(i) and i >= 0 for i in self.layers)
-            and len(set(self.layers)) == len(self.layers),
-            "layers",
-            "a non-empty list of distinct block indices >= 0",
-            self.layers,
+    def _layers_ok(self) -> bool:
+        layers = self.layers
+        return (
+            isinstance(layers, list)
+            and len(layers) > 0
+            and all(_is_int(i) and i >= 0 for i in layers)
+            and len(set(layers)) == len(layers)
         )
-        check(_is_int(self.auxk) and self.auxk >= 0, "auxk", "an integer >= 0", self.auxk)
-        check(
-            isinstance(self.auxk_coef, (int, float))
-            and not isinstance(self.auxk_coef, bool)
-            and math.isfinite(self.auxk_coef)
-            and self.auxk_coef >= 0,
-            "auxk_coef",
-            "a finite number >= 0",
-            self.auxk_coef,
-        )
-        check(_is_int(self.dead_tokens) and self.dead_tokens >= 1, "dead_tokens", "a positive integer", self.dead_tokens)
-        check(self.normalisation in NORMALISATIONS, "normalisation", f"one of {NORMALISATIONS}", self.normalisation)
-        check(self.lens in LENSES, "lens", f"one of {LENSES}", self.lens)
-        check(isinstance(self.model, str), "model", "a string", self.model)
-        check(isinstance(self.params_hash, str), "params_hash", "a string", self.params_hash)
 
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
 
 
 @dataclass
@@ -194,7 +192,8 @@ def _sparse_encoder(device_type: str) -> type[torch.autograd.Function]:
             z = xc @ w_enc.T  # the one dense product; lower precision under autocast
             values, indices, aux_values, aux_indices = _select(z, k, dead, n_aux)
             values, aux_values = values.to(xc.dtype), aux_values.to(xc.dtype)
-            ctx.save_for_backward(xc, w_enc, torch.cat([indices, aux_indices], 1), torch.cat([values, aux_values], 1))
+            all_indices, all_values = torch.cat([indices, aux_indices], 1), torch.cat([values, aux_values], 1)
+            ctx.save_for_backward(xc, w_enc, all_indices, all_values)
             ctx.mark_non_differentiable(indices, aux_indices)
             return values, indices, aux_values, aux_indices
 
@@ -365,7 +364,7 @@ class MLSAE(nn.Module):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(fired)
             torch.distributed.all_reduce(count)
-        self.tokens_since_fired.add_(count).masked_fill_(fired >= 0, 0)
+        self.tokens_since_fired.add_(count).masked_fill_(fired > 0, 0)
 
     # -- initialisation and decoder constraints -----------------------------------------------
 
@@ -424,7 +423,8 @@ class MLSAE(nn.Module):
             got = tensors.get(name)
             if got is None or got.shape != ref.shape:
                 found = "missing" if got is None else f"shape {tuple(got.shape)}"
-                raise MlsaeError(f"{weights_path}: tensor {name!r} {found}, expected shape {tuple(ref.shape)}")
+                expected = f"expected shape {tuple(ref.shape)}"
+                raise MlsaeError(f"{weights_path}: tensor {name!r} {found}, {expected}")
         sae.load_state_dict(tensors)
         return sae.to(device)
 
@@ -454,8 +454,11 @@ def make_optimizer(sae: nn.Module, lr: float) -> torch.optim.Adam:
     return torch.optim.Adam(params, lr=lr, eps=ADAM_EPS, fused=fused)
 
 
-def train_step(sae: nn.Module, opt: torch.optim.Optimizer, x: Tensor, grad_clip: float = 0.0) -> dict[str, float]:
-    """One optimiser step on raw residuals ``x`` (B, L, d); returns the batch's metrics.
+def train_step(
+    sae: nn.Module, opt: torch.optim.Optimizer, x: Tensor, grad_clip: float = 0.0
+) -> dict[str, float]:
+    """One optimiser step on raw residuals ``x`` (B, L, d); returns the batch's metrics:
+    ``loss``, ``fvu``, ``auxk``, ``l0``, ``dead_fraction`` and ``fvu_layer_{block}`` per layer.
 
     ``sae`` is an :class:`MLSAE` or a DistributedDataParallel wrapper of one. The caller picks
     the device and may wrap the call in ``torch.autocast``. Raises ``FloatingPointError`` before

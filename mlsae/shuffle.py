@@ -34,6 +34,7 @@ class BatchPlan:
                  epochs: int, seed: int):
         self.keep = ~special.astype(bool)
         self.n = len(self.keep)
+        block_tokens = min(block_tokens, buffer_tokens)  # so that a buffer never exceeds buffer_tokens
         self.block_tokens = block_tokens
         self.blocks_per_buffer = max(1, buffer_tokens // block_tokens)
         self.batch_tokens = batch_tokens
@@ -70,7 +71,7 @@ def iter_batches(reader: ActivationStore, layers: list[int], plan: BatchPlan, st
     seen = 0
     row_of = np.full(plan.n, -1, dtype=np.int64)
     for buf in plan.buffers:
-        if seen + buf.n_batches <= start:
+        if seen + buf.n_batches <= start or buf.n_batches == 0:  # nothing to yield: don't read it
             seen += buf.n_batches
             continue
         ids = plan.token_ids(buf)

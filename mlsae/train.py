@@ -177,6 +177,8 @@ def train(p: Params, reader: ActivationStore, lens: Lens, out_dir: Path, checkpo
         ckpt_path.unlink(missing_ok=True)
     if ctx.world > 1:
         dist.barrier()
+    if not ctx.main:  # only rank 0 reports: the stage writes metrics and plots only when given some
+        return {}, history
     return _metrics(history, cfg, plan, vectors / elapsed if elapsed > 0 and vectors else None), history
 
 

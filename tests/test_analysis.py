@@ -385,7 +385,9 @@ def test_single_layer_store_has_zero_variances(tmp_path: Path) -> None:
         assert metrics[key] == 0.0, key
     assert metrics["multi_layer_fraction"] == 0.0
     assert metrics["var_ratio"] is None and metrics["var_ratio_weighted"] is None
-    assert metrics["var_aggregate_paper"] == pytest.approx(paper_variances_dense(dense(indices, values, np.zeros(20), 8))["var_aggregate_paper"])
+    paper = paper_variances_dense(dense(indices, values, np.zeros(20), 8))
+    assert metrics["var_token_paper"] == paper["var_token_paper"] == 0.0
+    assert metrics["var_aggregate_paper"] == paper["var_aggregate_paper"] == 0.0
     saved = json.loads((tmp_path / "run" / "analysis.json").read_text())
     assert saved == metrics and saved["var_ratio"] is None
     latents = pl.read_parquet(out / LATENT_STATS.name).filter(pl.col("count") > 0)

@@ -118,6 +118,24 @@ def test_sparse_matches_dense_forward_and_gradients(layers: int) -> None:
         torch.testing.assert_close(sp_grad[name], de_grad[name], rtol=0, atol=1e-10, msg=name)
 
 
+def test_gradients_match_independent_autograd() -> None:
+    """The sparse path's gradients equal autograd through a from-scratch dense loss (float64)."""
+    sae = make_sae().double()
+    with torch.no_grad():
+        sae.b_pre.normal_(0, 0.1)
+    x = residuals(24, 3, 16).double()
+    sae.loss(sae(x)).loss.backward()
+    w_enc, w_dec, b_pre = (p.detach().clone().requires_grad_() for p in (sae.W_enc, sae.W_dec, sae.b_pre))
+    xn = (x - x.mean(-1, keepdim=True)) / (x.var(-1, unbiased=False, keepdim=True) + 1e-6).sqrt()
+    z = (xn - b_pre) @ w_enc.T
+    vals, idx = z.topk(4, dim=-1)
+    xn_hat = torch.zeros_like(z).scatter(-1, idx, vals.relu()) @ w_dec.T + b_pre
+    fvu = ((xn - xn_hat) ** 2).sum((0, 2)) / ((xn - xn.mean(0)) ** 2).sum((0, 2))
+    fvu.mean().backward()
+    for param, ref in zip((sae.W_enc, sae.W_dec, sae.b_pre), (w_enc, w_dec, b_pre)):
+        torch.testing.assert_close(param.grad, ref.grad, rtol=0, atol=1e-10)
+
+
 def test_sparse_matches_dense_float32() -> None:
     """The default float32 path agrees with the dense one to 1e-5 (absolute, gradients O(1e-2))."""
     sae = make_sae(auxk=8, dead_tokens=10)
@@ -255,6 +273,17 @@ def test_train_step_under_cpu_autocast() -> None:
     sae = make_sae(auxk=8, dead_tokens=8)
     opt = make_optimizer(sae, 1e-2)
     x = residuals(32, 3, 16)
+    with torch.no_grad():
+        sae.tokens_since_fired[::2] = 8
+    grads = []
+    for dense in (False, True):  # under bf16 autocast the sparse backward still matches autograd
+        sae.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            sae.loss(sae(x, dense=dense, auxk=True)).loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in sae.parameters()]))
+    assert torch.cosine_similarity(grads[0], grads[1], dim=0) > 0.999
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0.02 * grads[1].abs().max().item())
+    sae.tokens_since_fired.zero_()
     first = None
     with torch.autocast("cpu", dtype=torch.bfloat16):
         for _ in range(20):
@@ -263,6 +292,25 @@ def test_train_step_under_cpu_autocast() -> None:
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in sae.parameters())
     assert metrics["fvu"] < first and metrics["auxk"] > 0
     np.testing.assert_allclose(sae.W_dec.detach().norm(dim=0).numpy(), 1, atol=1e-6)
+
+
+def test_train_step_through_ddp_matches_plain(tmp_path) -> None:
+    """A DistributedDataParallel-wrapped SAE (gloo, one process) trains exactly like the bare one."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        plain, wrapped = make_sae(seed=5), make_sae(seed=5)
+        ddp = DistributedDataParallel(wrapped)
+        opts = make_optimizer(plain, 1e-2), make_optimizer(ddp, 1e-2)
+        for i in range(3):
+            x = residuals(16, 3, 16, seed=i)
+            assert train_step(plain, opts[0], x) == train_step(ddp, opts[1], x)
+    finally:
+        dist.destroy_process_group()
+    for name, value in plain.state_dict().items():
+        torch.testing.assert_close(wrapped.state_dict()[name], value, rtol=0, atol=1e-6, msg=name)
 
 
 def test_forward_rejects_wrong_shape() -> None:
@@ -288,7 +336,8 @@ def test_geometric_median() -> None:
     torch.testing.assert_close(geometric_median(square), torch.tensor([3.0, -2.0]))
     # agrees with an independent numpy Weiszfeld
     pts = np.random.default_rng(0).normal(size=(200, 5)) ** 3
-    np.testing.assert_allclose(geometric_median(torch.from_numpy(pts)).numpy(), numpy_weiszfeld(pts), atol=1e-6)
+    ours = geometric_median(torch.from_numpy(pts)).numpy()
+    np.testing.assert_allclose(ours, numpy_weiszfeld(pts), atol=1e-6)
     # robust to an outlier, unlike the mean
     cluster = torch.randn(99, 4, generator=torch.Generator().manual_seed(0)) * 0.1
     with_outlier = torch.cat([cluster, torch.full((1, 4), 1000.0)])
