@@ -8,6 +8,8 @@ counter, so an interrupted dump resumes; `complete` is set last.
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import torch
 import zarr
@@ -24,10 +26,24 @@ SHARD_TOKENS = 8192
 CHUNK_TOKENS = 1024
 
 
-def _attrs(sae: MLSAE, reader: store.ActivationStore) -> dict:
+def _fingerprint(sae: MLSAE, lens: Lens) -> str:
+    """Hash of the SAE's weights and the lens's translators: the params hash alone does not change
+    when the SAE is retrained on other activations (or the lens refit), and a partial dump must
+    not be resumed with other latents."""
+    h = hashlib.sha256()
+    for module in (sae, lens):
+        for name, t in sorted(module.state_dict().items()):
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _attrs(sae: MLSAE, lens: Lens, reader: store.ActivationStore) -> dict:
     return {"schema": STORE_SCHEMA, "layers": sae.cfg.layers, "n_latents": sae.cfg.n_latents, "k": sae.cfg.k,
             "model": reader.attrs.get("model"), "sae_hash": sae.cfg.params_hash, "lens": sae.cfg.lens,
-            "source_revision": reader.attrs.get("revision"), "n_tokens": reader.n_tokens("eval")}
+            "source_revision": reader.attrs.get("revision"), "n_tokens": reader.n_tokens("eval"),
+            "source": {k: reader.attrs.get(k) for k in ("corpus", "seed", "context", "eval_tokens", "dtype")},
+            "fingerprint": _fingerprint(sae, lens)}
 
 
 def _open(path: str, attrs: dict, reader: store.ActivationStore) -> tuple[zarr.Group, int]:
@@ -55,7 +71,7 @@ def dump(sae: MLSAE, lens: Lens, reader: store.ActivationStore, path: str, progr
     """Encode every eval token at every SAE layer and store its top-k (indices, values)."""
     if reader.n_tokens("eval") == 0:
         raise MlsaeError(f"{reader.path}: the eval split is empty")
-    attrs = _attrs(sae, reader)
+    attrs = _attrs(sae, lens, reader)
     root, done = _open(path, attrs, reader)
     n, layers = attrs["n_tokens"], sae.cfg.layers
     sae.eval()

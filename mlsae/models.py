@@ -1,10 +1,12 @@
 """Loading language models by name and reading their residual stream.
 
 `model` (params.yaml) is a short name from `REGISTRY`, a hub id (`org/name`), a local Hugging Face
-directory or a `.gguf` file. Every model is wrapped by transformer-lens 4's `TransformerBridge`, so
-the residual stream after block i is the hook `blocks.{i}.hook_resid_post`, in the model's own basis
-(no LayerNorm folding, no weight centring).
-"""
+directory or a `.gguf` file. The residual stream after block i is transformer-lens's hook
+`blocks.{i}.hook_resid_post`: the output of HF decoder layer i, in the model's own basis (no
+LayerNorm folding, no weight centring). Extraction reads it with plain forward hooks on the HF
+model; splicing goes through transformer-lens 4's `TransformerBridge`, built on first use around
+a twin of the HF model that shares its parameters (the bridge wraps a model's submodules in place
+and slows every forward, so the HF model itself is never handed to it)."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import os
 import shutil
 import warnings
 from dataclasses import dataclass, field
+from functools import cached_property
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 from typing import Callable, Iterator
@@ -79,13 +82,8 @@ class LoadedModel:
     """The `model` param as given."""
     revision: str
     """What exactly was loaded (hub commit, package version, file hash or seed)."""
-    bridge: nn.Module
-    """The transformer-lens `TransformerBridge` around the HF model."""
     hf_model: nn.Module
-    """The HF model, its submodules wrapped in place by the bridge."""
-    plain: nn.Module
-    """An unwrapped HF model of the same class sharing `hf_model`'s parameters (no copy): the
-    fast path for extraction, free of the bridge's per-module hook wrappers."""
+    """The plain HF model (never wrapped by the bridge)."""
     tokenizer: object
     n_layers: int
     d_model: int
@@ -109,13 +107,22 @@ class LoadedModel:
     def hook(self, block: int) -> str:
         return HOOK_NAME.format(i=block)
 
+    @cached_property
+    def bridge(self) -> nn.Module:
+        """The transformer-lens `TransformerBridge`, built on first use around a twin of
+        `hf_model` that shares its parameters (no weight is copied)."""
+        with _quiet():
+            bridge = _boot(f"{self.name}:{self.revision}", _twin(self.hf_model), self.tokenizer, self.device)
+            bridge.eval()
+        return bridge
+
     @torch.inference_mode()
     def residuals(self, ids: torch.Tensor) -> torch.Tensor:
         """Residual stream after every block: (batch, pos, n_layers, d_model), float32.
 
         Block i's output is `blocks.{i}.hook_resid_post`: the output of HF decoder layer i, read
-        with plain forward hooks on the unwrapped model (`plain`); the forward stops after the
-        last block, so neither the final norm nor the unembedding runs.
+        with plain forward hooks on `hf_model` (no bridge); the forward stops after the last
+        block, so neither the final norm nor the unembedding runs.
         """
         out: list[torch.Tensor | None] = [None] * self.n_layers
         last = self.n_layers - 1
@@ -128,10 +135,10 @@ class LoadedModel:
 
             return fn
 
-        handles = [layer.register_forward_hook(grab(i)) for i, layer in enumerate(_decoder_layers(self.plain))]
+        handles = [layer.register_forward_hook(grab(i)) for i, layer in enumerate(_decoder_layers(self.hf_model))]
         try:
             with contextlib.suppress(_StopForward):
-                self.plain.base_model(input_ids=ids.to(self.device), use_cache=False)
+                self.hf_model.base_model(input_ids=ids.to(self.device), use_cache=False)
         finally:
             for h in handles:
                 h.remove()
@@ -160,13 +167,9 @@ def _decoder_layers(model: nn.Module) -> nn.ModuleList:
     raise MlsaeError(f"model {type(model).__name__}: cannot find its {n} transformer blocks")
 
 
-def _unwrapped_twin(model: nn.Module) -> nn.Module:
-    """A second instance of `model`'s class whose parameters and buffers *are* `model`'s tensors.
-
-    Built before the bridge wraps `model`'s submodules in place, so it stays a plain HF model;
-    no weight is copied (the twin holds the very same Parameter objects, so it must be built
-    after `model` is on its device).
-    """
+def _twin(model: nn.Module) -> nn.Module:
+    """A second instance of `model`'s class whose parameters and buffers *are* `model`'s tensors
+    (the same Parameter objects: no copy, and in-place updates of either show in both)."""
     config = copy.deepcopy(model.config)
     with torch.device("meta"):
         twin = type(model)(config)
@@ -176,10 +179,7 @@ def _unwrapped_twin(model: nn.Module) -> nn.Module:
         if buf.is_meta:  # non-persistent buffers (e.g. rotary inv_freq) are not in state_dict
             owner, _, attr = name.rpartition(".")
             twin.get_submodule(owner).register_buffer(attr, buffers[name], persistent=False)
-    twin.eval().requires_grad_(False)
-    with contextlib.suppress(Exception):
-        twin.set_attn_implementation("sdpa")
-    return twin
+    return twin.eval()
 
 
 def known_models() -> str:
@@ -314,18 +314,13 @@ def load_model(name: str, device: str | torch.device = "cpu") -> LoadedModel:
         else:
             model, tok, revision = _load_hf(target, local=kind == "local")
         model.to(dev).eval().requires_grad_(False)
-        plain = _unwrapped_twin(model)
-        bridge = _boot(f"{name}:{revision}", model, tok, dev)
-        bridge.eval()
     cfg = model.config
     max_ctx = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", 0)
     return LoadedModel(
         name=name,
         revision=revision,
-        bridge=bridge,
         hf_model=model,
-        plain=plain,
-        tokenizer=bridge.tokenizer,
+        tokenizer=tok,
         n_layers=int(cfg.num_hidden_layers),
         d_model=int(cfg.hidden_size),
         max_context=int(max_ctx),

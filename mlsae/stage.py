@@ -29,8 +29,8 @@ def stage(name: str) -> Iterator[None]:
     except OSError as e:
         what = {errno.ENOSPC: "disk full", errno.EACCES: "permission denied", errno.EROFS: "read-only file system"}
         reason = what.get(e.errno or 0, e.strerror or type(e).__name__)
-        where = f" {e.filename}" if e.filename else ""
-        print(f"error: {name}: cannot write{where}: {reason}", file=sys.stderr)
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {name}: {where}{reason}", file=sys.stderr)
         raise SystemExit(1) from None
     except KeyboardInterrupt:
         print(f"error: {name}: interrupted (rerun to resume)", file=sys.stderr)

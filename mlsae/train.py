@@ -59,9 +59,13 @@ def init_distributed(device_spec: str) -> tuple[Dist, torch.device]:
 
 def sae_config(p: Params, reader: ActivationStore, model_name: str) -> SAEConfig:
     layers = p.select_layers(reader.n_layers)
+    n_latents = p.sae.expansion * reader.d_model
+    if p.sae.k > n_latents:
+        raise MlsaeError(f"sae.k: {p.sae.k} is more than n_latents = sae.expansion x d_model = "
+                         f"{p.sae.expansion} x {reader.d_model} = {n_latents}; lower sae.k or raise sae.expansion")
     cfg = SAEConfig(
         d_model=reader.d_model,
-        n_latents=p.sae.expansion * reader.d_model,
+        n_latents=n_latents,
         k=p.sae.k,
         layers=layers,
         auxk=p.sae.auxk,
@@ -76,8 +80,9 @@ def sae_config(p: Params, reader: ActivationStore, model_name: str) -> SAEConfig
 
 
 def identity_of(p: Params, reader: ActivationStore) -> dict:
-    """What a checkpoint must match to be resumed."""
-    return {"params": p.section_hash("sae", "train", "seed", "lens", "lens_fit", "lens_path"),
+    """What a checkpoint must match to be resumed (not where or how often it was saved)."""
+    train = {k: v for k, v in p.to_dict()["train"].items() if k not in ("device", "checkpoint_every")}
+    return {"params": p.section_hash("sae", "seed", "lens", "lens_fit", "lens_path"), "train": train,
             "store": {k: reader.attrs.get(k) for k in ("model", "revision", "corpus", "context",
                                                          "train_tokens", "seed", "dtype")}}
 
@@ -153,9 +158,10 @@ def train(p: Params, reader: ActivationStore, lens: Lens, out_dir: Path, checkpo
             with autocast:
                 stats = train_step(model, opt, x, p.train.grad_clip)
         except FloatingPointError as e:
+            # `step` steps are done: this is step `step + 1` in the history's 1-based numbering
+            kept = f"last good checkpoint kept at {ckpt_path}" if ckpt_path.is_file() else "no checkpoint yet"
             raise MlsaeError(
-                f"train: {e} at step {step}; last good checkpoint kept at {ckpt_path} "
-                f"(lower train.lr or set train.grad_clip)"
+                f"{e} at step {step + 1}; {kept} (lower train.lr or set train.grad_clip)"
             ) from None
         step += 1
         vectors += x.shape[0] * x.shape[1] * ctx.world

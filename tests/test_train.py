@@ -302,7 +302,7 @@ def test_resume_after_interruption_equals_uninterrupted_run(
 
 def test_kill_9_mid_run_then_rerun_resumes(store: tuple[Path, dict], reader: ActivationStore, tmp_path: Path,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    raw = raw_params(store, train={"epochs": 8, "checkpoint_every": 1})
+    raw = raw_params(store, train={"epochs": 5, "checkpoint_every": 1})
     p = parse_params(raw)
     n = plan_of(p, reader).n_batches
     work = stage_dir(tmp_path / "work", store, raw)
@@ -458,7 +458,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(
     with pytest.raises(MlsaeError) as e:
         train(p, reader, identity(reader), out, ckpt, progress=False)
     msg = str(e.value)
-    assert "\n" not in msg and "nan" in msg.lower() and "step 6" in msg and str(ckpt / C.CHECKPOINT) in msg
+    assert "\n" not in msg and "nan" in msg.lower() and "step 7" in msg and str(ckpt / C.CHECKPOINT) in msg
     assert not out.exists()
     saved = torch.load(ckpt / C.CHECKPOINT, weights_only=False)
     assert saved["step"] == 6  # the last checkpoint (every 2 steps) before the bad step
@@ -471,12 +471,23 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(
     assert_same_weights(MLSAE.load(out), reference["sae"])
 
 
+def test_nan_loss_before_any_checkpoint_says_so(reference: dict, reader: ActivationStore, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlsae.train as train_mod
+
+    real_step = train_mod.train_step
+    monkeypatch.setattr(train_mod, "train_step", lambda m, o, x, c=0.0: real_step(m, o, x * float("nan"), c))
+    with pytest.raises(MlsaeError, match=r"at step 1; no checkpoint yet"):
+        train(reference["p"], reader, identity(reader), tmp_path / "sae", tmp_path / "ckpt", progress=False)
+    assert not (tmp_path / "ckpt" / C.CHECKPOINT).exists() and not (tmp_path / "sae").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # bad inputs
 
 
 BAD_INPUTS = {
-    "k_above_n_latents": ({"sae": {"k": 10_000}}, "sae.k"),
+    "k_above_n_latents": ({"sae": {"k": 10_000}}, "sae.k: 10000 is more than n_latents = sae.expansion x d_model = 4 x 64 = 256"),
     "k_zero": ({"sae": {"k": 0}}, "sae.k"),
     "k_negative": ({"sae": {"k": -4}}, "sae.k"),
     "layer_out_of_range": ({"sae": {"layers": [1, 4]}}, "sae.layers"),
@@ -538,7 +549,8 @@ def test_bad_input_fails_with_one_clear_line(
     work = bad_input_dir(case, tmp_path, store, reader)
     capsys.readouterr()
     rc = run_stage_in_process(work, monkeypatch)
-    assert_failed_cleanly(case, work, rc, capsys.readouterr().err)
+    err = capsys.readouterr().err
+    assert_failed_cleanly(case, work, rc, err)
 
 
 @pytest.mark.parametrize("case", ["k_above_n_latents", "checkpoint_truncated"])

@@ -1,0 +1,426 @@
+"""The extract stage: stored residuals against independent HF forwards, token metadata, the
+seeded split, resuming, store layout, metrics, storage dtypes and one-line failures."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from conftest import ROOT, ascii_docs
+from mlsae import constants as C
+from mlsae import extract as extract_mod
+from mlsae import store
+from mlsae.errors import MlsaeError
+from mlsae.extract import extract
+from mlsae.params import parse_params
+from mlsae.tiny import EOS, build_tiny, tiny_tokenizer
+
+ARRAYS = (C.RESID, C.TOKENS, C.CONTEXT, C.POSITION, C.SPECIAL)
+SHRINK_SHARDS = "import mlsae.store as s; s.SHARD_TARGET_BYTES = 1"  # 8 contexts per shard
+
+
+def run_extract(raw: dict, out: Path, **kwargs: Any) -> dict:
+    return extract(parse_params(raw), str(out), progress=False, **kwargs)
+
+
+def arrays(path: Path) -> dict[tuple[str, str], np.ndarray]:
+    root = store.open_root(str(path))
+    return {(s, k): root[s][k][:] for s in C.SPLITS for k in ARRAYS}
+
+
+def assert_same_arrays(a: Path, b: Path) -> None:
+    x, y = arrays(a), arrays(b)
+    assert x.keys() == y.keys()
+    for key in x:
+        assert x[key].dtype == y[key].dtype and np.array_equal(x[key], y[key]), key
+
+
+def attrs(path: Path) -> dict:
+    return dict(store.open_root(str(path)).attrs)
+
+
+def tree_digest(path: Path) -> dict[str, str]:
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def hf_blocks(name: str, ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], torch.nn.Module]:
+    """From an independent, unwrapped HF copy: (hidden_states as (B, T, L+1, d), the last
+    block's raw output via a forward hook on it, the copy's final norm)."""
+    hf = build_tiny(name)[0].eval()
+    grabbed: list[torch.Tensor] = []
+    last = hf.base_model.layers[-1]
+    handle = last.register_forward_hook(lambda m, a, out: grabbed.append(out[0] if isinstance(out, tuple) else out))
+    try:
+        with torch.no_grad():
+            hs = hf(ids, output_hidden_states=True).hidden_states
+    finally:
+        handle.remove()
+    base = hf.base_model
+    norm = base.norm if hasattr(base, "norm") else base.final_layer_norm
+    return torch.stack(hs, dim=2), grabbed, norm
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+# --- a reference store, written by the stage entry point ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory, text_corpus: Path) -> dict:
+    """tiny-neox, ~20k tokens (context 64, 16384 train + 4096 eval), default shard sizes, run
+    through `stages/extract.py`'s main in-process; the resume tests compare against it."""
+    import runpy
+
+    work = tmp_path_factory.mktemp("reference")
+    raw = {"model": "tiny-neox", "seed": 0,
+           "data": {"source": str(text_corpus), "context": 64, "train_tokens": 16384, "eval_tokens": 4096},
+           "extract": {"dtype": "float16", "batch_size": 16, "device": "cpu"}}
+    (work / "params.yaml").write_text(yaml.safe_dump(raw))
+    main = runpy.run_path(str(ROOT / "stages" / "extract.py"))["main"]
+    cwd = os.getcwd()
+    os.chdir(work)
+    try:
+        main("params.yaml")
+    finally:
+        os.chdir(cwd)
+    return {"raw": raw, "work": work, "store": work / C.ACTIVATIONS,
+            "metrics": json.loads((work / C.EXTRACT_METRICS).read_text())}
+
+
+def test_reference_store_layout_and_attrs(reference: dict) -> None:
+    path, m = reference["store"], reference["metrics"]
+    a = attrs(path)
+    assert a["complete"] is True and a["model"] == "tiny-neox" and a["hook"] == C.HOOK_NAME
+    assert (a["n_layers"], a["d_model"], a["context"], a["dtype"]) == (4, 64, 64, "float16")
+    assert a["done"] == {"train": 1, "eval": 1}  # ~20k tokens of a tiny model: one shard each
+    root = store.open_root(str(path))
+    assert root["train"][C.RESID].shape == (16384, 4, 64) and root["eval"][C.RESID].shape == (4096, 4, 64)
+    assert root["train"][C.RESID].dtype == np.float16
+    assert root["train"][C.TOKENS].dtype == np.int32 and root["train"][C.CONTEXT].dtype == np.int32
+    assert root["train"][C.POSITION].dtype == np.int16 and root["train"][C.SPECIAL].dtype == bool
+    assert (m["tokens"], m["train_tokens"], m["eval_tokens"]) == (20480, 16384, 4096)
+    assert m["resumed"] is False and m["tokens_per_s"] > 0
+    # no residual left at the fill value: every token was written
+    assert np.all(np.abs(root["eval"][C.RESID][:].astype(np.float32)).sum(axis=(1, 2)) > 0)
+
+
+def test_store_has_few_files(reference: dict) -> None:
+    files = [p for p in reference["store"].rglob("*") if p.is_file()]
+    assert 5 <= len(files) <= 40, [str(f) for f in files]
+
+
+def test_tokens_decode_back_to_the_corpus(reference: dict) -> None:
+    root = store.open_root(str(reference["store"]))
+    n_ctx = (16384 + 4096) // 64
+    stream = np.full((n_ctx, 64), -1, dtype=np.int64)
+    for split in C.SPLITS:
+        tokens = root[split][C.TOKENS][:].reshape(-1, 64)
+        stream[root[split][C.CONTEXT][:].reshape(-1, 64)[:, 0]] = tokens
+    assert (stream >= 0).all()  # the two splits together are every context of the stream
+    tok = tiny_tokenizer()
+    text = tok.decode(stream.reshape(-1).tolist(), skip_special_tokens=False)
+    expected = "".join(EOS + doc for doc in ascii_docs())
+    assert len(text) > 40_000 and text == expected[: len(text)]
+
+
+def test_context_position_and_special(reference: dict) -> None:
+    root = store.open_root(str(reference["store"]))
+    eos = tiny_tokenizer().convert_tokens_to_ids(EOS)
+    seen = []
+    for split in C.SPLITS:
+        g = root[split]
+        tokens, context, position, special = (g[k][:] for k in (C.TOKENS, C.CONTEXT, C.POSITION, C.SPECIAL))
+        n = tokens.shape[0] // 64
+        ctx = context.reshape(n, 64)
+        assert (ctx == ctx[:, :1]).all() and (np.diff(ctx[:, 0]) > 0).all()
+        assert np.array_equal(position, np.tile(np.arange(64, dtype=np.int16), n))
+        assert np.array_equal(special, tokens == eos) and special.any()
+        seen.append(ctx[:, 0])
+    train, ev = seen
+    assert len(ev) == 64 and not set(train) & set(ev)
+    assert sorted([*train, *ev]) == list(range(320))
+    # the stream starts with a separator, and one precedes every document
+    first_split = "train" if 0 in train else "eval"
+    assert root[first_split][C.SPECIAL][0] and root[first_split][C.POSITION][0] == 0
+
+
+def test_adjacent_cos_metric_matches_numpy(reference: dict) -> None:
+    root = store.open_root(str(reference["store"]))
+    x = root["eval"][C.RESID][:].astype(np.float64)
+    keep = ~root["eval"][C.SPECIAL][:]
+    x = x[keep] - x[keep].mean(axis=0)
+    cos = [np.mean(np.sum(x[:, i] * x[:, i + 1], -1)
+                   / (np.linalg.norm(x[:, i], axis=-1) * np.linalg.norm(x[:, i + 1], axis=-1)))
+           for i in range(x.shape[1] - 1)]
+    m = reference["metrics"]
+    np.testing.assert_allclose(m["adjacent_cos_by_layer"], cos, rtol=1e-6)
+    assert m["adjacent_cos"] == pytest.approx(np.mean(cos), rel=1e-6)
+    assert all(0.2 < c < 1 for c in cos)  # adjacent blocks are similar, not identical
+
+
+# --- residuals against HF -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["tiny-neox", "tiny-llama"])
+def test_stored_residuals_are_hf_hidden_states(name: str, tiny_params: Callable, tmp_path: Path) -> None:
+    out = tmp_path / "a.zarr"
+    run_extract(tiny_params(model=name, data__train_tokens=512, data__eval_tokens=256), out)
+    reader = store.ActivationStore(str(out))
+    for split in C.SPLITS:
+        n = reader.n_tokens(split)
+        ids = torch.from_numpy(reader.meta(split, C.TOKENS)).long().reshape(-1, 64)
+        resid = reader.resid(split, 0, n).reshape(ids.shape[0], 64, 4, 64)
+        hs, grabbed, norm = hf_blocks(name, ids)
+        for i in range(3):
+            assert rel(resid[:, :, i], hs[:, :, i + 1]) < 1e-3, (split, i)
+        last = resid[:, :, 3]
+        assert rel(last, grabbed[0]) < 1e-3  # the last block's own output, before the final norm
+        assert rel(last, hs[:, :, 4]) > 0.1  # which is not HF's last hidden state ...
+        with torch.no_grad():
+            assert rel(norm(last), hs[:, :, 4]) < 2e-3  # ... but the final norm of it is
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_storage_dtypes_round_trip(dtype: str, tiny_params: Callable, tmp_path: Path) -> None:
+    out = tmp_path / "a.zarr"
+    run_extract(tiny_params(model="tiny-llama", data__train_tokens=256, data__eval_tokens=128, extract__dtype=dtype), out)
+    reader = store.ActivationStore(str(out))
+    assert reader.dtype == dtype
+    ids = torch.from_numpy(reader.meta("eval", C.TOKENS)).long().reshape(-1, 64)
+    hs, grabbed, _ = hf_blocks("tiny-llama", ids)
+    expected = torch.cat([hs[:, :, 1:4], grabbed[0][:, :, None]], dim=2).reshape(-1, 4, 64)
+    raw = reader.resid("eval", 0, reader.n_tokens("eval"), raw=True)
+    full = reader.resid("eval", 0, reader.n_tokens("eval"))
+    assert raw.dtype == store.TORCH_DTYPES[dtype] and full.dtype == torch.float32
+    if dtype == "float32":
+        assert store.open_root(str(out))["eval"][C.RESID].dtype == np.float32
+        assert rel(full, expected) < 1e-5
+    else:
+        assert store.open_root(str(out))["eval"][C.RESID].dtype == np.uint16
+        assert rel(full, expected) < 8e-3  # bfloat16 keeps 8 significant bits
+        # the stored bits are bfloat16's, not float16's: they round-trip to the nearest bfloat16
+        same = (raw.view(torch.int16) == expected.to(torch.bfloat16).view(torch.int16)).float().mean()
+        assert same > 0.9
+    # layer selection reads the same values
+    assert torch.equal(reader.resid("eval", 3, 9, layers=[1, 3]), full[3:9][:, [1, 3]])
+
+
+# --- split ----------------------------------------------------------------------------------
+
+
+def test_split_is_seeded_deterministic_and_disjoint(tiny_params: Callable, tmp_path: Path) -> None:
+    sizes = dict(data__context=32, data__train_tokens=1024, data__eval_tokens=256)
+    run_extract(tiny_params(**sizes), tmp_path / "a.zarr")
+    run_extract(tiny_params(**sizes), tmp_path / "b.zarr")
+    run_extract(tiny_params(seed=1, **sizes), tmp_path / "c.zarr")
+    assert_same_arrays(tmp_path / "a.zarr", tmp_path / "b.zarr")
+    a, c = arrays(tmp_path / "a.zarr"), arrays(tmp_path / "c.zarr")
+    eval_a, eval_c = set(a["eval", C.CONTEXT]), set(c["eval", C.CONTEXT])
+    assert len(eval_a) == len(eval_c) == 8 and eval_a != eval_c
+    for x in (a, c):
+        train, ev = set(x["train", C.CONTEXT]), set(x["eval", C.CONTEXT])
+        assert not train & ev and train | ev == set(range(40))
+    # the same contexts hold the same tokens and residuals whatever the split
+    both = sorted(eval_a & set(c["train", C.CONTEXT]))[0]
+    ra = a["eval", C.RESID][a["eval", C.CONTEXT] == both]
+    rc = c["train", C.RESID][c["train", C.CONTEXT] == both]
+    assert np.array_equal(a["eval", C.TOKENS][a["eval", C.CONTEXT] == both], c["train", C.TOKENS][c["train", C.CONTEXT] == both])
+    np.testing.assert_allclose(ra.astype(np.float32), rc.astype(np.float32), rtol=0, atol=2e-3)
+
+
+# --- resume ---------------------------------------------------------------------------------
+
+
+def test_interrupted_extract_resumes_to_the_same_store(reference: dict, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store, "SHARD_TARGET_BYTES", 1)  # 8 contexts (512 tokens) per shard
+    out = tmp_path / "a.zarr"
+    assert run_extract(reference["raw"], out, stop_after_shards=1) == {}
+    a = attrs(out)
+    assert a["complete"] is False and a["done"] == {"train": 1, "eval": 0} and a["shard_tokens"] == 512
+    with pytest.raises(MlsaeError, match="incomplete"):
+        store.ActivationStore(str(out))
+    ref = store.open_root(str(reference["store"]))
+    part = store.open_root(str(out))["train"][C.RESID]
+    assert np.array_equal(part[:512], ref["train"][C.RESID][:512])
+    assert not part[512:1024].any()  # nothing beyond the finished shard
+
+    run_extract(reference["raw"], out, stop_after_shards=32)  # the 31 other train shards, one eval shard
+    a = attrs(out)
+    assert a["complete"] is False and a["done"] == {"train": 32, "eval": 1}
+
+    metrics = run_extract(reference["raw"], out)
+    assert metrics["resumed"] is True and attrs(out)["complete"] is True
+    assert_same_arrays(out, reference["store"])
+    np.testing.assert_allclose(metrics["adjacent_cos_by_layer"], reference["metrics"]["adjacent_cos_by_layer"], rtol=1e-9)
+
+
+def test_store_of_another_configuration_is_rebuilt_when_complete(tiny_params: Callable, tmp_path: Path) -> None:
+    out = tmp_path / "a.zarr"
+    run_extract(tiny_params(data__context=32, data__train_tokens=256, data__eval_tokens=64), out)
+    metrics = run_extract(tiny_params(model="tiny-llama", data__context=32, data__train_tokens=256, data__eval_tokens=64), out)
+    assert metrics["resumed"] is False and attrs(out)["model"] == "tiny-llama" and attrs(out)["complete"]
+
+
+def test_kill_9_then_rerun_resumes(reference: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real `kill -9` of the stage mid-run; another model's params are refused without
+    touching the store; the same params resume it to the uninterrupted result."""
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(reference["raw"]))
+    script = str(ROOT / "stages" / "extract.py")
+    code = f"{SHRINK_SHARDS}\nimport runpy, sys\nsys.argv = [{script!r}]\nrunpy.run_path({script!r}, run_name='__main__')"
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    meta = tmp_path / C.ACTIVATIONS / "zarr.json"
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                done = json.loads(meta.read_text())["attributes"]["done"]
+            except (OSError, ValueError, KeyError):
+                done = {"train": 0}
+            if done["train"] >= 2:
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, "the extract finished (or failed) before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    out = tmp_path / C.ACTIVATIONS
+    a = attrs(out)
+    assert a["complete"] is False and 2 <= a["done"]["train"] < 32
+
+    # another model: refused in one line naming the store, which is left exactly as it was
+    before = tree_digest(out)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({**reference["raw"], "model": "tiny-llama"}))
+    result = subprocess.run([sys.executable, script], cwd=tmp_path, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert result.returncode == 1
+    line = result.stderr.strip()
+    assert "\n" not in line and line.startswith("error: extract: ")
+    assert str(C.ACTIVATIONS) in line and "incomplete" in line and "tiny-neox" in line
+    assert tree_digest(out) == before
+    assert not (tmp_path / C.EXTRACT_METRICS).exists()
+
+    monkeypatch.setattr(store, "SHARD_TARGET_BYTES", 1)
+    metrics = run_extract(reference["raw"], out)
+    assert metrics["resumed"] is True and attrs(out)["complete"] is True
+    assert_same_arrays(out, reference["store"])
+
+
+# --- bad inputs: one line, exit 1, nothing written -------------------------------------------
+
+
+def _bad_cases(root: Path) -> dict[str, tuple[dict, dict, list[str]]]:
+    """case -> (params overrides, extra env, substrings the error line must contain)."""
+    empty = root / "empty"
+    empty.mkdir()
+    (empty / "blank.txt").write_text("  \n\n")
+    missing = root / "missing.txt"
+    return {
+        "unknown model": ({"model": "pythia-7000"}, {}, ["model:", "'pythia-7000'", "known models", "tiny-neox", "smollm2-135m"]),
+        "empty corpus": ({"data": {"source": str(empty)}}, {}, ["data.source", str(empty), "empty"]),
+        "missing corpus": ({"data": {"source": str(missing)}}, {}, ["data.source", str(missing), "no such file"]),
+        "context too long": ({"data": {"context": 512}}, {}, ["data.context", "512", "256"]),
+        "unknown dtype": ({"extract": {"dtype": "float8"}}, {}, ["extract.dtype", "float8", "float16"]),
+        "hub offline": ({"model": "EleutherAI/pythia-70m"},
+                        {"HF_HUB_OFFLINE": "1", "HF_HOME": str(root / "hf-home")},
+                        ["model:", "EleutherAI/pythia-70m", "offline", "smollm2-135m"]),
+    }
+
+
+@pytest.fixture(scope="module")
+def bad_runs(tmp_path_factory: pytest.TempPathFactory, text_corpus: Path) -> dict:
+    """Every bad-input case run as its own `stages/extract.py` process, all at once."""
+    root = tmp_path_factory.mktemp("bad")
+    base = {"model": "tiny-neox", "data": {"source": str(text_corpus), "context": 64, "train_tokens": 1024,
+                                           "eval_tokens": 256}, "extract": {"device": "cpu"}}
+    procs = {}
+    for i, (case, (change, env, expected)) in enumerate(_bad_cases(root).items()):
+        work = root / f"case{i}"
+        work.mkdir()
+        raw = {**base, **{k: v for k, v in change.items() if k not in ("data", "extract")},
+               "data": {**base["data"], **change.get("data", {})},
+               "extract": {**base["extract"], **change.get("extract", {})}}
+        (work / "params.yaml").write_text(yaml.safe_dump(raw))
+        procs[case] = (work, expected, subprocess.Popen(
+            [sys.executable, str(ROOT / "stages" / "extract.py")], cwd=work, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT), **env}))
+    results = {}
+    for case, (work, expected, proc) in procs.items():
+        out, err = proc.communicate(timeout=180)
+        results[case] = (work, expected, proc.returncode, err)
+    return results
+
+
+BAD_CASES = ["unknown model", "empty corpus", "missing corpus", "context too long", "unknown dtype", "hub offline"]
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_bad_input_fails_in_one_line_and_writes_nothing(case: str, bad_runs: dict) -> None:
+    work, expected, rc, err = bad_runs[case]
+    assert rc == 1, err
+    line = err.strip()
+    assert "\n" not in line and line.startswith("error: extract: "), err
+    for part in expected:
+        assert part in line, (part, line)
+    assert not (work / C.ACTIVATIONS).exists() and not (work / C.REPORTS).exists()
+    assert os.listdir(work) == ["params.yaml"]
+
+
+# --- the embedded 30-layer model ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> Any:
+    from mlsae.models import load_model
+
+    return load_model("smollm2-135m", "cpu")
+
+
+def test_embedded_model_extract(smollm2: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers import LlamaForCausalLM
+
+    assert (smollm2.n_layers, smollm2.d_model, smollm2.max_context) == (30, 576, 8192)
+    monkeypatch.setattr(extract_mod, "load_model", lambda name, device: smollm2)  # loaded once
+    raw = {"model": "smollm2-135m", "seed": 0,
+           "data": {"source": "embedded:python-docs", "context": 64, "train_tokens": 256, "eval_tokens": 64},
+           "extract": {"dtype": "float16", "batch_size": 5, "device": "cpu"}}
+    out = tmp_path / "a.zarr"
+    metrics = run_extract(raw, out)
+    assert metrics["tokens"] == 320 and metrics["n_layers"] == 30 and len(metrics["adjacent_cos_by_layer"]) == 29
+    reader = store.ActivationStore(str(out))
+    arr = reader.split("train")[C.RESID]
+    assert arr.shape == (256, 30, 576) and arr.dtype == np.float16 and reader.attrs["dtype"] == "float16"
+    eos = smollm2.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    tokens = np.concatenate([reader.meta(s, C.TOKENS) for s in C.SPLITS])
+    special = np.concatenate([reader.meta(s, C.SPECIAL) for s in C.SPLITS])
+    assert special[tokens == eos].all() and special.any()
+
+    # block 0 against HF hidden_states[1] of an independent 2-layer Llama with the same weights
+    config = smollm2.plain.config.__class__.from_dict({**smollm2.plain.config.to_dict(), "num_hidden_layers": 2})
+    two = LlamaForCausalLM(config).eval()
+    state = {k: v for k, v in smollm2.plain.state_dict().items()
+             if not k.startswith("model.layers.") or k.split(".")[2] in ("0", "1")}
+    two.load_state_dict(state, strict=False)
+    ids = torch.from_numpy(reader.meta("eval", C.TOKENS)).long()[None]
+    with torch.no_grad():
+        hs1 = two(ids, output_hidden_states=True).hidden_states[1][0]
+    stored = reader.resid("eval", 0, 64)[:, 0]
+    assert rel(stored, hs1) < 1e-3
