@@ -469,8 +469,14 @@ def train_step(
     out = sae(x, auxk=True)
     losses = core.loss(out)
     loss = float(losses.loss.detach())
-    if not math.isfinite(loss):
-        raise FloatingPointError(f"sae training loss is {loss}; step skipped, weights unchanged")
+    finite = math.isfinite(loss)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # every rank must agree to stop, or the others would wait forever in the all-reduce
+        flag = torch.tensor(float(finite), device=losses.loss.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        finite = bool(flag.item())
+    if not finite:
+        raise FloatingPointError(f"sae training loss is {loss} (on this or another rank); step skipped, weights unchanged")
     opt.zero_grad(set_to_none=True)
     losses.loss.backward()
     core.remove_parallel_grads()
