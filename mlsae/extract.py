@@ -8,7 +8,9 @@ attrs make an interrupted run resume from the last finished shard.
 
 from __future__ import annotations
 
+import itertools
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
@@ -39,14 +41,26 @@ def fingerprint_attrs(p: Params, model: LoadedModel) -> dict:
     }
 
 
-def prepare_splits(p: Params, model: LoadedModel) -> dict[str, store.SplitData]:
-    """Tokenise the corpus into contexts and make the seeded train/eval split."""
+def open_corpus(source: str) -> Iterator[str]:
+    """The documents of `data.source`, checked now: a missing or empty corpus fails here,
+    before a model is loaded (which can take minutes), not after."""
+    docs = corpus.iter_documents(source)
+    first = next(docs, None)  # an empty corpus raises MlsaeError from inside the generator
+    if first is None:
+        raise MlsaeError(f"data.source {source!r}: corpus is empty (no non-empty document)")
+    return itertools.chain([first], docs)
+
+
+def prepare_splits(p: Params, model: LoadedModel, docs: Iterator[str] | None = None) -> dict[str, store.SplitData]:
+    """Tokenise the corpus (`docs`, default: opened from `data.source`) into contexts and make
+    the seeded train/eval split."""
     if p.data.context > model.max_context:
         raise MlsaeError(
             f"data.context: {p.data.context} exceeds the maximum context of model {p.model} ({model.max_context})"
         )
     n_train, n_eval = corpus.plan(p.data.train_tokens, p.data.eval_tokens, p.data.context)
-    docs = corpus.iter_documents(p.data.source)
+    if docs is None:
+        docs = corpus.iter_documents(p.data.source)
     ctx = corpus.build_contexts(docs, model.tokenizer, p.data.context, n_train + n_eval)
     train_idx, eval_idx = corpus.split_contexts(n_train + n_eval, n_eval, p.seed)
     return {
@@ -57,9 +71,13 @@ def prepare_splits(p: Params, model: LoadedModel) -> dict[str, store.SplitData]:
 
 def open_for_writing(path: str, attrs: dict, splits: dict[str, store.SplitData]) -> tuple[object, bool]:
     """(root group, resumed). An incomplete store of the same configuration is resumed; an
-    incomplete one of another configuration is refused; a complete one is rebuilt."""
+    incomplete one of another configuration is refused; a complete one is rebuilt, and so is
+    one without a schema (`store.create` was interrupted before it wrote the attrs)."""
     if store.exists(path):
         old = dict(store.open_root(path).attrs)
+        if "schema" not in old:
+            remove(path)
+            return store.create(path, attrs, splits), False
         same = all(old.get(k) == v for k, v in attrs.items()) and old.get("schema") == store.STORE_SCHEMA
         if not old.get("complete"):
             if same:
@@ -77,8 +95,9 @@ def extract(p: Params, out: str, progress: bool = True, stop_after_shards: int |
 
     `stop_after_shards` simulates an interruption (tests): return after writing that many shards.
     """
+    docs = open_corpus(p.data.source)
     model = load_model(p.model, p.extract.device)
-    splits = prepare_splits(p, model)
+    splits = prepare_splits(p, model, docs)
     attrs = fingerprint_attrs(p, model)
     root, resumed = open_for_writing(out, attrs, splits)
     shard_tokens = int(root.attrs["shard_tokens"])

@@ -87,8 +87,6 @@ def create(path: str, attrs: dict[str, Any], splits: dict[str, SplitData]) -> za
     shard_tokens = per_shard * context
     chunk_tokens = shard_tokens // CHUNKS_PER_SHARD
     root = zarr.open_group(str(path), mode="w")
-    root.attrs.update({**attrs, "schema": STORE_SCHEMA, "hook": HOOK_NAME, "shard_tokens": shard_tokens,
-                       "done": {s: 0 for s in splits}, "complete": False})
     for name, data in splits.items():
         n = data.n_tokens
         g = root.create_group(name)
@@ -104,6 +102,10 @@ def create(path: str, attrs: dict[str, Any], splits: dict[str, SplitData]) -> za
         }
         for key, values in meta.items():
             g.create_array(key, data=values, chunks=(max(1, min(len(values), 1 << 22)),))
+    # The identifying attrs go last: a store interrupted while being created has none, so it is
+    # never taken for a resumable one.
+    root.attrs.update({**attrs, "schema": STORE_SCHEMA, "hook": HOOK_NAME, "shard_tokens": shard_tokens,
+                       "done": {s: 0 for s in splits}, "complete": False})
     return root
 
 

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import copy
+import functools
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -45,37 +44,39 @@ def text_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.fixture()
-def tiny_params(text_corpus: Path) -> Callable[..., dict[str, Any]]:
-    """`make(**overrides)`: a raw params dict for a fast tiny-model run; overrides use
-    dotted keys with `__` for the dot, e.g. `make(data__context=32, model="tiny-llama")`."""
-    base: dict[str, Any] = {
+def tiny_raw(corpus: Path, **overrides: Any) -> dict[str, Any]:
+    """A raw params dict for a fast tiny-model run on `corpus`; overrides are dotted keys with
+    `__` for the dot, e.g. `tiny_raw(corpus, data__context=32, model="tiny-llama")`."""
+    raw: dict[str, Any] = {
         "model": "tiny-neox",
         "seed": 0,
-        "data": {"source": str(text_corpus), "context": 64, "train_tokens": 2048, "eval_tokens": 512},
+        "data": {"source": str(corpus), "context": 64, "train_tokens": 2048, "eval_tokens": 512},
         "extract": {"dtype": "float16", "batch_size": 8, "device": "cpu"},
     }
-
-    def make(**overrides: Any) -> dict[str, Any]:
-        raw = copy.deepcopy(base)
-        for key, value in overrides.items():
-            *parents, leaf = key.split("__")
-            node = raw
-            for part in parents:
-                node = node.setdefault(part, {})
-            node[leaf] = value
-        return raw
-
-    return make
+    for key, value in overrides.items():
+        *parents, leaf = key.split("__")
+        node = raw
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return raw
 
 
-def run_stage(stage: str, cwd: Path, env: dict[str, str] | None = None, prelude: str = "",
-              timeout: float = 120) -> subprocess.CompletedProcess:
-    """Run `stages/<stage>.py` in `cwd` as a fresh Python process (reading ./params.yaml).
+@pytest.fixture()
+def tiny_params(text_corpus: Path) -> Callable[..., dict[str, Any]]:
+    """`make(**overrides)`: `tiny_raw` on the session's text corpus."""
+    return functools.partial(tiny_raw, text_corpus)
 
-    `prelude` is Python run first in the same process (e.g. to shrink shard sizes)."""
+
+def stage_command(stage: str, prelude: str = "") -> list[str]:
+    """argv running `stages/<stage>.py` (it reads ./params.yaml) in a fresh interpreter; a
+    `prelude` (Python, e.g. shrinking shard sizes) runs first in the same process."""
     script = str(ROOT / "stages" / f"{stage}.py")
-    code = (f"{prelude}\nimport runpy, sys\nsys.argv = [{script!r}]\n"
-            f"runpy.run_path({script!r}, run_name='__main__')")
-    return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+    if not prelude:
+        return [sys.executable, script]
+    return [sys.executable, "-c", f"{prelude}\nimport runpy, sys\nsys.argv = [{script!r}]\n"
+                                  f"runpy.run_path({script!r}, run_name='__main__')"]
+
+
+def stage_env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT), **extra}

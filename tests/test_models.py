@@ -117,12 +117,20 @@ def test_residuals_do_not_depend_on_the_batch(tiny: tuple) -> None:
     assert rel(together, alone) < 1e-5
 
 
-def test_plain_path_shares_weights_with_the_bridge(tiny: tuple) -> None:
-    loaded, _ = tiny
-    bridged = {p.data_ptr() for p in loaded.hf_model.parameters()}
-    plain = list(loaded.plain.parameters())
-    assert plain and all(p.data_ptr() in bridged for p in plain)
-    assert not any(b.is_meta for b in loaded.plain.buffers())
+def test_bridge_is_lazy_and_never_wraps_the_hf_model(tiny: tuple) -> None:
+    """Extraction needs no bridge; the bridge, once built, shares the HF model's weights (no
+    copy) and leaves the HF model's own modules unwrapped."""
+    loaded, fresh = tiny
+    layer_type = type(fresh.base_model.layers[0])
+    again = load_model(loaded.name, "cpu")
+    again.residuals(token_ids(loaded.vocab_size, batch=1, length=8))
+    assert "bridge" not in vars(again)  # not built
+    bridged = {p.data_ptr() for p in loaded.bridge.parameters()}
+    own = {p.data_ptr() for p in loaded.hf_model.parameters()}
+    assert own and own <= bridged
+    assert all(type(m).__module__.startswith("transformers.") or type(m).__module__.startswith("torch.")
+               for m in loaded.hf_model.modules())
+    assert type(loaded.hf_model.base_model.layers[0]) is layer_type
 
 
 def test_logits_and_splice_match_hf(tiny: tuple) -> None:
