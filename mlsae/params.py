@@ -95,7 +95,7 @@ class TrainParams:
 
 @dataclass
 class EvaluateParams:
-    tokens: int = 2048
+    tokens: int = 1024
     """Eval tokens used for the spliced delta CE and KL."""
     batch_size: int = 8
     """Contexts per spliced forward pass."""
