@@ -77,8 +77,9 @@ class SAEParams:
 class TrainParams:
     batch_tokens: int = 512
     """Tokens per optimiser step; each contributes all selected layers."""
-    lr: float = 1e-4
-    """Adam learning rate."""
+    lr: float = 3e-3
+    """Adam learning rate. 3e-3 suits the short CPU default (measured on SmolLM2-135M, 126 steps:
+    train FVU 0.75 at 1e-4, 0.44 at 4e-4, 0.32 at 1e-3, 0.25 at 3e-3); long runs want 1e-4 to 3e-4."""
     epochs: int = 1
     """Passes over the train split."""
     shuffle_buffer_tokens: int = 16384
