@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from mlsae import corpus, store
 from mlsae.constants import RESID, SPECIAL
 from mlsae.errors import MlsaeError
-from mlsae.io import remove, write_json
+from mlsae.io import remove
 from mlsae.models import LoadedModel, load_model
 from mlsae.params import Params
 

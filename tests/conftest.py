@@ -1,14 +1,22 @@
-"""Shared fixtures: a tmp working directory, a small local text corpus and a tiny params factory."""
+"""Shared fixtures: a tmp working directory, a small local text corpus, a tiny params factory, and
+one tiny-llama activation store shared by the train, evaluate and dump tests."""
 
 from __future__ import annotations
 
 import functools
+import json
 import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+import torch
+
+from mlsae.errors import MlsaeError
+from mlsae.extract import extract
+from mlsae.params import parse_params
+from mlsae.store import ActivationStore
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,3 +88,48 @@ def stage_command(stage: str, prelude: str = "") -> list[str]:
 
 def stage_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT), **extra}
+
+
+# ---------------------------------------------------------------------------------------------
+# the activation store shared by test_train.py, test_evaluate.py and test_dump.py
+
+
+def store_raw(root: Path) -> dict:
+    return {"model": "tiny-llama", "seed": 0,
+            "data": {"source": str(root / "corpus.jsonl"), "context": 32, "train_tokens": 2048, "eval_tokens": 512},
+            "extract": {"dtype": "float32", "batch_size": 16, "device": "cpu"}}
+
+
+def shared_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """(store path, its params) under the session's base temp dir: built by the first module that asks."""
+    root = tmp_path_factory.getbasetemp() / "mlsae-shared-store"
+    path = root / "activations.zarr"
+    try:
+        ActivationStore(str(path))
+    except MlsaeError:
+        from pydoc_data.topics import topics
+
+        root.mkdir(exist_ok=True)
+        paras = [p.strip() for key in sorted(topics) for p in topics[key].split("\n\n") if 40 < len(p.strip()) < 400]
+        (root / "corpus.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in paras[:400]))
+        extract(parse_params(store_raw(root)), str(path), progress=False)
+    return path, store_raw(root)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors on a shared 2-core machine: extra threads only spin."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    return shared_store(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def reader(store: tuple[Path, dict]) -> ActivationStore:
+    return ActivationStore(str(store[0]))

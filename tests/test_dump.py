@@ -3,7 +3,6 @@ activation store's eval tokens, and an interrupted dump that resumes to identica
 
 from __future__ import annotations
 
-import json
 import math
 import runpy
 from pathlib import Path
@@ -17,8 +16,6 @@ import zarr
 import mlsae.dump as dump_mod
 from mlsae import constants as C
 from mlsae.dump import dump
-from mlsae.errors import MlsaeError
-from mlsae.extract import extract
 from mlsae.lens import Lens
 from mlsae.lens_stage import run_lens_stage
 from mlsae.params import parse_params
@@ -29,52 +26,7 @@ from mlsae.train import train
 ROOT = Path(__file__).resolve().parents[1]
 
 
-# ---------------------------------------------------------------------------------------------
-# the shared store (same helper in test_train.py, test_evaluate.py and test_dump.py)
-
-
-def store_raw(root: Path) -> dict:
-    return {"model": "tiny-llama", "seed": 0,
-            "data": {"source": str(root / "corpus.jsonl"), "context": 32, "train_tokens": 2048, "eval_tokens": 512},
-            "extract": {"dtype": "float32", "batch_size": 16, "device": "cpu"}}
-
-
-def shared_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    """(store path, its params) under the session's base temp dir: built by the first module that asks."""
-    root = tmp_path_factory.getbasetemp() / "mlsae-shared-store"
-    path = root / "activations.zarr"
-    try:
-        ActivationStore(str(path))
-    except MlsaeError:
-        from pydoc_data.topics import topics
-
-        root.mkdir(exist_ok=True)
-        paras = [p.strip() for key in sorted(topics) for p in topics[key].split("\n\n") if 40 < len(p.strip()) < 400]
-        (root / "corpus.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in paras[:400]))
-        extract(parse_params(store_raw(root)), str(path), progress=False)
-    return path, store_raw(root)
-
-
-# ---------------------------------------------------------------------------------------------
-# fixtures
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    return shared_store(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def reader(store: tuple[Path, dict]) -> ActivationStore:
-    return ActivationStore(str(store[0]))
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixtures `store`, `reader`: conftest.py
 
 
 SAE_RAW = {"sae": {"layers": [0, 2, 3], "expansion": 4, "k": 8, "auxk": 32, "dead_tokens": 256},
