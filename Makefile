@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mlsae-setup
 
-.PHONY: setup repro test test-fast bench clean-data
+.PHONY: setup repro test test-fast bench
 
 setup: $(STAMP)
 
@@ -29,4 +29,4 @@ test-fast: setup
 	source $(VENV)/bin/activate && python -m pytest -q -m "not slow"
 
 bench: setup
-	source $(VENV)/bin/activate && python benchmarks/extract.py && python benchmarks/train.py && python benchmarks/aggregate.py
+	source $(VENV)/bin/activate && python benchmarks/extract.py && python benchmarks/train.py && python benchmarks/train_memory.py && python benchmarks/aggregate.py
