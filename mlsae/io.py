@@ -51,6 +51,14 @@ def read_json(path: str | Path) -> dict:
 
 
 def remove(path: str | Path) -> None:
+    """Delete a file or directory tree; fsspec URLs (`memory://`, `s3://`, ...) too."""
+    if "://" in str(path):
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(str(path))
+        if fs.exists(root):
+            fs.rm(root, recursive=True)
+        return
     path = Path(path)
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
