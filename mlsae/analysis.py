@@ -48,6 +48,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
+from tqdm.auto import tqdm
 
 from mlsae.constants import (
     INDICES,
@@ -765,7 +766,7 @@ def _write_json(metrics: dict[str, Any], path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _stream(store: _Store, chunk_tokens: int, acc: _Accumulator, out_dir: Path) -> _Accumulator:
+def _stream(store: _Store, chunk_tokens: int, acc: _Accumulator, out_dir: Path, progress: bool = False) -> _Accumulator:
     """Fold every chunk of ``store`` into ``acc``, writing ``token_latent.parquet`` to ``out_dir``."""
     value_dtype = np.float16 if store.values.dtype == np.float16 else np.float32
     grouper = _Grouper(_Packing(store.n_latents, store.n_layers, value_dtype))
@@ -780,7 +781,9 @@ def _stream(store: _Store, chunk_tokens: int, acc: _Accumulator, out_dir: Path) 
     # one groups the current chunk; numpy, zarr's codecs and parquet mostly release the GIL.
     with writer, ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writing:
         written: Future[None] | None = None
+        bar = tqdm(total=store.n_tokens, desc="aggregate", unit="tok", disable=not progress)
         for chunk in _iter_chunks(store, chunk_tokens, reader):
+            bar.update(chunk.token.size)
             acc.add_cells(chunk)
             pairs = grouper.pairs(chunk)
             table = _token_latent_table(pairs, chunk.token)
@@ -790,6 +793,7 @@ def _stream(store: _Store, chunk_tokens: int, acc: _Accumulator, out_dir: Path) 
             acc.add_pairs(pairs, chunk.token)
         if written is not None:
             written.result()
+        bar.close()
     if acc.n_tokens == 0:
         raise MlsaeError(f"{store.path}: every token is special; nothing to analyse")
     return acc
@@ -802,6 +806,7 @@ def aggregate(
     min_count: int = 10,
     top_tokens: int = 5,
     chunk_tokens: int | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Stream the latent store and write the analysis tables and headline metrics.
 
@@ -843,7 +848,7 @@ def aggregate(
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
     try:
-        acc = _stream(store, chunk_tokens, _Accumulator(store.n_latents, store.n_layers, top_tokens), tmp)
+        acc = _stream(store, chunk_tokens, _Accumulator(store.n_latents, store.n_layers, top_tokens), tmp, progress)
         tables, metrics = _finish(acc, store.blocks, min_count)
         for name, table in tables.items():
             table.write_parquet(tmp / name)

@@ -11,7 +11,7 @@ def main(params_file: str = "params.yaml") -> None:
     with stage("aggregate"):
         p = params(params_file)
         aggregate(C.LATENTS, C.ANALYSIS_DIR, C.ANALYSIS_METRICS, min_count=p.analysis.min_count,
-                  top_tokens=p.analysis.top_tokens)
+                  top_tokens=p.analysis.top_tokens, progress=True)
 
 
 if __name__ == "__main__":
