@@ -123,6 +123,6 @@ def test_queued_sweep_and_compare(repo):
     assert "Success" in status, status
     shown = json.loads(run(repo, "dvc", "exp", "show", "--json").stdout)
     assert len(shown) >= 1
-    run(repo, sys.executable, "-m", "mlsae.compare")
+    run(repo, "mlsae", "compare")
     table = (repo / "reports/tables/experiments.md").read_text()
     assert "tiny-llama" in table
