@@ -50,7 +50,7 @@ from mlsae.constants import (
     TRAIN_PLOT,
 )
 from mlsae.errors import MlsaeError
-from mlsae.io import read_json, write_text
+from mlsae.io import read_json, write_bytes, write_text
 
 __all__ = [
     "FIGURES",
@@ -888,18 +888,6 @@ def _lens_figure(frame: pl.DataFrame, lens: str) -> bytes:
 # --------------------------------------------------------------------------------------------
 
 
-def _write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temporary sibling, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _check_tokens(tokens: np.ndarray, context: np.ndarray, position: np.ndarray) -> None:
     if not (tokens.ndim == context.ndim == position.ndim == 1) or not (len(tokens) == len(context) == len(position)):
         raise MlsaeError(
@@ -1011,7 +999,7 @@ def build_report(
     for path, text in [*tables.items(), *plots.items()]:
         write_text(path, text)
     for path, data in images.items():
-        _write_bytes(path, data)
+        write_bytes(path, data)
     if skipped:
         for path in lens_outputs:
             path.unlink(missing_ok=True)

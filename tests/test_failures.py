@@ -81,7 +81,7 @@ def test_disk_full_during_json_write_keeps_old_file(tmp_path, monkeypatch):
     def full(self, *args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(self))
 
-    monkeypatch.setattr(Path, "write_text", full)
+    monkeypatch.setattr(Path, "write_bytes", full)
     with pytest.raises(OSError):
         write_json(path, {"fvu": 0.2})
     monkeypatch.undo()
