@@ -135,7 +135,7 @@ class LoadedModel:
 
             return fn
 
-        handles = [layer.register_forward_hook(grab(i)) for i, layer in enumerate(_decoder_layers(self.hf_model))]
+        handles = [layer.register_forward_hook(grab(i)) for i, layer in enumerate(decoder_layers(self.hf_model))]
         try:
             with contextlib.suppress(_StopForward):
                 self.hf_model.base_model(input_ids=ids.to(self.device), use_cache=False)
@@ -158,7 +158,7 @@ def _replace(fn: Callable) -> Callable:
     return hook
 
 
-def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The list of transformer blocks of an HF causal LM (`layers`, `h`, ...)."""
     n = int(model.config.num_hidden_layers)
     for module in model.base_model.children():
