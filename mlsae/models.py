@@ -52,9 +52,10 @@ OFFLINE_HINT = (
 
 
 def cache_dir() -> Path:
-    """Where tokenizers and configs are saved for the bridge (it needs a `name_or_path`)."""
-    root = os.environ.get("MLSAE_CACHE") or Path.home() / ".cache" / "mlsae"
-    return Path(root)
+    """The project's cache outside the repository (converted models, bridge configs)."""
+    from mlsae.model_cache import cache_root
+
+    return cache_root()
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
@@ -233,22 +234,12 @@ def _quiet() -> contextlib.ExitStack:
     return stack
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
-
-
 def _load_gguf(path: Path) -> tuple[nn.Module, object, str]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """A GGUF model, de-quantised once and then loaded from the converted-model cache."""
+    from mlsae.model_cache import load_gguf
 
-    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, dtype=torch.float32
-    )
-    return model, tok, f"gguf-sha256:{_file_digest(path)}"
+    model, tok, sha = load_gguf(path)
+    return model, tok, f"gguf-sha256:{sha[:16]}"
 
 
 def _load_hf(target: str, local: bool) -> tuple[nn.Module, object, str]:
