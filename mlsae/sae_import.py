@@ -5,7 +5,8 @@ experiment's `data/sae`), or a local directory or hub id in the seed paper's for
 (:mod:`mlsae.seed_sae`). The SAE is checked against the activation store (d_model, model name,
 layer count) and the params (lens), then written to `data/sae` in this project's format, so
 evaluate, dump, aggregate and report run on it unchanged. The stage's metrics say
-`imported: true` with the source and no training metrics; its training curve has no rows.
+`imported: true` with the source, a hash of the imported weights (`sae_sha256`) and no training
+metrics; its training curve has the header and no rows.
 
 An imported SAE keeps its own n_latents and k. Its layers are its own; a seed SAE whose files
 record none (the plain autoencoder) takes `sae.layers`, a `-tfm` one with `layers: null` all blocks.
@@ -13,6 +14,7 @@ record none (the plain autoencoder) takes `sae.layers`, a `-tfm` one with `layer
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -60,7 +62,8 @@ def import_sae(p: Params, reader: ActivationStore, out_dir: Path) -> dict:
                          f"lens={p.lens}; set -S lens={cfg.lens}")
     with atomic_dir(out_dir) as tmp:
         sae.save(tmp)
-    return {"imported": True, "source": source, "format": fmt, "normalisation": cfg.normalisation,
+        digest = hashlib.sha256((tmp / SAE_WEIGHTS).read_bytes()).hexdigest()[:16]
+    return {"imported": True, "source": source, "format": fmt, "sae_sha256": digest, "normalisation": cfg.normalisation,
             "d_model": cfg.d_model, "n_latents": cfg.n_latents, "k": cfg.k, "layers": cfg.layers,
             "lens": cfg.lens, "steps": 0, "tokens": 0}
 

@@ -7,6 +7,7 @@ with what this project's import, dump and export produce on the shared tiny acti
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -407,6 +408,7 @@ def test_train_stage_imports_instead_of_training(store, tmp_path):
         metrics = json.loads((run / C.TRAIN_METRICS).read_text())
         assert metrics["imported"] is True and metrics["source"] == str(source) and metrics["format"] == fmt
         assert metrics["layers"] == layers and "fvu" not in metrics and metrics["steps"] == 0
+        assert metrics["sae_sha256"] == hashlib.sha256((run / C.SAE_DIR / C.SAE_WEIGHTS).read_bytes()).hexdigest()[:16]
         assert (run / C.TRAIN_PLOT).read_text() == TRAIN_CURVE_HEADER
         assert _read_csv(run / C.TRAIN_PLOT, ("step", "loss", "fvu", "dead_fraction")).height == 0
         assert MLSAE.load(run / C.SAE_DIR).cfg.layers == layers
