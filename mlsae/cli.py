@@ -19,5 +19,29 @@ def models() -> None:
         print(f"{name:24} {target}")
 
 
+@app.command("export")
+def export(
+    out: str = typer.Argument(..., help="Folder to write (absent or empty, unless --force)."),
+    format: str = typer.Option("saelens", "--format", help="Output layout; only saelens (SAELens >= 6)."),
+    sae: str = typer.Option("data/sae", "--sae", help="The SAE directory to export."),
+    model_name: str = typer.Option("", "--model-name", help="metadata.model_name (default: the SAE's model)."),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty OUT."),
+) -> None:
+    """Export the SAE to SAELens: one folder per layer hook blocks.{i}.hook_resid_post."""
+    from mlsae.saelens import export_note, export_saelens
+    from mlsae.stage import stage
+
+    with stage("export"):
+        if format != "saelens":
+            from mlsae.errors import MlsaeError
+
+            raise MlsaeError(f"--format: unknown format {format!r}; use saelens")
+        folders = export_saelens(sae, out, model_name=model_name, force=force)
+        print(f"wrote {len(folders)} SAELens folder(s) under {out} (weights hardlinked to one file)")
+        note = export_note(sae)
+        if note:
+            print(note)
+
+
 if __name__ == "__main__":
     app()

@@ -19,6 +19,7 @@ from mlsae.errors import MlsaeError
 
 DTYPES = ("float16", "bfloat16", "float32")
 LENS_MODES = ("none", "pretrained", "fit")
+NORMALISATIONS = ("vector", "seed")  # mlsae.sae.NORMALISATIONS (params must not import torch)
 
 
 @dataclass
@@ -71,6 +72,15 @@ class SAEParams:
     """Weight of the AuxK loss."""
     dead_tokens: int = 1_000_000
     """A latent is dead after this many tokens without firing."""
+    normalisation: str = "vector"
+    """Per-vector standardisation: `vector` (biased std, eps 1e-6 inside the sqrt) or `seed` (the
+    seed paper's: unbiased std + 1e-5, which is also SAELens's `layer_norm`, so it exports exactly)."""
+    source: str = "train"
+    """`train` (train a new SAE), or an existing SAE that the train stage imports instead: a local
+    directory or hub id (`owner/name`) in the seed paper's format (e.g.
+    `tim-lawson/mlsae-pythia-70m-deduped-x64-k32`), or another experiment's `data/sae` directory.
+    An imported SAE keeps its own n_latents, k, normalisation and layers (expansion, k, auxk,
+    auxk_coef, dead_tokens and normalisation are then unused; `layers` picks the blocks of a seed SAE that records none)."""
 
 
 @dataclass
@@ -168,6 +178,11 @@ class Params:
             raise MlsaeError(f"extract.dtype: unknown dtype {self.extract.dtype!r}; use one of {', '.join(DTYPES)}")
         if self.lens not in LENS_MODES:
             raise MlsaeError(f"lens: unknown mode {self.lens!r}; use one of {', '.join(LENS_MODES)}")
+        if self.sae.normalisation not in NORMALISATIONS:
+            raise MlsaeError(f"sae.normalisation: must be one of {', '.join(NORMALISATIONS)} (got {self.sae.normalisation!r})")
+        source = self.sae.source
+        if source != "train" and (not source.strip() or source != source.strip() or "\n" in source):
+            raise MlsaeError(f"sae.source: must be 'train', a local directory or a hub id owner/name (got {source!r})")
         layers = self.sae.layers
         if isinstance(layers, str):
             if layers != "all":

@@ -27,9 +27,11 @@ from mlsae.constants import SAE_CONFIG, SAE_WEIGHTS
 from mlsae.errors import MlsaeError
 
 NORM_EPS = 1e-6
-"""Added to each vector's variance before dividing by its std (so a constant vector maps to 0)."""
+"""``vector``: added to each vector's variance before dividing by its std (a constant vector maps to 0)."""
+SEED_NORM_EPS = 1e-5
+"""``seed``: added to each vector's unbiased std, as the seed code (and SAELens's ``layer_norm``) does."""
 ADAM_EPS = 6.25e-10
-NORMALISATIONS = ("vector",)
+NORMALISATIONS = ("vector", "seed")
 LENSES = ("none", "pretrained", "fit")
 
 
@@ -52,7 +54,10 @@ class SAEConfig:
     dead_tokens: int = 1_000_000
     """A latent is dead once it has not fired for this many tokens (a token counts once for all layers)."""
     normalisation: str = "vector"
-    """Input normalisation: ``vector`` standardises each vector over its own d_model entries."""
+    """Input normalisation of each vector x over its own d entries, with m = mean(x):
+    ``vector``: x̂ = (x − m) / s, s = sqrt(Σ(x − m)² / d + 1e-6), reconstruction x̂·s + m;
+    ``seed`` (the seed paper's SAEs, imported): x̂ = (x − m) / (σ + 1e-5) with the unbiased
+    σ = sqrt(Σ(x − m)² / (d − 1)), reconstruction x̂·σ + m (σ without the epsilon, as the seed)."""
     lens: str = "none"
     """Space the SAE works in: ``none`` (model basis), ``pretrained`` or ``fit`` (tuned-lens space)."""
     model: str = ""
@@ -264,10 +269,14 @@ class MLSAE(nn.Module):
     # -- normalisation -------------------------------------------------------------------------
 
     def normalise(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Standardise each vector over its last axis; returns ``(xn, mean, std)``."""
+        """Standardise each vector over its last axis; returns ``(xn, mean, std)`` such that
+        :meth:`denormalise` is ``xn · std + mean`` (formulas: :attr:`SAEConfig.normalisation`)."""
         x = x.to(self.b_pre.dtype)
         mean = x.mean(-1, keepdim=True)
         centred = x - mean
+        if self.cfg.normalisation == "seed":
+            std = centred.std(-1, keepdim=True)  # unbiased; the epsilon goes outside the sqrt
+            return centred / (std + SEED_NORM_EPS), mean, std
         std = (centred.pow(2).mean(-1, keepdim=True) + NORM_EPS).sqrt()  # faster than Tensor.var on CPU
         return centred / std, mean, std
 

@@ -71,6 +71,7 @@ def sae_config(p: Params, reader: ActivationStore, model_name: str) -> SAEConfig
         auxk=p.sae.auxk,
         auxk_coef=p.sae.auxk_coef,
         dead_tokens=p.sae.dead_tokens,
+        normalisation=p.sae.normalisation,
         lens=p.lens,
         model=model_name,
         params_hash=p.section_hash("sae", "train", "seed", "lens"),

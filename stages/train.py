@@ -1,4 +1,5 @@
-"""train: the MLSAE on the train split (in lens space); checkpoints and resumes.
+"""train: the MLSAE on the train split (in lens space); checkpoints and resumes. With `sae.source`
+other than `train`, imports that SAE instead (mlsae/sae_import.py).
 
 Multi-process: `torchrun --nproc_per_node=N stages/train.py` (DDP; NCCL on GPUs, gloo on CPUs).
 """
@@ -8,6 +9,7 @@ import typer
 from mlsae import constants as C
 from mlsae.io import write_json, write_text
 from mlsae.lens_stage import load_stage_lens
+from mlsae.sae_import import TRAIN_CURVE_HEADER, import_sae
 from mlsae.stage import params, stage
 from mlsae.store import ActivationStore
 from mlsae.tables import to_csv
@@ -19,6 +21,10 @@ def main(params_file: str = "params.yaml") -> None:
         p = params(params_file)
         reader = ActivationStore(str(C.ACTIVATIONS))
         reader.check_model(p.model)
+        if p.sae.source != "train":
+            write_json(C.TRAIN_METRICS, import_sae(p, reader, C.SAE_DIR))
+            write_text(C.TRAIN_PLOT, TRAIN_CURVE_HEADER)
+            return
         lens = load_stage_lens(C.LENS_DIR, reader)
         metrics, history = train(p, reader, lens, C.SAE_DIR, C.CHECKPOINTS_DIR / "train")
         if metrics:  # rank 0 of a torchrun job, or the single process
