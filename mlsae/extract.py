@@ -18,11 +18,11 @@ import torch
 from tqdm.auto import tqdm
 
 from mlsae import corpus, store
-from mlsae.constants import RESID, SPECIAL
+from mlsae.constants import POSITION, RESID, SPECIAL
 from mlsae.errors import MlsaeError
 from mlsae.io import remove
 from mlsae.models import LoadedModel, load_model
-from mlsae.params import Params
+from mlsae.params import FIRST_POSITION_OUTLIER, Params
 
 
 def fingerprint_attrs(p: Params, model: LoadedModel) -> dict:
@@ -144,6 +144,9 @@ def extract(p: Params, out: str, progress: bool = True, stop_after_shards: int |
 
     reader = store.ActivationStore(out, allow_incomplete=True)
     cos = adjacent_cosine(reader)
+    ratio = first_position_norm_ratio(reader)
+    skip = decide_skip_first(p.data.skip_first, ratio)
+    root.attrs["skip_first"] = skip
     root.attrs["complete"] = True
     n_tokens = sum(d.n_tokens for d in splits.values())
     return {
@@ -156,7 +159,38 @@ def extract(p: Params, out: str, progress: bool = True, stop_after_shards: int |
         "d_model": model.d_model,
         "adjacent_cos": float(np.mean(cos)) if len(cos) else None,
         "adjacent_cos_by_layer": cos,
+        "first_position_norm_ratio": max(ratio) if ratio else None,
+        "first_position_norm_ratio_by_layer": ratio,
+        "skip_first": skip,
     }
+
+
+def decide_skip_first(setting: bool | str, ratio: list[float]) -> bool:
+    """`data.skip_first`: true/false as given; `auto` skips position 0 when its mean residual norm is
+    more than FIRST_POSITION_OUTLIER times the mean elsewhere at some block."""
+    if setting == "auto":
+        return bool(ratio) and max(ratio) > FIRST_POSITION_OUTLIER
+    return bool(setting)
+
+
+def first_position_norm_ratio(reader: store.ActivationStore, split: str = "eval", chunk: int = 4096) -> list[float]:
+    """Per block: mean residual norm at position 0 over the mean norm at positions > 0 (non-special
+    tokens only). Attention sinks show up as ratios far above 1."""
+    n = reader.n_tokens(split)
+    keep = ~reader.meta(split, SPECIAL)
+    first = reader.meta(split, POSITION) == 0
+    sums = np.zeros((2, reader.n_layers))
+    counts = np.zeros(2)
+    for start in range(0, n, chunk):
+        norms = reader.resid(split, start, min(n, start + chunk)).double().norm(dim=-1).numpy()
+        k, f = keep[start : start + len(norms)], first[start : start + len(norms)]
+        for row, mask in enumerate((k & f, k & ~f)):
+            sums[row] += norms[mask].sum(0)
+            counts[row] += mask.sum()
+    if counts.min() == 0:
+        return []
+    means = sums / counts[:, None]
+    return (means[0] / means[1]).tolist()
 
 
 def adjacent_cosine(reader: store.ActivationStore, split: str = "eval", chunk: int = 4096) -> list[float]:

@@ -18,6 +18,9 @@ import yaml
 from mlsae.errors import MlsaeError
 
 DTYPES = ("float16", "bfloat16", "float32")
+FIRST_POSITION_OUTLIER = 2.0
+"""`data.skip_first: auto` skips position 0 when its mean residual norm exceeds this many times the
+mean norm at the other positions, at some block."""
 LENS_MODES = ("none", "pretrained", "fit")
 NORMALISATIONS = ("vector", "seed")  # mlsae.sae.NORMALISATIONS (params must not import torch)
 
@@ -32,6 +35,11 @@ class DataParams:
     """Tokens extracted for training (rounded up to whole contexts)."""
     eval_tokens: int = 8192
     """Tokens extracted for evaluation and analysis (rounded up to whole contexts)."""
+    skip_first: Union[bool, str] = "auto"
+    """Leave position 0 of every context out of training, eval metrics and analysis: `true`, `false`,
+    or `auto` (skip it when extract measures it as an outlier: its mean residual norm is more than
+    `FIRST_POSITION_OUTLIER` times the mean norm elsewhere at some block; contexts are cut
+    mid-document, and the first token becomes an attention sink with outlier norms)."""
 
 
 @dataclass
@@ -70,11 +78,14 @@ class SAEParams:
     """Dead latents used by the AuxK loss."""
     auxk_coef: float = 1 / 32
     """Weight of the AuxK loss."""
-    dead_tokens: int = 1_000_000
-    """A latent is dead after this many tokens without firing."""
-    normalisation: str = "vector"
-    """Per-vector standardisation: `vector` (biased std, eps 1e-6 inside the sqrt) or `seed` (the
-    seed paper's: unbiased std + 1e-5, which is also SAELens's `layer_norm`, so it exports exactly)."""
+    dead_tokens: int = 8192
+    """A latent is dead after this many tokens without firing (a token counts once for all layers).
+    Must be shorter than the run (steps x train.batch_tokens), or AuxK can never act; the default is
+    an eighth of the default run (paper-scale runs use ~10M)."""
+    normalisation: str = "seed"
+    """Per-vector standardisation: `seed` (the seed paper's: unbiased std + 1e-5, which is also
+    SAELens's `layer_norm`, so imports compute what they computed there and exports are exact) or
+    `vector` (biased std, eps 1e-6 inside the sqrt: this project's first versions)."""
     source: str = "train"
     """`train` (train a new SAE), or an existing SAE that the train stage imports instead: a local
     directory or hub id (`owner/name`) in the seed paper's format (e.g.
@@ -174,6 +185,8 @@ class Params:
                 raise MlsaeError(f"{key}: must be > 0 (got {value})")
         if self.sae.auxk_coef < 0 or self.train.grad_clip < 0:
             raise MlsaeError("sae.auxk_coef and train.grad_clip must be >= 0")
+        if self.data.skip_first not in (True, False, "auto"):
+            raise MlsaeError(f"data.skip_first: must be true, false or auto (got {self.data.skip_first!r})")
         if self.extract.dtype not in DTYPES:
             raise MlsaeError(f"extract.dtype: unknown dtype {self.extract.dtype!r}; use one of {', '.join(DTYPES)}")
         if self.lens not in LENS_MODES:

@@ -162,6 +162,19 @@ class ActivationStore:
     def meta(self, split: str, key: str) -> np.ndarray:
         return self.split(split)[key][:]
 
+    @property
+    def skip_first(self) -> bool:
+        """Whether position 0 of every context is left out of training, metrics and analysis."""
+        return bool(self.attrs.get("skip_first", False))
+
+    def excluded(self, split: str) -> np.ndarray:
+        """(tokens,) bool: tokens left out of training, metrics and analysis: special tokens, and
+        position 0 of every context when the store says `skip_first`."""
+        out = self.meta(split, SPECIAL).astype(bool)
+        if self.skip_first:
+            out = out | (self.meta(split, POSITION) == 0)
+        return out
+
     def check_model(self, name: str) -> None:
         if self.attrs.get("model") != name:
             raise MlsaeError(

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from mlsae.constants import CHECKPOINT, SPECIAL
+from mlsae.constants import CHECKPOINT
 from mlsae.errors import MlsaeError
 from mlsae.io import atomic_dir
 from mlsae.lens import Lens
@@ -108,23 +108,40 @@ def save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
+def check_dead_window(dead_tokens: int, n_steps: int, batch_tokens: int) -> None:
+    """A dead window at or beyond the run's length means no latent can ever be dead: AuxK never acts."""
+    run = n_steps * batch_tokens
+    if dead_tokens >= run:
+        raise MlsaeError(
+            f"sae.dead_tokens: {dead_tokens} is at or beyond the run's length of {run} tokens ({n_steps} steps x "
+            f"train.batch_tokens {batch_tokens}), so no latent could ever count as dead and AuxK would never act; "
+            f"lower sae.dead_tokens below {run} (or set sae.auxk: 0 to train without AuxK)"
+        )
+
+
 def train(p: Params, reader: ActivationStore, lens: Lens, out_dir: Path, checkpoint_dir: Path,
-          progress: bool = True, max_steps: int | None = None) -> tuple[dict, list[dict]]:
+          progress: bool = True, max_steps: int | None = None,
+          snapshots: dict[int, Path] | None = None) -> tuple[dict, list[dict]]:
     """Train the MLSAE; write `out_dir` (sae.safetensors + config.json). Returns (metrics, history).
 
-    `max_steps` stops early as if killed after that many steps (tests of resume).
+    `max_steps` stops early as if killed after that many steps (tests of resume). `snapshots` maps
+    step numbers to directories where the SAE is also saved after that step (the convergence
+    study: with a constant learning rate, the SAE after epoch e of a longer run is the SAE of an
+    e-epoch run).
     """
     ctx, device = init_distributed(p.train.device)
     cfg = sae_config(p, reader, str(reader.attrs.get("model")))
     layers = cfg.layers
-    special = reader.meta("train", SPECIAL)
+    excluded = reader.excluded("train")
     block = reader.shard_tokens // 8
-    plan = BatchPlan(special, block, p.train.shuffle_buffer_tokens, p.train.batch_tokens, p.train.epochs, p.seed)
+    plan = BatchPlan(excluded, block, p.train.shuffle_buffer_tokens, p.train.batch_tokens, p.train.epochs, p.seed)
     if plan.n_batches == 0:
         raise MlsaeError(
             f"train.batch_tokens: {p.train.batch_tokens} is more than the train split's usable tokens per "
             f"shuffle buffer; lower it or raise data.train_tokens / train.shuffle_buffer_tokens"
         )
+    if cfg.auxk > 0 and cfg.auxk_coef > 0:
+        check_dead_window(cfg.dead_tokens, plan.n_batches, p.train.batch_tokens)
     lens = lens.to(device)
     ckpt_path = checkpoint_dir / CHECKPOINT
     identity = identity_of(p, reader)
@@ -170,6 +187,9 @@ def train(p: Params, reader: ActivationStore, lens: Lens, out_dir: Path, checkpo
                         **{k: v for k, v in stats.items() if k.startswith("fvu_layer_")}})
         bar.update(1)
         bar.set_postfix(loss=f"{stats['loss']:.4f}", fvu=f"{stats['fvu']:.4f}", dead=f"{stats['dead_fraction']:.3f}")
+        if ctx.main and snapshots and step in snapshots:
+            with atomic_dir(snapshots[step]) as tmp:
+                sae.save(tmp)
         if ctx.main and (step % p.train.checkpoint_every == 0 or step == total):
             save_checkpoint(ckpt_path, {"version": CHECKPOINT_VERSION, "identity": identity, "step": step,
                                         "sae": sae.state_dict(), "opt": opt.state_dict(), "history": history})
@@ -213,6 +233,7 @@ def _metrics(history: list[dict], cfg: SAEConfig, plan: BatchPlan, vectors_per_s
         "loss": float(np.mean([h["loss"] for h in tail])),
         "l0": float(np.mean([h["l0"] for h in tail])),
         "dead_fraction": history[-1]["dead_fraction"] if history else None,
+        "auxk_steps": sum(1 for h in history if h["auxk"] > 0),
         "vectors_per_s": vectors_per_s,
         "steps": len(history),
         "tokens": len(history) * plan.batch_tokens,
