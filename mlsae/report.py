@@ -36,6 +36,7 @@ import polars as pl
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from mlsae import constants as C
 from mlsae.constants import (
     ADJ_COS_PLOT,
     ANALYSIS_METRICS,
@@ -87,11 +88,12 @@ LENS_FIG = "lens_kl_by_layer.png"
 FIGURES = (HEATMAP_FIG, LATENT_HIST_FIG, EVAL_BY_LAYER_FIG, ADJ_COS_FIG, TRAIN_FIG, LENS_FIG)
 """Every figure; :data:`LENS_FIG` only when a lens is used."""
 
-MEAN_HIST_PLOT = "latent_mean_layer_hist.csv"
-STD_HIST_PLOT = "latent_std_hist.csv"
-LAYER_ACTIVITY_PLOT = "layer_activity.csv"
+MEAN_HIST_PLOT = C.MEAN_HIST_PLOT.name
+STD_HIST_PLOT = C.STD_HIST_PLOT.name
+LAYER_ACTIVITY_PLOT = C.LAYER_ACTIVITY_PLOT.name
 PLOTS = (MEAN_HIST_PLOT, STD_HIST_PLOT, LAYER_ACTIVITY_PLOT, ADJ_COS_PLOT.name, LENS_PLOT.name)
-"""Every plot CSV; :data:`LENS_PLOT` only when a lens is used."""
+"""Every plot CSV (:data:`LENS_PLOT` has a header and no rows when no lens is used, so DVC always
+finds the declared plot)."""
 
 # --------------------------------------------------------------------------------------------
 # The summary row
@@ -490,6 +492,9 @@ def _load_inputs(metrics_dir: Path, plots_dir: Path, analysis_dir: Path, sae_con
     )
 
 
+LENS_BY_LAYER_SCHEMA = {"layer": pl.Int64, "kl_logit_lens": pl.Float64, "kl_tuned_lens": pl.Float64}
+
+
 def _lens_by_layer(lens: Mapping[str, Any], blocks: list[int], path: Path) -> pl.DataFrame | None:
     """The lens KL curves over all the model's blocks, or None when no lens is used."""
     if lens.get("lens", "none") == "none":
@@ -504,7 +509,7 @@ def _lens_by_layer(lens: Mapping[str, Any], blocks: list[int], path: Path) -> pl
             "kl_logit_lens": _series(lens, "kl_logit_lens_by_layer", n_model, path, required=True),
             "kl_tuned_lens": _series(lens, "kl_tuned_lens_by_layer", n_model, path, required=True),
         },
-        schema={"layer": pl.Int64, "kl_logit_lens": pl.Float64, "kl_tuned_lens": pl.Float64},
+        schema=LENS_BY_LAYER_SCHEMA,
     )
 
 
@@ -939,8 +944,8 @@ def build_report(
     Returns:
         ``summary`` (the :func:`summary_row` dict), ``text`` (:func:`summary_text`), ``tables``,
         ``figures`` and ``plots`` (lists of written paths), and ``skipped`` (output file name ->
-        reason for each optional output not written: the lens figure and CSV when ``lens`` is
-        ``none``; a stale copy from an earlier run is removed).
+        reason for each optional output not written: the lens figure when ``lens`` is
+        ``none``; a stale copy from an earlier run is removed, and the lens CSV has no rows).
 
     Raises:
         MlsaeError: a missing or malformed input, naming the file. Nothing is written then.
@@ -989,20 +994,20 @@ def build_report(
         figures_dir / TRAIN_FIG: _train_figure(inp.train_curve),
     }
     skipped: dict[str, str] = {}
-    lens_outputs = (figures_dir / LENS_FIG, plots_dir / LENS_PLOT.name)
+    lens_figure = figures_dir / LENS_FIG
     if inp.lens_by_layer is not None:
-        plots[lens_outputs[1]] = _csv(inp.lens_by_layer)
-        images[lens_outputs[0]] = _lens_figure(inp.lens_by_layer, str(inp.lens["lens"]))
+        plots[plots_dir / LENS_PLOT.name] = _csv(inp.lens_by_layer)
+        images[lens_figure] = _lens_figure(inp.lens_by_layer, str(inp.lens["lens"]))
     else:
-        skipped = {path.name: "lens is none: no lens KL to plot" for path in lens_outputs}
+        plots[plots_dir / LENS_PLOT.name] = _csv(pl.DataFrame(schema=LENS_BY_LAYER_SCHEMA))
+        skipped = {LENS_FIG: "lens is none: no lens KL to plot"}
 
     for path, text in [*tables.items(), *plots.items()]:
         write_text(path, text)
     for path, data in images.items():
         write_bytes(path, data)
     if skipped:
-        for path in lens_outputs:
-            path.unlink(missing_ok=True)
+        lens_figure.unlink(missing_ok=True)
     return {
         "summary": summary,
         "text": summary_text(summary),
