@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
@@ -19,6 +20,17 @@ from mlsae.errors import MlsaeError
 
 DTYPES = ("float16", "bfloat16", "float32")
 LENS_MODES = ("none", "pretrained", "fit")
+"""The lens stage's modes (params `lens`); the SAE config's `lens` is one of these too."""
+
+
+def is_int(value: object) -> bool:
+    """An int that is not a bool (the project's one integer check)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: object) -> bool:
+    """A finite int or float that is not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -224,7 +236,7 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             raise MlsaeError(f"{key}: expected true/false (got {value!r})")
         return value
     if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
+        if not is_int(value):
             raise MlsaeError(f"{key}: expected an integer (got {value!r})")
         return value
     if hint is float:
