@@ -80,8 +80,7 @@ def dump(sae: MLSAE, lens: Lens, reader: store.ActivationStore, path: str, progr
     for shard in range(done, n_shards):
         lo, hi = shard * SHARD_TOKENS, min(n, (shard + 1) * SHARD_TOKENS)
         idx_parts, val_parts = [], []
-        for s in range(lo, hi, CHUNK_TOKENS):
-            x = reader.resid("eval", s, min(hi, s + CHUNK_TOKENS), layers)
+        for x in reader.chunks("eval", CHUNK_TOKENS, layers, special=True, start=lo, stop=hi):
             xn, _, _ = sae.normalise(lens(x, layers))
             values, indices = sae.encode(xn)
             idx_parts.append(indices.to(torch.int32).numpy())

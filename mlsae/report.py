@@ -339,12 +339,12 @@ def token_context(
     n = len(tokens)
     if not 0 <= index < n:
         raise MlsaeError(f"token index {index} outside the {n} eval tokens")
-    ctx, pos = context[index], int(position[index])
+    context_id, pos = context[index], int(position[index])
     lo = index
-    while lo > max(0, index - before) and context[lo - 1] == ctx and int(position[lo - 1]) == pos - (index - lo + 1):
+    while lo > max(0, index - before) and context[lo - 1] == context_id and int(position[lo - 1]) == pos - (index - lo + 1):
         lo -= 1
     hi = index
-    while hi < min(n - 1, index + after) and context[hi + 1] == ctx and int(position[hi + 1]) == pos + (hi + 1 - index):
+    while hi < min(n - 1, index + after) and context[hi + 1] == context_id and int(position[hi + 1]) == pos + (hi + 1 - index):
         hi += 1
     ids = [int(t) for t in tokens[lo : hi + 1]]
     cut = index - lo

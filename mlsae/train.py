@@ -177,12 +177,11 @@ def train(p: Params, reader: ActivationStore, lens: Lens, out_dir: Path, checkpo
 
     `max_steps` stops early as if killed after that many steps (tests of resume).
     """
-    ctx, device = init_distributed(p.train.device)
+    ranks, device = init_distributed(p.train.device)
     cfg = sae_config(p, reader, str(reader.attrs.get("model")))
     layers = cfg.layers
     special = reader.meta("train", SPECIAL)
-    block = reader.shard_tokens // 8
-    plan = BatchPlan(special, block, p.train.shuffle_buffer_tokens, p.train.batch_tokens, p.train.epochs, p.seed)
+    plan = BatchPlan(special, reader.chunk_tokens, p.train.shuffle_buffer_tokens, p.train.batch_tokens, p.train.epochs, p.seed)
     if plan.n_batches == 0:
         raise MlsaeError(
             f"train.batch_tokens: {p.train.batch_tokens} is more than the train split's usable tokens per "
@@ -206,15 +205,15 @@ def train(p: Params, reader: ActivationStore, lens: Lens, out_dir: Path, checkpo
         sample = _sample(reader, layers, plan, lens, p.train.geometric_median_sample, p.seed, device)
         sae.init_b_pre(sae.normalise(sample)[0])
     model: torch.nn.Module = sae
-    if ctx.world > 1:
+    if ranks.world > 1:
         model = torch.nn.parallel.DistributedDataParallel(sae, device_ids=[device.index] if device.type == "cuda" else None)
 
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
     total = plan.n_batches if max_steps is None else min(plan.n_batches, max_steps)
-    bar = tqdm(total=plan.n_batches, initial=start, desc="train", unit="step", disable=not (progress and ctx.main))
+    bar = tqdm(total=plan.n_batches, initial=start, desc="train", unit="step", disable=not (progress and ranks.main))
     t0, vectors = time.perf_counter(), 0
     step = start
-    for x in iter_batches(reader, layers, plan, start, ctx.rank, ctx.world):
+    for x in iter_batches(reader, layers, plan, start, ranks.rank, ranks.world):
         if step >= total:
             break
         x = lens(x.to(device, non_blocking=True), layers)
@@ -228,26 +227,26 @@ def train(p: Params, reader: ActivationStore, lens: Lens, out_dir: Path, checkpo
                 f"{e} at step {step + 1}; {kept} (lower train.lr or set train.grad_clip)"
             ) from None
         step += 1
-        vectors += x.shape[0] * x.shape[1] * ctx.world
+        vectors += x.shape[0] * x.shape[1] * ranks.world
         history.append({"step": step, **{k: stats[k] for k in ("loss", "fvu", "auxk", "l0", "dead_fraction")},
                         **{k: v for k, v in stats.items() if k.startswith("fvu_layer_")}})
         bar.update(1)
         bar.set_postfix(loss=f"{stats['loss']:.4f}", fvu=f"{stats['fvu']:.4f}", dead=f"{stats['dead_fraction']:.3f}")
-        if ctx.main and (step % p.train.checkpoint_every == 0 or step == total):
+        if ranks.main and (step % p.train.checkpoint_every == 0 or step == total):
             save_checkpoint(ckpt_path, {"version": CHECKPOINT_VERSION, "identity": identity, "step": step,
                                         "sae": sae.state_dict(), "opt": opt.state_dict(), "history": history})
     bar.close()
     elapsed = time.perf_counter() - t0
     if max_steps is not None and step < plan.n_batches:
         return {}, history
-    if ctx.main:
+    if ranks.main:
         sae.cpu()
         with atomic_dir(out_dir) as tmp:
             sae.save(tmp)
         ckpt_path.unlink(missing_ok=True)
-    if ctx.world > 1:
+    if ranks.world > 1:
         dist.barrier()
-    if not ctx.main:  # only rank 0 reports: the stage writes metrics and plots only when given some
+    if not ranks.main:  # only rank 0 reports: the stage writes metrics and plots only when given some
         return {}, history
     return _metrics(history, cfg, plan, vectors / elapsed if elapsed > 0 and vectors else None), history
 

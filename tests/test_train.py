@@ -68,8 +68,8 @@ def identity(reader: ActivationStore) -> Lens:
 
 
 def plan_of(p: Params, reader: ActivationStore) -> BatchPlan:
-    """The plan train() builds (same block size, see mlsae.train.train)."""
-    return BatchPlan(reader.meta("train", C.SPECIAL), reader.shard_tokens // 8, p.train.shuffle_buffer_tokens,
+    """The plan train() builds (same store chunks, see mlsae.train.train)."""
+    return BatchPlan(reader.meta("train", C.SPECIAL), reader.chunk_tokens, p.train.shuffle_buffer_tokens,
                      p.train.batch_tokens, p.train.epochs, p.seed)
 
 
@@ -196,10 +196,9 @@ class RecordingReader:
 def test_shuffle_buffer_bounds_memory(reader: ActivationStore, buffer_tokens: int) -> None:
     """Every buffer holds at most shuffle_buffer_tokens tokens, also when a store chunk is larger."""
     special = reader.meta("train", C.SPECIAL)
-    block = reader.shard_tokens // 8
-    plan = BatchPlan(special, block, buffer_tokens, 16, 1, seed=0)
+    plan = BatchPlan(special, reader.chunk_tokens, buffer_tokens, 16, 1, seed=0)
     for buf in plan.buffers:
-        assert sum(plan._span(int(i)).stop - plan._span(int(i)).start for i in buf.blocks) <= buffer_tokens
+        assert sum(plan._span(int(i)).stop - plan._span(int(i)).start for i in buf.chunks) <= buffer_tokens
     assert plan.n_batches * 16 > 0.8 * (~special).sum()  # still uses (almost) all the data
 
     # what iter_batches really reads between two batches (a whole buffer is read before its first batch)
