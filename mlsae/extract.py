@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from mlsae import contexts as token_contexts
 from mlsae import corpus, store
 from mlsae.constants import RESID
 from mlsae.errors import MlsaeError
@@ -58,11 +59,11 @@ def prepare_splits(p: Params, model: LoadedModel, docs: Iterator[str] | None = N
         raise MlsaeError(
             f"data.context: {p.data.context} exceeds the maximum context of model {p.model} ({model.max_context})"
         )
-    n_train, n_eval = corpus.plan(p.data.train_tokens, p.data.eval_tokens, p.data.context)
+    n_train, n_eval = token_contexts.plan(p.data.train_tokens, p.data.eval_tokens, p.data.context)
     if docs is None:
         docs = corpus.iter_documents(p.data.source)
-    contexts = corpus.build_contexts(docs, model.tokenizer, p.data.context, n_train + n_eval)
-    train_idx, eval_idx = corpus.split_contexts(n_train + n_eval, n_eval, p.seed)
+    contexts = token_contexts.build_contexts(docs, model.tokenizer, p.data.context, n_train + n_eval)
+    train_idx, eval_idx = token_contexts.split_contexts(n_train + n_eval, n_eval, p.seed)
     return {
         name: store.SplitData(tokens=contexts.tokens[idx], special=contexts.special[idx], context_index=idx.astype(np.int32))
         for name, idx in (("train", train_idx), ("eval", eval_idx))

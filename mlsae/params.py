@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
@@ -24,8 +25,8 @@ LENS_MODES = ("none", "pretrained", "fit")
 
 
 def is_int(value: object) -> bool:
-    """An int that is not a bool (the project's one integer check)."""
-    return isinstance(value, int) and not isinstance(value, bool)
+    """An integer (Python or numpy) that is not a bool: the project's one integer check."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def is_number(value: object) -> bool:

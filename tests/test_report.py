@@ -468,7 +468,7 @@ def test_helpers() -> None:
 def test_report_reads_the_aggregate_stage_output(run: dict[str, Path], tmp_path: Path) -> None:
     """The real aggregate stage's parquet files go through the report unchanged."""
     zarr = pytest.importorskip("zarr")
-    from mlsae.analysis import aggregate
+    from mlsae.aggregate import aggregate
 
     rng = np.random.default_rng(0)
     k, n_latents = 2, 6
