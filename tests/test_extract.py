@@ -454,6 +454,7 @@ def smollm2() -> Any:
     return load_model("smollm2-135m", "cpu")
 
 
+@pytest.mark.slow  # loads the embedded 30-layer model
 def test_embedded_model_extract(smollm2: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from transformers import LlamaForCausalLM
 

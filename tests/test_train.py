@@ -328,6 +328,7 @@ WRAPPER = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow  # spawns torchrun
 def test_torchrun_two_processes_match_single_process(
     store: tuple[Path, dict], reader: ActivationStore, reference: dict, tmp_path: Path
 ) -> None:

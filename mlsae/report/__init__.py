@@ -39,6 +39,7 @@ from mlsae import constants as C
 from mlsae.constants import ADJ_COS_PLOT, LENS_PLOT
 from mlsae.errors import MlsaeError
 from mlsae.io import write_bytes, write_text
+from mlsae.params import is_int
 from mlsae.report.figures import (
     _adjacent_figure,
     _eval_figure,
@@ -176,9 +177,9 @@ def build_report(
         MlsaeError: a missing or malformed input, naming the file. Nothing is written then.
     """
     for name, value in (("top_latents", top_latents), ("contexts_per_latent", contexts_per_latent), ("min_count", min_count)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        if not is_int(value) or value < 0:
             raise MlsaeError(f"report: {name} must be an integer >= 0, got {value!r}")
-    if isinstance(max_heatmap_rows, bool) or not isinstance(max_heatmap_rows, int) or max_heatmap_rows < 1:
+    if not is_int(max_heatmap_rows) or max_heatmap_rows < 1:
         raise MlsaeError(f"report: max_heatmap_rows must be an integer >= 1, got {max_heatmap_rows!r}")
     tokens, context, position = np.asarray(tokens), np.asarray(context), np.asarray(position)
     _check_tokens(tokens, context, position)
