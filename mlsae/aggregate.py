@@ -59,8 +59,9 @@ from mlsae.aggregate_kernels import (
 )
 from mlsae.constants import LATENT_LAYER, LATENT_STATS, LAYER_STATS, TOKEN_STATS, TOP_TOKENS
 from mlsae.errors import MlsaeError
-from mlsae.io import atomic_dir, write_json
+from mlsae.io import atomic_dir
 from mlsae.latents import LatentStore, open_latents
+from mlsae.metrics import AnalysisMetrics, write_metrics
 from mlsae.params import is_int
 
 __all__ = [
@@ -355,5 +356,5 @@ def aggregate(
             if path.exists() and not any(path.iterdir()):
                 path.rmdir()
         raise
-    write_json(metrics_path, metrics)
+    write_metrics(metrics_path, AnalysisMetrics.from_dict(metrics, "aggregate"))
     return metrics

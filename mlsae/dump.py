@@ -54,10 +54,10 @@ def dump(sae: MLSAE, lens: Lens, reader: store.ActivationStore, path: str, progr
         lo, hi = shard * latents.SHARD_TOKENS, min(n, (shard + 1) * latents.SHARD_TOKENS)
         idx_parts, val_parts = [], []
         for x in reader.chunks("eval", latents.CHUNK_TOKENS, layers, special=True, start=lo, stop=hi):
-            xn, _, _ = sae.normalise(lens(x, layers))
+            xn, _, _ = sae.normalise(lens(x.to(sae.b_pre.device), layers))
             values, indices = sae.encode(xn)
-            idx_parts.append(indices.to(torch.int32).numpy())
-            val_parts.append(values.to(torch.float16).numpy())
+            idx_parts.append(indices.to(torch.int32).cpu().numpy())
+            val_parts.append(values.to(torch.float16).cpu().numpy())
             bar.update(x.shape[0])
         root[INDICES][lo:hi] = np.concatenate(idx_parts)
         root[VALUES][lo:hi] = np.concatenate(val_parts)

@@ -40,14 +40,14 @@ def reconstruction_metrics(sae: MLSAE, lens: Lens, reader: ActivationStore, chun
     n_chunks = -(-reader.n_tokens("eval") // chunk)
     for x in tqdm(reader.chunks("eval", chunk, layers), total=n_chunks, desc="evaluate: reconstruction",
                   disable=not progress):
-        out = sae(lens(x, layers))
-        xn, xh = out.xn.double(), out.xn_hat.double()
+        out = sae(lens(x.to(sae.b_pre.device), layers))
+        xn, xh = out.xn.double().cpu(), out.xn_hat.double().cpu()
         s_x += xn.sum(0)
         s_xx += xn.pow(2).sum((0, 2))
         s_err += (xn - xh).pow(2).sum((0, 2))
-        active = out.values > 0
+        active = (out.values > 0).cpu()
         s_l0 += active.sum((0, 2)).double()
-        fired[out.indices[active]] = True
+        fired[out.indices.cpu()[active]] = True
         n += x.shape[0]
     total_var = s_xx - s_x.pow(2).sum(-1) / n
     fvu = (s_err / total_var).tolist()

@@ -69,7 +69,9 @@ def run_lens_stage(p: Params, reader: ActivationStore, out_dir: Path, progress: 
 
     from mlsae.models import load_model
 
-    model = load_model(p.model, "cpu")
+    from mlsae.models import resolve_device
+
+    model = load_model(p.model, resolve_device(p.device("lens")))
     reader.check_model(p.model)
     if p.lens == "pretrained":
         lens = load_pretrained(p.lens_path, reader.n_layers, reader.d_model, model_name=_hub_name(p.model))

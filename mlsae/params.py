@@ -68,6 +68,9 @@ class LensFitParams:
     """Evaluations without eval-KL improvement before stopping early."""
     eval_tokens: int = 256
     """Eval tokens for early stopping and the lens KL metrics (each costs layers x vocab)."""
+    device: str = "cpu"
+    """Where `lens: fit` trains and the lens KL is measured: auto (CUDA when present), cpu, cuda
+    or cuda:N."""
 
 
 @dataclass
@@ -113,6 +116,14 @@ class EvaluateParams:
     """Eval tokens used for the spliced delta CE and KL."""
     batch_size: int = 8
     """Contexts per spliced forward pass."""
+    device: str = ""
+    """Where evaluate runs (model, SAE, lens): auto, cpu, cuda or cuda:N; empty: `extract.device`."""
+
+
+@dataclass
+class DumpParams:
+    device: str = "cpu"
+    """Where dump encodes the eval split: auto (CUDA when present), cpu, cuda or cuda:N."""
 
 
 @dataclass
@@ -141,6 +152,7 @@ class Params:
     sae: SAEParams = field(default_factory=SAEParams)
     train: TrainParams = field(default_factory=TrainParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    dump: DumpParams = field(default_factory=DumpParams)
     analysis: AnalysisParams = field(default_factory=AnalysisParams)
 
     def validate(self) -> "Params":
@@ -188,6 +200,12 @@ class Params:
         elif not layers or len(set(layers)) != len(layers) or any(i < 0 for i in layers):
             raise MlsaeError(f"sae.layers: must be a non-empty list of distinct indices >= 0 (got {layers})")
         return self
+
+    def device(self, stage: str) -> str:
+        """The device spec a stage runs on (resolve it once, with `models.resolve_device`)."""
+        specs = {"extract": self.extract.device, "lens": self.lens_fit.device, "train": self.train.device,
+                 "evaluate": self.evaluate.device or self.extract.device, "dump": self.dump.device}
+        return specs[stage]
 
     def select_layers(self, n_layers: int) -> list[int]:
         """The block indices the SAE uses, checked against the model's layer count."""

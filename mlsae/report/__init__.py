@@ -194,7 +194,7 @@ def build_report(
     layers = _layers_table(inp)
     top = _top_latents_table(inp, tokens, context, position, decode, top_latents, contexts_per_latent)
     mean_hist, std_hist = _histograms(inp, min_count)
-    adjacent = [_number(v) for v in inp.extract.get("adjacent_cos_by_layer") or []]
+    adjacent = [_number(v) for v in inp.extract.adjacent_cos_by_layer or []]
 
     tables: dict[Path, str] = {
         tables_dir / f"{SUMMARY_TABLE}.md": _summary_markdown(summary),
@@ -223,7 +223,7 @@ def build_report(
     lens_figure = figures_dir / LENS_FIG
     if inp.lens_by_layer is not None:
         plots[plots_dir / LENS_PLOT.name] = _csv(inp.lens_by_layer)
-        images[lens_figure] = _lens_figure(inp.lens_by_layer, str(inp.lens["lens"]))
+        images[lens_figure] = _lens_figure(inp.lens_by_layer, str(inp.lens.lens))
     else:
         plots[plots_dir / LENS_PLOT.name] = _csv(pl.DataFrame(schema=LENS_BY_LAYER_SCHEMA))
         skipped = {LENS_FIG: "lens is none: no lens KL to plot"}

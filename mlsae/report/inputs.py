@@ -23,6 +23,15 @@ from mlsae.constants import (
 )
 from mlsae.errors import MlsaeError
 from mlsae.io import read_json
+from mlsae.metrics import (
+    STAGE_METRICS,
+    AnalysisMetrics,
+    EvalMetrics,
+    ExtractMetrics,
+    LensMetrics,
+    TrainMetrics,
+    read_metrics,
+)
 from mlsae.report.summary import _number
 
 
@@ -37,11 +46,11 @@ class _Inputs:
 
     config: dict[str, Any]
     blocks: list[int]  # SAE layers, in layer-position order
-    extract: dict[str, Any]
-    lens: dict[str, Any]
-    train: dict[str, Any]
-    eval: dict[str, Any]
-    analysis: dict[str, Any]
+    extract: ExtractMetrics
+    lens: LensMetrics
+    train: TrainMetrics
+    eval: EvalMetrics
+    analysis: AnalysisMetrics
     train_curve: pl.DataFrame
     latents: pl.DataFrame
     layers: pl.DataFrame
@@ -104,7 +113,8 @@ def _load_inputs(metrics_dir: Path, plots_dir: Path, analysis_dir: Path, sae_con
         raise MlsaeError(f"{paths['config']}: 'layers' must be a non-empty list of block indices, got {blocks!r}")
     n_layers = len(blocks)
 
-    jsons = {name: read_json(paths[name]) for name in ("extract", "lens", "train", "eval", "analysis")}
+    jsons: dict[str, Any] = {name: read_metrics(paths[name], STAGE_METRICS[name], partial=True)
+                             for name in ("extract", "lens", "train", "eval", "analysis")}
     eval_blocks = jsons["eval"].get("layers", blocks)
     if eval_blocks != blocks:
         raise MlsaeError(f"{paths['eval']}: layers {eval_blocks} differ from the SAE's {blocks} ({paths['config']})")

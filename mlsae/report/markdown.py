@@ -131,7 +131,7 @@ def _layers_table(inp: _Inputs) -> pl.DataFrame:
     """One row per SAE layer: eval metrics, training FVU, adjacent cosine, latent activity, lens KL."""
     n = len(inp.blocks)
     ev, path = inp.eval, inp.paths["eval"]
-    adjacent = inp.extract.get("adjacent_cos_by_layer") or []
+    adjacent = inp.extract.adjacent_cos_by_layer or []
     if not isinstance(adjacent, list):
         raise MlsaeError(f"{inp.paths['extract']}: 'adjacent_cos_by_layer' must be a list")
     mass = inp.layers["mass"].cast(pl.Float64).to_numpy()
