@@ -252,6 +252,7 @@ def test_resume_after_interruption_equals_uninterrupted_run(
     assert not (ckpt / C.CHECKPOINT).exists()  # removed once the output is whole
 
 
+@pytest.mark.slow  # starts stage processes (a new interpreter each)
 def test_kill_9_mid_run_then_rerun_resumes(store: tuple[Path, dict], reader: ActivationStore, tmp_path: Path,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     raw = raw_params(store, train={"epochs": 5, "checkpoint_every": 1})
@@ -540,6 +541,7 @@ def test_bad_input_fails_with_one_clear_line(
     assert_failed_cleanly(case, work, rc, err)
 
 
+@pytest.mark.slow  # starts stage processes (a new interpreter each)
 @pytest.mark.parametrize("case", ["k_above_n_latents", "checkpoint_truncated"])
 def test_bad_input_fails_with_one_clear_line_in_a_real_process(
     store: tuple[Path, dict], reader: ActivationStore, tmp_path: Path, case: str
