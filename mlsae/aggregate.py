@@ -28,6 +28,9 @@ fetches the next chunk meanwhile, a writer thread appends the previous chunk's r
 
 Nothing of size ``tokens x layers x latents`` (or ``tokens x latents``) is built and no per-token
 table outlives its chunk, so memory is bounded by the chunk size and ``n_latents x L``.
+
+The chunk reader, the grouping kernel, the accumulator and the tables' schemas are in
+``mlsae/aggregate_kernels.py``; the latent store's format is ``mlsae/latents.py``.
 """
 
 from __future__ import annotations
