@@ -25,8 +25,9 @@ repro: setup
 test: setup
 	source $(VENV)/bin/activate && python -m pytest -q
 
+# the inner loop: no DVC runs, torchrun, stage processes or 30-layer model; both cores
 test-fast: setup
-	source $(VENV)/bin/activate && python -m pytest -q -m "not slow"
+	source $(VENV)/bin/activate && python -m pytest -q -m "not slow" -n 2
 
 bench: setup
 	source $(VENV)/bin/activate && python benchmarks/extract.py && python benchmarks/train.py && python benchmarks/train_memory.py && python benchmarks/aggregate.py

@@ -1,4 +1,4 @@
-"""Throughput and memory of the streaming analysis (`mlsae.analysis.aggregate`).
+"""Throughput and memory of the streaming analysis (`mlsae.aggregate.aggregate`).
 
 Builds two random latent stores of realistic shape (L=30 layers, k=32, 9216 latents) with N and
 4N eval tokens, then runs `aggregate` on each in a fresh subprocess so that each peak RSS is its
@@ -84,7 +84,7 @@ def peak_rss_kib() -> int:
 
 def run_one(store: Path, out: Path) -> dict:
     """Child process: run `aggregate` once and report time and peak RSS as JSON on stdout."""
-    from mlsae.analysis import aggregate
+    from mlsae.aggregate import aggregate
 
     base_kib = peak_rss_kib()
     t0, c0 = time.perf_counter(), time.process_time()

@@ -3,7 +3,7 @@
 Both arms start from the same weights, see the same batches and use the same Adam, decoder
 constraints and per-vector normalisation; they differ only in how the step is computed:
 
-  sparse  mlsae.sae.train_step: dense encoder matmul, then gathers / index_add over the k active
+  sparse  mlsae.train.train_step: dense encoder matmul, then gathers / index_add over the k active
           latents for the decoder and for every gradient.
   dense   full matmul encoder, TopK mask into a dense (N, n_latents) code, dense matmul decoder,
           plain autograd backward.
@@ -31,7 +31,8 @@ import torch
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mlsae.sae import MLSAE, SAEConfig, make_optimizer, train_step  # noqa: E402
+from mlsae.sae import MLSAE, SAEConfig  # noqa: E402
+from mlsae.train import make_optimizer, train_step  # noqa: E402
 
 
 class DenseTopKSAE(nn.Module):

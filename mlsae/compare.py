@@ -36,6 +36,7 @@ import polars as pl
 from mlsae.constants import ANALYSIS_METRICS, EVAL_METRICS, EXTRACT_METRICS, LENS_METRICS, TABLES_DIR, TRAIN_METRICS
 from mlsae.errors import MlsaeError
 from mlsae.io import write_text
+from mlsae.metrics import STAGE_METRICS
 from mlsae.report import SUMMARY_COLUMNS, format_layers, markdown_table, summary_row
 
 __all__ = ["EXPERIMENTS_TABLE", "Experiment", "compare", "experiment_rows", "main", "parse_exp_show"]
@@ -106,7 +107,12 @@ def _entry(raw: Mapping[str, Any], name: str, baseline: str, status: str) -> Exp
                 kind = error.get("type") if isinstance(error, Mapping) else None
                 notes.append(f"{Path(path).name}: {kind or 'unreadable'}")
             elif isinstance(content, Mapping):
-                metrics[stage] = dict(content.get("data") or {})
+                try:
+                    record = STAGE_METRICS[stage].from_dict(dict(content.get("data") or {}), path, partial=True)
+                except MlsaeError as e:
+                    notes.append(str(e))
+                    continue
+                metrics[stage] = record.to_dict()
     short = rev if rev == "workspace" else rev[:7]
     return Experiment(name or short, short, baseline, status, params, metrics, notes)
 

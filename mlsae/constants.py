@@ -27,6 +27,9 @@ TRAIN_PLOT = PLOTS_DIR / "train.csv"
 EVAL_PLOT = PLOTS_DIR / "eval_by_layer.csv"
 LENS_PLOT = PLOTS_DIR / "lens_by_layer.csv"
 ADJ_COS_PLOT = PLOTS_DIR / "adjacent_cos.csv"
+MEAN_HIST_PLOT = PLOTS_DIR / "latent_mean_layer_hist.csv"
+STD_HIST_PLOT = PLOTS_DIR / "latent_std_hist.csv"
+LAYER_ACTIVITY_PLOT = PLOTS_DIR / "layer_activity.csv"
 
 # SAE directory contents
 SAE_WEIGHTS = "sae.safetensors"

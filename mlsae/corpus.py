@@ -1,4 +1,4 @@
-"""The text corpus: documents from `data.source`, cut into fixed-length token contexts.
+"""The text corpus: the documents of `data.source`.
 
 `data.source` is one of
 
@@ -8,10 +8,8 @@
 - a local path, directory or glob of ``.txt`` (a whole file is one document), ``.jsonl`` (one
   JSON object per line with a ``text`` key) or ``.parquet`` (a ``text`` column) files.
 
-Documents are joined into one token stream, each preceded by a separator (the tokenizer's EOS
-token, else its BOS token), and the stream is cut into non-overlapping contexts of
-`data.context` tokens. Everything is lazy: only as much of the corpus is read and tokenised as
-the requested number of contexts needs.
+Documents are read lazily, one at a time; `mlsae/contexts.py` tokenises them and cuts the
+token stream into contexts.
 """
 
 from __future__ import annotations
@@ -20,20 +18,12 @@ import ast
 import glob
 import inspect
 import json
-import math
 import os
 import sysconfig
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-import numpy as np
 
 from mlsae.errors import MlsaeError
-
-if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
 
 EMBEDDED_PREFIX = "embedded:"
 EMBEDDED_PYTHON_DOCS = "embedded:python-docs"
@@ -47,14 +37,6 @@ SKIPPED_STDLIB_DIRS = frozenset(
     {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__"}
 )
 
-# Tokenisation batching: a batch holds about as many characters as the remaining tokens need
-# (by a running chars-per-token estimate), within these bounds.
-_INITIAL_CHARS_PER_TOKEN = 4.0
-_MAX_BATCH_CHARS = 1 << 20
-_MAX_BATCH_DOCS = 1024
-# Documents longer than this are tokenised piece by piece (pieces end at a newline where
-# possible), so one huge file never has to be tokenised whole when few tokens are needed.
-_MAX_PIECE_CHARS = 1 << 20
 
 _OFFLINE_HINT = (
     "offline, use data.source=embedded:python-docs or a local path/glob of .txt, .jsonl or "
@@ -327,176 +309,3 @@ def _read_parquet(path: Path) -> Iterator[str]:
         for text in batch.column(0).to_pylist():
             if text is not None:
                 yield text
-
-
-# --------------------------------------------------------------------------------------------
-# Contexts
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Contexts:
-    """Fixed-length token contexts cut from the corpus stream.
-
-    Attributes:
-        tokens: ``(n_contexts, context)`` int32 token ids.
-        special: ``(n_contexts, context)`` bool, True where the id is one of the tokenizer's
-            special ids (the document separators among them); masked downstream.
-    """
-
-    tokens: np.ndarray
-    special: np.ndarray
-
-    @property
-    def n_contexts(self) -> int:
-        """Number of contexts."""
-        return int(self.tokens.shape[0])
-
-    @property
-    def context(self) -> int:
-        """Tokens per context."""
-        return int(self.tokens.shape[1])
-
-
-def separator_id(tokenizer: PreTrainedTokenizerBase) -> int:
-    """The document separator: the tokenizer's EOS id, else its BOS id."""
-    for token_id in (tokenizer.eos_token_id, tokenizer.bos_token_id):
-        if token_id is not None:
-            return int(token_id)
-    raise MlsaeError(
-        "model: the tokenizer has neither an EOS nor a BOS token to separate documents with"
-    )
-
-
-def build_contexts(
-    documents: Iterable[str],
-    tokenizer: PreTrainedTokenizerBase,
-    context: int,
-    n_contexts: int,
-) -> Contexts:
-    """Tokenise `documents` into `n_contexts` non-overlapping contexts of `context` tokens.
-
-    The stream is ``SEP doc1 SEP doc2 ...`` (SEP from :func:`separator_id`; the tokenizer adds
-    no special tokens of its own). Documents are pulled and tokenised in batches sized to the
-    tokens still needed, and reading stops as soon as every context is full, so only about
-    as much of the corpus is consumed as needed.
-
-    Raises:
-        MlsaeError: bad sizes, no separator token, or too little text for `n_contexts`.
-    """
-    _check_positive_int("data.context", context)
-    _check_positive_int("number of contexts (data.train_tokens + data.eval_tokens)", n_contexts)
-    sep = separator_id(tokenizer)
-    needed = context * n_contexts
-    stream = np.empty(needed, dtype=np.int32)
-    filled = 0
-    for ids in _token_runs(documents, tokenizer, sep, lambda: needed - filled):
-        take = min(len(ids), needed - filled)
-        stream[filled : filled + take] = ids[:take]
-        filled += take
-        if filled == needed:
-            break
-    if filled < needed:
-        raise MlsaeError(
-            f"data.train_tokens + data.eval_tokens: need {needed} tokens ({n_contexts} contexts "
-            f"of data.context={context}) but the corpus has only {filled}; lower them or use a "
-            f"larger data.source"
-        )
-    tokens = stream.reshape(n_contexts, context)
-    special_ids = np.asarray(sorted(set(tokenizer.all_special_ids) | {sep}), dtype=np.int64)
-    return Contexts(tokens=tokens, special=np.isin(tokens, special_ids))
-
-
-def _token_runs(
-    documents: Iterable[str],
-    tokenizer: PreTrainedTokenizerBase,
-    sep: int,
-    remaining: Callable[[], int],
-) -> Iterator[list[int]]:
-    """Yield the token stream in runs: ``[SEP, *doc]`` for a document's first piece.
-
-    `remaining()` tells how many tokens the consumer still needs; each batch holds about that
-    many tokens' worth of characters, by the chars-per-token ratio seen so far.
-    """
-    pieces = _pieces(documents)
-    chars_per_token = _INITIAL_CHARS_PER_TOKEN
-    seen_chars = seen_tokens = 0
-    while True:
-        budget = min(_MAX_BATCH_CHARS, max(1, math.ceil(remaining() * chars_per_token)))
-        batch: list[tuple[bool, str]] = []
-        batch_chars = 0
-        for starts_document, text in pieces:
-            batch.append((starts_document, text))
-            batch_chars += len(text)
-            if batch_chars >= budget or len(batch) >= _MAX_BATCH_DOCS:
-                break
-        if not batch:
-            return
-        encoded = tokenizer(
-            [text for _, text in batch],
-            add_special_tokens=False,
-            return_attention_mask=False,
-            return_token_type_ids=False,
-            verbose=False,
-        )["input_ids"]
-        for (starts_document, _), ids in zip(batch, encoded, strict=True):
-            seen_tokens += len(ids)
-            yield [sep, *ids] if starts_document else list(ids)
-        seen_chars += batch_chars
-        if seen_tokens:
-            chars_per_token = max(seen_chars / seen_tokens, 0.25)
-
-
-def _pieces(documents: Iterable[str]) -> Iterator[tuple[bool, str]]:
-    """Yield ``(starts_document, text)``; a long document comes in pieces ending at newlines."""
-    for document in documents:
-        start = 0
-        while len(document) - start > _MAX_PIECE_CHARS:
-            cut = document.rfind("\n", start, start + _MAX_PIECE_CHARS) + 1
-            if cut <= start:
-                cut = start + _MAX_PIECE_CHARS
-            yield start == 0, document[start:cut]
-            start = cut
-        yield start == 0, document[start:]
-
-
-# --------------------------------------------------------------------------------------------
-# Sizes and split
-# --------------------------------------------------------------------------------------------
-
-
-def plan(train_tokens: int, eval_tokens: int, context: int) -> tuple[int, int]:
-    """Contexts needed for the train and eval splits: ``ceil(tokens / context)`` each."""
-    _check_positive_int("data.context", context)
-    _check_positive_int("data.train_tokens", train_tokens)
-    _check_positive_int("data.eval_tokens", eval_tokens)
-    return -(-train_tokens // context), -(-eval_tokens // context)
-
-
-def split_contexts(n_contexts: int, n_eval: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Choose `n_eval` of `n_contexts` contexts for eval (seeded), the rest for train.
-
-    Returns ``(train_idx, eval_idx)``: disjoint, each sorted ascending, int64, together
-    covering ``range(n_contexts)``. Same arguments, same split (numpy ``default_rng(seed)``).
-    """
-    _check_positive_int("number of contexts", n_contexts)
-    if isinstance(n_eval, bool) or not isinstance(n_eval, (int, np.integer)):
-        raise MlsaeError(f"data.eval_tokens: eval context count must be an integer, got {n_eval!r}")
-    if not 0 <= n_eval <= n_contexts:
-        raise MlsaeError(
-            f"data.eval_tokens: {n_eval} eval contexts requested out of {n_contexts} in all"
-        )
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise MlsaeError(f"seed must be a non-negative integer, got {seed!r}")
-    rng = np.random.default_rng(seed)
-    eval_idx = np.sort(rng.choice(n_contexts, size=n_eval, replace=False)).astype(np.int64)
-    is_eval = np.zeros(n_contexts, dtype=bool)
-    is_eval[eval_idx] = True
-    train_idx = np.flatnonzero(~is_eval).astype(np.int64)
-    return train_idx, eval_idx
-
-
-def _check_positive_int(key: str, value: object) -> None:
-    """Raise :class:`MlsaeError` naming `key` unless `value` is an integer > 0."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise MlsaeError(f"{key} must be a positive integer, got {value!r}")

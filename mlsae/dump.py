@@ -1,9 +1,7 @@
 """The dump stage: sparse latent activations of every eval token and layer -> `data/latents.zarr`.
 
-Arrays `indices (tokens, layers, k)` int32 and `values (tokens, layers, k)` float16, in the
-activation store's eval order, plus copies of its `tokens`, `context`, `position`, `special`
-arrays so analysis needs only this store. Written one whole shard at a time with a `done`
-counter, so an interrupted dump resumes; `complete` is set last.
+Encodes the activation store's eval split, in its order, one latent-store shard at a time (the
+store's layout and resume rules are in `mlsae/latents.py`); `complete` is set last.
 """
 
 from __future__ import annotations
@@ -12,19 +10,13 @@ import hashlib
 
 import numpy as np
 import torch
-import zarr
 from tqdm.auto import tqdm
 
-from mlsae import store
-from mlsae.constants import CONTEXT, INDICES, POSITION, SPECIAL, STORE_SCHEMA, TOKENS, VALUES
+from mlsae import latents, store
+from mlsae.constants import INDICES, STORE_SCHEMA, VALUES
 from mlsae.errors import MlsaeError
-from mlsae.io import remove
 from mlsae.lens import Lens
 from mlsae.sae import MLSAE
-
-SHARD_TOKENS = 8192
-CHUNK_TOKENS = 1024
-
 
 def _fingerprint(sae: MLSAE, lens: Lens) -> str:
     """Hash of the SAE's weights and the lens's translators: the params hash alone does not change
@@ -46,25 +38,6 @@ def _attrs(sae: MLSAE, lens: Lens, reader: store.ActivationStore) -> dict:
             "fingerprint": _fingerprint(sae, lens)}
 
 
-def _open(path: str, attrs: dict, reader: store.ActivationStore) -> tuple[zarr.Group, int]:
-    """(group, shards already done): resume a matching incomplete store, else start afresh."""
-    if store.exists(path):
-        root = store.open_root(path, mode="r+")
-        old = dict(root.attrs)
-        if not old.get("complete") and all(old.get(k) == v for k, v in attrs.items()):
-            return root, int(old.get("done", 0))
-        remove(path)
-    n, L, k = attrs["n_tokens"], len(attrs["layers"]), attrs["k"]
-    root = zarr.open_group(path, mode="w")
-    root.attrs.update({**attrs, "done": 0, "complete": False})
-    shape, chunks, shards = (n, L, k), (CHUNK_TOKENS, L, k), (SHARD_TOKENS, L, k)
-    root.create_array(INDICES, shape=shape, dtype=np.int32, chunks=chunks, shards=shards, fill_value=0)
-    root.create_array(VALUES, shape=shape, dtype=np.float16, chunks=chunks, shards=shards, fill_value=0)
-    for key in (TOKENS, CONTEXT, POSITION, SPECIAL):
-        root.create_array(key, data=reader.meta("eval", key), chunks=(SHARD_TOKENS,))
-    return root, 0
-
-
 @torch.no_grad()
 def dump(sae: MLSAE, lens: Lens, reader: store.ActivationStore, path: str, progress: bool = True,
          stop_after_shards: int | None = None) -> dict:
@@ -72,20 +45,19 @@ def dump(sae: MLSAE, lens: Lens, reader: store.ActivationStore, path: str, progr
     if reader.n_tokens("eval") == 0:
         raise MlsaeError(f"{reader.path}: the eval split is empty")
     attrs = _attrs(sae, lens, reader)
-    root, done = _open(path, attrs, reader)
+    root, done = latents.open_for_writing(path, attrs, reader)
     n, layers = attrs["n_tokens"], sae.cfg.layers
     sae.eval()
-    n_shards = -(-n // SHARD_TOKENS)
-    bar = tqdm(total=n, initial=min(n, done * SHARD_TOKENS), desc="dump", unit="tok", disable=not progress)
+    n_shards = -(-n // latents.SHARD_TOKENS)
+    bar = tqdm(total=n, initial=min(n, done * latents.SHARD_TOKENS), desc="dump", unit="tok", disable=not progress)
     for shard in range(done, n_shards):
-        lo, hi = shard * SHARD_TOKENS, min(n, (shard + 1) * SHARD_TOKENS)
+        lo, hi = shard * latents.SHARD_TOKENS, min(n, (shard + 1) * latents.SHARD_TOKENS)
         idx_parts, val_parts = [], []
-        for s in range(lo, hi, CHUNK_TOKENS):
-            x = reader.resid("eval", s, min(hi, s + CHUNK_TOKENS), layers)
-            xn, _, _ = sae.normalise(lens(x, layers))
+        for x in reader.chunks("eval", latents.CHUNK_TOKENS, layers, special=True, start=lo, stop=hi):
+            xn, _, _ = sae.normalise(lens(x.to(sae.b_pre.device), layers))
             values, indices = sae.encode(xn)
-            idx_parts.append(indices.to(torch.int32).numpy())
-            val_parts.append(values.to(torch.float16).numpy())
+            idx_parts.append(indices.to(torch.int32).cpu().numpy())
+            val_parts.append(values.to(torch.float16).cpu().numpy())
             bar.update(x.shape[0])
         root[INDICES][lo:hi] = np.concatenate(idx_parts)
         root[VALUES][lo:hi] = np.concatenate(val_parts)

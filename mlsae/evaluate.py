@@ -31,25 +31,23 @@ def reconstruction_metrics(sae: MLSAE, lens: Lens, reader: ActivationStore, chun
     """fvu, mse, l0 per layer and dead_fraction over the eval split (streaming, float64 sums)."""
     layers = sae.cfg.layers
     L, d = len(layers), sae.cfg.d_model
-    keep = ~reader.meta("eval", SPECIAL)
-    n_total = reader.n_tokens("eval")
     s_x = torch.zeros(L, d, dtype=torch.float64)
     s_xx = torch.zeros(L, dtype=torch.float64)
     s_err = torch.zeros(L, dtype=torch.float64)
     s_l0 = torch.zeros(L, dtype=torch.float64)
     fired = torch.zeros(sae.cfg.n_latents, dtype=torch.bool)
     n = 0
-    for start in tqdm(range(0, n_total, chunk), desc="evaluate: reconstruction", disable=not progress):
-        x = reader.resid("eval", start, min(n_total, start + chunk), layers)
-        x = x[torch.from_numpy(keep[start : start + x.shape[0]])]
-        out = sae(lens(x, layers))
-        xn, xh = out.xn.double(), out.xn_hat.double()
+    n_chunks = -(-reader.n_tokens("eval") // chunk)
+    for x in tqdm(reader.chunks("eval", chunk, layers), total=n_chunks, desc="evaluate: reconstruction",
+                  disable=not progress):
+        out = sae(lens(x.to(sae.b_pre.device), layers))
+        xn, xh = out.xn.double().cpu(), out.xn_hat.double().cpu()
         s_x += xn.sum(0)
         s_xx += xn.pow(2).sum((0, 2))
         s_err += (xn - xh).pow(2).sum((0, 2))
-        active = out.values > 0
+        active = (out.values > 0).cpu()
         s_l0 += active.sum((0, 2)).double()
-        fired[out.indices[active]] = True
+        fired[out.indices.cpu()[active]] = True
         n += x.shape[0]
     total_var = s_xx - s_x.pow(2).sum(-1) / n
     fvu = (s_err / total_var).tolist()
@@ -81,9 +79,9 @@ def downstream_metrics(sae: MLSAE, lens: Lens, model: LoadedModel, reader: Activ
     Positions whose input or target token is special are masked out of CE and KL.
     """
     context = int(reader.attrs["context"])
-    n_ctx = max(1, min(-(-n_tokens // context), reader.n_tokens("eval") // context))
-    tokens = reader.split("eval")[TOKENS][: n_ctx * context].reshape(n_ctx, context)
-    special = reader.meta("eval", SPECIAL)[: n_ctx * context].reshape(n_ctx, context)
+    n_contexts = max(1, min(-(-n_tokens // context), reader.n_tokens("eval") // context))
+    tokens = reader.split("eval")[TOKENS][: n_contexts * context].reshape(n_contexts, context)
+    special = reader.meta("eval", SPECIAL)[: n_contexts * context].reshape(n_contexts, context)
     layers = sae.cfg.layers
     dev = model.device
     sae, lens = sae.to(dev), lens.to(dev)
@@ -102,9 +100,9 @@ def downstream_metrics(sae: MLSAE, lens: Lens, model: LoadedModel, reader: Activ
 
         return fn
 
-    bar = tqdm(total=n_ctx * (1 + 2 * len(layers)), desc="evaluate: spliced forwards", unit="ctx",
+    bar = tqdm(total=n_contexts * (1 + 2 * len(layers)), desc="evaluate: spliced forwards", unit="forward",
                disable=not progress)
-    for start in range(0, n_ctx, batch_size):
+    for start in range(0, n_contexts, batch_size):
         ids = torch.from_numpy(tokens[start : start + batch_size].astype(np.int64))
         sp = torch.from_numpy(special[start : start + batch_size])
         mask = (~sp[:, :-1] & ~sp[:, 1:]).to(dev)

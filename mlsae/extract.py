@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from mlsae import contexts as token_contexts
 from mlsae import corpus, store
 from mlsae.constants import POSITION, RESID, SPECIAL
 from mlsae.errors import MlsaeError
@@ -58,13 +59,13 @@ def prepare_splits(p: Params, model: LoadedModel, docs: Iterator[str] | None = N
         raise MlsaeError(
             f"data.context: {p.data.context} exceeds the maximum context of model {p.model} ({model.max_context})"
         )
-    n_train, n_eval = corpus.plan(p.data.train_tokens, p.data.eval_tokens, p.data.context)
+    n_train, n_eval = token_contexts.plan(p.data.train_tokens, p.data.eval_tokens, p.data.context)
     if docs is None:
         docs = corpus.iter_documents(p.data.source)
-    ctx = corpus.build_contexts(docs, model.tokenizer, p.data.context, n_train + n_eval)
-    train_idx, eval_idx = corpus.split_contexts(n_train + n_eval, n_eval, p.seed)
+    contexts = token_contexts.build_contexts(docs, model.tokenizer, p.data.context, n_train + n_eval)
+    train_idx, eval_idx = token_contexts.split_contexts(n_train + n_eval, n_eval, p.seed)
     return {
-        name: store.SplitData(tokens=ctx.tokens[idx], special=ctx.special[idx], context_index=idx.astype(np.int32))
+        name: store.SplitData(tokens=contexts.tokens[idx], special=contexts.special[idx], context_index=idx.astype(np.int32))
         for name, idx in (("train", train_idx), ("eval", eval_idx))
     }
 
@@ -106,13 +107,13 @@ def extract(p: Params, out: str, progress: bool = True, stop_after_shards: int |
 
     work = []  # (split, shard index, first context, last context)
     for name, data in splits.items():
-        n_ctx = data.tokens.shape[0]
-        for s in range(done[name], -(-n_ctx // per_shard)):
-            work.append((name, s, s * per_shard, min(n_ctx, (s + 1) * per_shard)))
+        n_contexts = data.tokens.shape[0]
+        for s in range(done[name], -(-n_contexts // per_shard)):
+            work.append((name, s, s * per_shard, min(n_contexts, (s + 1) * per_shard)))
     total = sum(hi - lo for _, _, lo, hi in work) * p.data.context
 
-    def write(name: str, shard: int, lo: int, block: np.ndarray) -> None:
-        root[name][RESID][lo * p.data.context : lo * p.data.context + block.shape[0]] = block
+    def write(name: str, shard: int, lo: int, resid: np.ndarray) -> None:
+        root[name][RESID][lo * p.data.context : lo * p.data.context + resid.shape[0]] = resid
         done[name] = shard + 1
         root.attrs["done"] = dict(done)  # only after the shard is on disk
 
@@ -142,11 +143,10 @@ def extract(p: Params, out: str, progress: bool = True, stop_after_shards: int |
     elapsed = time.perf_counter() - t0
     bar.close()
 
-    reader = store.ActivationStore(out, allow_incomplete=True)
-    cos = adjacent_cosine(reader)
-    ratio = first_position_norm_ratio(reader)
+    ratio = first_position_norm_ratio(store.ActivationStore(out, allow_incomplete=True))
     skip = decide_skip_first(p.data.skip_first, ratio)
     root.attrs["skip_first"] = skip
+    cos = adjacent_cosine(store.ActivationStore(out, allow_incomplete=True))  # over the kept tokens
     root.attrs["complete"] = True
     n_tokens = sum(d.n_tokens for d in splits.values())
     return {
@@ -194,27 +194,22 @@ def first_position_norm_ratio(reader: store.ActivationStore, split: str = "eval"
 
 
 def adjacent_cosine(reader: store.ActivationStore, split: str = "eval", chunk: int = 4096) -> list[float]:
-    """Mean cosine similarity of mean-centred residuals at blocks (i, i+1), special tokens masked.
+    """Mean cosine similarity of mean-centred residuals at blocks (i, i+1), over the kept tokens
+    (not special; not position 0 when the store skips it).
 
     Two streaming passes over the split: per-layer means, then per-token cosines.
     """
-    n = reader.n_tokens(split)
-    keep = ~reader.meta(split, SPECIAL)
     L, d = reader.n_layers, reader.d_model
     total = torch.zeros(L, d, dtype=torch.float64)
     count = 0
-    for start in range(0, n, chunk):
-        x = reader.resid(split, start, min(n, start + chunk)).double()
-        m = torch.from_numpy(keep[start : start + x.shape[0]])
-        total += x[m].sum(0)
-        count += int(m.sum())
+    for x in reader.chunks(split, chunk):
+        total += x.double().sum(0)
+        count += x.shape[0]
     if count == 0 or L < 2:
         return []
     mean = total / count
     cos_sum = torch.zeros(L - 1, dtype=torch.float64)
-    for start in range(0, n, chunk):
-        x = reader.resid(split, start, min(n, start + chunk)).double()
-        m = torch.from_numpy(keep[start : start + x.shape[0]])
-        xc = x[m] - mean
+    for x in reader.chunks(split, chunk):
+        xc = x.double() - mean
         cos_sum += torch.nn.functional.cosine_similarity(xc[:, :-1], xc[:, 1:], dim=-1).sum(0)
     return (cos_sum / count).tolist()

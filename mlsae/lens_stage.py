@@ -13,10 +13,10 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from mlsae.constants import SPECIAL
 from mlsae.errors import MlsaeError
 from mlsae.io import atomic_dir, read_json, write_json
-from mlsae.lens import Lens, fit_lens, kl_by_layer, load_pretrained
+from mlsae.lens import Lens, load_pretrained
+from mlsae.lens_fit import fit_lens, kl_by_layer
 from mlsae.params import Params
 from mlsae.store import ActivationStore
 
@@ -38,25 +38,21 @@ def load_stage_lens(lens_dir: str | Path, reader: ActivationStore) -> Lens:
 
 def eval_sample(reader: ActivationStore, n: int, skip: int = 0) -> torch.Tensor:
     """`n` non-special eval tokens after the first `skip` of them, all blocks, float32."""
-    keep = ~reader.meta("eval", SPECIAL)
-    rank = np.cumsum(keep)
+    rank = np.cumsum(reader.keep("eval"))
     start = int(np.searchsorted(rank, skip + 1))
     stop = min(reader.n_tokens("eval"), int(np.searchsorted(rank, skip + n)) + 1)
-    x = reader.resid("eval", start, stop)
-    return x[torch.from_numpy(keep[start:stop])][:n]
+    return reader.resid_kept("eval", start, stop)[:n]
 
 
 def train_chunks(reader: ActivationStore):
-    """A tuned-lens TrainIterFactory over the store's train split: blocks in a seeded order."""
-    block = reader.shard_tokens // 8
+    """A tuned-lens TrainIterFactory over the store's train split: store chunks in a seeded order."""
+    chunk = reader.chunk_tokens
     n = reader.n_tokens("train")
-    keep = ~reader.meta("train", SPECIAL)
 
     def factory(generator: torch.Generator) -> Iterator[torch.Tensor]:
-        starts = torch.arange(0, n, block)[torch.randperm(-(-n // block), generator=generator)]
+        starts = torch.arange(0, n, chunk)[torch.randperm(-(-n // chunk), generator=generator)]
         for s in starts.tolist():
-            x = reader.resid("train", s, min(n, s + block))
-            x = x[torch.from_numpy(keep[s : s + x.shape[0]])]
+            x = reader.resid_kept("train", s, min(n, s + chunk))
             yield x[torch.randperm(x.shape[0], generator=generator)]
 
     return factory
@@ -73,7 +69,9 @@ def run_lens_stage(p: Params, reader: ActivationStore, out_dir: Path, progress: 
 
     from mlsae.models import load_model
 
-    model = load_model(p.model, "cpu")
+    from mlsae.models import resolve_device
+
+    model = load_model(p.model, resolve_device(p.device("lens")))
     reader.check_model(p.model)
     if p.lens == "pretrained":
         lens = load_pretrained(p.lens_path, reader.n_layers, reader.d_model, model_name=_hub_name(p.model))

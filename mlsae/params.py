@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
@@ -23,6 +25,17 @@ FIRST_POSITION_OUTLIER = 2.0
 mean norm at the other positions, at some block."""
 LENS_MODES = ("none", "pretrained", "fit")
 NORMALISATIONS = ("vector", "seed")  # mlsae.sae.NORMALISATIONS (params must not import torch)
+"""The lens stage's modes (params `lens`); the SAE config's `lens` is one of these too."""
+
+
+def is_int(value: object) -> bool:
+    """An integer (Python or numpy) that is not a bool: the project's one integer check."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_number(value: object) -> bool:
+    """A finite int or float that is not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -64,6 +77,9 @@ class LensFitParams:
     """Evaluations without eval-KL improvement before stopping early."""
     eval_tokens: int = 256
     """Eval tokens for early stopping and the lens KL metrics (each costs layers x vocab)."""
+    device: str = "cpu"
+    """Where `lens: fit` trains and the lens KL is measured: auto (CUDA when present), cpu, cuda
+    or cuda:N."""
 
 
 @dataclass
@@ -121,6 +137,14 @@ class EvaluateParams:
     """Eval tokens used for the spliced delta CE and KL."""
     batch_size: int = 8
     """Contexts per spliced forward pass."""
+    device: str = ""
+    """Where evaluate runs (model, SAE, lens): auto, cpu, cuda or cuda:N; empty: `extract.device`."""
+
+
+@dataclass
+class DumpParams:
+    device: str = "cpu"
+    """Where dump encodes the eval split: auto (CUDA when present), cpu, cuda or cuda:N."""
 
 
 @dataclass
@@ -149,6 +173,7 @@ class Params:
     sae: SAEParams = field(default_factory=SAEParams)
     train: TrainParams = field(default_factory=TrainParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    dump: DumpParams = field(default_factory=DumpParams)
     analysis: AnalysisParams = field(default_factory=AnalysisParams)
 
     def validate(self) -> "Params":
@@ -204,6 +229,12 @@ class Params:
             raise MlsaeError(f"sae.layers: must be a non-empty list of distinct indices >= 0 (got {layers})")
         return self
 
+    def device(self, stage: str) -> str:
+        """The device spec a stage runs on (resolve it once, with `models.resolve_device`)."""
+        specs = {"extract": self.extract.device, "lens": self.lens_fit.device, "train": self.train.device,
+                 "evaluate": self.evaluate.device or self.extract.device, "dump": self.dump.device}
+        return specs[stage]
+
     def select_layers(self, n_layers: int) -> list[int]:
         """The block indices the SAE uses, checked against the model's layer count."""
         if self.sae.layers == "all":
@@ -252,7 +283,7 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             raise MlsaeError(f"{key}: expected true/false (got {value!r})")
         return value
     if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
+        if not is_int(value):
             raise MlsaeError(f"{key}: expected an integer (got {value!r})")
         return value
     if hint is float:

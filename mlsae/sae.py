@@ -1,4 +1,4 @@
-"""The multi-layer TopK sparse autoencoder (MLSAE): model, loss, sparse kernels, training step, I/O.
+"""The multi-layer TopK sparse autoencoder (MLSAE): config, model, loss and I/O.
 
 One SAE reads the residual vector of every selected layer of a token as a separate example
 (Lawson et al. 2024). Each vector is standardised over its own entries, encoded with
@@ -6,33 +6,34 @@ One SAE reads the residual vector of every selected layer of a token as a separa
 The training path is sparse end to end: only the encoder's forward matmul is dense; the decoder
 gathers k columns per vector and the encoder's backward touches only the k active rows. A plain
 dense path (``dense=True``) is kept as the reference the sparse one is tested against.
+The kernels are in ``mlsae/sae_kernels.py``; the optimiser and training step in ``mlsae/train.py``.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import math
-import os
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
 from mlsae.constants import SAE_CONFIG, SAE_WEIGHTS
 from mlsae.errors import MlsaeError
+from mlsae.io import write_bytes, write_text
+from mlsae.params import LENS_MODES, SAEParams, is_int, is_number
+from mlsae.sae_kernels import geometric_median, layer_fvu, sparse_encoder, topk_select
 
 NORM_EPS = 1e-6
 """``vector``: added to each vector's variance before dividing by its std (a constant vector maps to 0)."""
 SEED_NORM_EPS = 1e-5
 """``seed``: added to each vector's unbiased std, as the seed code (and SAELens's ``layer_norm``) does."""
-ADAM_EPS = 6.25e-10
 NORMALISATIONS = ("vector", "seed")
-LENSES = ("none", "pretrained", "fit")
 
 
 @dataclass
@@ -47,11 +48,11 @@ class SAEConfig:
     """Latents kept active per vector (TopK)."""
     layers: list[int]
     """Block indices of the selected layers, in the order of the input's layer axis (length L)."""
-    auxk: int = 256
+    auxk: int = SAEParams.auxk
     """Dead latents per vector used by the AuxK loss (at most the number dead; 0 disables it)."""
-    auxk_coef: float = 1 / 32
+    auxk_coef: float = SAEParams.auxk_coef
     """Weight of the AuxK loss in the total loss."""
-    dead_tokens: int = 1_000_000
+    dead_tokens: int = SAEParams.dead_tokens
     """A latent is dead once it has not fired for this many tokens (a token counts once for all layers)."""
     normalisation: str = "vector"
     """Input normalisation of each vector x over its own d entries, with m = mean(x):
@@ -89,15 +90,15 @@ class SAEConfig:
     def validate(self) -> None:
         """Raise :class:`MlsaeError` with one line naming the first bad key."""
         rules: list[tuple[str, Callable[[], bool], str]] = [
-            ("d_model", lambda: _is_int(self.d_model) and self.d_model >= 1, "a positive integer"),
-            ("n_latents", lambda: _is_int(self.n_latents) and self.n_latents >= 1, "a positive integer"),
-            ("k", lambda: _is_int(self.k) and 1 <= self.k <= self.n_latents, "in 1..n_latents"),
+            ("d_model", lambda: is_int(self.d_model) and self.d_model >= 1, "a positive integer"),
+            ("n_latents", lambda: is_int(self.n_latents) and self.n_latents >= 1, "a positive integer"),
+            ("k", lambda: is_int(self.k) and 1 <= self.k <= self.n_latents, "in 1..n_latents"),
             ("layers", self._layers_ok, "a non-empty list of distinct block indices >= 0"),
-            ("auxk", lambda: _is_int(self.auxk) and self.auxk >= 0, "an integer >= 0"),
-            ("auxk_coef", lambda: _is_number(self.auxk_coef) and self.auxk_coef >= 0, "a finite number >= 0"),
-            ("dead_tokens", lambda: _is_int(self.dead_tokens) and self.dead_tokens >= 1, "an integer >= 1"),
+            ("auxk", lambda: is_int(self.auxk) and self.auxk >= 0, "an integer >= 0"),
+            ("auxk_coef", lambda: is_number(self.auxk_coef) and self.auxk_coef >= 0, "a finite number >= 0"),
+            ("dead_tokens", lambda: is_int(self.dead_tokens) and self.dead_tokens >= 1, "an integer >= 1"),
             ("normalisation", lambda: self.normalisation in NORMALISATIONS, f"one of {NORMALISATIONS}"),
-            ("lens", lambda: self.lens in LENSES, f"one of {LENSES}"),
+            ("lens", lambda: self.lens in LENS_MODES, f"one of {LENS_MODES}"),
             ("model", lambda: isinstance(self.model, str), "a string"),
             ("params_hash", lambda: isinstance(self.params_hash, str), "a string"),
         ]
@@ -110,18 +111,9 @@ class SAEConfig:
         return (
             isinstance(layers, list)
             and len(layers) > 0
-            and all(_is_int(i) and i >= 0 for i in layers)
+            and all(is_int(i) and i >= 0 for i in layers)
             and len(set(layers)) == len(layers)
         )
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
 
 
 @dataclass
@@ -154,91 +146,6 @@ class SAELoss:
     """Mean of ``fvu_by_layer``."""
     auxk: Tensor
     """AuxK loss (0 when no latent is dead)."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Sparse kernels
-
-
-def _select(z: Tensor, k: int, dead: Tensor | None, n_aux: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """TopK + ReLU of the pre-activations z (N, n), and the top-``n_aux`` among the dead latents."""
-    values, indices = z.topk(k, dim=-1, sorted=False)
-    if dead is None or n_aux == 0:
-        aux_values, aux_indices = z.new_zeros(z.shape[0], 0), indices.new_zeros(z.shape[0], 0)
-    else:
-        aux_values, aux_indices = z.masked_fill(~dead, -math.inf).topk(n_aux, dim=-1, sorted=False)
-    return values.relu(), indices, aux_values.relu(), aux_indices
-
-
-def _sparse_outer(indices: Tensor, coef: Tensor, x: Tensor, n_rows: int) -> Tensor:
-    """``out[r] = Σ_{(i, j): indices[i, j] = r} coef[i, j] · x[i]``, i.e. ``Gᵀ x`` for the sparse
-    (N, n_rows) matrix G with ``G[i, indices[i, j]] = coef[i, j]``, never materialised densely."""
-    n, k = indices.shape
-    rows = torch.arange(n, device=indices.device).repeat_interleave(k)
-    g_t = torch.sparse_coo_tensor(
-        torch.stack([indices.reshape(-1), rows]), coef.reshape(-1), (n_rows, n), check_invariants=False
-    )
-    return torch.sparse.mm(g_t, x)
-
-
-@functools.cache
-def _sparse_encoder(device_type: str) -> type[torch.autograd.Function]:
-    """The TopK encoder as an autograd Function whose backward only touches the active latents.
-
-    ``custom_fwd``/``custom_bwd`` are bound to one device type, so there is one class per type.
-    """
-
-    class SparseTopKEncode(torch.autograd.Function):
-        @staticmethod
-        @torch.amp.custom_fwd(device_type=device_type)
-        def forward(  # type: ignore[override]
-            ctx: Any, xc: Tensor, w_enc: Tensor, k: int, dead: Tensor | None, n_aux: int
-        ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-            z = xc @ w_enc.T  # the one dense product; lower precision under autocast
-            values, indices, aux_values, aux_indices = _select(z, k, dead, n_aux)
-            values, aux_values = values.to(xc.dtype), aux_values.to(xc.dtype)
-            all_indices, all_values = torch.cat([indices, aux_indices], 1), torch.cat([values, aux_values], 1)
-            ctx.save_for_backward(xc, w_enc, all_indices, all_values)
-            ctx.mark_non_differentiable(indices, aux_indices)
-            return values, indices, aux_values, aux_indices
-
-        @staticmethod
-        @torch.amp.custom_bwd(device_type=device_type)
-        def backward(  # type: ignore[override]
-            ctx: Any, g_values: Tensor, _g_indices: Any, g_aux: Tensor, _g_aux_indices: Any
-        ) -> tuple[Tensor | None, Tensor | None, None, None, None]:
-            xc, w_enc, indices, values = ctx.saved_tensors
-            coef = torch.cat([g_values, g_aux], 1).to(xc.dtype) * (values > 0)  # ReLU gate
-            grad_xc = grad_w = None
-            if ctx.needs_input_grad[0]:  # Σ_j coef[i, j] · W_enc[indices[i, j]]
-                grad_xc = F.embedding_bag(indices, w_enc, per_sample_weights=coef.to(w_enc.dtype), mode="sum")
-            if ctx.needs_input_grad[1]:
-                with torch.autocast(device_type, enabled=False):  # sparse kernels: keep full precision
-                    grad_w = _sparse_outer(indices, coef, xc, w_enc.shape[0]).to(w_enc.dtype)
-            return grad_xc, grad_w, None, None, None
-
-    return SparseTopKEncode
-
-
-def geometric_median(points: Tensor, max_iter: int = 200, tol: float = 1e-7) -> Tensor:
-    """Geometric median of the rows of ``points`` (N, d) by Weiszfeld's iteration, started at the mean."""
-    x = points.reshape(-1, points.shape[-1]).double()
-    y = x.mean(0)
-    for _ in range(max_iter):
-        weights = 1.0 / (x - y).norm(dim=1).clamp_min(1e-12)
-        y_next = (weights[:, None] * x).sum(0) / weights.sum()
-        done = (y_next - y).norm() <= tol * max(1.0, float(y.norm()))
-        y = y_next
-        if done:
-            break
-    return y.to(points.dtype)
-
-
-def _fvu(x: Tensor, x_hat: Tensor) -> Tensor:
-    """Per-layer Σ‖x − x̂‖² / Σ‖x − mean_batch(x)‖² over the batch: (B, L, d) → (L,)."""
-    err = (x - x_hat).pow(2).sum(dim=(0, 2))
-    total = (x - x.mean(0, keepdim=True)).pow(2).sum(dim=(0, 2))
-    return err / total.clamp_min(torch.finfo(total.dtype).eps)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -298,10 +205,10 @@ class MLSAE(nn.Module):
         dead = self.dead_mask() if n_aux else None
         if dense:
             z = xc @ self.W_enc.T
-            out = list(_select(z, self.cfg.k, dead, n_aux))
+            out = list(topk_select(z, self.cfg.k, dead, n_aux))
             out[0], out[2] = out[0].to(xc.dtype), out[2].to(xc.dtype)
         else:
-            out = list(_sparse_encoder(xc.device.type).apply(xc, self.W_enc, self.cfg.k, dead, n_aux))
+            out = list(sparse_encoder(xc.device.type).apply(xc, self.W_enc, self.cfg.k, dead, n_aux))
         return tuple(t.reshape(*lead, t.shape[-1]) for t in out)  # type: ignore[return-value]
 
     def decode(self, values: Tensor, indices: Tensor, dense: bool = False) -> Tensor:
@@ -343,13 +250,13 @@ class MLSAE(nn.Module):
         """Mean per-layer FVU plus ``auxk_coef ·`` AuxK, all in the normalised space."""
         if out.xn.shape[0] < 2:
             raise MlsaeError("sae batch must hold at least 2 tokens (FVU needs a batch mean)")
-        fvu_by_layer = _fvu(out.xn, out.xn_hat)
+        fvu_by_layer = layer_fvu(out.xn, out.xn_hat)
         fvu = fvu_by_layer.mean()
         if out.aux_recon is None:
             auxk = fvu.new_zeros(())
         else:
             error = (out.xn - out.xn_hat).detach()
-            auxk = _fvu(error, out.aux_recon).mean()
+            auxk = layer_fvu(error, out.aux_recon).mean()
         return SAELoss(fvu + self.cfg.auxk_coef * auxk, fvu_by_layer, fvu, auxk)
 
     # -- dead latents --------------------------------------------------------------------------
@@ -401,9 +308,8 @@ class MLSAE(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {name: t.detach().cpu().contiguous() for name, t in self.state_dict().items()}
-        _atomic_write(directory / SAE_WEIGHTS, lambda p: save_file(tensors, str(p)))
-        text = json.dumps(self.cfg.to_dict(), indent=2) + "\n"
-        _atomic_write(directory / SAE_CONFIG, lambda p: p.write_text(text))
+        write_bytes(directory / SAE_WEIGHTS, safetensors_bytes(tensors))
+        write_text(directory / SAE_CONFIG, json.dumps(self.cfg.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> MLSAE:
@@ -440,69 +346,3 @@ class MLSAE(nn.Module):
 
 def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split())
-
-
-def _atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
-    """Write through ``write(tmp)`` then rename onto ``path``, so readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-# ----------------------------------------------------------------------------------------------
-# Training
-
-
-def make_optimizer(sae: nn.Module, lr: float) -> torch.optim.Adam:
-    """Adam with the paper's eps; the fused kernel (one pass over each tensor) on CPU and CUDA."""
-    params = list(sae.parameters())
-    fused = all(p.device.type in ("cpu", "cuda") for p in params)
-    return torch.optim.Adam(params, lr=lr, eps=ADAM_EPS, fused=fused)
-
-
-def train_step(
-    sae: nn.Module, opt: torch.optim.Optimizer, x: Tensor, grad_clip: float = 0.0
-) -> dict[str, float]:
-    """One optimiser step on raw residuals ``x`` (B, L, d); returns the batch's metrics:
-    ``loss``, ``fvu``, ``auxk``, ``l0``, ``dead_fraction`` and ``fvu_layer_{block}`` per layer.
-
-    ``sae`` is an :class:`MLSAE` or a DistributedDataParallel wrapper of one. The caller picks
-    the device and may wrap the call in ``torch.autocast``. Raises ``FloatingPointError`` before
-    touching the weights if the loss (or, with clipping, the gradient norm) is not finite.
-    """
-    core: MLSAE = getattr(sae, "module", sae)
-    sae.train()
-    out = sae(x, auxk=True)
-    losses = core.loss(out)
-    loss = float(losses.loss.detach())
-    finite = math.isfinite(loss)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        # every rank must agree to stop, or the others would wait forever in the all-reduce
-        flag = torch.tensor(float(finite), device=losses.loss.device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-        finite = bool(flag.item())
-    if not finite:
-        raise FloatingPointError(f"sae training loss is {loss} (on this or another rank); step skipped, weights unchanged")
-    opt.zero_grad(set_to_none=True)
-    losses.loss.backward()
-    core.remove_parallel_grads()
-    if grad_clip > 0:
-        norm = float(nn.utils.clip_grad_norm_(core.parameters(), grad_clip))
-        if not math.isfinite(norm):
-            raise FloatingPointError(f"sae gradient norm is {norm}; step skipped, weights unchanged")
-    opt.step()
-    core.normalise_decoder()
-    core.update_dead(out.values, out.indices, n_tokens=x.shape[0])
-    metrics = {
-        "loss": loss,
-        "fvu": float(losses.fvu.detach()),
-        "auxk": float(losses.auxk.detach()),
-        "l0": float((out.values > 0).sum(-1).float().mean()),
-        "dead_fraction": float(core.dead_mask().float().mean()),
-    }
-    for layer, value in zip(core.cfg.layers, losses.fvu_by_layer.detach().tolist()):
-        metrics[f"fvu_layer_{layer}"] = value
-    return metrics

@@ -1,7 +1,7 @@
 """Shuffled token batches from the train split, with bounded memory and exact resume.
 
-The split is cut into contiguous blocks (one store chunk each, so reads are contiguous). Each epoch
-visits the blocks in a seeded random order; consecutive blocks fill a shuffle buffer of
+The split is cut into contiguous store chunks (so reads are contiguous). Each epoch
+visits the chunks in a seeded random order; consecutive chunks fill a shuffle buffer of
 `buffer_tokens` tokens, whose non-special tokens are permuted (seeded by epoch and buffer) and cut
 into batches of `batch_tokens`; a buffer's remainder smaller than a batch is dropped. The plan is a
 pure function of (seed, special mask), so batch number s can be located without reading the data
@@ -23,33 +23,33 @@ from mlsae.store import ActivationStore
 class Buffer:
     epoch: int
     index: int
-    blocks: np.ndarray  # block ids, in fill order
+    chunks: np.ndarray  # store chunk ids, in fill order
     n_batches: int
 
 
 class BatchPlan:
     """Which tokens form each batch, for every epoch, without touching the residuals."""
 
-    def __init__(self, special: np.ndarray, block_tokens: int, buffer_tokens: int, batch_tokens: int,
+    def __init__(self, special: np.ndarray, chunk_tokens: int, buffer_tokens: int, batch_tokens: int,
                  epochs: int, seed: int):
         self.keep = ~special.astype(bool)
         self.n = len(self.keep)
-        block_tokens = min(block_tokens, buffer_tokens)  # so that a buffer never exceeds buffer_tokens
-        self.block_tokens = block_tokens
-        self.blocks_per_buffer = max(1, buffer_tokens // block_tokens)
+        chunk_tokens = min(chunk_tokens, buffer_tokens)  # so that a buffer never exceeds buffer_tokens
+        self.chunk_tokens = chunk_tokens
+        self.chunks_per_buffer = max(1, buffer_tokens // chunk_tokens)
         self.batch_tokens = batch_tokens
         self.seed = seed
-        n_blocks = -(-self.n // block_tokens)
+        n_chunks = -(-self.n // chunk_tokens)
         self.buffers: list[Buffer] = []
         for epoch in range(epochs):
-            order = np.random.default_rng([seed, epoch]).permutation(n_blocks)
-            for b, start in enumerate(range(0, n_blocks, self.blocks_per_buffer)):
-                blocks = order[start : start + self.blocks_per_buffer]
-                n_valid = sum(int(self.keep[self._span(i)].sum()) for i in blocks)
-                self.buffers.append(Buffer(epoch, b, blocks, n_valid // batch_tokens))
+            order = np.random.default_rng([seed, epoch]).permutation(n_chunks)
+            for b, start in enumerate(range(0, n_chunks, self.chunks_per_buffer)):
+                chunks = order[start : start + self.chunks_per_buffer]
+                n_valid = sum(int(self.keep[self._span(i)].sum()) for i in chunks)
+                self.buffers.append(Buffer(epoch, b, chunks, n_valid // batch_tokens))
 
-    def _span(self, block: int) -> slice:
-        return slice(block * self.block_tokens, min(self.n, (block + 1) * self.block_tokens))
+    def _span(self, chunk: int) -> slice:
+        return slice(chunk * self.chunk_tokens, min(self.n, (chunk + 1) * self.chunk_tokens))
 
     @property
     def n_batches(self) -> int:
@@ -57,7 +57,7 @@ class BatchPlan:
 
     def token_ids(self, buf: Buffer) -> np.ndarray:
         """Global token indices of the buffer's non-special tokens, in shuffled order."""
-        ids = np.concatenate([np.arange(self.n)[self._span(i)][self.keep[self._span(i)]] for i in buf.blocks])
+        ids = np.concatenate([np.arange(self.n)[self._span(i)][self.keep[self._span(i)]] for i in buf.chunks])
         perm = np.random.default_rng([self.seed, buf.epoch, buf.index, 1]).permutation(len(ids))
         return ids[perm]
 
@@ -76,8 +76,8 @@ def iter_batches(reader: ActivationStore, layers: list[int], plan: BatchPlan, st
             continue
         ids = plan.token_ids(buf)
         parts, offset = [], 0
-        for block in buf.blocks:  # contiguous reads, one block at a time, kept in storage dtype
-            span = plan._span(int(block))
+        for chunk in buf.chunks:  # contiguous reads, one store chunk at a time, kept in storage dtype
+            span = plan._span(int(chunk))
             parts.append(reader.resid("train", span.start, span.stop, layers, raw=True))
             row_of[span] = np.arange(offset, offset + span.stop - span.start)
             offset += span.stop - span.start

@@ -12,6 +12,7 @@ extract resumes from the last finished shard.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -137,6 +138,11 @@ class ActivationStore:
     def shard_tokens(self) -> int:
         return int(self.attrs["shard_tokens"])
 
+    @property
+    def chunk_tokens(self) -> int:
+        """Tokens per Zarr chunk of `resid` (the unit of a contiguous read)."""
+        return self.shard_tokens // CHUNKS_PER_SHARD
+
     def split(self, name: str) -> zarr.Group:
         if name not in SPLITS:
             raise ValueError(name)
@@ -164,16 +170,36 @@ class ActivationStore:
 
     @property
     def skip_first(self) -> bool:
-        """Whether position 0 of every context is left out of training, metrics and analysis."""
+        """Whether position 0 of every context is left out of training, metrics and analysis
+        (decided by extract from `data.skip_first`, recorded in the store's attrs)."""
         return bool(self.attrs.get("skip_first", False))
 
-    def excluded(self, split: str) -> np.ndarray:
-        """(tokens,) bool: tokens left out of training, metrics and analysis: special tokens, and
-        position 0 of every context when the store says `skip_first`."""
-        out = self.meta(split, SPECIAL).astype(bool)
-        if self.skip_first:
-            out = out | (self.meta(split, POSITION) == 0)
-        return out
+    def keep(self, split: str) -> np.ndarray:
+        """(tokens,) bool: the tokens that are trained on, measured and analysed: not special, and
+        not position 0 of a context when the store says `skip_first` (read once per split, cached)."""
+        cache = self.__dict__.setdefault("_keep", {})
+        if split not in cache:
+            keep = ~self.meta(split, SPECIAL).astype(bool)
+            if self.skip_first:
+                keep &= self.meta(split, POSITION) != 0
+            cache[split] = keep
+        return cache[split]
+
+    def resid_kept(self, split: str, start: int, stop: int, layers: list[int] | None = None) -> torch.Tensor:
+        """Float32 residuals of the kept tokens (see `keep`) among [start, stop) (kept, layers, d_model)."""
+        x = self.resid(split, start, stop, layers)
+        return x[torch.from_numpy(self.keep(split)[start : start + x.shape[0]])]
+
+    def chunks(self, split: str, chunk_tokens: int, layers: list[int] | None = None, special: bool = False,
+               start: int = 0, stop: int | None = None) -> Iterator[torch.Tensor]:
+        """Residuals of tokens [start, stop) (default: the whole split) in token order,
+        `chunk_tokens` store tokens per float32 tensor (tokens, layers, d_model); tokens not kept (see
+        `keep`) are dropped unless `special`. The project's one chunked split reader (adjacent cosines,
+        reconstruction metrics, dump)."""
+        end = self.n_tokens(split) if stop is None else min(stop, self.n_tokens(split))
+        for lo in range(start, end, chunk_tokens):
+            hi = min(end, lo + chunk_tokens)
+            yield self.resid(split, lo, hi, layers) if special else self.resid_kept(split, lo, hi, layers)
 
     def check_model(self, name: str) -> None:
         if self.attrs.get("model") != name:

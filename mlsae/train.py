@@ -8,7 +8,9 @@ ranks always run the same number of steps. Rank 0 writes checkpoints and outputs
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import pickle
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,19 +18,22 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from mlsae.constants import CHECKPOINT
 from mlsae.errors import MlsaeError
-from mlsae.io import atomic_dir
+from mlsae.io import atomic_dir, atomic_file
 from mlsae.lens import Lens
 from mlsae.models import resolve_device
 from mlsae.params import Params
-from mlsae.sae import MLSAE, SAEConfig, make_optimizer, train_step
+from mlsae.sae import MLSAE, SAEConfig
 from mlsae.shuffle import BatchPlan, iter_batches
 from mlsae.store import ActivationStore
 
 CHECKPOINT_VERSION = 1
+ADAM_EPS = 6.25e-10
+"""Adam's eps (the paper's value)."""
 
 
 @dataclass
@@ -89,23 +94,82 @@ def identity_of(p: Params, reader: ActivationStore) -> dict:
 
 
 def load_checkpoint(path: Path, identity: dict) -> dict | None:
-    """The checkpoint at `path` if it belongs to this run; None if absent or from another run."""
+    """The checkpoint at `path` if it belongs to this run; None if absent or from another run.
+
+    Loaded with `weights_only=True`: only tensors and plain data are unpickled, so a crafted file
+    cannot run code; anything else is refused with one line.
+    """
     if not path.is_file():
         return None
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        if not isinstance(ckpt, dict) or ckpt.get("version") != CHECKPOINT_VERSION:
-            raise ValueError("unknown layout")
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" in str(e):  # a real pickle that names a class or function to call
+            raise MlsaeError(f"{path}: refused: the checkpoint holds objects other than tensors and plain "
+                             "data (not one this project wrote); delete it to start over") from None
+        raise MlsaeError(f"{path}: corrupted checkpoint (UnpicklingError); delete it to start over") from None
     except Exception as e:
         raise MlsaeError(f"{path}: corrupted checkpoint ({type(e).__name__}); delete it to start over") from None
+    if not isinstance(ckpt, dict) or ckpt.get("version") != CHECKPOINT_VERSION:
+        raise MlsaeError(f"{path}: corrupted checkpoint (unknown layout); delete it to start over")
     return ckpt if ckpt.get("identity") == identity else None
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        torch.save(state, tmp)
+
+
+def make_optimizer(sae: nn.Module, lr: float) -> torch.optim.Adam:
+    """Adam with the paper's eps; the fused kernel (one pass over each tensor) on CPU and CUDA."""
+    params = list(sae.parameters())
+    fused = all(p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.Adam(params, lr=lr, eps=ADAM_EPS, fused=fused)
+
+
+def train_step(
+    sae: nn.Module, opt: torch.optim.Optimizer, x: Tensor, grad_clip: float = 0.0
+) -> dict[str, float]:
+    """One optimiser step on raw residuals ``x`` (B, L, d); returns the batch's metrics:
+    ``loss``, ``fvu``, ``auxk``, ``l0``, ``dead_fraction`` and ``fvu_layer_{block}`` per layer.
+
+    ``sae`` is an :class:`MLSAE` or a DistributedDataParallel wrapper of one. The caller picks
+    the device and may wrap the call in ``torch.autocast``. Raises ``FloatingPointError`` before
+    touching the weights if the loss (or, with clipping, the gradient norm) is not finite.
+    """
+    core: MLSAE = getattr(sae, "module", sae)
+    sae.train()
+    out = sae(x, auxk=True)
+    losses = core.loss(out)
+    loss = float(losses.loss.detach())
+    finite = math.isfinite(loss)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # every rank must agree to stop, or the others would wait forever in the all-reduce
+        flag = torch.tensor(float(finite), device=losses.loss.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        finite = bool(flag.item())
+    if not finite:
+        raise FloatingPointError(f"sae training loss is {loss} (on this or another rank); step skipped, weights unchanged")
+    opt.zero_grad(set_to_none=True)
+    losses.loss.backward()
+    core.remove_parallel_grads()
+    if grad_clip > 0:
+        norm = float(nn.utils.clip_grad_norm_(core.parameters(), grad_clip))
+        if not math.isfinite(norm):
+            raise FloatingPointError(f"sae gradient norm is {norm}; step skipped, weights unchanged")
+    opt.step()
+    core.normalise_decoder()
+    core.update_dead(out.values, out.indices, n_tokens=x.shape[0])
+    metrics = {
+        "loss": loss,
+        "fvu": float(losses.fvu.detach()),
+        "auxk": float(losses.auxk.detach()),
+        "l0": float((out.values > 0).sum(-1).float().mean()),
+        "dead_fraction": float(core.dead_mask().float().mean()),
+    }
+    for layer, value in zip(core.cfg.layers, losses.fvu_by_layer.detach().tolist()):
+        metrics[f"fvu_layer_{layer}"] = value
+    return metrics
 
 
 def check_dead_window(dead_tokens: int, n_steps: int, batch_tokens: int) -> None:
@@ -129,12 +193,11 @@ def train(p: Params, reader: ActivationStore, lens: Lens, out_dir: Path, checkpo
     study: with a constant learning rate, the SAE after epoch e of a longer run is the SAE of an
     e-epoch run).
     """
-    ctx, device = init_distributed(p.train.device)
+    ranks, device = init_distributed(p.train.device)
     cfg = sae_config(p, reader, str(reader.attrs.get("model")))
     layers = cfg.layers
-    excluded = reader.excluded("train")
-    block = reader.shard_tokens // 8
-    plan = BatchPlan(excluded, block, p.train.shuffle_buffer_tokens, p.train.batch_tokens, p.train.epochs, p.seed)
+    excluded = ~reader.keep("train")  # special tokens, and position 0 when the store says skip_first
+    plan = BatchPlan(excluded, reader.chunk_tokens, p.train.shuffle_buffer_tokens, p.train.batch_tokens, p.train.epochs, p.seed)
     if plan.n_batches == 0:
         raise MlsaeError(
             f"train.batch_tokens: {p.train.batch_tokens} is more than the train split's usable tokens per "
@@ -160,15 +223,15 @@ def train(p: Params, reader: ActivationStore, lens: Lens, out_dir: Path, checkpo
         sample = _sample(reader, layers, plan, lens, p.train.geometric_median_sample, p.seed, device)
         sae.init_b_pre(sae.normalise(sample)[0])
     model: torch.nn.Module = sae
-    if ctx.world > 1:
+    if ranks.world > 1:
         model = torch.nn.parallel.DistributedDataParallel(sae, device_ids=[device.index] if device.type == "cuda" else None)
 
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
     total = plan.n_batches if max_steps is None else min(plan.n_batches, max_steps)
-    bar = tqdm(total=plan.n_batches, initial=start, desc="train", unit="step", disable=not (progress and ctx.main))
+    bar = tqdm(total=plan.n_batches, initial=start, desc="train", unit="step", disable=not (progress and ranks.main))
     t0, vectors = time.perf_counter(), 0
     step = start
-    for x in iter_batches(reader, layers, plan, start, ctx.rank, ctx.world):
+    for x in iter_batches(reader, layers, plan, start, ranks.rank, ranks.world):
         if step >= total:
             break
         x = lens(x.to(device, non_blocking=True), layers)
@@ -182,29 +245,29 @@ def train(p: Params, reader: ActivationStore, lens: Lens, out_dir: Path, checkpo
                 f"{e} at step {step + 1}; {kept} (lower train.lr or set train.grad_clip)"
             ) from None
         step += 1
-        vectors += x.shape[0] * x.shape[1] * ctx.world
+        vectors += x.shape[0] * x.shape[1] * ranks.world
         history.append({"step": step, **{k: stats[k] for k in ("loss", "fvu", "auxk", "l0", "dead_fraction")},
                         **{k: v for k, v in stats.items() if k.startswith("fvu_layer_")}})
         bar.update(1)
         bar.set_postfix(loss=f"{stats['loss']:.4f}", fvu=f"{stats['fvu']:.4f}", dead=f"{stats['dead_fraction']:.3f}")
-        if ctx.main and snapshots and step in snapshots:
+        if ranks.main and snapshots and step in snapshots:
             with atomic_dir(snapshots[step]) as tmp:
                 sae.save(tmp)
-        if ctx.main and (step % p.train.checkpoint_every == 0 or step == total):
+        if ranks.main and (step % p.train.checkpoint_every == 0 or step == total):
             save_checkpoint(ckpt_path, {"version": CHECKPOINT_VERSION, "identity": identity, "step": step,
                                         "sae": sae.state_dict(), "opt": opt.state_dict(), "history": history})
     bar.close()
     elapsed = time.perf_counter() - t0
     if max_steps is not None and step < plan.n_batches:
         return {}, history
-    if ctx.main:
+    if ranks.main:
         sae.cpu()
         with atomic_dir(out_dir) as tmp:
             sae.save(tmp)
         ckpt_path.unlink(missing_ok=True)
-    if ctx.world > 1:
+    if ranks.world > 1:
         dist.barrier()
-    if not ctx.main:  # only rank 0 reports: the stage writes metrics and plots only when given some
+    if not ranks.main:  # only rank 0 reports: the stage writes metrics and plots only when given some
         return {}, history
     return _metrics(history, cfg, plan, vectors / elapsed if elapsed > 0 and vectors else None), history
 

@@ -3,7 +3,7 @@
 import typer
 
 from mlsae import constants as C
-from mlsae.analysis import aggregate
+from mlsae.aggregate import aggregate
 from mlsae.stage import params, stage
 
 

@@ -5,6 +5,7 @@ import typer
 from mlsae import constants as C
 from mlsae.dump import dump
 from mlsae.lens_stage import load_stage_lens
+from mlsae.models import resolve_device
 from mlsae.sae import MLSAE
 from mlsae.stage import params, stage
 from mlsae.store import ActivationStore
@@ -15,7 +16,9 @@ def main(params_file: str = "params.yaml") -> None:
         p = params(params_file)
         reader = ActivationStore(str(C.ACTIVATIONS))
         reader.check_model(p.model)
-        dump(MLSAE.load(C.SAE_DIR), load_stage_lens(C.LENS_DIR, reader), reader, str(C.LATENTS))
+        device = resolve_device(p.device("dump"))
+        lens = load_stage_lens(C.LENS_DIR, reader).to(device)
+        dump(MLSAE.load(C.SAE_DIR, device), lens, reader, str(C.LATENTS))
 
 
 if __name__ == "__main__":

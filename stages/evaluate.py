@@ -4,9 +4,10 @@ import typer
 
 from mlsae import constants as C
 from mlsae.evaluate import evaluate
-from mlsae.io import write_json, write_text
+from mlsae.io import write_text
 from mlsae.lens_stage import load_stage_lens
-from mlsae.models import load_model
+from mlsae.metrics import EvalMetrics, write_metrics
+from mlsae.models import load_model, resolve_device
 from mlsae.sae import MLSAE
 from mlsae.stage import params, stage
 from mlsae.store import ActivationStore
@@ -18,11 +19,12 @@ def main(params_file: str = "params.yaml") -> None:
         p = params(params_file)
         reader = ActivationStore(str(C.ACTIVATIONS))
         reader.check_model(p.model)
-        lens = load_stage_lens(C.LENS_DIR, reader)
-        sae = MLSAE.load(C.SAE_DIR)
-        model = load_model(p.model, p.extract.device)
+        device = resolve_device(p.device("evaluate"))
+        lens = load_stage_lens(C.LENS_DIR, reader).to(device)
+        sae = MLSAE.load(C.SAE_DIR, device)
+        model = load_model(p.model, device)
         metrics, rows = evaluate(p, sae, lens, model, reader)
-        write_json(C.EVAL_METRICS, metrics)
+        write_metrics(C.EVAL_METRICS, EvalMetrics.from_dict(metrics, "evaluate"))
         write_text(C.EVAL_PLOT, to_csv(rows))
 
 

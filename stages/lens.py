@@ -3,8 +3,8 @@
 import typer
 
 from mlsae import constants as C
-from mlsae.io import write_json
 from mlsae.lens_stage import run_lens_stage
+from mlsae.metrics import LensMetrics, write_metrics
 from mlsae.stage import params, stage
 from mlsae.store import ActivationStore
 
@@ -15,7 +15,7 @@ def main(params_file: str = "params.yaml") -> None:
         reader = ActivationStore(str(C.ACTIVATIONS))
         reader.check_model(p.model)
         metrics = run_lens_stage(p, reader, C.LENS_DIR)
-        write_json(C.LENS_METRICS, metrics)
+        write_metrics(C.LENS_METRICS, LensMetrics.from_dict(metrics, "lens"))
 
 
 if __name__ == "__main__":

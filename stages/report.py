@@ -3,20 +3,20 @@
 import typer
 
 from mlsae import constants as C
+from mlsae.latents import token_meta
 from mlsae.models import load_tokenizer
 from mlsae.report import build_report, render_summary
 from mlsae.stage import params, stage
-from mlsae.store import open_root
 
 
 def main(params_file: str = "params.yaml") -> None:
     with stage("report"):
         p = params(params_file)
-        latents = open_root(str(C.LATENTS))
+        tokens, context, position = token_meta(C.LATENTS)
         tokenizer = load_tokenizer(p.model)
         out = build_report(
             C.METRICS_DIR, C.PLOTS_DIR, C.ANALYSIS_DIR, C.SAE_DIR / C.SAE_CONFIG, C.TABLES_DIR, C.FIGURES_DIR,
-            tokens=latents[C.TOKENS][:], context=latents[C.CONTEXT][:], position=latents[C.POSITION][:],
+            tokens=tokens, context=context, position=position,
             decode=lambda ids: tokenizer.decode(ids), top_latents=p.analysis.top_latents,
             contexts_per_latent=p.analysis.top_tokens, min_count=p.analysis.min_count,
         )

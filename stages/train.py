@@ -7,9 +7,10 @@ Multi-process: `torchrun --nproc_per_node=N stages/train.py` (DDP; NCCL on GPUs,
 import typer
 
 from mlsae import constants as C
-from mlsae.io import write_json, write_text
+from mlsae.io import write_text
 from mlsae.lens_stage import load_stage_lens
 from mlsae.sae_import import TRAIN_CURVE_HEADER, import_sae
+from mlsae.metrics import TrainMetrics, write_metrics
 from mlsae.stage import params, stage
 from mlsae.store import ActivationStore
 from mlsae.tables import to_csv
@@ -28,7 +29,7 @@ def main(params_file: str = "params.yaml") -> None:
         lens = load_stage_lens(C.LENS_DIR, reader)
         metrics, history = train(p, reader, lens, C.SAE_DIR, C.CHECKPOINTS_DIR / "train")
         if metrics:  # rank 0 of a torchrun job, or the single process
-            write_json(C.TRAIN_METRICS, metrics)
+            write_metrics(C.TRAIN_METRICS, TrainMetrics.from_dict(metrics, "train"))
             write_text(C.TRAIN_PLOT, to_csv(history))
 
 

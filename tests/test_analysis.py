@@ -2,7 +2,7 @@
 
 Every expected number comes from an independent computation: hand arithmetic on a small hand-built
 latent set, or plain numpy on the dense ``(tokens, layers, latents)`` array rebuilt from the store's
-top-k lists (never from mlsae.analysis).
+top-k lists (never from mlsae.aggregate).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pytest
 import zarr
 from polars.testing import assert_frame_equal
 
-from mlsae.analysis import aggregate, paper_variances_dense
+from mlsae.aggregate import aggregate, paper_variances_dense
 from mlsae.constants import (
     INDICES,
     LATENT_LAYER,

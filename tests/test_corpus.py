@@ -1,4 +1,4 @@
-"""Tests for mlsae.corpus: document sources, context building, split and sizing."""
+"""Tests for mlsae.corpus and mlsae.contexts: document sources, context building, split and sizing."""
 
 from __future__ import annotations
 
@@ -17,18 +17,15 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from mlsae import corpus
+from mlsae import contexts
+from mlsae.contexts import Contexts, build_contexts, plan, split_contexts
 from mlsae.corpus import (
     EMBEDDED_PYTHON_DOCS,
     MIN_DOC_CHARS,
     SKIPPED_STDLIB_DIRS,
-    Contexts,
-    build_contexts,
     file_docstrings,
     iter_documents,
     iter_python_docs,
-    plan,
-    split_contexts,
     stdlib_source_files,
 )
 from mlsae.errors import MlsaeError
@@ -466,7 +463,7 @@ def test_reads_only_as_much_as_needed(tokenizer: PreTrainedTokenizerFast) -> Non
 def test_long_documents_in_pieces(
     monkeypatch: pytest.MonkeyPatch, tokenizer: PreTrainedTokenizerFast
 ) -> None:
-    monkeypatch.setattr(corpus, "_MAX_PIECE_CHARS", 50)
+    monkeypatch.setattr(contexts, "_MAX_PIECE_CHARS", 50)
     long_doc = "\n".join(f"line {i}: the quick brown fox" for i in range(40))
     other = "A second, short document."
     total = 2 + len(tokenizer.encode(long_doc, add_special_tokens=False)) + len(

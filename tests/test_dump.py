@@ -13,7 +13,7 @@ import torch
 import yaml
 import zarr
 
-import mlsae.dump as dump_mod
+import mlsae.latents as latents_mod
 from mlsae import constants as C
 from mlsae.dump import dump
 from mlsae.lens import Lens
@@ -130,11 +130,14 @@ class RecordingReader:
         self.starts.append(start)
         return self.inner.resid(split, start, stop, *args, **kw)
 
+    def chunks(self, *args, **kw):  # the store's chunked reader, reading through this proxy
+        return ActivationStore.chunks(self, *args, **kw)  # type: ignore[arg-type]
+
 
 def test_interrupted_dump_resumes_to_identical_arrays(sae: MLSAE, reader: ActivationStore, dumped: Path,
                                                       tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(dump_mod, "SHARD_TOKENS", 128)
-    monkeypatch.setattr(dump_mod, "CHUNK_TOKENS", 64)
+    monkeypatch.setattr(latents_mod, "SHARD_TOKENS", 128)
+    monkeypatch.setattr(latents_mod, "CHUNK_TOKENS", 64)
     n = reader.n_tokens("eval")
     assert n == 512  # four shards of 128
     path = str(tmp_path / "latents.zarr")
@@ -176,8 +179,8 @@ def test_partial_dump_from_other_latents_is_started_over(sae: MLSAE, reader: Act
                                                          monkeypatch: pytest.MonkeyPatch, change: str) -> None:
     """A retrained SAE keeps its params hash (same params, other activations or lens), so the hash
     alone cannot tell a stale partial dump from a resumable one; resuming it would mix latents."""
-    monkeypatch.setattr(dump_mod, "SHARD_TOKENS", 128)
-    monkeypatch.setattr(dump_mod, "CHUNK_TOKENS", 64)
+    monkeypatch.setattr(latents_mod, "SHARD_TOKENS", 128)
+    monkeypatch.setattr(latents_mod, "CHUNK_TOKENS", 64)
     lens = tuned_lens()
     new_sae, new_lens = sae, lens
     if change == "sae_weights":

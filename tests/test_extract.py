@@ -310,6 +310,7 @@ def test_complete_store_of_another_configuration_is_rebuilt(tiny_params: Callabl
     assert metrics["resumed"] is False and attrs(out)["model"] == "tiny-llama" and attrs(out)["complete"]
 
 
+@pytest.mark.slow  # starts stage processes (a new interpreter each)
 def test_kill_9_then_rerun_resumes(uninterrupted: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A real `kill -9` of the stage mid-run (its shards shrunk to 8 contexts and its batches
     paced to 0.15 s, so that it is surely killed mid-way); then another model's params are
@@ -409,6 +410,7 @@ def bad_runs(tmp_path_factory: pytest.TempPathFactory, text_corpus: Path) -> dic
 BAD_CASES = ["unknown model", "empty corpus", "missing corpus", "context too long", "unknown dtype", "hub offline"]
 
 
+@pytest.mark.slow  # starts stage processes (a new interpreter each)
 @pytest.mark.parametrize("case", BAD_CASES)
 def test_bad_input_fails_in_one_line_and_writes_nothing(case: str, bad_runs: dict) -> None:
     work, expected, rc, err = bad_runs[case]
@@ -454,6 +456,7 @@ def smollm2() -> Any:
     return load_model("smollm2-135m", "cpu")
 
 
+@pytest.mark.slow  # loads the embedded 30-layer model
 def test_embedded_model_extract(smollm2: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from transformers import LlamaForCausalLM
 

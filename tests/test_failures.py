@@ -89,6 +89,7 @@ def test_disk_full_during_json_write_keeps_old_file(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["eval.json"]
 
 
+@pytest.mark.slow  # starts stage processes (a new interpreter each)
 def test_unwritable_output_path_is_reported(tmp_path):
     (tmp_path / "reports").write_text("a file where the reports directory should be")
     corpus = tmp_path / "corpus.txt"
@@ -99,12 +100,14 @@ def test_unwritable_output_path_is_reported(tmp_path):
     assert "reports/metrics: Not a directory" in line
 
 
+@pytest.mark.slow  # starts stage processes (a new interpreter each)
 def test_stages_downstream_of_a_missing_store_say_what_to_run(tmp_path):
     for name in ("lens", "train", "dump"):
         line = one_error_line(run_stage(tmp_path, name, {"model": "tiny-llama"}), name)
         assert "activations.zarr" in line and "not found" in line
 
 
+@pytest.mark.slow  # starts stage processes (a new interpreter each)
 def test_bad_params_file_names_the_key(tmp_path):
     line = one_error_line(run_stage(tmp_path, "train", {"train": {"batch_tokens": -1}}), "train")
     assert "train.batch_tokens" in line

@@ -18,7 +18,8 @@ import transformers
 
 from mlsae.constants import LENS_CONFIG, LENS_PARAMS
 from mlsae.errors import MlsaeError
-from mlsae.lens import Lens, fit_lens, import_tuned_lens, kl_by_layer, load_pretrained, shuffled_chunks
+from mlsae.lens import Lens, import_tuned_lens, load_pretrained
+from mlsae.lens_fit import fit_lens, kl_by_layer, shuffled_chunks
 
 L, D, V = 4, 32, 256
 

@@ -1,11 +1,13 @@
 """End to end: the real dvc.yaml on tiny models in a temporary git repo.
 
-`dvc repro`, then experiments that must rerun only what their params touch, `dvc metrics diff`,
-`dvc plots diff`, a queued sweep, and the cross-experiment table.
+`dvc repro`, then experiments that must rerun only what their params touch, an edit of the lens
+code that must rerun every stage that runs it, `dvc metrics diff`, `dvc plots diff`, a queued
+sweep, and the cross-experiment table.
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import shutil
@@ -15,6 +17,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+pytestmark = pytest.mark.slow  # every test here spawns DVC runs
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {
@@ -77,6 +81,24 @@ def test_repro_writes_every_output(repo):
     assert metrics(repo, "extract")["tokens"] == 4096 + 1024
     assert metrics(repo, "analysis")["n_layers"] == 4
     # nothing changed: nothing reruns
+    assert ran_stages(run(repo, "dvc", "repro").stdout) == set()
+
+
+def test_editing_a_lens_method_reruns_the_stages_that_run_it(repo):
+    path = repo / "mlsae" / "lens.py"
+    source = path.read_text()
+    tree = ast.parse(source)
+    lens = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Lens")
+    forward = next(n for n in lens.body if isinstance(n, ast.FunctionDef) and n.name == "forward")
+    first = forward.body[0]
+    lines = source.splitlines(keepends=True)
+    lines.insert(first.lineno - 1, " " * first.col_offset + "_unused = None  # a no-op edit of Lens.forward\n")
+    path.write_text("".join(lines))
+    out = run(repo, "dvc", "repro").stdout
+    assert {"lens", "train", "evaluate", "dump"} <= ran_stages(out)
+    assert "extract" not in ran_stages(out)
+    run(repo, "git", "add", "-A")
+    run(repo, "git", "commit", "-qm", "edit Lens.forward")
     assert ran_stages(run(repo, "dvc", "repro").stdout) == set()
 
 

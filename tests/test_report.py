@@ -355,8 +355,9 @@ def test_figures_and_plot_csvs(run: dict[str, Path]) -> None:
     for name in figures:
         _assert_png(run["figures_dir"] / name)
     assert not (run["figures_dir"] / report.LENS_FIG).exists()
-    assert not (run["plots_dir"] / LENS_PLOT.name).exists()
-    assert set(out["skipped"]) == {report.LENS_FIG, LENS_PLOT.name}
+    # the declared DVC plot always exists: header only when there is no lens
+    assert (run["plots_dir"] / LENS_PLOT.name).read_text() == "layer,kl_logit_lens,kl_tuned_lens\n"
+    assert set(out["skipped"]) == {report.LENS_FIG}
 
     mean_hist = _read_csv(run["plots_dir"] / report.MEAN_HIST_PLOT)
     # latents counted (count >= 10): 0, 1, 2, 3 with mu_f 0.3, 2.6, 1.5, 1.0
@@ -399,7 +400,7 @@ def test_lens_outputs_when_a_lens_is_used(run: dict[str, Path]) -> None:
     _write_json(run["sae_config_path"], CONFIG)
     _build(run)
     assert not (run["figures_dir"] / report.LENS_FIG).exists()
-    assert not (run["plots_dir"] / LENS_PLOT.name).exists()
+    assert _read_csv(run["plots_dir"] / LENS_PLOT.name) == []
 
 
 def test_subset_of_layers_maps_blocks(run: dict[str, Path]) -> None:
@@ -467,7 +468,7 @@ def test_helpers() -> None:
 def test_report_reads_the_aggregate_stage_output(run: dict[str, Path], tmp_path: Path) -> None:
     """The real aggregate stage's parquet files go through the report unchanged."""
     zarr = pytest.importorskip("zarr")
-    from mlsae.analysis import aggregate
+    from mlsae.aggregate import aggregate
 
     rng = np.random.default_rng(0)
     k, n_latents = 2, 6

@@ -11,7 +11,8 @@ import torch
 
 from mlsae.constants import SAE_CONFIG, SAE_WEIGHTS
 from mlsae.errors import MlsaeError
-from mlsae.sae import MLSAE, SAEConfig, geometric_median, make_optimizer, train_step
+from mlsae.sae import MLSAE, SAEConfig, geometric_median
+from mlsae.train import make_optimizer, train_step
 
 
 @pytest.fixture(autouse=True)

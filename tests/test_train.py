@@ -68,8 +68,8 @@ def identity(reader: ActivationStore) -> Lens:
 
 
 def plan_of(p: Params, reader: ActivationStore) -> BatchPlan:
-    """The plan train() builds (same block size, see mlsae.train.train)."""
-    return BatchPlan(reader.meta("train", C.SPECIAL), reader.shard_tokens // 8, p.train.shuffle_buffer_tokens,
+    """The plan train() builds (same store chunks, see mlsae.train.train)."""
+    return BatchPlan(reader.meta("train", C.SPECIAL), reader.chunk_tokens, p.train.shuffle_buffer_tokens,
                      p.train.batch_tokens, p.train.epochs, p.seed)
 
 
@@ -196,10 +196,9 @@ class RecordingReader:
 def test_shuffle_buffer_bounds_memory(reader: ActivationStore, buffer_tokens: int) -> None:
     """Every buffer holds at most shuffle_buffer_tokens tokens, also when a store chunk is larger."""
     special = reader.meta("train", C.SPECIAL)
-    block = reader.shard_tokens // 8
-    plan = BatchPlan(special, block, buffer_tokens, 16, 1, seed=0)
+    plan = BatchPlan(special, reader.chunk_tokens, buffer_tokens, 16, 1, seed=0)
     for buf in plan.buffers:
-        assert sum(plan._span(int(i)).stop - plan._span(int(i)).start for i in buf.blocks) <= buffer_tokens
+        assert sum(plan._span(int(i)).stop - plan._span(int(i)).start for i in buf.chunks) <= buffer_tokens
     assert plan.n_batches * 16 > 0.8 * (~special).sum()  # still uses (almost) all the data
 
     # what iter_batches really reads between two batches (a whole buffer is read before its first batch)
@@ -240,7 +239,7 @@ def test_resume_after_interruption_equals_uninterrupted_run(
     metrics, history = train(p, reader, identity(reader), out, ckpt, progress=False, max_steps=5)
     assert metrics == {} and len(history) == 5
     assert not out.exists()  # no half-trained output
-    saved = torch.load(ckpt / C.CHECKPOINT, weights_only=False)
+    saved = torch.load(ckpt / C.CHECKPOINT, weights_only=True)
     assert saved["step"] == 5  # checkpointed at the stop even though checkpoint_every = 2
 
     counting = CountingStep(train_mod.train_step)
@@ -253,6 +252,7 @@ def test_resume_after_interruption_equals_uninterrupted_run(
     assert not (ckpt / C.CHECKPOINT).exists()  # removed once the output is whole
 
 
+@pytest.mark.slow  # starts stage processes (a new interpreter each)
 def test_kill_9_mid_run_then_rerun_resumes(store: tuple[Path, dict], reader: ActivationStore, tmp_path: Path,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     raw = raw_params(store, train={"epochs": 5, "checkpoint_every": 1})
@@ -268,7 +268,7 @@ def test_kill_9_mid_run_then_rerun_resumes(store: tuple[Path, dict], reader: Act
     os.kill(proc.pid, signal.SIGKILL)
     _, err = proc.communicate()
     assert proc.returncode == -signal.SIGKILL, err.decode()[-2000:]
-    killed = torch.load(ckpt, weights_only=False)
+    killed = torch.load(ckpt, weights_only=True)
     assert 1 <= killed["step"] < n
     assert not (work / C.SAE_DIR).exists() and not (work / C.TRAIN_METRICS).exists()
 
@@ -329,6 +329,7 @@ WRAPPER = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow  # spawns torchrun
 def test_torchrun_two_processes_match_single_process(
     store: tuple[Path, dict], reader: ActivationStore, reference: dict, tmp_path: Path
 ) -> None:
@@ -413,7 +414,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(
     msg = str(e.value)
     assert "\n" not in msg and "nan" in msg.lower() and "step 7" in msg and str(ckpt / C.CHECKPOINT) in msg
     assert not out.exists()
-    saved = torch.load(ckpt / C.CHECKPOINT, weights_only=False)
+    saved = torch.load(ckpt / C.CHECKPOINT, weights_only=True)
     assert saved["step"] == 6  # the last checkpoint (every 2 steps) before the bad step
     assert len(saved["history"]) == 6 and all(np.isfinite(h["loss"]) for h in saved["history"])
     assert all(torch.isfinite(v).all() for v in saved["sae"].values() if v.is_floating_point())
@@ -448,7 +449,26 @@ BAD_INPUTS = {
     "store_incomplete": ({}, "incomplete"),
     "checkpoint_garbage": ({}, "corrupted checkpoint"),
     "checkpoint_truncated": ({}, "corrupted checkpoint"),
+    "checkpoint_crafted_pickle": ({}, "refused: the checkpoint holds objects other than tensors"),
 }
+
+
+class _RunsCode:
+    """Unpickling this runs code: it creates the file `marker` (a stand-in for anything worse)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.marker)!r}, 'w').close()",))
+
+
+def write_crafted_checkpoint(path: Path) -> Path:
+    """A checkpoint-shaped pickle whose unpickling would create the returned marker file."""
+    marker = path.parent / "pwned"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"version": 1, "identity": {}, "step": 0, "payload": _RunsCode(marker)}, path)
+    return marker
 
 
 def bad_input_dir(case: str, work: Path, store: tuple[Path, dict], reader: ActivationStore) -> Path:
@@ -464,6 +484,8 @@ def bad_input_dir(case: str, work: Path, store: tuple[Path, dict], reader: Activ
     if case == "checkpoint_garbage":
         ckpt.parent.mkdir(parents=True)
         ckpt.write_bytes(b"not a checkpoint at all \x00\x01\x02" * 10)
+    if case == "checkpoint_crafted_pickle":
+        write_crafted_checkpoint(ckpt)
     if case == "checkpoint_truncated":  # a real checkpoint of this run, cut short
         train(parse_params(raw), reader, identity(reader), work / "unused", ckpt.parent, progress=False, max_steps=2)
         blob = ckpt.read_bytes()
@@ -491,6 +513,19 @@ def assert_failed_cleanly(case: str, work: Path, rc: int, err: str) -> None:
     assert not (work / C.SAE_DIR).exists() and not (work / C.TRAIN_METRICS).exists()
     if case.startswith("checkpoint"):
         assert (work / C.CHECKPOINTS_DIR / "train" / C.CHECKPOINT).exists()  # left for the user to inspect
+        assert not (work / C.CHECKPOINTS_DIR / "train" / "pwned").exists()  # no code ran
+
+
+def test_crafted_checkpoint_would_run_code_if_unpickled(tmp_path: Path) -> None:
+    """The refusal above is meaningful: a plain (unsafe) load of the same file runs its code."""
+    marker = write_crafted_checkpoint(tmp_path / C.CHECKPOINT)
+    from mlsae.train import load_checkpoint
+
+    with pytest.raises(MlsaeError, match="refused"):
+        load_checkpoint(tmp_path / C.CHECKPOINT, {})
+    assert not marker.exists()
+    torch.load(tmp_path / C.CHECKPOINT, weights_only=False)
+    assert marker.exists()
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
@@ -506,6 +541,7 @@ def test_bad_input_fails_with_one_clear_line(
     assert_failed_cleanly(case, work, rc, err)
 
 
+@pytest.mark.slow  # starts stage processes (a new interpreter each)
 @pytest.mark.parametrize("case", ["k_above_n_latents", "checkpoint_truncated"])
 def test_bad_input_fails_with_one_clear_line_in_a_real_process(
     store: tuple[Path, dict], reader: ActivationStore, tmp_path: Path, case: str
