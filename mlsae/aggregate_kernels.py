@@ -116,7 +116,7 @@ def _cell_sums(
 def _read_chunk(store: LatentStore, start: int, stop: int) -> _Chunk:
     """Read tokens ``start:stop``, drop special tokens, check values and latent ids, and sum the
     chunk's (latent, layer) cells (this runs in the reader thread, alongside the grouping)."""
-    keep = ~np.asarray(store.special[start:stop], dtype=bool)
+    keep = store.kept(start, stop)
     indices = np.asarray(store.indices[start:stop])
     values = np.asarray(store.values[start:stop])
     token = np.arange(start, stop, dtype=np.int64)

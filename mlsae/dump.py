@@ -35,7 +35,7 @@ def _attrs(sae: MLSAE, lens: Lens, reader: store.ActivationStore) -> dict:
             "model": reader.attrs.get("model"), "sae_hash": sae.cfg.params_hash, "lens": sae.cfg.lens,
             "source_revision": reader.attrs.get("revision"), "n_tokens": reader.n_tokens("eval"),
             "source": {k: reader.attrs.get(k) for k in ("corpus", "seed", "context", "eval_tokens", "dtype")},
-            "fingerprint": _fingerprint(sae, lens)}
+            "skip_first": reader.skip_first, "fingerprint": _fingerprint(sae, lens)}
 
 
 @torch.no_grad()

@@ -6,7 +6,8 @@ Layout (written by the dump stage, read by aggregate and report):
   tokens (tokens,) int32   context (tokens,) int32   position (tokens,) int16   special (tokens,) bool
            copies of the activation store's eval metadata, so analysis needs only this store
 Root attrs: schema, layers (SAE block indices, the layer axis's order), n_latents, k, model,
-sae_hash, lens, source_revision, n_tokens, source, fingerprint (SAE + lens weights), done (shards
+sae_hash, lens, source_revision, n_tokens, source, skip_first (copied from the activation store:
+position 0 is left out of the analysis), fingerprint (SAE + lens weights), done (shards
 written) and `complete`, set last. `indices`/`values` are written one whole shard
 (``SHARD_TOKENS`` tokens) at a time, so an interrupted dump resumes from its last finished shard.
 """
@@ -65,6 +66,16 @@ class LatentStore:
     blocks: list[int]
     n_latents: int
     k: int
+    position: Any = None  # (T,) int position in its context
+    skip_first: bool = False  # position 0 of each context is left out of the analysis
+
+    def kept(self, start: int, stop: int) -> np.ndarray:
+        """(stop - start,) bool: the tokens analysed: not special, and not position 0 of a context
+        when the store says `skip_first` (copied from the activation store by dump)."""
+        keep = ~np.asarray(self.special[start:stop], dtype=bool)
+        if self.skip_first:
+            keep &= np.asarray(self.position[start:stop]) != 0
+        return keep
 
     @property
     def n_tokens(self) -> int:
@@ -121,7 +132,9 @@ def open_latents(path: Path) -> LatentStore:
         raise MlsaeError(f"{path}: attr 'k' is {k!r} but the arrays hold {indices.shape[2]} entries per layer")
     if indices.shape[0] == 0 or indices.shape[1] == 0:
         raise MlsaeError(f"{path}: latent store holds no tokens or no layers (shape {indices.shape})")
-    return LatentStore(path, indices, values, special, list(blocks), n_latents, int(k))
+    skip_first = bool(attrs.get("skip_first", False))
+    position = group[POSITION] if skip_first else None
+    return LatentStore(path, indices, values, special, list(blocks), n_latents, int(k), position, skip_first)
 
 
 def token_meta(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -103,8 +103,15 @@ class ExtractMetrics(StageMetrics):
     adjacent_cos: float | None
     """Mean over block pairs of adjacent_cos_by_layer."""
     adjacent_cos_by_layer: list[float]
-    """Mean cosine of the mean-centred residuals of blocks (i, i+1), eval split, special tokens
-    masked (length n_layers - 1)."""
+    """Mean cosine of the mean-centred residuals of blocks (i, i+1), eval split, over the kept
+    tokens (not special; not position 0 when skipped) (length n_layers - 1)."""
+    first_position_norm_ratio: float | None = _optional()
+    """Max over blocks of first_position_norm_ratio_by_layer."""
+    first_position_norm_ratio_by_layer: list[float] | None = _optional()
+    """Mean residual norm at position 0 over the mean at positions > 0, per block (eval split,
+    non-special tokens)."""
+    skip_first: bool | None = _optional()
+    """Whether position 0 is left out of training, metrics and analysis (data.skip_first)."""
 
 
 @dataclass
@@ -139,6 +146,18 @@ class TrainMetrics(StageMetrics):
     tokens: int
     n_latents: int
     layers: list[int]
+    auxk_steps: int | None = _optional()
+    """Steps whose AuxK term was non-zero (some latent was dead)."""
+    imported: bool | None = _optional()
+    """`sae.source` other than train: the SAE was imported, not trained (no training figures)."""
+    source: str | None = _optional()
+    format: str | None = _optional()
+    """Format of the imported SAE: seed (the paper's published format) or project."""
+    sae_sha256: str | None = _optional()
+    normalisation: str | None = _optional()
+    d_model: int | None = _optional()
+    k: int | None = _optional()
+    lens: str | None = _optional()
 
 
 @dataclass

@@ -9,8 +9,8 @@ import typer
 from mlsae import constants as C
 from mlsae.io import write_text
 from mlsae.lens_stage import load_stage_lens
-from mlsae.sae_import import TRAIN_CURVE_HEADER, import_sae
 from mlsae.metrics import TrainMetrics, write_metrics
+from mlsae.sae_import import TRAIN_CURVE_HEADER, import_sae
 from mlsae.stage import params, stage
 from mlsae.store import ActivationStore
 from mlsae.tables import to_csv
@@ -23,7 +23,7 @@ def main(params_file: str = "params.yaml") -> None:
         reader = ActivationStore(str(C.ACTIVATIONS))
         reader.check_model(p.model)
         if p.sae.source != "train":
-            write_json(C.TRAIN_METRICS, import_sae(p, reader, C.SAE_DIR))
+            write_metrics(C.TRAIN_METRICS, TrainMetrics.from_dict(import_sae(p, reader, C.SAE_DIR), "train", partial=True))
             write_text(C.TRAIN_PLOT, TRAIN_CURVE_HEADER)
             return
         lens = load_stage_lens(C.LENS_DIR, reader)

@@ -27,7 +27,7 @@ from mlsae.dump import dump
 from mlsae.errors import MlsaeError
 from mlsae.lens import Lens
 from mlsae.params import parse_params
-from mlsae.report import _read_csv
+from mlsae.report.inputs import _read_csv
 from mlsae.sae import MLSAE, SAEConfig
 from mlsae.sae_import import TRAIN_CURVE_HEADER, import_sae
 from mlsae.saelens import export_saelens
