@@ -3,7 +3,9 @@
 Arrays `indices (tokens, layers, k)` int32 and `values (tokens, layers, k)` float16, in the
 activation store's eval order, plus copies of its `tokens`, `context`, `position`, `special`
 arrays so analysis needs only this store. Written one whole shard at a time with a `done`
-counter, so an interrupted dump resumes; `complete` is set last.
+counter, so an interrupted dump resumes; `complete` is set last. `indices` and `values` chunks
+carry a CRC32C checksum (`store.CHECKSUM`), so a garbled shard raises on read instead of
+changing the statistics.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import hashlib
 import numpy as np
 import torch
 import zarr
+from zarr.codecs import ZstdCodec
 from tqdm.auto import tqdm
 
 from mlsae import store
@@ -58,8 +61,9 @@ def _open(path: str, attrs: dict, reader: store.ActivationStore) -> tuple[zarr.G
     root = zarr.open_group(path, mode="w")
     root.attrs.update({**attrs, "done": 0, "complete": False})
     shape, chunks, shards = (n, L, k), (CHUNK_TOKENS, L, k), (SHARD_TOKENS, L, k)
-    root.create_array(INDICES, shape=shape, dtype=np.int32, chunks=chunks, shards=shards, fill_value=0)
-    root.create_array(VALUES, shape=shape, dtype=np.float16, chunks=chunks, shards=shards, fill_value=0)
+    codecs = {"compressors": [ZstdCodec(), store.CHECKSUM], "fill_value": 0}  # checksummed: garbling raises
+    root.create_array(INDICES, shape=shape, dtype=np.int32, chunks=chunks, shards=shards, **codecs)
+    root.create_array(VALUES, shape=shape, dtype=np.float16, chunks=chunks, shards=shards, **codecs)
     for key in (TOKENS, CONTEXT, POSITION, SPECIAL):
         root.create_array(key, data=reader.meta("eval", key), chunks=(SHARD_TOKENS,))
     return root, 0

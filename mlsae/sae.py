@@ -11,6 +11,7 @@ dense path (``dense=True``) is kept as the reference the sparse one is tested ag
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
 import os
@@ -29,6 +30,8 @@ from mlsae.errors import MlsaeError
 NORM_EPS = 1e-6
 """Added to each vector's variance before dividing by its std (so a constant vector maps to 0)."""
 ADAM_EPS = 6.25e-10
+WEIGHTS_SHA256 = "weights_sha256"
+"""Key of ``config.json`` holding the sha256 of ``sae.safetensors`` (not an SAEConfig field)."""
 NORMALISATIONS = ("vector",)
 LENSES = ("none", "pretrained", "fit")
 
@@ -388,17 +391,20 @@ class MLSAE(nn.Module):
     # -- persistence ---------------------------------------------------------------------------
 
     def save(self, directory: str | Path) -> None:
-        """Write ``sae.safetensors`` (weights + dead counter) and ``config.json`` atomically."""
+        """Write ``sae.safetensors`` (weights + dead counter) and ``config.json`` atomically; the
+        config records the weights file's sha256 (``weights_sha256``), checked by :meth:`load`."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {name: t.detach().cpu().contiguous() for name, t in self.state_dict().items()}
         _atomic_write(directory / SAE_WEIGHTS, lambda p: save_file(tensors, str(p)))
-        text = json.dumps(self.cfg.to_dict(), indent=2) + "\n"
+        record = {**self.cfg.to_dict(), WEIGHTS_SHA256: _sha256(directory / SAE_WEIGHTS)}
+        text = json.dumps(record, indent=2) + "\n"
         _atomic_write(directory / SAE_CONFIG, lambda p: p.write_text(text))
 
     @classmethod
     def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> MLSAE:
-        """Rebuild an SAE saved by :meth:`save`; a missing or corrupt file raises MlsaeError."""
+        """Rebuild an SAE saved by :meth:`save`; a missing or corrupt file, weights whose sha256
+        differs from the recorded one, or a non-finite weight raise MlsaeError."""
         directory = Path(directory)
         cfg_path, weights_path = directory / SAE_CONFIG, directory / SAE_WEIGHTS
         for path in (cfg_path, weights_path):
@@ -410,14 +416,18 @@ class MLSAE(nn.Module):
             raise MlsaeError(f"{cfg_path}: unreadable config ({_one_line(e)})") from None
         if not isinstance(raw, dict):
             raise MlsaeError(f"{cfg_path}: config must be a JSON object")
+        recorded = raw.pop(WEIGHTS_SHA256, None)
         try:
             cfg = SAEConfig.from_dict(raw)
         except (MlsaeError, TypeError) as e:
             raise MlsaeError(f"{cfg_path}: {_one_line(e)}") from None
+        rebuild = f"restore it with `dvc checkout {directory}` or rebuild it with `dvc repro -f train`"
+        if recorded is not None and _sha256(weights_path) != recorded:
+            raise MlsaeError(f"{weights_path}: sha256 differs from the one recorded in {cfg_path} (corrupted); {rebuild}")
         try:
             tensors = load_file(str(weights_path))
         except Exception as e:  # safetensors raises its own error types for corrupt files
-            raise MlsaeError(f"{weights_path}: unreadable weights ({_one_line(e)})") from None
+            raise MlsaeError(f"{weights_path}: unreadable weights ({_one_line(e)}); {rebuild}") from None
         sae = cls(cfg)
         for name, ref in sae.state_dict().items():
             got = tensors.get(name)
@@ -425,8 +435,18 @@ class MLSAE(nn.Module):
                 found = "missing" if got is None else f"shape {tuple(got.shape)}"
                 expected = f"expected shape {tuple(ref.shape)}"
                 raise MlsaeError(f"{weights_path}: tensor {name!r} {found}, {expected}")
+            if got.is_floating_point() and not bool(torch.isfinite(got).all()):
+                raise MlsaeError(f"{weights_path}: tensor {name!r} holds NaN or infinite values; {rebuild}")
         sae.load_state_dict(tensors)
         return sae.to(device)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _one_line(e: BaseException) -> str:

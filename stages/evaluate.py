@@ -9,12 +9,12 @@ from mlsae.lens_stage import load_stage_lens
 from mlsae.models import load_model
 from mlsae.sae import MLSAE
 from mlsae.stage import params, stage
-from mlsae.store import ActivationStore
+from mlsae.store import ActivationStore, guard
 from mlsae.tables import to_csv
 
 
 def main(params_file: str = "params.yaml") -> None:
-    with stage("evaluate"):
+    with stage("evaluate"), guard(C.ACTIVATIONS, "extract"):
         p = params(params_file)
         reader = ActivationStore(str(C.ACTIVATIONS))
         reader.check_model(p.model)

@@ -6,11 +6,11 @@ from mlsae import constants as C
 from mlsae.models import load_tokenizer
 from mlsae.report import build_report, render_summary
 from mlsae.stage import params, stage
-from mlsae.store import open_root
+from mlsae.store import guard, open_root
 
 
 def main(params_file: str = "params.yaml") -> None:
-    with stage("report"):
+    with stage("report"), guard(C.LATENTS, "dump"):
         p = params(params_file)
         latents = open_root(str(C.LATENTS))
         tokenizer = load_tokenizer(p.model)
