@@ -1,6 +1,6 @@
 """The check stage: every problem knowable before running, found before DVC deletes any output.
 
-`check(params_path, manifest_path)` does three things, in this order:
+`check(params_path, manifest_path)` does these things, in this order:
 
 1. Parses and validates params.yaml (`mlsae.params`), then runs every function of `CHECKS`
    on the typed params. Each is `fn(p: Params) -> None` and raises `MlsaeError` naming the keys
@@ -15,7 +15,8 @@
    library's `.py` file list with sizes; for `hf:` sources, the spec string. No timestamps: the
    bytes are identical while the corpus is, so an unchanged corpus never reruns extract and an
    edited one always does. The file is rewritten only when its content changes.
-3. Prints a one-line notice when params.yaml differs from git HEAD's (see `params_drift`).
+0. First of all, prints a one-line notice when params.yaml differs from git HEAD's (see
+   `params_drift`), so it shows even when a param is then rejected.
 
 Why a stage of its own: DVC deletes a stage's outputs before running it, so params validated
 inside a stage are validated too late; `check` is upstream of every other stage, so a rejected
@@ -307,11 +308,12 @@ def drift_notice(drift: dict[str, tuple[Any, Any]], name: str = "params.yaml") -
 
 
 def check(params_path: str | Path, manifest_path: str | Path, notice: Callable[[str], None] | None = None) -> Params:
-    """Validate params (every check), write the corpus manifest, report params drift."""
-    p = load_params(params_path)
-    validate(p)
-    write_manifest(p.data.source, manifest_path)
+    """Report params drift (first, so it shows even when a param is rejected), validate params
+    (every check), then write the corpus manifest."""
     line = drift_notice(params_drift(params_path), Path(params_path).name)
     if line:
         (notice or (lambda s: print(s, file=sys.stderr)))(line)
+    p = load_params(params_path)
+    validate(p)
+    write_manifest(p.data.source, manifest_path)
     return p

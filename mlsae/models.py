@@ -267,9 +267,9 @@ def _hub_kwargs(target: str) -> dict:
 
 
 def _load_hf(target: str, local: bool) -> tuple[nn.Module, object, str]:
+    kwargs = {} if local else _hub_kwargs(target)  # before importing transformers (seconds)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kwargs = {} if local else _hub_kwargs(target)
     try:
         tok = AutoTokenizer.from_pretrained(target, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32, **kwargs)

@@ -422,12 +422,12 @@ class MLSAE(nn.Module):
         except (MlsaeError, TypeError) as e:
             raise MlsaeError(f"{cfg_path}: {_one_line(e)}") from None
         rebuild = f"restore it with `dvc checkout {directory}` or rebuild it with `dvc repro -f train`"
-        if recorded is not None and _sha256(weights_path) != recorded:
-            raise MlsaeError(f"{weights_path}: sha256 differs from the one recorded in {cfg_path} (corrupted); {rebuild}")
         try:
             tensors = load_file(str(weights_path))
         except Exception as e:  # safetensors raises its own error types for corrupt files
             raise MlsaeError(f"{weights_path}: unreadable weights ({_one_line(e)}); {rebuild}") from None
+        if recorded is not None and _sha256(weights_path) != recorded:
+            raise MlsaeError(f"{weights_path}: sha256 differs from the one recorded in {cfg_path} (corrupted); {rebuild}")
         sae = cls(cfg)
         for name, ref in sae.state_dict().items():
             got = tensors.get(name)
