@@ -11,6 +11,7 @@ SAE_DIR = DATA / "sae"
 LENS_DIR = DATA / "lens"
 ANALYSIS_DIR = DATA / "analysis"
 CHECKPOINTS_DIR = DATA / "checkpoints"  # untracked working state of resumable stages
+CORPUS_MANIFEST = DATA / "corpus.json"  # written by the check stage; extract depends on it
 
 METRICS_DIR = REPORTS / "metrics"
 PLOTS_DIR = REPORTS / "plots"
@@ -41,7 +42,7 @@ LENS_CONFIG = "config.json"
 LENS_PARAMS = "params.pt"
 
 # Activation store arrays and attrs
-STORE_SCHEMA = 1
+STORE_SCHEMA = 2  # 2: CRC32C checksum on every chunk of the large arrays
 HOOK_NAME = "blocks.{i}.hook_resid_post"
 RESID = "resid"
 TOKENS = "tokens"

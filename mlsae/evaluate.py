@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from mlsae.constants import SPECIAL, TOKENS
+from mlsae.errors import MlsaeError
 from mlsae.lens import Lens
 from mlsae.models import LoadedModel
 from mlsae.params import Params
@@ -49,6 +50,8 @@ def reconstruction_metrics(sae: MLSAE, lens: Lens, reader: ActivationStore, chun
         s_l0 += active.sum((0, 2)).double()
         fired[out.indices.cpu()[active]] = True
         n += x.shape[0]
+    if n == 0:
+        raise MlsaeError(f"{reader.path}: every eval token is special; nothing to evaluate (use longer documents)")
     total_var = s_xx - s_x.pow(2).sum(-1) / n
     fvu = (s_err / total_var).tolist()
     mse = (s_err / (n * d)).tolist()
@@ -120,6 +123,12 @@ def downstream_metrics(sae: MLSAE, lens: Lens, model: LoadedModel, reader: Activ
                 bar.update(ids.shape[0])
         del clean, clean_logp
     bar.close()
+    if count == 0:
+        raise MlsaeError(
+            f"evaluate.tokens: none of the {n_ctx * (context - 1)} next-token positions of the first {n_ctx} eval "
+            "contexts has a non-special input and target (documents of one token?); use longer documents "
+            "or raise evaluate.tokens"
+        )
     base = ce_clean / count
     d_ce = (ce["recon"] / count - base).tolist()
     d_zero = (ce["zero"] / count - base).tolist()

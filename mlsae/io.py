@@ -10,16 +10,20 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
+from mlsae.errors import MlsaeError
 
-def _clean(value: Any) -> Any:
-    """JSON-safe: NaN/inf become null (DVC and json readers choke on them)."""
+
+def _check_finite(value: Any, where: str, key: str = "") -> None:
+    """Raise MlsaeError naming the first NaN/inf in `value` (its dotted key): a metric that is not
+    a number is an error, never written as null (`None` itself stays: it means "undefined")."""
     if isinstance(value, float) and not math.isfinite(value):
-        return None
+        raise MlsaeError(f"{where}: {key or 'value'} is {value}, not a finite number; refusing to write it")
     if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    return value
+        for k, v in value.items():
+            _check_finite(v, where, f"{key}.{k}" if key else str(k))
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_finite(v, where, f"{key}[{i}]")
 
 
 @contextlib.contextmanager
@@ -48,12 +52,12 @@ def write_text(path: str | Path, text: str) -> None:
 
 
 def write_json(path: str | Path, obj: Any) -> None:
-    write_text(path, json.dumps(_clean(obj), indent=2) + "\n")
+    """Write `obj` as JSON atomically; a NaN or infinity anywhere raises MlsaeError naming its key."""
+    _check_finite(obj, str(path))
+    write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
 
 
 def read_json(path: str | Path) -> dict:
-    from mlsae.errors import MlsaeError
-
     path = Path(path)
     try:
         return json.loads(path.read_text())

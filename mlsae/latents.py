@@ -5,6 +5,8 @@ Layout (written by the dump stage, read by aggregate and report):
   values   (tokens, layers, k) float16  their activations (0: not active)
   tokens (tokens,) int32   context (tokens,) int32   position (tokens,) int16   special (tokens,) bool
            copies of the activation store's eval metadata, so analysis needs only this store
+`indices` and `values` chunks are zstd-compressed and carry a CRC32C checksum, so a garbled shard
+raises on read (one error line, see store.guard) instead of silently changing the statistics.
 Root attrs: schema, layers (SAE block indices, the layer axis's order), n_latents, k, model,
 sae_hash, lens, source_revision, n_tokens, source, skip_first (copied from the activation store:
 position 0 is left out of the analysis), fingerprint (SAE + lens weights), done (shards
@@ -20,12 +22,13 @@ from typing import Any
 
 import numpy as np
 import zarr
+from zarr.codecs import ZstdCodec
 
 from mlsae.constants import CONTEXT, INDICES, POSITION, SPECIAL, TOKENS, VALUES
 from mlsae.errors import MlsaeError
 from mlsae.io import remove
 from mlsae.params import is_int
-from mlsae.store import ActivationStore, exists, open_root
+from mlsae.store import CHECKSUM, ActivationStore, exists, open_root
 
 SHARD_TOKENS = 8192
 """Tokens per shard (the unit of writing and resuming)."""
@@ -46,8 +49,9 @@ def open_for_writing(path: str, attrs: dict, reader: ActivationStore) -> tuple[z
     root = zarr.open_group(path, mode="w")
     root.attrs.update({**attrs, "done": 0, "complete": False})
     shape, chunks, shards = (n, L, k), (CHUNK_TOKENS, L, k), (SHARD_TOKENS, L, k)
-    root.create_array(INDICES, shape=shape, dtype=np.int32, chunks=chunks, shards=shards, fill_value=0)
-    root.create_array(VALUES, shape=shape, dtype=np.float16, chunks=chunks, shards=shards, fill_value=0)
+    codecs = {"compressors": [ZstdCodec(), CHECKSUM], "fill_value": 0}  # checksummed: garbling raises on read
+    root.create_array(INDICES, shape=shape, dtype=np.int32, chunks=chunks, shards=shards, **codecs)
+    root.create_array(VALUES, shape=shape, dtype=np.float16, chunks=chunks, shards=shards, **codecs)
     for key in (TOKENS, CONTEXT, POSITION, SPECIAL):
         root.create_array(key, data=reader.meta("eval", key), chunks=(SHARD_TOKENS,))
     return root, 0

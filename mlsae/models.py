@@ -242,12 +242,28 @@ def _load_gguf(path: Path) -> tuple[nn.Module, object, str]:
     return model, tok, f"gguf-sha256:{sha[:16]}"
 
 
+def _hub_kwargs(target: str) -> dict:
+    """`local_files_only` when the hub is unreachable (see mlsae.hub), so from_pretrained never
+    retries; a model the cache does not hold then fails at once with the offline hint."""
+    from mlsae import hub
+
+    if not hub.offline():
+        return {}
+    if hub.cached_file(target, "config.json") is None:
+        raise MlsaeError(
+            f"model: {target} is not available offline and could not be downloaded from the "
+            f"Hugging Face hub (hub unreachable); {OFFLINE_HINT}"
+        )
+    return {"local_files_only": True}
+
+
 def _load_hf(target: str, local: bool) -> tuple[nn.Module, object, str]:
+    kwargs = {} if local else _hub_kwargs(target)  # before importing transformers (seconds)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(target)
-        model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(target, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32, **kwargs)
     except (OSError, ValueError) as e:
         if local:
             raise MlsaeError(f"model: cannot load local model {target}: {e}") from None
@@ -339,6 +355,6 @@ def load_tokenizer(name: str) -> object:
             path = embedded_gguf() if kind == EMBEDDED else Path(target)
             return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         try:
-            return AutoTokenizer.from_pretrained(target)
+            return AutoTokenizer.from_pretrained(target, **({} if kind == "local" else _hub_kwargs(target)))
         except (OSError, ValueError) as e:
             raise MlsaeError(f"model: cannot load the tokenizer of {target} ({type(e).__name__}); {OFFLINE_HINT}") from None

@@ -201,6 +201,8 @@ class Params:
         for key, value in positive.items():
             if value < 1:
                 raise MlsaeError(f"{key}: must be >= 1 (got {value})")
+        if self.data.context < 2:
+            raise MlsaeError(f"data.context: must be >= 2: a 1-token context has no next-token target (got {self.data.context})")
         for key, value in {"sae.auxk": self.sae.auxk, "analysis.min_count": self.analysis.min_count,
                            "analysis.top_latents": self.analysis.top_latents}.items():
             if value < 0:

@@ -11,6 +11,7 @@ The kernels are in ``mlsae/sae_kernels.py``; the optimiser and training step in 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import MISSING, asdict, dataclass, fields
@@ -34,6 +35,8 @@ NORM_EPS = 1e-6
 SEED_NORM_EPS = 1e-5
 """``seed``: added to each vector's unbiased std, as the seed code (and SAELens's ``layer_norm``) does."""
 NORMALISATIONS = ("vector", "seed")
+WEIGHTS_SHA256 = "weights_sha256"
+"""Key of ``config.json`` holding the sha256 of ``sae.safetensors`` (not an SAEConfig field)."""
 
 
 @dataclass
@@ -304,16 +307,20 @@ class MLSAE(nn.Module):
     # -- persistence ---------------------------------------------------------------------------
 
     def save(self, directory: str | Path) -> None:
-        """Write ``sae.safetensors`` (weights + dead counter) and ``config.json`` atomically."""
+        """Write ``sae.safetensors`` (weights + dead counter) and ``config.json`` atomically; the
+        config records the weights file's sha256 (``weights_sha256``), checked by :meth:`load`."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {name: t.detach().cpu().contiguous() for name, t in self.state_dict().items()}
-        write_bytes(directory / SAE_WEIGHTS, safetensors_bytes(tensors))
-        write_text(directory / SAE_CONFIG, json.dumps(self.cfg.to_dict(), indent=2) + "\n")
+        data = safetensors_bytes(tensors)
+        write_bytes(directory / SAE_WEIGHTS, data)
+        record = {**self.cfg.to_dict(), WEIGHTS_SHA256: hashlib.sha256(data).hexdigest()}
+        write_text(directory / SAE_CONFIG, json.dumps(record, indent=2) + "\n")
 
     @classmethod
     def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> MLSAE:
-        """Rebuild an SAE saved by :meth:`save`; a missing or corrupt file raises MlsaeError."""
+        """Rebuild an SAE saved by :meth:`save`; a missing or corrupt file, weights whose sha256
+        differs from the recorded one, or a non-finite weight raise MlsaeError."""
         directory = Path(directory)
         cfg_path, weights_path = directory / SAE_CONFIG, directory / SAE_WEIGHTS
         for path in (cfg_path, weights_path):
@@ -325,14 +332,18 @@ class MLSAE(nn.Module):
             raise MlsaeError(f"{cfg_path}: unreadable config ({_one_line(e)})") from None
         if not isinstance(raw, dict):
             raise MlsaeError(f"{cfg_path}: config must be a JSON object")
+        recorded = raw.pop(WEIGHTS_SHA256, None)
         try:
             cfg = SAEConfig.from_dict(raw)
         except (MlsaeError, TypeError) as e:
             raise MlsaeError(f"{cfg_path}: {_one_line(e)}") from None
+        rebuild = f"restore it with `dvc checkout {directory}` or rebuild it with `dvc repro -f train`"
         try:
             tensors = load_file(str(weights_path))
         except Exception as e:  # safetensors raises its own error types for corrupt files
-            raise MlsaeError(f"{weights_path}: unreadable weights ({_one_line(e)})") from None
+            raise MlsaeError(f"{weights_path}: unreadable weights ({_one_line(e)}); {rebuild}") from None
+        if recorded is not None and _sha256(weights_path) != recorded:
+            raise MlsaeError(f"{weights_path}: sha256 differs from the one recorded in {cfg_path} (corrupted); {rebuild}")
         sae = cls(cfg)
         for name, ref in sae.state_dict().items():
             got = tensors.get(name)
@@ -340,8 +351,18 @@ class MLSAE(nn.Module):
                 found = "missing" if got is None else f"shape {tuple(got.shape)}"
                 expected = f"expected shape {tuple(ref.shape)}"
                 raise MlsaeError(f"{weights_path}: tensor {name!r} {found}, {expected}")
+            if got.is_floating_point() and not bool(torch.isfinite(got).all()):
+                raise MlsaeError(f"{weights_path}: tensor {name!r} holds NaN or infinite values; {rebuild}")
         sae.load_state_dict(tensors)
         return sae.to(device)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _one_line(e: BaseException) -> str:

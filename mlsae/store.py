@@ -7,18 +7,23 @@ Layout: one group per split (`train`, `eval`), each with
 Root attrs: schema, model, revision, n_layers, d_model, hook, corpus, context, dtype, seed,
 fingerprint, shard_tokens, done (shards of `resid` written per split) and `complete`, set last.
 `resid` is written one whole shard at a time (no read-modify-write of shards), so an interrupted
-extract resumes from the last finished shard.
+extract resumes from the last finished shard. Every chunk of `resid` carries a CRC32C checksum
+(as does every shard index), so a garbled or truncated shard raises on read instead of silently
+changing numbers; `guard` turns such read errors into one line naming the store and how to
+rebuild it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 import zarr
+from zarr.codecs import Crc32cCodec
 
 from mlsae.constants import CONTEXT, HOOK_NAME, POSITION, RESID, SPECIAL, SPLITS, STORE_SCHEMA, TOKENS
 from mlsae.errors import MlsaeError
@@ -27,6 +32,10 @@ NUMPY_DTYPES = {"float16": np.float16, "float32": np.float32, "bfloat16": np.uin
 TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
 SHARD_TARGET_BYTES = 128 << 20
 CHUNKS_PER_SHARD = 8
+CHECKSUM = Crc32cCodec()
+"""Bytes-to-bytes codec appended to the chunk codecs of the large arrays of both stores."""
+# Packages whose frames, innermost in a traceback, mean "the store's bytes could not be decoded".
+_READ_PACKAGES = ("zarr", "numcodecs", "crc32c", "google_crc32c")
 
 
 def to_storage(x: torch.Tensor, dtype: str) -> np.ndarray:
@@ -67,6 +76,37 @@ def exists(path: str) -> bool:
         return False
 
 
+def _raised_in(exc: BaseException, packages: tuple[str, ...]) -> bool:
+    """Whether the innermost frame of `exc`'s traceback is in one of `packages`."""
+    tb = exc.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    parts = Path(tb.tb_frame.f_code.co_filename).parts
+    return any(name in parts for name in packages)
+
+
+@contextlib.contextmanager
+def guard(path: str | Path, producer: str) -> Iterator[None]:
+    """Report a store that cannot be decoded (a checksum mismatch from a truncated or garbled
+    shard, a shard index that does not parse) as one MlsaeError naming the store and how to get
+    it back, never as a traceback and never computed on. `producer` is the stage that writes it.
+    Disk errors (OSError) and MlsaeError pass through unchanged."""
+    try:
+        yield
+    except (MlsaeError, OSError, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        if not _raised_in(e, _READ_PACKAGES):
+            raise
+        reason = " ".join(f"{type(e).__name__}: {e}".split())[:200]
+        raise MlsaeError(
+            f"{path}: corrupted store, cannot be read ({reason}); restore it with `dvc checkout {path}` "
+            f"or rebuild it with `dvc repro -f {producer}`"
+        ) from None
+
+
 @dataclass
 class SplitData:
     """Token metadata of one split (known before the model runs)."""
@@ -94,7 +134,7 @@ def create(path: str, attrs: dict[str, Any], splits: dict[str, SplitData]) -> za
         g.attrs["n_contexts"] = int(data.tokens.shape[0])
         g.create_array(RESID, shape=(n, n_layers, d_model), dtype=NUMPY_DTYPES[dtype],
                        chunks=(chunk_tokens, n_layers, d_model), shards=(shard_tokens, n_layers, d_model),
-                       compressors=None, fill_value=0)
+                       compressors=[CHECKSUM], fill_value=0)
         meta = {
             TOKENS: data.tokens.reshape(-1).astype(np.int32),
             CONTEXT: np.repeat(data.context_index.astype(np.int32), context),

@@ -5,10 +5,11 @@ import typer
 from mlsae import constants as C
 from mlsae.aggregate import aggregate
 from mlsae.stage import params, stage
+from mlsae.store import guard
 
 
 def main(params_file: str = "params.yaml") -> None:
-    with stage("aggregate"):
+    with stage("aggregate"), guard(C.LATENTS, "dump"):
         p = params(params_file)
         aggregate(C.LATENTS, C.ANALYSIS_DIR, C.ANALYSIS_METRICS, min_count=p.analysis.min_count,
                   top_tokens=p.analysis.top_tokens, progress=True)

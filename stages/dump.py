@@ -8,11 +8,11 @@ from mlsae.lens_stage import load_stage_lens
 from mlsae.models import resolve_device
 from mlsae.sae import MLSAE
 from mlsae.stage import params, stage
-from mlsae.store import ActivationStore
+from mlsae.store import ActivationStore, guard
 
 
 def main(params_file: str = "params.yaml") -> None:
-    with stage("dump"):
+    with stage("dump"), guard(C.ACTIVATIONS, "extract"):
         p = params(params_file)
         reader = ActivationStore(str(C.ACTIVATIONS))
         reader.check_model(p.model)

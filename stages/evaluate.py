@@ -10,12 +10,12 @@ from mlsae.metrics import EvalMetrics, write_metrics
 from mlsae.models import load_model, resolve_device
 from mlsae.sae import MLSAE
 from mlsae.stage import params, stage
-from mlsae.store import ActivationStore
+from mlsae.store import ActivationStore, guard
 from mlsae.tables import to_csv
 
 
 def main(params_file: str = "params.yaml") -> None:
-    with stage("evaluate"):
+    with stage("evaluate"), guard(C.ACTIVATIONS, "extract"):
         p = params(params_file)
         reader = ActivationStore(str(C.ACTIVATIONS))
         reader.check_model(p.model)

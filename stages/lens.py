@@ -6,11 +6,11 @@ from mlsae import constants as C
 from mlsae.lens_stage import run_lens_stage
 from mlsae.metrics import LensMetrics, write_metrics
 from mlsae.stage import params, stage
-from mlsae.store import ActivationStore
+from mlsae.store import ActivationStore, guard
 
 
 def main(params_file: str = "params.yaml") -> None:
-    with stage("lens"):
+    with stage("lens"), guard(C.ACTIVATIONS, "extract"):
         p = params(params_file)
         reader = ActivationStore(str(C.ACTIVATIONS))
         reader.check_model(p.model)

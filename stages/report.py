@@ -7,10 +7,11 @@ from mlsae.latents import token_meta
 from mlsae.models import load_tokenizer
 from mlsae.report import build_report, render_summary
 from mlsae.stage import params, stage
+from mlsae.store import guard
 
 
 def main(params_file: str = "params.yaml") -> None:
-    with stage("report"):
+    with stage("report"), guard(C.LATENTS, "dump"):
         p = params(params_file)
         tokens, context, position = token_meta(C.LATENTS)
         tokenizer = load_tokenizer(p.model)

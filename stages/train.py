@@ -12,13 +12,13 @@ from mlsae.lens_stage import load_stage_lens
 from mlsae.metrics import TrainMetrics, write_metrics
 from mlsae.sae_import import TRAIN_CURVE_HEADER, import_sae
 from mlsae.stage import params, stage
-from mlsae.store import ActivationStore
+from mlsae.store import ActivationStore, guard
 from mlsae.tables import to_csv
 from mlsae.train import train
 
 
 def main(params_file: str = "params.yaml") -> None:
-    with stage("train"):
+    with stage("train"), guard(C.ACTIVATIONS, "extract"):
         p = params(params_file)
         reader = ActivationStore(str(C.ACTIVATIONS))
         reader.check_model(p.model)

@@ -1,0 +1,16 @@
+"""check: validate every param before any stage runs; write the corpus manifest extract depends on."""
+
+import typer
+
+from mlsae import constants as C
+from mlsae.check import check
+from mlsae.stage import stage
+
+
+def main(params_file: str = "params.yaml") -> None:
+    with stage("check"):
+        check(params_file, C.CORPUS_MANIFEST)
+
+
+if __name__ == "__main__":
+    typer.run(main)
