@@ -183,6 +183,25 @@ class EvalMetrics(StageMetrics):
     downstream_tokens: int
     layers: list[int]
     wall_s: float
+    kl_zero: float | None = _optional()
+    delta_ce_mean: float | None = _optional()
+    """Mean ablation: the layer's residual replaced by its eval-split mean (model space)."""
+    delta_ce_mean_by_layer: list[float] | None = _optional()
+    kl_mean: float | None = _optional()
+    kl_mean_by_layer: list[float] | None = _optional()
+    downstream_contexts: int | None = _optional()
+    spliced_token_layers: int | None = _optional()
+    """(token, layer, variant) splices evaluated: with wall_s, the cost per splice."""
+    bootstrap_units: int | None = _optional()
+    """Resampling units of the reconstruction intervals (eval contexts, or groups of them)."""
+    fvu_ci: list[float] | None = _optional()
+    """95 % bootstrap interval (resampling eval contexts) of fvu; likewise the keys below."""
+    delta_ce_ci: list[float] | None = _optional()
+    kl_ci: list[float] | None = _optional()
+    delta_ce_zero_ci: list[float] | None = _optional()
+    kl_zero_ci: list[float] | None = _optional()
+    delta_ce_mean_ci: list[float] | None = _optional()
+    kl_mean_ci: list[float] | None = _optional()
 
 
 @dataclass

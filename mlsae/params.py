@@ -133,8 +133,11 @@ class TrainParams:
 
 @dataclass
 class EvaluateParams:
-    tokens: int = 1024
-    """Eval tokens used for the spliced delta CE and KL."""
+    tokens: int = 2048
+    """Eval tokens (whole contexts, the split's first) for the spliced delta CE and KL; at most the
+    eval split."""
+    bootstrap: int = 200
+    """Bootstrap resamples of eval contexts for the 95 % intervals (`*_ci`); 0 disables them."""
     batch_size: int = 8
     """Contexts per spliced forward pass."""
     device: str = ""
@@ -150,7 +153,12 @@ class DumpParams:
 @dataclass
 class AnalysisParams:
     min_count: int = 10
-    """Latents active on fewer tokens are left out of var_aggregate."""
+    """Latents active on fewer tokens are left out of the per-latent variance averages."""
+    multi_layer_threshold: float = 0.1
+    """An active (token, latent) pair is multi-layer when its second-largest layer share is at
+    least this (multi_layer_fraction)."""
+    bootstrap: int = 200
+    """Bootstrap resamples of eval contexts for the 95 % intervals (`*_ci`); 0 disables them."""
     top_latents: int = 20
     """Latents in the report's top-latent table."""
     top_tokens: int = 5
@@ -204,7 +212,9 @@ class Params:
         if self.data.context < 2:
             raise MlsaeError(f"data.context: must be >= 2: a 1-token context has no next-token target (got {self.data.context})")
         for key, value in {"sae.auxk": self.sae.auxk, "analysis.min_count": self.analysis.min_count,
-                           "analysis.top_latents": self.analysis.top_latents}.items():
+                           "analysis.top_latents": self.analysis.top_latents,
+                           "evaluate.bootstrap": self.evaluate.bootstrap,
+                           "analysis.bootstrap": self.analysis.bootstrap}.items():
             if value < 0:
                 raise MlsaeError(f"{key}: must be >= 0 (got {value})")
         for key, value in {"train.lr": self.train.lr, "lens_fit.lr": self.lens_fit.lr}.items():
@@ -212,6 +222,9 @@ class Params:
                 raise MlsaeError(f"{key}: must be > 0 (got {value})")
         if self.sae.auxk_coef < 0 or self.train.grad_clip < 0:
             raise MlsaeError("sae.auxk_coef and train.grad_clip must be >= 0")
+        if not 0 < self.analysis.multi_layer_threshold <= 0.5:
+            raise MlsaeError(f"analysis.multi_layer_threshold: must be in (0, 0.5] (a second-largest share is at "
+                             f"most 1/2; got {self.analysis.multi_layer_threshold})")
         if self.data.skip_first not in (True, False, "auto"):
             raise MlsaeError(f"data.skip_first: must be true, false or auto (got {self.data.skip_first!r})")
         if self.extract.dtype not in DTYPES:

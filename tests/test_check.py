@@ -188,21 +188,20 @@ class _Reader:
 
 
 def test_evaluate_with_every_position_masked_gives_one_line():
+    """Every position special (one-token documents): no next-token target, one clear line."""
     import torch
 
-    from mlsae.evaluate import downstream_metrics
+    from mlsae.downstream import splice_sums
     from mlsae.lens import Lens
+    from mlsae.models import load_model
     from mlsae.sae import MLSAE, SAEConfig
 
-    class Model:
-        device = torch.device("cpu")
-
-        def logits(self, ids, splice=None):
-            return torch.zeros(*ids.shape, 5)
-
-    sae = MLSAE(SAEConfig(d_model=4, n_latents=8, k=2, layers=[0]))
-    with pytest.raises(MlsaeError, match=r"evaluate.tokens: none of the 6 next-token positions"):
-        downstream_metrics(sae, Lens.identity(1, 4), Model(), _Reader(), 8, 2, progress=False)
+    model = load_model("tiny-llama", "cpu")
+    sae = MLSAE(SAEConfig(d_model=64, n_latents=128, k=2, layers=[0]))
+    tokens = np.ones((2, 4), dtype=np.int64)
+    excluded = np.ones((2, 4), dtype=bool)
+    with pytest.raises(MlsaeError, match=r"no position has a next-token target"):
+        splice_sums(sae, Lens.identity(4, 64), model, tokens, excluded, torch.zeros(1, 64), False, 2, progress=False)
 
 
 # --- offline hub -------------------------------------------------------------------------------

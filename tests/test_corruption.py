@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+
+from mlsae import latents
 import pytest
 import torch
 
@@ -29,6 +31,7 @@ def latent_store(path: Path, n: int = 4096) -> None:
     class Reader:
         path = "activations"
         attrs = {"model": "tiny-llama"}
+        skip_first = False
 
         def n_tokens(self, split):
             return n
@@ -38,7 +41,7 @@ def latent_store(path: Path, n: int = 4096) -> None:
 
     sae = MLSAE(SAEConfig(d_model=8, n_latents=32, k=4, layers=[0, 1]))
     attrs = dump_mod._attrs(sae, __import__("mlsae.lens", fromlist=["Lens"]).Lens.identity(2, 8), Reader())
-    root, _ = dump_mod._open(str(path), attrs, Reader())
+    root, _ = latents.open_for_writing(str(path), attrs, Reader())
     rng = np.random.default_rng(0)
     root[C.INDICES][:] = rng.integers(0, 32, (n, 2, 4), dtype=np.int32)
     root[C.VALUES][:] = rng.random((n, 2, 4)).astype(np.float16)
@@ -63,7 +66,7 @@ def truncate(path: Path) -> None:
 @pytest.mark.parametrize("damage", [garble, truncate])
 @pytest.mark.parametrize("array", [C.VALUES, C.INDICES])
 def test_damaged_latent_shard_raises_one_line_naming_store_and_fix(tmp_path, damage, array):
-    from mlsae.analysis import aggregate
+    from mlsae.aggregate import aggregate
 
     path = tmp_path / "latents.zarr"
     latent_store(path)

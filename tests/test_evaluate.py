@@ -23,12 +23,13 @@ import torch.nn.functional as F
 import yaml
 
 from mlsae import constants as C
-from mlsae.evaluate import downstream_metrics, evaluate, reconstruction_metrics
+from mlsae.downstream import downstream_metrics, splice_sums
+from mlsae.evaluate import context_counts, downstream_contexts, evaluate, reconstruction_metrics
 from mlsae.lens import Lens
 from mlsae.lens_stage import load_stage_lens, run_lens_stage
 from mlsae.models import LoadedModel, load_model
 from mlsae.params import parse_params
-from mlsae.sae import MLSAE, NORM_EPS, SAEConfig
+from mlsae.sae import MLSAE, NORM_EPS, SEED_NORM_EPS, SAEConfig
 from mlsae.store import ActivationStore
 from mlsae.train import train
 
@@ -88,7 +89,7 @@ LENSES = {"identity": lambda: Lens.identity(4, 64), "tuned": random_lens}
 def perfect_sae(d: int, layers: list[int]) -> MLSAE:
     """A genuine MLSAE that reconstructs every vector exactly: latents relu(x̂), relu(−x̂) with
     decoder columns ±e_i (unit norm), k = n_latents = 2d, b_pre = 0."""
-    sae = MLSAE(SAEConfig(d_model=d, n_latents=2 * d, k=2 * d, layers=layers, auxk=0))
+    sae = MLSAE(SAEConfig(d_model=d, n_latents=2 * d, k=2 * d, layers=layers, auxk=0, normalisation="vector"))
     eye = torch.eye(d)
     with torch.no_grad():
         sae.W_enc.copy_(torch.cat([eye, -eye]))
@@ -121,8 +122,12 @@ def np_sae(sae: MLSAE, x: np.ndarray) -> dict[str, np.ndarray]:
     w_enc, w_dec = sae.W_enc.detach().double().numpy(), sae.W_dec.detach().double().numpy()
     b_pre = sae.b_pre.detach().double().numpy()
     mean = x.mean(-1, keepdims=True)
-    std = np.sqrt(x.var(-1, keepdims=True) + NORM_EPS)
-    xn = (x - mean) / std
+    if sae.cfg.normalisation == "seed":  # unbiased std, eps added to it; decoded with the std alone
+        std = x.std(-1, ddof=1, keepdims=True)
+        xn = (x - mean) / (std + SEED_NORM_EPS)
+    else:
+        std = np.sqrt(x.var(-1, keepdims=True) + NORM_EPS)
+        xn = (x - mean) / std
     z = (xn - b_pre) @ w_enc.T
     idx = np.argpartition(-z, sae.cfg.k - 1, axis=-1)[..., : sae.cfg.k]
     val = np.maximum(np.take_along_axis(z, idx, -1), 0)
@@ -150,10 +155,14 @@ def hf_logits(model: LoadedModel, ids: torch.Tensor, block: int | None = None, f
             handle.remove()
 
 
-def hf_downstream(model: LoadedModel, reader: ActivationStore, n_ctx: int, sae: MLSAE, lens: Lens) -> dict:
+def hf_downstream(model: LoadedModel, reader: ActivationStore, n_ctx: int, sae: MLSAE, lens: Lens,
+                  means: np.ndarray) -> dict:
+    """Independent reference: HF forward hooks replace decoder layer ℓ's output at the kept
+    positions (not special, not a skipped position 0) with numpy's reconstruction, zeros, or the
+    layer's mean; loss over positions t with t and t+1 kept."""
     ids = torch.from_numpy(reader.split("eval")[C.TOKENS][: n_ctx * 32].reshape(n_ctx, 32).astype(np.int64))
-    sp = torch.from_numpy(reader.meta("eval", C.SPECIAL)[: n_ctx * 32].reshape(n_ctx, 32))
-    mask = ~sp[:, :-1] & ~sp[:, 1:]
+    keep = torch.from_numpy(reader.keep("eval")[: n_ctx * 32].reshape(n_ctx, 32))
+    mask = keep[:, :-1] & keep[:, 1:]
     tgt = ids[:, 1:, None]
     clean = F.log_softmax(hf_logits(model, ids)[:, :-1], -1)
 
@@ -163,21 +172,35 @@ def hf_downstream(model: LoadedModel, reader: ActivationStore, n_ctx: int, sae: 
         kl = (clean.exp() * (clean - logp)).sum(-1)[mask].mean()
         return float(ce), float(kl)
 
-    def splice(block: int):
+    def at_kept(new):
+        return lambda h: torch.where(keep[..., None], new(h).to(h.dtype), h)
+
+    def recon(j: int, block: int):
         def fn(h: torch.Tensor) -> torch.Tensor:
             x = h.double().numpy()
             out = np_sae(sae, np_lens(lens, x, block))["recon"]
             return torch.from_numpy(np_lens_inverse(lens, out, block))
 
-        return fn
+        return at_kept(fn)
 
+    variants = {"recon": recon, "zero": lambda j, b: at_kept(torch.zeros_like),
+                "mean": lambda j, b: at_kept(lambda h: torch.from_numpy(means[j]).expand_as(h))}
     base = float(-clean.gather(-1, tgt)[..., 0][mask].mean())
     out = {"ce_clean": base, "count": int(mask.sum()), "entropy": float(-(clean.exp() * clean).sum(-1)[mask].mean())}
-    for name, make in (("recon", splice), ("zero", lambda b: torch.zeros_like)):
-        pairs = [ce_kl(hf_logits(model, ids, b, make(b))) for b in sae.cfg.layers]
+    for name, make in variants.items():
+        pairs = [ce_kl(hf_logits(model, ids, b, make(j, b))) for j, b in enumerate(sae.cfg.layers)]
         out[f"delta_{name}"] = [c - base for c, _ in pairs]
         out[f"kl_{name}"] = [k for _, k in pairs]
     return out
+
+
+def run_downstream(sae: MLSAE, lens: Lens, model: LoadedModel, reader: ActivationStore, n_tokens: int,
+                   batch_size: int, resamples: int = 0) -> dict:
+    means = reconstruction_metrics(sae, lens, reader, progress=False)["layer_means"]
+    tokens, excluded = downstream_contexts(reader, n_tokens)
+    sums = splice_sums(sae, lens, model, tokens, excluded, means, False, batch_size, progress=False)
+    counts = context_counts(len(sums.count), resamples, 0) if resamples else None
+    return {**downstream_metrics(sums, counts), "means": means.double().numpy()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,7 +210,7 @@ def hf_downstream(model: LoadedModel, reader: ActivationStore, n_ctx: int, sae: 
 @pytest.mark.parametrize("lens_kind", list(LENSES))
 def test_reconstruction_metrics_match_numpy(sae: MLSAE, reader: ActivationStore, lens_kind: str) -> None:
     lens = LENSES[lens_kind]()
-    keep = ~reader.meta("eval", C.SPECIAL)
+    keep = reader.keep("eval")
     assert (~keep).any(), "the test store's eval split must hold special tokens"
     got = reconstruction_metrics(sae, lens, reader, chunk=100, progress=False)  # 100: chunks straddle contexts
 
@@ -216,31 +239,27 @@ def test_reconstruction_metrics_match_numpy(sae: MLSAE, reader: ActivationStore,
 @pytest.mark.parametrize("lens_kind", list(LENSES))
 def test_downstream_metrics_match_hf_splice(sae: MLSAE, model: LoadedModel, reader: ActivationStore,
                                             lens_kind: str) -> None:
-    """Splicing through the bridge hook equals replacing HF decoder layer ℓ's output, for the
-    SAE's own blocks (1 and 3), over several batches with special tokens masked."""
+    """Splicing from the spliced block (recorded calls, rerun of the later blocks) equals replacing
+    HF decoder layer ℓ's output in a whole forward, for the SAE's own blocks (1 and 3), the three
+    variants, over several batches with special (and skipped) positions kept clean and masked."""
     lens = LENSES[lens_kind]()
     n_ctx = reader.n_tokens("eval") // 32
-    got = downstream_metrics(sae, lens, model, reader, n_tokens=reader.n_tokens("eval"), batch_size=6,
-                             progress=False)
-    ref = hf_downstream(model, reader, n_ctx, sae, lens)
+    got = run_downstream(sae, lens, model, reader, n_ctx * 32, batch_size=6, resamples=200)
+    ref = hf_downstream(model, reader, n_ctx, sae, lens, got["means"])
     assert got["downstream_tokens"] == ref["count"] < n_ctx * 31  # special positions were masked
-    assert got["ce_clean"] == pytest.approx(ref["ce_clean"], abs=1e-4)
-    np.testing.assert_allclose(got["delta_ce_by_layer"], ref["delta_recon"], rtol=2e-3, atol=2e-4)
-    np.testing.assert_allclose(got["kl_by_layer"], ref["kl_recon"], rtol=2e-3, atol=2e-4)
-    np.testing.assert_allclose(got["delta_ce_zero_by_layer"], ref["delta_zero"], atol=1e-4)
-    np.testing.assert_allclose(got["kl_zero_by_layer"], ref["kl_zero"], atol=1e-4)
-    assert got["delta_ce"] == pytest.approx(np.mean(ref["delta_recon"]), rel=2e-3, abs=2e-4)
-    assert got["kl"] == pytest.approx(np.mean(ref["kl_recon"]), rel=2e-3, abs=2e-4)
+    assert got["spliced_token_layers"] == n_ctx * 32 * 2 * 3
+    assert got["ce_clean"] == pytest.approx(ref["ce_clean"], abs=1e-5)
+    for name, suffix in (("recon", ""), ("zero", "_zero"), ("mean", "_mean")):
+        np.testing.assert_allclose(got[f"delta_ce{suffix}_by_layer"], ref[f"delta_{name}"], rtol=1e-3, atol=1e-5)
+        np.testing.assert_allclose(got[f"kl{suffix}_by_layer"], ref[f"kl_{name}"], rtol=1e-3, atol=1e-5)
+        lo, hi = got[f"delta_ce{suffix}_ci"]
+        assert lo <= got[f"delta_ce{suffix}"] <= hi and lo < hi
     # a briefly trained SAE is imperfect: splicing it costs something at every layer
     assert min(got["kl_by_layer"]) > 1e-3
-
-    # Llama blocks have no biases: a zero residual stays zero through later blocks and the final
-    # norm, so the logits are 0 and the prediction uniform. Hence, exactly:
-    log_v = math.log(model.vocab_size)
-    np.testing.assert_allclose(got["delta_ce_zero_by_layer"], log_v - got["ce_clean"], atol=1e-4)
-    np.testing.assert_allclose(got["kl_zero_by_layer"], log_v - ref["entropy"], atol=1e-4)
-    # and the fine-tuned model is far better than uniform, so zero ablation costs a lot
+    # the fine-tuned model is far better than uniform, so zero ablation costs a lot, and more than
+    # replacing the layer by its mean
     assert got["delta_ce_zero"] > 1.0
+    assert got["delta_ce_mean"] < got["delta_ce_zero"]
 
 
 @pytest.mark.parametrize("lens_kind", list(LENSES))
@@ -252,7 +271,7 @@ def test_perfect_reconstruction_costs_nothing(model: LoadedModel, reader: Activa
     sae = perfect_sae(64, [0, 1, 2, 3])
     rec = reconstruction_metrics(sae, lens, reader, progress=False)
     assert max(rec["fvu_by_layer"]) < 1e-10
-    got = downstream_metrics(sae, lens, model, reader, n_tokens=96, batch_size=2, progress=False)
+    got = run_downstream(sae, lens, model, reader, n_tokens=96, batch_size=2)
     np.testing.assert_allclose(got["delta_ce_by_layer"], 0, atol=1e-4)
     np.testing.assert_allclose(got["kl_by_layer"], 0, atol=1e-5)
     assert min(got["delta_ce_zero_by_layer"]) > 1.0
@@ -261,7 +280,7 @@ def test_perfect_reconstruction_costs_nothing(model: LoadedModel, reader: Activa
         # control: the same splice without mapping back through the inverse is far from free,
         # so the zero above really depends on the inverse
         monkeypatch.setattr(Lens, "inverse", lambda self, h, blocks=None: h)
-        bad = downstream_metrics(sae, lens, model, reader, n_tokens=96, batch_size=2, progress=False)
+        bad = run_downstream(sae, lens, model, reader, n_tokens=96, batch_size=2)
         assert min(bad["kl_by_layer"][:3]) > 1e-2 and bad["kl_by_layer"][3] < 1e-5  # last block: no translator
 
 
@@ -357,6 +376,10 @@ def test_evaluate_stage_writes_the_metrics_contract(store: tuple[Path, dict], re
     assert 0 <= metrics["dead_fraction"] <= 1 and metrics["layers"] == [1, 3]
     assert metrics["downstream_tokens"] <= raw["evaluate"]["tokens"]
     rows = (tmp_path / C.EVAL_PLOT).read_text().splitlines()
-    assert rows[0].split(",") == ["layer", "fvu", "mse", "l0", "delta_ce", "delta_ce_zero", "kl"]
+    assert rows[0].split(",") == ["layer", "fvu", "mse", "l0", "delta_ce", "delta_ce_zero", "delta_ce_mean", "kl",
+                                  "kl_zero", "kl_mean"]
+    for key in ("fvu", "delta_ce", "kl", "delta_ce_mean"):
+        lo, hi = metrics[f"{key}_ci"]
+        assert lo <= metrics[key] <= hi
     assert [r.split(",")[0] for r in rows[1:]] == ["1", "3"]
     assert float(rows[2].split(",")[1]) == pytest.approx(metrics["fvu_by_layer"][1])
