@@ -57,8 +57,9 @@ them to per-``(context, latent)`` sums of ``n, d, d^2, v, m, m d, m d^2, m v`` w
 are folded into the point sums (weight 1) and into the replica sums with the chunk's rows of the
 count matrix (one ``(R x contexts) @ (contexts x 8F)`` product). Nothing grows with tokens: the
 state is ``8 R F + 11 F + C R`` float64 numbers (``R`` resamples, ``F`` latents, ``C`` contexts);
-for ``R = 200`` and ``F = 9216`` that is about 118 MB, plus per-chunk temporaries of at most
-``8 * 2^22`` bytes for the dense per-context block.
+for ``R = 200`` and ``F = 9216`` that is about 118 MB. Temporaries: a chunk's dense per-context
+block holds at most ``2^22`` float64 (32 MB, two copies while folding), and :meth:`finish`
+evaluates 25 replicas at a time (about 20 ``25 x F`` arrays).
 """
 
 from __future__ import annotations
@@ -81,6 +82,8 @@ _N_STATS = 8
 _PAIRS, _EFF, _MULTI = range(3)
 # Doubles in one dense (contexts x 8F) block of a chunk.
 _BLOCK_DOUBLES = 1 << 22
+# Replicas evaluated at once in finish (bounds its (replicas x F) temporaries).
+_REPLICA_BLOCK = 25
 
 _VAR_KEYS = ("var_within", "var_between", "var_total", "within_share", "var_ratio")
 HEADLINE_KEYS: tuple[str, ...] = (
@@ -283,7 +286,12 @@ class LayerStats:
     def replica_metrics(self) -> dict[str, np.ndarray]:
         """Each headline float figure in every bootstrap replica: ``key -> (R,)`` array, NaN where
         undefined in that replica (the intervals are percentiles of these)."""
-        return _headline(self.replicas, self.pair_replicas, self.min_count, self.n_layers)
+        step = _REPLICA_BLOCK
+        parts = [
+            _headline(self.replicas[i : i + step], self.pair_replicas[i : i + step], self.min_count, self.n_layers)
+            for i in range(0, self.replicas.shape[0], step)
+        ]
+        return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
 
     def finish(self) -> tuple[pl.DataFrame, dict[str, Any]]:
         """The per-latent table (schema :data:`LATENT_COLUMNS`, rows: latents with >= 1 active
