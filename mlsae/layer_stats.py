@@ -270,7 +270,8 @@ class LayerStats:
         self.multi += np.bincount(latent, weights=multi, minlength=f)
 
         used, local = np.unique(context, return_inverse=True)
-        pairs = np.stack([np.bincount(local, weights=w, minlength=used.size) for w in (np.ones_like(eff), eff, multi)], 1)
+        per_pair = (np.ones_like(eff), eff, multi)
+        pairs = np.stack([np.bincount(local, weights=w, minlength=used.size) for w in per_pair], axis=1)
         self.pair_sums += pairs.sum(axis=0)
         self.pair_replicas += self.counts_f64[used].T @ pairs
         block = max(1, _BLOCK_DOUBLES // (_N_STATS * f))

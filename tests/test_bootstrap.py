@@ -84,9 +84,10 @@ def test_fvu_and_delta_ce_replicas_equal_explicit_resampling():
     context, x, x_hat, ce_clean, ce_spliced = _tokens(0, n_contexts)
     s = _per_context(context, x, x_hat, ce_clean, ce_spliced, n_contexts)
     w = context_counts(n_contexts, R, seed=2)
-    fvu_rep = fvu(resample_sums(s["err"], w), resample_sums(s["xx"], w), resample_sums(s["x"], w), resample_sums(s["n"], w))
-    dce_rep = mean_difference(resample_sums(s["spliced"], w), resample_sums(s["clean"], w), resample_sums(s["n"], w))
-    ce_rep = mean(resample_sums(s["clean"], w), resample_sums(s["n"], w))
+    rs = {k: resample_sums(v, w) for k, v in s.items()}
+    fvu_rep = fvu(rs["err"], rs["xx"], rs["x"], rs["n"])
+    dce_rep = mean_difference(rs["spliced"], rs["clean"], rs["n"])
+    ce_rep = mean(rs["clean"], rs["n"])
     assert fvu_rep.shape == (R, 3) and dce_rep.shape == (R,)
     for r in range(R):
         tokens = np.concatenate([np.repeat(np.flatnonzero(context == c), w[c, r]) for c in range(n_contexts)])
@@ -109,7 +110,9 @@ def test_bootstrap_helper_point_interval_and_seed():
     assert not np.array_equal(iv, iv_other)
 
     dce, dce_iv = bootstrap(
-        {"value": s["spliced"], "reference": s["clean"], "n": s["n"]}, mean_difference, context_counts(n_contexts, 200, 0)
+        {"value": s["spliced"], "reference": s["clean"], "n": s["n"]},
+        mean_difference,
+        context_counts(n_contexts, 200, 0),
     )
     assert dce == pytest.approx((ce_spliced - ce_clean).mean(), rel=1e-12)
     assert dce_iv[0] < dce < dce_iv[1]
