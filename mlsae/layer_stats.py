@@ -31,7 +31,8 @@ from the mass-weighted terms with suffix ``_mass``; ``var_within_norm = var_with
 ``sum_{t,f} exp(H_tf) / N`` and ``#{s2_tf >= theta} / N``, ``N`` the number of active pairs. A figure
 that is 0/0 (no counted latent, a zero total) is ``None``.
 
-Intervals: ``<key>_ci = [lo, hi]``, the 95 % percentile bootstrap over eval contexts
+The seed paper's estimator, with intervals, comes from :meth:`LayerStats.paper_metrics` (see
+below). Intervals: ``<key>_ci = [lo, hi]``, the 95 % percentile bootstrap over eval contexts
 (:mod:`mlsae.bootstrap`): replica ``r`` weights context ``c`` by ``W[c, r]`` and recomputes every
 figure, the counted set ``K`` included, from the reweighted sums.
 
@@ -220,6 +221,7 @@ class LayerStats:
         self.multi = np.zeros(f)  # per latent multi-layer pairs
         self.replicas = np.zeros((r, _N_STATS, f))
         self.pair_replicas = np.zeros((r, 3))
+        self.tokens = np.zeros(self.n_contexts)  # non-special tokens per context (paper estimator)
 
     def add(
         self,
@@ -283,6 +285,46 @@ class LayerStats:
             dense = np.stack([np.bincount(key, weights=c[sel], minlength=size) for c in columns])
             dense = dense.reshape(_N_STATS, stop - start, f).transpose(1, 0, 2).reshape(stop - start, -1)
             self.replicas += (self.counts_f64[used[start:stop]].T @ dense).reshape(self.replicas.shape)
+
+    def add_tokens(self, context: np.ndarray) -> None:
+        """Count tokens for :meth:`paper_metrics`: the context id of every analysed (non-special)
+        token, active pairs or not; call once per chunk of tokens."""
+        context = np.asarray(context).astype(np.int64, copy=False).reshape(-1)
+        if context.size and (context.min() < 0 or context.max() >= self.n_contexts):
+            raise MlsaeError(f"layer_stats: context ids must be in 0..{self.n_contexts - 1}")
+        self.tokens += np.bincount(context, minlength=self.n_contexts)
+
+    def paper_metrics(self) -> dict[str, Any]:
+        """The seed paper's estimator over the tokens given to :meth:`add_tokens` (one batch), with
+        bootstrap intervals: ``var_token_paper = sum_{t,f} v_tf / (T F)``, ``var_aggregate_paper =
+        (1/F) sum_f [sum_l l^2 q_f(l) - (sum_l l q_f(l))^2]`` with ``q_f = (1/T) sum_t p_tf`` over
+        all ``T`` tokens, ``var_ratio_paper`` = their ratio, and ``<key>_ci``. Built from the same
+        sums: ``sum_t mu_tf = S_d + n c_f`` and ``sum_t sum_l l^2 p_tf = S_v + S_d2 + 2 c_f S_d +
+        n c_f^2``."""
+        if self.tokens.sum() < 1:
+            raise MlsaeError("layer_stats: paper_metrics needs the token counts (add_tokens)")
+        point = self._paper(self.sums[None], self.tokens.sum()[None])
+        replica_tokens = self.counts_f64.T @ self.tokens
+        step = _REPLICA_BLOCK
+        parts = [
+            self._paper(self.replicas[i : i + step], replica_tokens[i : i + step])
+            for i in range(0, self.replicas.shape[0], step)
+        ]
+        out: dict[str, Any] = {key: _scalar(value[0]) for key, value in point.items()}
+        for key in point:
+            replicas = np.concatenate([part[key] for part in parts])
+            out[f"{key}_ci"] = interval_json(percentile_interval(replicas, self.level))
+        return out
+
+    def _paper(self, sums: np.ndarray, tokens: np.ndarray) -> dict[str, np.ndarray]:
+        """The paper's figures for ``(B, 8, F)`` sums over ``(B,)`` tokens."""
+        c = np.nan_to_num(self.shift)  # unseen latents have n = 0 and all sums 0
+        n, sd, sd2, sv = sums[:, _N], sums[:, _D], sums[:, _D2], sums[:, _V]
+        first = _div(sd + n * c, tokens[:, None])
+        second = _div(sv + sd2 + 2 * c * sd + n * c * c, tokens[:, None])
+        token = _div(sv.sum(axis=1), tokens * self.n_latents)
+        aggregate = (second - first * first).mean(axis=1)
+        return {"var_token_paper": token, "var_aggregate_paper": aggregate, "var_ratio_paper": _div(aggregate, token)}
 
     def replica_metrics(self) -> dict[str, np.ndarray]:
         """Each headline float figure in every bootstrap replica: ``key -> (R,)`` array, NaN where

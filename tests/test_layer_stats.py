@@ -321,3 +321,40 @@ def test_bad_inputs_are_one_clear_error():
         LayerStats(3, 4, 2, -1)
     with pytest.raises(MlsaeError, match="n_contexts"):
         LayerStats(3, 4, 0, 0)
+
+
+def _paper_dense(a: np.ndarray) -> tuple[float, float]:
+    """The seed's formula on a dense array (all T tokens one batch, p = 0 at inactive pairs)."""
+    L = a.shape[1]
+    ell = np.arange(L, dtype=np.float64)[None, :, None]
+    m = a.sum(axis=1, keepdims=True)
+    p = np.divide(a, m, out=np.zeros_like(a), where=m > 0)
+
+    def v(x):
+        return (ell**2 * x).sum(axis=1) - ((ell * x).sum(axis=1)) ** 2
+
+    return float(v(p).mean()), float(v(p.mean(axis=0, keepdims=True)).mean())
+
+
+def test_paper_metrics_and_replicas_match_dense_formula():
+    a, context = random_dump(9)
+    a[5] = 0.0  # a token with no active latent still counts in T
+    T, L, F = a.shape
+    R, seed = 12, 4
+    acc = run(dense_to_pairs(a, context), n_latents=F, n_layers=L, n_contexts=9, min_count=0, n_resamples=R, seed=seed)
+    with pytest.raises(MlsaeError, match="add_tokens"):
+        acc.paper_metrics()
+    for part in np.array_split(np.arange(T), 3):
+        acc.add_tokens(context[part])
+    got = acc.paper_metrics()
+    token, aggregate = _paper_dense(a)
+    assert got["var_token_paper"] == pytest.approx(token, rel=1e-10)
+    assert got["var_aggregate_paper"] == pytest.approx(aggregate, rel=1e-10)
+    assert got["var_ratio_paper"] == pytest.approx(aggregate / token, rel=1e-10)
+    counts = context_counts(9, R, seed)
+    ratios = []
+    for r in range(R):
+        tokens = np.concatenate([np.repeat(np.flatnonzero(context == c), counts[c, r]) for c in range(9)])
+        tok_r, agg_r = _paper_dense(a[tokens])
+        ratios.append(agg_r / tok_r)
+    np.testing.assert_allclose(got["var_ratio_paper_ci"], np.percentile(ratios, [2.5, 97.5]), rtol=1e-8)
