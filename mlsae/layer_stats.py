@@ -43,7 +43,7 @@ aggregate distribution ``P_f`` that the latent tables plot. Either way ``within 
 holds per latent, so ``within_share`` is a proper fraction in [0, 1]. Averaging equally over
 latents keeps frequent latents from dominating the headline.
 
-What the seed paper's estimator measures instead (kept by the aggregate stage as
+What the seed paper's estimator measures instead (:meth:`LayerStats.paper_metrics`, kept as
 ``var_token_paper`` / ``var_aggregate_paper`` / ``var_ratio_paper``). It averages the per-token
 distributions over *all* ``T`` tokens, inactive ones as zero vectors: ``q_f = (1/T) sum_t p_tf``
 sums to the firing rate ``r_f = n_f / T``, not 1, and ``q_f = r_f Q_f``. Its "variance"
@@ -57,7 +57,7 @@ them to per-``(context, latent)`` sums of ``n, d, d^2, v, m, m d, m d^2, m v`` w
 ``sum d^2 - (sum d)^2 / n`` variance formula does not cancel catastrophically), in float64. Those
 are folded into the point sums (weight 1) and into the replica sums with the chunk's rows of the
 count matrix (one ``(R x contexts) @ (contexts x 8F)`` product). Nothing grows with tokens: the
-state is ``8 R F + 11 F + C R`` float64 numbers (``R`` resamples, ``F`` latents, ``C`` contexts);
+state is ``8 R F + 11 F + C (R + 1)`` float64 numbers (``R`` resamples, ``F`` latents, ``C`` contexts);
 for ``R = 200`` and ``F = 9216`` that is about 118 MB. Temporaries: a chunk's dense per-context
 block holds at most ``2^22`` float64 (32 MB, two copies while folding), and :meth:`finish`
 evaluates 25 replicas at a time (about 20 ``25 x F`` arrays).
