@@ -46,6 +46,7 @@ import polars as pl
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+from mlsae.layer_stats import LayerStats
 from mlsae.aggregate_kernels import (
     LATENT_LAYER_SCHEMA,
     LATENTS_SCHEMA,
@@ -63,7 +64,7 @@ from mlsae.aggregate_kernels import (
 from mlsae.constants import LATENT_LAYER, LATENT_STATS, LAYER_STATS, TOKEN_STATS, TOP_TOKENS
 from mlsae.errors import MlsaeError
 from mlsae.io import atomic_dir
-from mlsae.latents import LatentStore, open_latents
+from mlsae.latents import LatentStore, open_latents, token_meta
 from mlsae.metrics import AnalysisMetrics, write_metrics
 from mlsae.params import is_int
 
@@ -181,12 +182,12 @@ def _finish(
             "std_layer": _nullable(std, active),
             "entropy": _nullable(entropy, active),
             "n_layers_5pct": (dist >= _LAYER_SHARE).sum(axis=1).astype(np.int32),
-            "var_token_mean": _nullable(acc.pair_var / safe_count, active),
-            "multi_layer_fraction": _nullable(acc.pair_multi / safe_count, active),
             "layer_dist": pl.Series(dist, dtype=pl.Array(pl.Float64, n_layers)).cast(pl.List(pl.Float64)),
         },
         schema=LATENTS_SCHEMA,
     ).with_columns(layer_dist=pl.when(pl.col("count") > 0).then(pl.col("layer_dist")))
+    per_latent, headline = acc.stats.finish()
+    latents = latents.join(per_latent.drop("count", "mass"), on="latent", how="left")
 
     blocks_arr = np.asarray(blocks, dtype=np.int32)
     active_ids = np.flatnonzero(active)
@@ -221,32 +222,14 @@ def _finish(
     )
 
     counted = acc.pair_count >= max(min_count, 1)
-    n_counted = int(counted.sum())
-    var_token = _mean_or_none(acc.var_sum, acc.n_pairs)
-    var_aggregate = float(var[counted].mean()) if n_counted else None
-    var_token_weighted = _mean_or_none(acc.mass_var_sum, acc.mass_sum)
-    var_aggregate_weighted = _mean_or_none(float(mass[counted] @ var[counted]), float(mass[counted].sum()))
-    # The paper's all-pairs formula (paper_variances_dense), T = the non-special tokens:
-    # q_f(l) = sum_t p_tf(l) / T, so sum_l l q_f(l) = sum_t mu_tf / T and
-    # sum_l l^2 q_f(l) = sum_t (sum_l l^2 p_tf(l)) / T.
-    q_first = acc.pair_mean / acc.n_tokens
-    q_second = acc.pair_second / acc.n_tokens
     metrics: dict[str, Any] = {
-        "var_token": var_token,
-        "var_aggregate": var_aggregate,
-        "var_ratio": _ratio_or_none(var_aggregate, var_token),
-        "multi_layer_fraction": _mean_or_none(acc.n_multi, acc.n_pairs),
-        "mean_layer_std": float(std[counted].mean()) if n_counted else None,
-        "var_token_weighted": var_token_weighted,
-        "var_aggregate_weighted": var_aggregate_weighted,
-        "var_ratio_weighted": _ratio_or_none(var_aggregate_weighted, var_token_weighted),
-        "var_token_paper": acc.var_sum / (float(acc.n_tokens) * n_latents),
-        "var_aggregate_paper": float((q_second - q_first * q_first).sum() / n_latents),
+        **headline,
+        "mean_layer_std": float(std[counted].mean()) if counted.any() else None,
+        **acc.stats.paper_metrics(),
         "n_tokens": acc.n_tokens,
         "n_active_pairs": acc.n_pairs,
         "n_entries": int(acc.layer_count.sum()),
         "n_latents_active": int(active.sum()),
-        "n_latents_counted": n_counted,
         "n_layers": n_layers,
     }
     tables = {
@@ -311,6 +294,9 @@ def aggregate(
     top_tokens: int = 5,
     chunk_tokens: int | None = None,
     progress: bool = False,
+    multi_layer_threshold: float = 0.1,
+    n_resamples: int = 200,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """Stream the latent store and write the analysis tables and headline metrics.
 
@@ -320,20 +306,24 @@ def aggregate(
             schemas in the ``*_SCHEMA`` dicts) are written to a temporary sibling directory that
             replaces ``out_dir`` when whole.
         metrics_path: JSON file for the headline metrics, written atomically after ``out_dir``.
-        min_count: latents active at fewer tokens (and never-active ones) are left out of
-            ``var_aggregate``, ``var_aggregate_weighted`` and ``mean_layer_std``.
+        min_count: latents active at fewer tokens (and never-active ones) are left out of the
+            per-latent averages (``var_within`` ... ``var_ratio_mass``) and ``mean_layer_std``.
         top_tokens: highest-activation tokens kept per latent (0: none).
         chunk_tokens: tokens read per step; default whole storage chunks, about 1M entries.
             The results do not depend on it (up to float rounding in the sums).
+        multi_layer_threshold: second-largest layer share from which a pair is multi-layer.
+        n_resamples: bootstrap resamples of eval contexts for the ``*_ci`` intervals (>= 1).
+        seed: seed of the resampling.
 
     Returns:
-        The headline metrics (also written to ``metrics_path``): ``var_token`` (mean var_tf over
-        active pairs), ``var_aggregate`` (mean var_f over counted latents), ``var_ratio``,
-        ``multi_layer_fraction``, ``mean_layer_std``, the mass-weighted ``var_token_weighted``,
-        ``var_aggregate_weighted`` and ``var_ratio_weighted``, the paper's ``var_token_paper`` and
-        ``var_aggregate_paper`` (see :func:`paper_variances_dense`), and the counts ``n_tokens``,
-        ``n_active_pairs``, ``n_entries``, ``n_latents_active``, ``n_latents_counted``,
-        ``n_layers``. Undefined figures (an empty mean, a ratio over 0) are ``None``.
+        The headline metrics (also written to ``metrics_path``): the decomposition of
+        mlsae.layer_stats (``var_within``, ``var_between``, ``var_total``, ``within_share``,
+        ``var_ratio``, their ``_mass`` versions, ``var_within_norm``, ``var_total_norm``,
+        ``effective_layers``, ``multi_layer_fraction``, each with a ``_ci``), the seed paper's
+        estimator (``var_token_paper``, ``var_aggregate_paper``, ``var_ratio_paper``, with
+        ``_ci``), ``mean_layer_std`` and the counts ``n_tokens``, ``n_active_pairs``,
+        ``n_entries``, ``n_latents_active``, ``n_latents_counted``, ``n_layers``. Undefined figures
+        (an empty mean, a ratio over 0) are ``None``.
 
     Raises:
         MlsaeError: a missing, malformed or incomplete store, a store whose tokens are all special,
@@ -350,7 +340,14 @@ def aggregate(
     made = [p for p in (out_dir.parent, *out_dir.parent.parents) if not p.exists()]
     try:
         with atomic_dir(out_dir) as tmp:
-            acc = _stream(store, chunk_tokens, _Accumulator(store.n_latents, store.n_layers, top_tokens), tmp, progress)
+            position = np.asarray(token_meta(store.path)[2])
+            context_index = np.cumsum(position == 0) - 1  # eval contexts start at position 0
+            n_contexts = int(context_index[-1]) + 1
+            stats = LayerStats(store.n_latents, store.n_layers, n_contexts, min_count, multi_layer_threshold,
+                               max(int(n_resamples), 1), seed)
+            acc = _Accumulator(store.n_latents, store.n_layers, top_tokens, stats=stats,
+                               context_index=context_index)
+            acc = _stream(store, chunk_tokens, acc, tmp, progress)
             tables, metrics = _finish(acc, store.blocks, min_count)
             for name, table in tables.items():
                 table.write_parquet(tmp / name)
@@ -359,5 +356,7 @@ def aggregate(
             if path.exists() and not any(path.iterdir()):
                 path.rmdir()
         raise
+    if n_resamples == 0:  # no intervals asked for
+        metrics = {k: v for k, v in metrics.items() if not k.endswith("_ci")}
     write_metrics(metrics_path, AnalysisMetrics.from_dict(metrics, "aggregate"))
     return metrics

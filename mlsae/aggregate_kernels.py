@@ -18,6 +18,7 @@ import pyarrow as pa
 from mlsae.constants import INDICES, VALUES
 from mlsae.errors import MlsaeError
 from mlsae.latents import LatentStore
+from mlsae.layer_stats import LayerStats
 
 # Entries (tokens x layers x k) read per chunk by default: large enough to amortise the per-chunk
 # work on the n_latents x L tables, small enough to keep the working set to tens of MiB.
@@ -47,10 +48,11 @@ LATENTS_SCHEMA: dict[str, pl.DataType] = {
     "std_layer": pl.Float64(),
     "entropy": pl.Float64(),
     "n_layers_5pct": pl.Int32(),
-    "var_token_mean": pl.Float64(),
-    "multi_layer_fraction": pl.Float64(),
     "layer_dist": pl.List(pl.Float64()),
 }
+"""Then the per-latent decomposition columns of mlsae.layer_stats.LATENT_COLUMNS (null for latents
+never active): var_within, var_between, var_total, within_share, their _mass versions,
+effective_layers, multi_layer_fraction."""
 LATENT_LAYER_SCHEMA: dict[str, pl.DataType] = {
     "latent": pl.Int32(),
     "layer": pl.Int32(),
@@ -206,12 +208,14 @@ class _Pairs:
     var: np.ndarray  # float64 var_tf
     peak_value: np.ndarray  # float32 max_l a
     peak_layer: np.ndarray  # int64 lowest layer position holding that max
+    entropy: np.ndarray  # float64 H_tf = -sum_l p ln p (nats)
+    share2: np.ndarray  # float64 second-largest p_tf(l) (0 for a pair active at one layer)
 
     @classmethod
     def empty(cls, capacity: int) -> _Pairs:
         """Uninitialised columns for up to ``capacity`` pairs."""
         i64, f64 = np.int64, np.float64
-        dtypes = (i64, i64, i64, f64, f64, f64, f64, np.float32, i64)
+        dtypes = (i64, i64, i64, f64, f64, f64, f64, np.float32, i64, f64, f64)
         return cls(*(np.empty(capacity, dtype) for dtype in dtypes))
 
     def __len__(self) -> int:
@@ -252,6 +256,7 @@ def _tile_pairs(
     # bincount adds each run's few entries in order: exact, and far cheaper than reduceat per run.
     a = pack.value(key)
     layer = pack.layer(key).astype(np.float64)
+    a_log_a = np.bincount(run, weights=a * np.log(np.where(a > 0, a, 1.0)))[1:]
     mass = np.bincount(run, weights=a)[1:]
     a *= layer
     s1 = np.bincount(run, weights=a)[1:]
@@ -275,6 +280,16 @@ def _tile_pairs(
     peak = key[first_entry + size - 1]  # the run's last key: largest activation, lowest layer on ties
     out.peak_value[pos:end] = pack.value(peak)
     out.peak_layer[pos:end] = pack.layer(peak)
+    # H = ln m - (sum_l a ln a) / m; one active layer gives exactly 0
+    entropy = out.entropy[pos:end]
+    np.subtract(np.log(mass), a_log_a[real] / mass, out=entropy)
+    np.maximum(entropy, 0.0, out=entropy)
+    entropy[size == 1] = 0.0
+    # the run is sorted by activation: its second-to-last key holds the second-largest one
+    runner_up = key[first_entry + np.maximum(size - 2, 0)]
+    share2 = out.share2[pos:end]
+    np.divide(pack.value(runner_up), mass, out=share2)
+    share2[size == 1] = 0.0
     return end
 
 
@@ -326,12 +341,12 @@ class _Accumulator:
     pair_second: np.ndarray = field(init=False)  # (F,) sum of sum_l l^2 p_tf(l) (paper formula)
     threshold: np.ndarray = field(init=False)  # (F,) activation a token must beat to enter the top list
     top: pl.DataFrame = field(init=False)
+    stats: LayerStats | None = None
+    """The variance decomposition and its bootstrap (mlsae.layer_stats), fed every chunk's pairs."""
+    context_index: np.ndarray | None = None
+    """(T,) eval context index 0..C-1 of every token of the store."""
     n_tokens: int = 0
     n_pairs: int = 0
-    n_multi: int = 0
-    var_sum: float = 0.0
-    mass_sum: float = 0.0
-    mass_var_sum: float = 0.0
 
     def __post_init__(self) -> None:
         n_latents, n_layers = self.n_latents, self.n_layers
@@ -356,10 +371,10 @@ class _Accumulator:
         multi = pairs.n_layers > 1
         self.n_tokens += token.size
         self.n_pairs += pairs.latent.size
-        self.n_multi += int(multi.sum())
-        self.var_sum += float(pairs.var.sum())
-        self.mass_sum += float(pairs.mass.sum())
-        self.mass_var_sum += float(pairs.mass @ pairs.var)
+        if self.stats is not None and self.context_index is not None:
+            self.stats.add_tokens(self.context_index[token])
+            self.stats.add(pairs.latent, self.context_index[token[pairs.row]], pairs.mass, pairs.mean,
+                           pairs.second, pairs.entropy, pairs.share2)
         self.pair_count += np.bincount(pairs.latent, minlength=n)
         self.pair_multi += np.bincount(pairs.latent[multi], minlength=n)
         self.pair_var += np.bincount(pairs.latent, weights=pairs.var, minlength=n)

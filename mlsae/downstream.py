@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from mlsae.bootstrap import interval_json, percentile_interval
 from mlsae.errors import MlsaeError
 from mlsae.lens import Lens
 from mlsae.models import LoadedModel
@@ -156,8 +157,8 @@ def downstream_metrics(sums: SpliceSums, counts: np.ndarray | None = None) -> di
                           np.einsum("vcl,cb->vlb", sums.ce, counts), np.einsum("vcl,cb->vlb", sums.kl, counts))
         for v, name in enumerate(VARIANTS):
             suffix = "" if name == "recon" else f"_{name}"
-            metrics[f"delta_ce{suffix}_ci"] = interval(reps["delta_ce"][v].mean(0))
-            metrics[f"kl{suffix}_ci"] = interval(reps["kl"][v].mean(0))
+            metrics[f"delta_ce{suffix}_ci"] = interval_json(percentile_interval(reps["delta_ce"][v].mean(0)))
+            metrics[f"kl{suffix}_ci"] = interval_json(percentile_interval(reps["kl"][v].mean(0)))
     return metrics
 
 
@@ -167,12 +168,3 @@ def _estimates(ce_clean: np.ndarray, count: np.ndarray, ce: np.ndarray, kl: np.n
     n = np.where(count > 0, count, np.nan).astype(np.float64)
     base = ce_clean / n
     return {"ce_clean": base, "delta_ce": ce / n - base, "kl": kl / n}
-
-
-def interval(replicas: np.ndarray, level: float = 0.95) -> list[float]:
-    """Percentile interval of bootstrap replicas (NaN replicas, from empty resamples, dropped)."""
-    finite = replicas[np.isfinite(replicas)]
-    if finite.size == 0:
-        raise MlsaeError("bootstrap: every resample was empty; evaluate more contexts")
-    lo, hi = np.quantile(finite, [(1 - level) / 2, (1 + level) / 2])
-    return [float(lo), float(hi)]

@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mlsae import downstream
+from mlsae.bootstrap import context_counts, interval_json, percentile_interval
 from mlsae.constants import TOKENS
 from mlsae.errors import MlsaeError
 from mlsae.lens import Lens
@@ -36,13 +37,6 @@ from mlsae.store import ActivationStore
 
 MAX_UNITS = 512
 """Most resampling units for the reconstruction intervals (bounds memory on large eval splits)."""
-
-
-def context_counts(n_units: int, n_resamples: int, seed: int) -> np.ndarray:
-    """(n_units, n_resamples) int: how often each unit is drawn in each bootstrap resample
-    (multinomial, uniform, n_units draws per resample), from a generator seeded with `seed`."""
-    rng = np.random.default_rng([seed, n_units, n_resamples])
-    return rng.multinomial(n_units, np.full(n_units, 1.0 / n_units), size=n_resamples).T
 
 
 @torch.no_grad()
@@ -103,7 +97,7 @@ def reconstruction_metrics(sae: MLSAE, lens: Lens, reader: ActivationStore, chun
         err_b = torch.einsum("ul,ub->bl", s_err, counts)
         ss_b = torch.einsum("ul,ub->bl", ss, counts)
         fvu_b = (err_b / ss_b).mean(1).numpy()
-        out["fvu_ci"] = downstream.interval(fvu_b)
+        out["fvu_ci"] = interval_json(percentile_interval(fvu_b))
         out["bootstrap_units"] = n_units
     return out
 

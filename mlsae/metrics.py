@@ -212,16 +212,31 @@ class AnalysisMetrics(StageMetrics):
     the aggregate stage need no change here to reach report and compare."""
 
     open_keys: ClassVar[bool] = True
-    var_token: float | None = None
-    var_aggregate: float | None = None
+    var_within: float | None = None
+    """Mean over counted latents of within_f (equal token weighting); docs/statistics.md."""
+    var_between: float | None = None
+    var_total: float | None = None
+    within_share: float | None = None
+    """var_within / var_total."""
     var_ratio: float | None = None
+    """var_total / var_within."""
+    var_within_mass: float | None = None
+    var_between_mass: float | None = None
+    var_total_mass: float | None = None
+    within_share_mass: float | None = None
+    var_ratio_mass: float | None = None
+    var_within_norm: float | None = None
+    """var_within / (L-1)^2: comparable across models of different depth."""
+    var_total_norm: float | None = None
+    effective_layers: float | None = None
+    """Mean over active pairs of exp(entropy of p_tf)."""
     multi_layer_fraction: float | None = None
+    """Share of active pairs whose second-largest layer share is >= analysis.multi_layer_threshold."""
     mean_layer_std: float | None = None
-    var_token_weighted: float | None = None
-    var_aggregate_weighted: float | None = None
-    var_ratio_weighted: float | None = None
     var_token_paper: float | None = None
+    """The seed paper's estimator (docs/statistics.md: not a variance)."""
     var_aggregate_paper: float | None = None
+    var_ratio_paper: float | None = None
     n_tokens: int | None = None
     n_active_pairs: int | None = None
     n_entries: int | None = None

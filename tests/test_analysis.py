@@ -29,6 +29,7 @@ from mlsae.constants import (
     VALUES,
 )
 from mlsae.errors import MlsaeError
+from test_layer_stats import brute_headline, brute_latent
 
 # --------------------------------------------------------------------------------------------
 # Helpers
@@ -88,34 +89,25 @@ def moments(p: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
     return mean, var
 
 
-def expected_metrics(a: np.ndarray, min_count: int) -> dict[str, Any]:
-    """Every headline figure from the dense array, with plain numpy."""
+def expected_metrics(a: np.ndarray, min_count: int, threshold: float = 0.1) -> dict[str, Any]:
+    """Every headline figure from the dense array: the decomposition from the statistics tests'
+    brute force (plain loops over latents and tokens), the rest with plain numpy."""
     n_tokens, n_layers, n_latents = a.shape
     pair_mass = a.sum(axis=1)  # (T, F)
     active = pair_mass > 0
-    p = a / np.where(active, pair_mass, 1.0)[:, None, :]
-    _, var_tf = moments(p, axis=1)
-    n_layers_tf = (a > 0).sum(axis=1)
     mass_f = a.sum(axis=(0, 1))
     dist = a.sum(axis=0) / np.where(mass_f > 0, mass_f, 1.0)  # (L, F)
     _, var_f = moments(dist, axis=0)
     counted = active.sum(axis=0) >= max(min_count, 1)
-    var_token = var_tf[active].mean()
-    var_aggregate = var_f[counted].mean() if counted.any() else None
-    var_token_w = (pair_mass[active] * var_tf[active]).sum() / pair_mass[active].sum()
-    var_aggregate_w = (mass_f[counted] * var_f[counted]).sum() / mass_f[counted].sum() if counted.any() else None
     paper = paper_variances_dense(a)
+    head = brute_headline(a, min_count, threshold)
     return {
-        "var_token": var_token,
-        "var_aggregate": var_aggregate,
-        "var_ratio": None if var_aggregate is None or var_token == 0 else var_aggregate / var_token,
-        "multi_layer_fraction": (n_layers_tf[active] > 1).mean(),
+        **head,
         "mean_layer_std": np.sqrt(var_f[counted]).mean() if counted.any() else None,
-        "var_token_weighted": var_token_w,
-        "var_aggregate_weighted": var_aggregate_w,
-        "var_ratio_weighted": None if var_aggregate_w is None or var_token_w == 0 else var_aggregate_w / var_token_w,
         "var_token_paper": paper["var_token_paper"],
         "var_aggregate_paper": paper["var_aggregate_paper"],
+        "var_ratio_paper": (paper["var_aggregate_paper"] / paper["var_token_paper"]
+                            if paper["var_token_paper"] else None),
         "n_tokens": n_tokens,
         "n_active_pairs": int(active.sum()),
         "n_entries": int((a > 0).sum()),
@@ -126,7 +118,11 @@ def expected_metrics(a: np.ndarray, min_count: int) -> dict[str, Any]:
 
 
 def assert_metrics(actual: dict[str, Any], expected: dict[str, Any], rel: float = 1e-9) -> None:
-    assert set(actual) == set(expected)
+    """Every expected figure; the rest of `actual` are bootstrap intervals of expected figures."""
+    intervals = {k for k in actual if k.endswith("_ci")}
+    assert set(actual) - intervals == {k for k in expected if not k.endswith("_ci")}
+    assert {k[:-3] for k in intervals} <= set(expected)
+    expected = {k: v for k, v in expected.items() if not k.endswith("_ci")}
     for key, value in expected.items():
         if value is None or isinstance(value, int):
             assert actual[key] == value, key
@@ -232,10 +228,7 @@ def test_headline_metrics_match_hand_and_numpy(hand_store: Path, tmp_path: Path)
     assert metrics["n_tokens"] == 5
     assert metrics["n_active_pairs"] == 11
     assert metrics["n_entries"] == 19
-    assert metrics["var_token"] == pytest.approx(var_sum / 11)
-    assert metrics["multi_layer_fraction"] == pytest.approx(6 / 11)
-    mass_var = sum(m * v for _, m, _, v in HAND_PAIRS.values())
-    assert metrics["var_token_weighted"] == pytest.approx(mass_var / sum(m for _, m, _, _ in HAND_PAIRS.values()))
+    # the pooled per-pair variance, by hand, is the paper estimator's numerator
     assert metrics["var_token_paper"] == pytest.approx(var_sum / (5 * N_LATENTS))
     # Latent 4 fires only at the special token: never active. Latents 0..3 are active at
     # 4, 3, 2, 2 tokens, so all four count with min_count=2.
@@ -257,9 +250,11 @@ def test_min_count_filters_the_aggregate_figures(hand_store: Path, tmp_path: Pat
     assert_metrics(metrics, expected_metrics(a, 3))
     none_counted, _ = run(hand_store, tmp_path, "none", min_count=5)
     assert none_counted["n_latents_counted"] == 0
-    assert none_counted["var_aggregate"] is None and none_counted["var_ratio"] is None
-    assert none_counted["mean_layer_std"] is None and none_counted["var_ratio_weighted"] is None
-    assert none_counted["var_token"] == pytest.approx(metrics["var_token"])
+    assert none_counted["var_total"] is None and none_counted["var_ratio"] is None
+    assert none_counted["mean_layer_std"] is None and none_counted["var_ratio_mass"] is None
+    # pooled over all active pairs: min_count does not filter these
+    assert none_counted["effective_layers"] == pytest.approx(metrics["effective_layers"])
+    assert none_counted["multi_layer_fraction"] == pytest.approx(metrics["multi_layer_fraction"])
 
 
 def test_latent_tables_match_numpy(hand_store: Path, tmp_path: Path) -> None:
@@ -287,12 +282,15 @@ def test_latent_tables_match_numpy(hand_store: Path, tmp_path: Path) -> None:
         assert row["entropy"] == pytest.approx(entropy)
         assert row["n_layers_5pct"] == int((p >= 0.05).sum())
         assert row["layer_dist"] == pytest.approx(p.tolist())
-        assert row["var_token_mean"] == pytest.approx(var_tf[active[:, f], f].mean())
-        n_layers_tf = (a[:, :, f] > 0).sum(axis=1)
-        assert row["multi_layer_fraction"] == pytest.approx((n_layers_tf[active[:, f]] > 1).mean())
+        brute = brute_latent(a, f)
+        for key in ("var_within", "var_between", "var_total", "var_within_mass", "var_total_mass"):
+            assert row[key] == pytest.approx(brute[key], abs=1e-12), key
+        assert row["within_share"] == pytest.approx(brute["within_share"])
+        assert row["effective_layers"] == pytest.approx(brute["exp_h"].mean())
+        assert row["multi_layer_fraction"] == pytest.approx((brute["s2"] >= 0.1).mean())
     never = latents.row(4, named=True)
     assert never["mass"] == 0 and never["n_entries"] == 0 and never["n_layers_5pct"] == 0
-    for column in ("mean_layer", "var_layer", "std_layer", "entropy", "var_token_mean", "layer_dist"):
+    for column in ("mean_layer", "var_layer", "std_layer", "entropy", "within_share", "effective_layers", "layer_dist"):
         assert never[column] is None, column
     # Latent 0 by hand: mass 1+1+2 (t0), .5 (t1), .25 (t2), 1+1 (t5) = 6.75; P = (2.25, 1, 3.5) / 6.75.
     assert latents.row(0, named=True)["layer_dist"] == pytest.approx([2.25 / 6.75, 1 / 6.75, 3.5 / 6.75])
@@ -381,10 +379,10 @@ def test_single_layer_store_has_zero_variances(tmp_path: Path) -> None:
     store = make_store(tmp_path / "s.zarr", indices, values, n_latents=8, blocks=[4])
     metrics, out = run(store, tmp_path, min_count=1)
     assert metrics["n_layers"] == 1 and metrics["n_active_pairs"] == 60
-    for key in ("var_token", "var_aggregate", "var_token_weighted", "var_aggregate_weighted", "mean_layer_std"):
+    for key in ("var_within", "var_total", "var_within_mass", "var_total_mass", "mean_layer_std"):
         assert metrics[key] == 0.0, key
-    assert metrics["multi_layer_fraction"] == 0.0
-    assert metrics["var_ratio"] is None and metrics["var_ratio_weighted"] is None
+    assert metrics["multi_layer_fraction"] == 0.0 and metrics["effective_layers"] == 1.0
+    assert metrics["var_ratio"] is None and metrics["var_ratio_mass"] is None
     paper = paper_variances_dense(dense(indices, values, np.zeros(20), 8))
     assert metrics["var_token_paper"] == paper["var_token_paper"] == 0.0
     assert metrics["var_aggregate_paper"] == paper["var_aggregate_paper"] == 0.0
@@ -403,8 +401,9 @@ def test_ratio_is_null_when_every_pair_is_single_layer(tmp_path: Path) -> None:
     values[0::2, 0, 0] = 1.0
     values[1::2, 1, 0] = 1.0
     metrics, _ = run(make_store(tmp_path / "s.zarr", indices, values, n_latents=2), tmp_path)
-    assert metrics["var_token"] == 0.0 and metrics["var_aggregate"] == pytest.approx(0.25)
-    assert metrics["var_ratio"] is None and metrics["var_ratio_weighted"] is None
+    assert metrics["var_within"] == 0.0 and metrics["var_total"] == pytest.approx(0.25)
+    assert metrics["within_share"] == 0.0
+    assert metrics["var_ratio"] is None and metrics["var_ratio_mass"] is None
     assert json.loads((tmp_path / "run" / "analysis.json").read_text())["var_ratio"] is None
 
 
@@ -418,7 +417,8 @@ def test_same_latent_at_consecutive_tokens_makes_separate_pairs(tmp_path: Path) 
     assert rows["n_layers"].to_list() == [2] * 7 and rows["mass"].to_list() == [4.0] * 7
     assert rows["var_layer"].to_list() == [pytest.approx(0.1875)] * 7  # p = (1/4, 3/4)
     # min_count=0 still leaves out the never-active latents 0 and 1 (their variance is undefined).
-    assert metrics["n_latents_counted"] == 1 and metrics["var_aggregate"] == pytest.approx(0.1875)
+    assert metrics["n_latents_counted"] == 1 and metrics["var_total"] == pytest.approx(0.1875)
+    assert metrics["var_within"] == pytest.approx(0.1875) and metrics["var_between"] == pytest.approx(0.0)
 
 
 def test_paper_formula_by_hand() -> None:
@@ -443,14 +443,13 @@ def test_streaming_paper_formula_matches_dense_reference(tmp_path: Path) -> None
     values = np.take_along_axis(a, indices, axis=2).astype(np.float32)
     kept = np.zeros_like(a)
     np.put_along_axis(kept, indices, values.astype(np.float64), axis=2)
-    metrics, _ = run(make_store(tmp_path / "s.zarr", indices, values, n_latents=n_latents), tmp_path)
+    metrics, out = run(make_store(tmp_path / "s.zarr", indices, values, n_latents=n_latents), tmp_path)
     reference = paper_variances_dense(kept)
     assert metrics["var_token_paper"] == pytest.approx(reference["var_token_paper"], rel=1e-9)
     assert metrics["var_aggregate_paper"] == pytest.approx(reference["var_aggregate_paper"], rel=1e-9)
     # ...and they differ from ours in the stated way: var_token_paper is diluted by inactive pairs.
-    assert metrics["var_token_paper"] == pytest.approx(
-        metrics["var_token"] * metrics["n_active_pairs"] / (n_tokens * n_latents)
-    )
+    pair_var = pl.read_parquet(out / TOKEN_STATS.name)["var_layer"].cast(pl.Float64).sum()
+    assert metrics["var_token_paper"] == pytest.approx(pair_var / (n_tokens * n_latents), rel=1e-6)
 
 
 @pytest.mark.parametrize("complete", [None, False, "true"])

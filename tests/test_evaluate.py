@@ -24,7 +24,8 @@ import yaml
 
 from mlsae import constants as C
 from mlsae.downstream import downstream_metrics, splice_sums
-from mlsae.evaluate import context_counts, downstream_contexts, evaluate, reconstruction_metrics
+from mlsae.bootstrap import context_counts
+from mlsae.evaluate import downstream_contexts, evaluate, reconstruction_metrics
 from mlsae.lens import Lens
 from mlsae.lens_stage import load_stage_lens, run_lens_stage
 from mlsae.models import LoadedModel, load_model
