@@ -61,12 +61,13 @@ from mlsae.aggregate_kernels import (
     _Packing,
     _token_latent_table,
 )
-from mlsae.constants import LATENT_LAYER, LATENT_STATS, LAYER_STATS, TOKEN_STATS, TOP_TOKENS
+from mlsae.constants import LATENT_LAYER, LATENT_STATS, LAYER_STATS, POSITION, TOKEN_STATS, TOP_TOKENS
 from mlsae.errors import MlsaeError
 from mlsae.io import atomic_dir
-from mlsae.latents import LatentStore, open_latents, token_meta
+from mlsae.latents import LatentStore, open_latents
 from mlsae.metrics import AnalysisMetrics, write_metrics
 from mlsae.params import is_int
+from mlsae.store import open_root
 
 __all__ = [
     "LATENTS_SCHEMA",
@@ -340,7 +341,7 @@ def aggregate(
     made = [p for p in (out_dir.parent, *out_dir.parent.parents) if not p.exists()]
     try:
         with atomic_dir(out_dir) as tmp:
-            position = np.asarray(token_meta(store.path)[2])
+            position = np.asarray(open_root(str(store.path))[POSITION][:])
             context_index = np.cumsum(position == 0) - 1  # eval contexts start at position 0
             n_contexts = int(context_index[-1]) + 1
             stats = LayerStats(store.n_latents, store.n_layers, n_contexts, min_count, multi_layer_threshold,

@@ -53,9 +53,9 @@ def test_unknown_and_missing_keys_fail_naming_the_file(tmp_path: Path) -> None:
 
 
 def test_analysis_keeps_keys_it_does_not_know() -> None:
-    data = {"var_token": 0.1, "var_ratio": None, "new_statistic": [1.0, 2.0], "n_layers": 4}
+    data = {"var_within": 0.1, "var_ratio": None, "new_statistic": [1.0, 2.0], "n_layers": 4}
     record = AnalysisMetrics.from_dict(data, "analysis")
-    assert record.var_token == 0.1 and record.extra == {"new_statistic": [1.0, 2.0]}
+    assert record.var_within == 0.1 and record.extra == {"new_statistic": [1.0, 2.0]}
     assert record.to_dict() == data and list(record.to_dict()) == list(data)
     assert record["new_statistic"] == [1.0, 2.0] and record.get("absent", 7) == 7
 

@@ -114,16 +114,22 @@ EVAL = {
     "layers": BLOCKS,
 }
 ANALYSIS = {
-    "var_token": 0.012,
-    "var_aggregate": 1.5,
+    "var_within": 0.012,
+    "var_between": 1.488,
+    "var_total": 1.5,
+    "within_share": 0.008,
+    "within_share_ci": [0.006, 0.011],
     "var_ratio": 125.0,
+    "within_share_mass": 0.02,
+    "within_share_mass_ci": [0.015, 0.03],
+    "effective_layers": 1.3,
     "multi_layer_fraction": 0.2,
+    "multi_layer_fraction_ci": [0.15, 0.25],
     "mean_layer_std": 0.9,
-    "var_token_weighted": 0.02,
-    "var_aggregate_weighted": 1.2,
-    "var_ratio_weighted": 60.0,
     "var_token_paper": 0.001,
-    "var_aggregate_paper": 0.01,
+    "var_aggregate_paper": 0.1,
+    "var_ratio_paper": 100.0,
+    "var_ratio_paper_ci": [80.0, 130.0],
     "n_tokens": N_TOKENS,
     "n_active_pairs": 143,
     "n_latents_active": 5,
@@ -287,9 +293,11 @@ def test_summary_row_matches_inputs(run: dict[str, Path]) -> None:
         "kl": EVAL["kl"],
         "l0": EVAL["l0"],
         "dead_fraction": EVAL["dead_fraction"],
-        "var_token": ANALYSIS["var_token"],
-        "var_aggregate": ANALYSIS["var_aggregate"],
+        "within_share": ANALYSIS["within_share"],
+        "within_share_mass": ANALYSIS["within_share_mass"],
         "var_ratio": ANALYSIS["var_ratio"],
+        "var_ratio_paper": ANALYSIS["var_ratio_paper"],
+        "effective_layers": ANALYSIS["effective_layers"],
         "multi_layer_fraction": ANALYSIS["multi_layer_fraction"],
         "adjacent_cos": EXTRACT["adjacent_cos"],
     }
@@ -450,11 +458,12 @@ def test_top_token_outside_eval_tokens(run: dict[str, Path]) -> None:
 def test_summary_text_verdicts() -> None:
     row = report.summary_row({"analysis": ANALYSIS, "eval": EVAL, "extract": EXTRACT}, CONFIG)
     text = report.summary_text(row)
-    assert "tiny-llama" in text and "FVU 0.3" in text and "ratio 125" in text
-    assert "consistent with the seed paper" in text
-    assert "weaker" in report.variance_verdict(0.1, 1.0)
-    assert "NOT below" in report.variance_verdict(1.0, 0.5)
-    assert "undefined" in report.variance_verdict(None, 1.0)
+    assert "tiny-llama" in text and "FVU 0.3" in text and "paper's ratio 100" in text
+    assert "about two orders of magnitude, as the paper reports" in text and "0.008 (0.006–0.011)" in text
+    assert row["within_share_ci"] == "0.006–0.011"
+    assert "one order of magnitude, short" in report.variance_verdict({**row, "var_ratio_paper": 10.0})
+    assert "less than one order" in report.variance_verdict({**row, "var_ratio_paper": 2.0})
+    assert "undefined" in report.variance_verdict({**row, "within_share": None})
     assert len(text.splitlines()) <= 12
 
 
@@ -479,6 +488,7 @@ def test_report_reads_the_aggregate_stage_output(run: dict[str, Path], tmp_path:
     root.create_array("indices", data=indices.astype(np.int32), chunks=(16, L, k))
     root.create_array("values", data=values, chunks=(16, L, k))
     root.create_array("special", data=np.zeros(N_TOKENS, dtype=bool), chunks=(16,))
+    root.create_array("position", data=(np.arange(N_TOKENS) % 8).astype(np.int16), chunks=(16,))
     root.attrs.update({"layers": BLOCKS, "n_latents": n_latents, "k": k, "complete": True})
     metrics = aggregate(store, run["analysis_dir"], run["metrics_dir"] / ANALYSIS_METRICS.name, min_count=1)
 
@@ -487,7 +497,7 @@ def test_report_reads_the_aggregate_stage_output(run: dict[str, Path], tmp_path:
     masses = [float(r["mass"]) for r in rows]
     assert len(rows) == 4 and masses == sorted(masses, reverse=True)
     assert all("«" in r["contexts"] and "»" in r["contexts"] for r in rows)
-    assert out["summary"]["var_token"] == pytest.approx(metrics["var_token"])
+    assert out["summary"]["within_share"] == pytest.approx(metrics["within_share"])
     assert len(_read_csv(run["tables_dir"] / "layers.csv")) == L
 
 

@@ -96,8 +96,8 @@ def _histograms(inp: _Inputs, min_count: int) -> tuple[_Histogram, _Histogram]:
     stds = counted["std_layer"].cast(pl.Float64).to_numpy()
     # sigma_f is at most (L-1)/2; the range stops a little past the largest value (or the per-token
     # std, drawn as a reference line) so that the bars are not squeezed against the axis.
-    var_token = _number(inp.analysis.var_token) or 0.0
-    reach = max(float(stds.max()) if stds.size else 0.0, math.sqrt(max(var_token, 0.0)))
+    var_within = _number(inp.analysis.var_within) or 0.0
+    reach = max(float(stds.max()) if stds.size else 0.0, math.sqrt(max(var_within, 0.0)))
     std_range = (0.0, min(top / 2, 1.1 * reach) if top > 0 and reach > 0 else max(top / 2, 0.5))
     mean = np.histogram(counted["mean_layer"].cast(pl.Float64).to_numpy(), bins=bins, range=mean_range)
     std = np.histogram(stds, bins=bins, range=std_range)
@@ -112,12 +112,13 @@ def _histogram_figure(inp: _Inputs, mean: _Histogram, std: _Histogram, min_count
     left.set_ylabel("latents")
     left.set_title("Where latents live: μ_f")
     right.stairs(std.counts, std.edges, fill=True, color="tab:orange", alpha=0.8)
-    var_token = _number(inp.analysis.var_token)
+    var_within = _number(inp.analysis.var_within)
     mean_std = _number(inp.analysis.mean_layer_std)
     if mean_std is not None:
         right.axvline(mean_std, color="k", linestyle="-", label=f"mean σ_f = {mean_std:.3g}")
-    if var_token is not None and var_token >= 0:
-        right.axvline(math.sqrt(var_token), color="tab:red", linestyle="--", label=f"√var_token = {math.sqrt(var_token):.3g}")
+    if var_within is not None and var_within >= 0:
+        right.axvline(math.sqrt(var_within), color="tab:red", linestyle="--",
+                      label=f"√var_within = {math.sqrt(var_within):.3g} (within one token)")
     if right.get_legend_handles_labels()[0]:
         right.legend(fontsize=8)
     right.set_xlabel("std of layer distribution σ_f (layers)")

@@ -23,18 +23,31 @@ SUMMARY_COLUMNS: dict[str, str] = {
     "k": "active latents per vector (TopK)",
     "lens": "space the SAE works in (none = model basis)",
     "fvu": "fraction of variance unexplained, eval split, mean over layers",
+    "fvu_ci": "95% bootstrap interval of fvu (resampling eval contexts)",
     "delta_ce": "CE increase when one layer is spliced with its reconstruction (nats/token)",
+    "delta_ce_ci": "95% bootstrap interval of delta_ce",
+    "delta_ce_mean": "CE increase when one layer is replaced by its eval mean (mean ablation)",
     "delta_ce_zero": "CE increase when one layer is zero-ablated (nats/token), for scale",
     "kl": "KL(clean || spliced) per token (nats)",
     "ce_clean": "clean next-token CE (nats/token)",
     "l0": "active latents per vector, eval",
     "dead_fraction": "latents never active on the eval split",
-    "var_token": "mean per-token variance of a latent's layer distribution",
-    "var_aggregate": "mean variance of a latent's aggregate layer distribution",
-    "var_ratio": "var_aggregate / var_token (seed paper: about 100)",
-    "var_ratio_weighted": "the same ratio with activation-mass weights",
-    "multi_layer_fraction": "active (token, latent) pairs active at more than one layer",
+    "within_share": "equal token weighting: mean within-token layer variance / mean total (per latent, then averaged)",
+    "within_share_ci": "95% bootstrap interval of within_share",
+    "var_ratio": "var_total / var_within, equal token weighting (1 / within_share)",
+    "within_share_mass": "the same share with activation-mass token weights",
+    "within_share_mass_ci": "95% bootstrap interval of within_share_mass",
+    "var_ratio_paper": "the seed paper's estimator (not a variance; docs/statistics.md); the paper reports about 100",
+    "var_ratio_paper_ci": "95% bootstrap interval of var_ratio_paper",
+    "var_within_norm": "var_within / (L-1)^2 (depth-normalised)",
+    "var_total_norm": "var_total / (L-1)^2 (depth-normalised)",
+    "effective_layers": "mean over active (token, latent) pairs of exp(entropy of p_tf)",
+    "effective_layers_ci": "95% bootstrap interval of effective_layers",
+    "multi_layer_fraction": "active pairs whose second-largest layer share is >= analysis.multi_layer_threshold",
+    "multi_layer_fraction_ci": "95% bootstrap interval of multi_layer_fraction",
     "mean_layer_std": "mean std of the aggregate layer distributions (layers)",
+    "auxk_steps": "training steps whose AuxK term acted (some latent dead)",
+    "train_dead_fraction": "latents dead (by sae.dead_tokens) at the end of training",
     "adjacent_cos": "mean cosine similarity of adjacent blocks' centred residuals",
 }
 """The run summary's columns, in order, with a one-line meaning each."""
@@ -89,6 +102,9 @@ def summary_row(metrics: Mapping[str, Mapping[str, Any]], config: Mapping[str, A
     def get(stage: str, key: str) -> Any:
         return _number((metrics.get(stage) or {}).get(key))
 
+    def ci(stage: str, key: str) -> str | None:
+        return format_interval((metrics.get(stage) or {}).get(f"{key}_ci"))
+
     d_model = _number(config.get("d_model")) or get("extract", "d_model")
     n_latents = _number(config.get("n_latents")) or get("train", "n_latents")
     expansion = _number(config.get("expansion"))
@@ -106,18 +122,31 @@ def summary_row(metrics: Mapping[str, Mapping[str, Any]], config: Mapping[str, A
         "k": _number(config.get("k")),
         "lens": None if lens is None else str(lens),
         "fvu": get("eval", "fvu"),
+        "fvu_ci": ci("eval", "fvu"),
         "delta_ce": get("eval", "delta_ce"),
+        "delta_ce_ci": ci("eval", "delta_ce"),
+        "delta_ce_mean": get("eval", "delta_ce_mean"),
         "delta_ce_zero": get("eval", "delta_ce_zero"),
         "kl": get("eval", "kl"),
         "ce_clean": get("eval", "ce_clean"),
         "l0": get("eval", "l0"),
         "dead_fraction": get("eval", "dead_fraction"),
-        "var_token": get("analysis", "var_token"),
-        "var_aggregate": get("analysis", "var_aggregate"),
+        "within_share": get("analysis", "within_share"),
+        "within_share_ci": ci("analysis", "within_share"),
         "var_ratio": get("analysis", "var_ratio"),
-        "var_ratio_weighted": get("analysis", "var_ratio_weighted"),
+        "within_share_mass": get("analysis", "within_share_mass"),
+        "within_share_mass_ci": ci("analysis", "within_share_mass"),
+        "var_ratio_paper": get("analysis", "var_ratio_paper"),
+        "var_ratio_paper_ci": ci("analysis", "var_ratio_paper"),
+        "var_within_norm": get("analysis", "var_within_norm"),
+        "var_total_norm": get("analysis", "var_total_norm"),
+        "effective_layers": get("analysis", "effective_layers"),
+        "effective_layers_ci": ci("analysis", "effective_layers"),
         "multi_layer_fraction": get("analysis", "multi_layer_fraction"),
+        "multi_layer_fraction_ci": ci("analysis", "multi_layer_fraction"),
         "mean_layer_std": get("analysis", "mean_layer_std"),
+        "auxk_steps": get("train", "auxk_steps"),
+        "train_dead_fraction": get("train", "dead_fraction"),
         "adjacent_cos": get("extract", "adjacent_cos"),
     }
 
@@ -140,38 +169,39 @@ def format_value(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
-def variance_verdict(var_token: float | None, var_aggregate: float | None) -> str:
-    """One plain-language sentence comparing per-token and aggregate layer variance."""
-    if var_token is None or var_aggregate is None:
-        return "Per-token vs aggregate layer variance: undefined (no latent was active often enough to count)."
-    if var_token <= 0:
-        if var_aggregate > 0:
-            return (
-                "Every latent fires at a single layer per token (per-token variance 0) while its aggregate "
-                "distribution spreads over layers: the paper's finding in its extreme form."
-            )
-        return "Both variances are 0: every latent is confined to one layer, per token and in aggregate."
-    ratio = var_aggregate / var_token
-    if ratio <= 1:
-        return (
-            f"Per-token layer variance is NOT below the aggregate variance (ratio {ratio:.3g}): "
-            "unlike the seed paper (about two orders of magnitude)."
-        )
-    orders = math.log10(ratio)
+def format_interval(value: Any, digits: int = 3) -> str | None:
+    """A ``[lo, hi]`` interval as text ``"lo-hi"`` (None when absent or not two numbers)."""
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        return None
+    lo, hi = (_number(v) for v in value)
+    if lo is None or hi is None:
+        return None
+    return f"{lo:.{digits}g}–{hi:.{digits}g}"
+
+
+def variance_verdict(summary: Mapping[str, Any]) -> str:
+    """Plain-language sentences on within-token vs across-token layer variance, like with like:
+    the seed paper's estimator against its "about two orders of magnitude", and the consistent
+    decomposition (docs/statistics.md) beside it."""
+    share = _number(summary.get("within_share"))
+    share_m = _number(summary.get("within_share_mass"))
+    paper = _number(summary.get("var_ratio_paper"))
+    if share is None or paper is None:
+        return "Layer variance decomposition: undefined (no latent was active often enough to count)."
+    paper_ci = summary.get("var_ratio_paper_ci") or "-"
+    orders = math.log10(paper) if paper > 0 else float("-inf")
     if orders >= 1.5:
-        return (
-            f"Per-token layer variance is {ratio:.3g}x ({orders:.1f} orders of magnitude) below the aggregate: "
-            "consistent with the seed paper (about two orders of magnitude); a latent is active at one or two "
-            "adjacent layers per token, but at different layers for different tokens."
-        )
-    if orders >= 0.5:
-        return (
-            f"Per-token layer variance is {ratio:.3g}x ({orders:.1f} orders of magnitude) below the aggregate: "
-            "the same direction as the seed paper, but weaker than its about two orders of magnitude."
-        )
+        size = "about two orders of magnitude, as the paper reports"
+    elif orders >= 0.5:
+        size = "about one order of magnitude, short of the paper's two"
+    else:
+        size = "less than one order of magnitude, unlike the paper's two"
     return (
-        f"Per-token layer variance is only {ratio:.3g}x below the aggregate: much of a latent's spread over "
-        "layers happens within single tokens, unlike the seed paper (about two orders of magnitude)."
+        f"The paper's estimator gives {paper:.3g} ({paper_ci}): {size}. Measured as a variance "
+        f"decomposition, the within-token share of a latent's layer variance is {share:.3g} "
+        f"({summary.get('within_share_ci') or '-'}) weighting tokens equally and "
+        f"{format_value(share_m, 3)} ({summary.get('within_share_mass_ci') or '-'}) weighting them by "
+        "activation mass: the smaller the share, the more a latent's layer changes from token to token."
     )
 
 
@@ -186,17 +216,18 @@ def summary_text(summary: Mapping[str, Any]) -> str:
         f"model {format_value(s.get('model'))}: {format_value(s.get('n_layers'))} blocks, d_model {format_value(s.get('d_model'))}; "
         f"SAE on blocks {format_value(s.get('layers'))}, {format_value(s.get('n_latents'))} latents, k {format_value(s.get('k'))}, "
         f"lens {format_value(s.get('lens'))}",
-        f"reconstruction  FVU {format_value(s.get('fvu'))}   L0 {format_value(s.get('l0'))}   "
-        f"dead {format_value(_percent(s.get('dead_fraction')))}%",
-        f"downstream      delta CE {format_value(s.get('delta_ce'))} nats/token (zero-ablation {format_value(s.get('delta_ce_zero'))})"
-        f"   KL {format_value(s.get('kl'))}",
-        f"layer variance  per-token {format_value(s.get('var_token'))}   aggregate {format_value(s.get('var_aggregate'))}   "
-        f"ratio {format_value(s.get('var_ratio'))}",
-        f"multi-layer     {format_value(_percent(s.get('multi_layer_fraction')))}% of active (token, latent) pairs span "
-        f">1 layer; mean sigma_f {format_value(s.get('mean_layer_std'))} layers",
+        f"reconstruction  FVU {format_value(s.get('fvu'))} ({s.get('fvu_ci') or '-'})   L0 {format_value(s.get('l0'))}   "
+        f"dead on eval {format_value(_percent(s.get('dead_fraction')))}%   AuxK steps {format_value(s.get('auxk_steps'))}",
+        f"downstream      delta CE {format_value(s.get('delta_ce'))} ({s.get('delta_ce_ci') or '-'}) nats/token; "
+        f"mean ablation {format_value(s.get('delta_ce_mean'))}, zero {format_value(s.get('delta_ce_zero'))}   "
+        f"KL {format_value(s.get('kl'))}",
+        f"layer variance  within-token share {format_value(s.get('within_share'))} ({s.get('within_share_ci') or '-'}), "
+        f"mass-weighted {format_value(s.get('within_share_mass'))}; paper's ratio {format_value(s.get('var_ratio_paper'))}",
+        f"multi-layer     {format_value(_percent(s.get('multi_layer_fraction')))}% of active pairs have a second layer "
+        f"share >= threshold; {format_value(s.get('effective_layers'))} effective layers per pair",
         f"residual stream adjacent-block cosine {format_value(s.get('adjacent_cos'))}",
         "",
-        variance_verdict(_number(s.get("var_token")), _number(s.get("var_aggregate"))),
+        variance_verdict(s),
     ]
     return "\n".join(lines)
 
