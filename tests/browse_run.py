@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from mlsae.analysis import aggregate
@@ -43,3 +44,9 @@ def build_run(root: Path, n_docs: int = 60) -> dict[str, Path]:
     dump(sae, Lens.identity(reader.n_layers, reader.d_model), reader, str(latents), progress=False)
     aggregate(latents, analysis, root / "analysis.json", min_count=1, top_tokens=3)
     return {"latents": latents, "analysis": analysis, "sae": sae_dir, "root": root}
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One tiny run per session, shared by test_browse.py and test_browser.py."""
+    return build_run(tmp_path_factory.mktemp("browse-run"))

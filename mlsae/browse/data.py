@@ -249,6 +249,7 @@ def prompts(store: Store, p: BrowseParams) -> list[dict[str, Any]]:
 # decoder directions
 
 
+@torch.no_grad()
 def decoder_logit_lens(w_dec: torch.Tensor, norm: nn.Module, w_u: torch.Tensor, selected: np.ndarray, n: int,
                        vocab: int, batch: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Top and bottom ``n`` token ids (and logits) of ``W_U (gamma * c(d_f))`` for each selected
@@ -271,6 +272,7 @@ def decoder_logit_lens(w_dec: torch.Tensor, norm: nn.Module, w_u: torch.Tensor, 
     return cat(tops), cat(topv), cat(bots), cat(botv)
 
 
+@torch.no_grad()
 def nearest_latents(w_dec: torch.Tensor, selected: np.ndarray, candidates: np.ndarray, n: int,
                     batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
     """For each selected latent the ``n`` candidate latents (excluding itself) with the largest
@@ -318,11 +320,10 @@ def collect(latents_path: str | Path, analysis_dir: str | Path, sae: Any, final_
     by_id = {r["latent"]: r for r in stats.filter(pl.col("latent").is_in(selected.tolist())).iter_rows(named=True)}
     found = scan(store, selected, p, progress)
     w_dec = sae.W_dec.detach().cpu()
-    with torch.no_grad():
-        top, topv, bot, botv = decoder_logit_lens(w_dec, final_norm, w_u.detach().cpu(), selected, p.logit_tokens,
-                                                  vocab_size)
-        active = stats.filter(pl.col("count") > 0)["latent"].to_numpy()
-        nn_ids, nn_cos = nearest_latents(w_dec, selected, active, p.neighbours)
+    top, topv, bot, botv = decoder_logit_lens(w_dec, final_norm, w_u.detach().cpu(), selected, p.logit_tokens,
+                                              vocab_size)
+    active = stats.filter(pl.col("count") > 0)["latent"].to_numpy()
+    nn_ids, nn_cos = nearest_latents(w_dec, selected, active, p.neighbours)
     shown: set[int] = set()
     records = []
     for slot, f in enumerate(selected.tolist()):
