@@ -230,17 +230,21 @@ def prompts(store: Store, p: BrowseParams) -> list[dict[str, Any]]:
         idx = np.asarray(store.indices[a:b])
         val = np.asarray(store.values[a:b], dtype=np.float32)
         per_token = []
+        layer_of = np.repeat(np.arange(idx.shape[1]), idx.shape[2])
         for i in range(b - a):
             ids, vals = idx[i].reshape(-1), val[i].reshape(-1)
-            layers = np.repeat(np.arange(idx.shape[1]), idx.shape[2])
             on = vals > 0
-            ids, vals, layers = ids[on], vals[on], layers[on]
-            uniq = np.unique(ids)
-            peak = np.array([vals[ids == f].max() for f in uniq]) if len(uniq) else np.zeros(0)
-            order = np.lexsort((uniq, -peak))[: p.prompt_latents]
-            per_token.append([[int(uniq[j]), _r(float(peak[j])),
-                               [[int(l_), _r(float(x), 3)] for l_, x in zip(layers[ids == uniq[j]], vals[ids == uniq[j]])]]
-                              for j in order])
+            ids, vals, layers = ids[on], vals[on], layer_of[on]
+            order = np.lexsort((layers, ids))
+            ids, vals, layers = ids[order], vals[order], layers[order]
+            starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]]) if len(ids) else np.zeros(0, np.int64)
+            ends = np.r_[starts[1:], len(ids)].astype(np.int64)
+            peak = np.maximum.reduceat(vals, starts) if len(ids) else np.zeros(0, np.float32)
+            best = np.lexsort((ids[starts], -peak))[: p.prompt_latents]
+            per_token.append([[int(ids[starts[j]]), _r(float(peak[j])),
+                               [[int(l_), _r(float(x), 3)] for l_, x in
+                                zip(layers[starts[j] : ends[j]], vals[starts[j] : ends[j]])]]
+                              for j in best])
         out.append({"tokens": store.tokens[a:b].tolist(), "special": store.special[a:b].tolist(), "latents": per_token})
     return out
 
