@@ -206,3 +206,11 @@ def test_dvc_plots_template_is_the_vendored_builds() -> None:
     assert (ROOT / ".dvc" / cfg["plots"]["html_template"].strip()).resolve() == (ROOT / PLOTS_TEMPLATE).resolve()
     text = (ROOT / PLOTS_TEMPLATE).read_text(encoding="utf8")
     assert "{plot_divs}" in text and "{scripts}" not in text and "<script src" not in text
+
+
+def test_missing_inputs_fail_in_one_line(run: dict, tiny_run: dict, tmp_path: Path) -> None:  # noqa: F811
+    args = (run["sae"], run["norm"], run["w_u"], str, 50, P)
+    with pytest.raises(MlsaeError, match="latents.parquet: not found"):
+        collect(tiny_run["latents"], tmp_path, *args)
+    with pytest.raises(MlsaeError, match="no latent store"):
+        collect(tmp_path / "none.zarr", tiny_run["analysis"], *args)
