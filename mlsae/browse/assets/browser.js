@@ -52,7 +52,8 @@
     if (opts.axes) {
       const step = Math.max(1, Math.ceil(values.length / (opts.ticks || 10)));
       for (let i = 0; i < values.length; i += step) {
-        const t = svg("text", { class: "axis", x: (i * bw + bw / 2).toFixed(1), y: h + 12, "text-anchor": "middle" });
+        const t = svg("text", { class: "axis", x: (i === 0 ? 0 : i * bw + bw / 2).toFixed(1), y: h + 12,
+          "text-anchor": i === 0 ? "start" : "middle" });
         t.textContent = opts.labels ? opts.labels[i] : String(i);
         s.append(t);
       }
@@ -61,7 +62,7 @@
   }
   function heatmap(ctx) {  // rows: layers (first at top), columns: window positions
     const n = ctx.tokens.length, cw = 12, ch = Math.max(3, Math.min(8, Math.floor(180 / L))), left = 28;
-    const s = svg("svg", { width: left + n * cw, height: L * ch + 14, class: "heatmap", role: "img" });
+    const s = svg("svg", { width: left + n * cw, height: Math.max(L * ch, 18) + 2, class: "heatmap", role: "img" });
     s.append(svg("rect", { x: left, y: 0, width: n * cw, height: L * ch, fill: "#f7f7f7" }));
     const vmax = Math.max(1e-12, ...ctx.heat.map((e) => e[2]));
     for (const [p, l, v] of ctx.heat) {
@@ -70,7 +71,7 @@
       r.append(t); s.append(r);
     }
     for (const l of [0, L - 1]) {
-      const t = svg("text", { class: "axis", x: 0, y: l * ch + ch }); t.textContent = "b" + D.meta.layers[l]; s.append(t);
+      const t = svg("text", { class: "axis", x: 0, y: Math.max(9, l * ch + ch) }); t.textContent = "b" + D.meta.layers[l]; s.append(t);
     }
     const pk = svg("rect", { x: left + ctx.peak * cw, y: 0, width: cw - 1, height: L * ch, fill: "none", stroke: "#c0392b" });
     s.append(pk);
