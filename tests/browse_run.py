@@ -10,13 +10,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from mlsae.analysis import aggregate
 from mlsae.dump import dump
 from mlsae.extract import extract
 from mlsae.lens import Lens
 from mlsae.params import parse_params
 from mlsae.sae import MLSAE, SAEConfig
 from mlsae.store import ActivationStore
+
+try:  # the aggregate stage's module is being renamed (analysis.py -> aggregate.py)
+    from mlsae.aggregate import aggregate
+except ImportError:
+    from mlsae.analysis import aggregate
 
 MODEL = "tiny-llama"
 NASTY = "<script>window.pwned=1</script> a & b \"quoted\" 'single' </textarea><b>bold</b>"
