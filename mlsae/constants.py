@@ -17,6 +17,8 @@ METRICS_DIR = REPORTS / "metrics"
 PLOTS_DIR = REPORTS / "plots"
 TABLES_DIR = REPORTS / "tables"
 FIGURES_DIR = REPORTS / "figures"
+BROWSER_DIR = REPORTS / "browser"  # the static latent browser (index.html)
+BROWSER_INDEX = "index.html"
 
 EXTRACT_METRICS = METRICS_DIR / "extract.json"
 LENS_METRICS = METRICS_DIR / "lens.json"
@@ -61,3 +63,8 @@ LATENT_STATS = ANALYSIS_DIR / "latents.parquet"
 LAYER_STATS = ANALYSIS_DIR / "layers.parquet"
 LATENT_LAYER = ANALYSIS_DIR / "latent_layer.parquet"
 TOP_TOKENS = ANALYSIS_DIR / "top_tokens.parquet"
+
+# vendored Vega builds (npm) and the offline DVC plots template made from them
+VEGA_DIR = Path("vendor") / "vega"
+VEGA_SCRIPTS = ("vega.min.js", "vega-lite.min.js", "vega-embed.min.js")
+PLOTS_TEMPLATE = VEGA_DIR / "dvc-plots-template.html"

@@ -166,6 +166,28 @@ class AnalysisParams:
 
 
 @dataclass
+class BrowseParams:
+    latents: int = 400
+    """Latents given a page in the browser: the most often active ones (ties by index)."""
+    contexts: int = 5
+    """Top activating contexts per latent (at most one per eval context)."""
+    before: int = 20
+    """Tokens shown before a context's peak token."""
+    after: int = 6
+    """Tokens shown after a context's peak token."""
+    bins: int = 20
+    """Bins of each latent's activation histogram."""
+    logit_tokens: int = 8
+    """Top and bottom unembedding tokens of each decoder direction."""
+    neighbours: int = 6
+    """Nearest latents by decoder cosine, per latent."""
+    prompts: int = 3
+    """Eval contexts shown token by token in the prompt view."""
+    prompt_latents: int = 6
+    """Latents listed per token in the prompt view."""
+
+
+@dataclass
 class Params:
     model: str = "smollm2-135m"
     """Registry name, hub id, local HF directory or .gguf path."""
@@ -183,6 +205,7 @@ class Params:
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     dump: DumpParams = field(default_factory=DumpParams)
     analysis: AnalysisParams = field(default_factory=AnalysisParams)
+    browse: BrowseParams = field(default_factory=BrowseParams)
 
     def validate(self) -> "Params":
         positive = {
@@ -205,6 +228,8 @@ class Params:
             "lens_fit.patience": self.lens_fit.patience,
             "lens_fit.eval_tokens": self.lens_fit.eval_tokens,
             "analysis.top_tokens": self.analysis.top_tokens,
+            **{f"browse.{k}": v for k, v in dataclasses.asdict(self.browse).items()
+               if k not in ("before", "after", "neighbours")},
         }
         for key, value in positive.items():
             if value < 1:
@@ -214,7 +239,10 @@ class Params:
         for key, value in {"sae.auxk": self.sae.auxk, "analysis.min_count": self.analysis.min_count,
                            "analysis.top_latents": self.analysis.top_latents,
                            "evaluate.bootstrap": self.evaluate.bootstrap,
-                           "analysis.bootstrap": self.analysis.bootstrap}.items():
+                           "analysis.bootstrap": self.analysis.bootstrap,
+
+                           "browse.before": self.browse.before, "browse.after": self.browse.after,
+                           "browse.neighbours": self.browse.neighbours}.items():
             if value < 0:
                 raise MlsaeError(f"{key}: must be >= 0 (got {value})")
         for key, value in {"train.lr": self.train.lr, "lens_fit.lr": self.lens_fit.lr}.items():

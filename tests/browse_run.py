@@ -1,0 +1,56 @@
+"""A tiny finished run for the browser tests, built in-process in a few seconds: a tiny-llama
+activation store of a corpus whose every document holds markup (``<script>``, ``&``, quotes), a
+randomly initialised SAE (weights seeded), the identity lens, and the real dump and aggregate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mlsae.dump import dump
+from mlsae.extract import extract
+from mlsae.lens import Lens
+from mlsae.params import parse_params
+from mlsae.sae import MLSAE, SAEConfig
+from mlsae.store import ActivationStore
+
+try:  # the aggregate stage's module is being renamed (analysis.py -> aggregate.py)
+    from mlsae.aggregate import aggregate
+except ImportError:
+    from mlsae.analysis import aggregate
+
+MODEL = "tiny-llama"
+NASTY = "<script>window.pwned=1</script> a & b \"quoted\" 'single' </textarea><b>bold</b>"
+
+
+def build_run(root: Path, n_docs: int = 60) -> dict[str, Path]:
+    """Write corpus, store, SAE, latents and analysis under ``root``; return their paths."""
+    from pydoc_data.topics import topics
+
+    root.mkdir(parents=True, exist_ok=True)
+    paras = [p.strip() for key in sorted(topics) for p in topics[key].split("\n\n") if 80 < len(p.strip()) < 300]
+    docs = [f"{NASTY} {p}" for p in paras[:n_docs]]
+    (root / "corpus.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    raw = {"model": MODEL, "seed": 0,
+           "data": {"source": str(root / "corpus.jsonl"), "context": 32, "train_tokens": 256, "eval_tokens": 512},
+           "extract": {"dtype": "float32", "batch_size": 16, "device": "cpu"}}
+    acts, latents, sae_dir, analysis = (root / "activations.zarr", root / "latents.zarr", root / "sae",
+                                        root / "analysis")
+    extract(parse_params(raw), str(acts), progress=False)
+    reader = ActivationStore(str(acts))
+    torch.manual_seed(0)
+    sae = MLSAE(SAEConfig(d_model=reader.d_model, n_latents=4 * reader.d_model, k=8,
+                          layers=list(range(reader.n_layers)), model=MODEL))
+    sae.save(sae_dir)
+    dump(sae, Lens.identity(reader.n_layers, reader.d_model), reader, str(latents), progress=False)
+    aggregate(latents, analysis, root / "analysis.json", min_count=1, top_tokens=3)
+    return {"latents": latents, "analysis": analysis, "sae": sae_dir, "root": root}
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One tiny run per session, shared by test_browse.py and test_browser.py."""
+    return build_run(tmp_path_factory.mktemp("browse-run"))
