@@ -193,7 +193,20 @@ def check_corpus(p: Params) -> None:
     next(corpus.iter_documents(source))  # raises MlsaeError for a missing, unsupported or empty corpus
 
 
-CHECKS: list[Callable[[Params], None]] = [check_evaluate_tokens, check_lens_path, check_corpus, check_model]
+def check_dead_window(p: Params) -> None:
+    """sae.dead_tokens below the run's length, or AuxK can never act (the train stage checks the
+    exact length from its batch plan; the run has at most train_tokens x epochs tokens)."""
+    most = p.data.train_tokens * p.train.epochs
+    if p.sae.source == "train" and p.sae.auxk > 0 and p.sae.auxk_coef > 0 and p.sae.dead_tokens >= most:
+        raise MlsaeError(
+            f"sae.dead_tokens: {p.sae.dead_tokens} is at or beyond the run's length (at most {most} tokens = "
+            f"data.train_tokens {p.data.train_tokens} x train.epochs {p.train.epochs}), so no latent could ever "
+            f"count as dead and AuxK would never act; lower sae.dead_tokens below {most}"
+        )
+
+
+CHECKS: list[Callable[[Params], None]] = [check_evaluate_tokens, check_lens_path, check_corpus, check_model,
+                                          check_dead_window]
 
 
 def validate(p: Params) -> None:

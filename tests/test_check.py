@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def params(corpus: Path, **sections) -> dict:
     raw = {"model": "tiny-llama", "data": {"source": str(corpus), "context": 64, "train_tokens": 1024,
-                                          "eval_tokens": 256}, "evaluate": {"tokens": 128}}
+                                          "eval_tokens": 256}, "evaluate": {"tokens": 128},
+           "sae": {"dead_tokens": 256}}
     for key, value in sections.items():
         raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
     return raw
@@ -50,6 +51,14 @@ def test_evaluate_tokens_above_the_eval_split_names_both_numbers(text_corpus):
     line = rejected(params(text_corpus, data={"eval_tokens": 200}, evaluate={"tokens": 257}))
     assert line.startswith("evaluate.tokens: 257") and "256 tokens" in line
     chk.validate(parse_params(params(text_corpus, data={"eval_tokens": 200}, evaluate={"tokens": 256})))
+
+
+def test_dead_window_at_or_beyond_the_run_is_refused_up_front(text_corpus):
+    line = rejected(params(text_corpus, data={"train_tokens": 1000}, train={"epochs": 2}, sae={"dead_tokens": 2000}))
+    assert line.startswith("sae.dead_tokens: 2000") and "2000 tokens" in line and "train.epochs 2" in line
+    chk.validate(parse_params(params(text_corpus, data={"train_tokens": 1000}, train={"epochs": 2},
+                                     sae={"dead_tokens": 1999})))
+    chk.validate(parse_params(params(text_corpus, data={"train_tokens": 1000}, sae={"dead_tokens": 5000, "auxk": 0})))
 
 
 def test_model_dimension_checks_for_the_tiny_model(text_corpus):

@@ -69,7 +69,7 @@ def identity(reader: ActivationStore) -> Lens:
 
 def plan_of(p: Params, reader: ActivationStore) -> BatchPlan:
     """The plan train() builds (same store chunks, see mlsae.train.train)."""
-    return BatchPlan(reader.meta("train", C.SPECIAL), reader.chunk_tokens, p.train.shuffle_buffer_tokens,
+    return BatchPlan(~reader.keep("train"), reader.chunk_tokens, p.train.shuffle_buffer_tokens,
                      p.train.batch_tokens, p.train.epochs, p.seed)
 
 
@@ -574,3 +574,36 @@ def test_single_layer_sae(store: tuple[Path, dict], reader: ActivationStore, tmp
     rows = {r.numpy().tobytes() for r in layer2}
     assert all(x.shape[1:] == (1, reader.d_model) for x in seen)
     assert all(v.numpy().tobytes() in rows for v in seen[0][:, 0])
+
+
+def test_snapshot_after_epoch_one_is_the_one_epoch_run(store: tuple[Path, dict], reader: ActivationStore,
+                                                      tmp_path: Path) -> None:
+    """The convergence study's premise: with a constant learning rate, the SAE saved at the end of
+    epoch 1 of a 2-epoch run equals the SAE of a 1-epoch run, bit for bit."""
+    two = parse_params(raw_params(store, train={"epochs": 2}))
+    ends = plan_of(parse_params(raw_params(store, train={"epochs": 1})), reader).n_batches
+    train(two, reader, identity(reader), tmp_path / "two", tmp_path / "c2", progress=False,
+          snapshots={ends: tmp_path / "snap"})
+    one = parse_params(raw_params(store, train={"epochs": 1}))
+    train(one, reader, identity(reader), tmp_path / "one", tmp_path / "c1", progress=False)
+    a, b = MLSAE.load(tmp_path / "snap").state_dict(), MLSAE.load(tmp_path / "one").state_dict()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert not torch.equal(MLSAE.load(tmp_path / "two").W_enc, b["W_enc"])  # epoch 2 moved on
+
+
+def test_dead_window_beyond_the_run_is_an_error(store: tuple[Path, dict], reader: ActivationStore,
+                                                tmp_path: Path) -> None:
+    p = parse_params(raw_params(store, sae={"dead_tokens": 10**9}, train={"epochs": 1}))
+    n = plan_of(p, reader).n_batches * p.train.batch_tokens
+    with pytest.raises(MlsaeError, match=rf"sae.dead_tokens: 1000000000 is at or beyond the run's length of {n} tokens"):
+        train(p, reader, identity(reader), tmp_path / "sae", tmp_path / "ckpt", progress=False)
+    assert not (tmp_path / "sae").exists()
+
+
+def test_auxk_acts_when_latents_die(store: tuple[Path, dict], reader: ActivationStore, tmp_path: Path) -> None:
+    """A window of one batch with many latents: some die and the AuxK term becomes non-zero."""
+    p = parse_params(raw_params(store, sae={"dead_tokens": 128, "expansion": 16}, train={"epochs": 1}))
+    metrics, history = train(p, reader, identity(reader), tmp_path / "sae", tmp_path / "ckpt", progress=False)
+    assert metrics["auxk_steps"] == sum(h["auxk"] > 0 for h in history) > 0
+    assert any(h["dead_fraction"] > 0 for h in history)
