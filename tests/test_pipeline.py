@@ -25,6 +25,7 @@ TINY = {
     "model": "tiny-llama",
     "data": {"train_tokens": 4096, "eval_tokens": 1024, "context": 64},
     "train": {"batch_tokens": 256, "shuffle_buffer_tokens": 2048},
+    "sae": {"dead_tokens": 1024},
     "evaluate": {"tokens": 256},
     "lens_fit": {"steps": 20, "eval_tokens": 128},
 }
@@ -63,7 +64,7 @@ def repo(tmp_path_factory) -> Path:
     run(repo, "git", "config", "user.name", "ci")
     run(repo, "dvc", "init", "-q")
     out = run(repo, "dvc", "repro").stdout
-    assert ran_stages(out) == {"extract", "lens", "train", "evaluate", "dump", "aggregate", "report"}
+    assert ran_stages(out) == {"extract", "lens", "train", "evaluate", "dump", "aggregate", "report", "browse"}
     run(repo, "git", "add", "-A")
     run(repo, "git", "commit", "-qm", "baseline")
     return repo
@@ -107,7 +108,7 @@ def test_editing_a_lens_method_reruns_the_stages_that_run_it(repo):
 
 def test_changing_k_reruns_train_and_what_follows_not_extract(repo):
     out = run(repo, "dvc", "exp", "run", "-S", "sae.k=8").stdout
-    assert ran_stages(out) == {"train", "evaluate", "dump", "aggregate", "report"}
+    assert ran_stages(out) == {"train", "evaluate", "dump", "aggregate", "report", "browse"}
     assert "Stage 'extract' didn't change, skipping" in out
     assert metrics(repo, "eval")["l0"] <= 8
     diff = json.loads(run(repo, "dvc", "metrics", "diff", "--json").stdout)
