@@ -262,6 +262,7 @@ def test_dvc_corpus_edit_reruns_extract_and_bad_params_delete_nothing(tmp_path, 
     raw["data"].update(source="corpus", context=32, train_tokens=1024, eval_tokens=256)
     raw["train"].update(batch_tokens=128, shuffle_buffer_tokens=512, geometric_median_sample=256)
     raw["evaluate"]["tokens"] = 64
+    raw["sae"]["dead_tokens"] = 256
     (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     run(repo, "git", "init", "-q")
     run(repo, "git", "config", "user.email", "ci@example.invalid")
