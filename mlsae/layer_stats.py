@@ -163,6 +163,17 @@ def _headline(sums: np.ndarray, pairs: np.ndarray, min_count: int, n_layers: int
     return out
 
 
+def basic_interval(point: np.ndarray, replicas: np.ndarray, level: float = 0.95) -> np.ndarray:
+    """Basic (reverse-percentile) bootstrap interval ``[2 θ̂ − q_hi, 2 θ̂ − q_lo]`` along axis 0.
+
+    The decomposition's plug-in variances are biased (a latent's between-token variance shrinks
+    when its few contexts repeat in a replica), so its replicas sit off the estimate; the bootstrap
+    estimates that bias (E[θ*] − θ̂ ≈ E[θ̂] − θ) and the basic interval removes it. It can exclude
+    the biased point estimate. The evaluate stage's ratios of sums use plain percentile intervals."""
+    q = percentile_interval(replicas, level)
+    return np.stack([2 * np.asarray(point, dtype=np.float64) - q[1], 2 * np.asarray(point, dtype=np.float64) - q[0]])
+
+
 def _scalar(x: float) -> float | None:
     return float(x) if math.isfinite(x) else None
 
@@ -313,7 +324,7 @@ class LayerStats:
         out: dict[str, Any] = {key: _scalar(value[0]) for key, value in point.items()}
         for key in point:
             replicas = np.concatenate([part[key] for part in parts])
-            out[f"{key}_ci"] = interval_json(percentile_interval(replicas, self.level))
+            out[f"{key}_ci"] = interval_json(basic_interval(point[key][0], replicas, self.level))
         return out
 
     def _paper(self, sums: np.ndarray, tokens: np.ndarray) -> dict[str, np.ndarray]:
@@ -364,5 +375,5 @@ class LayerStats:
         metrics: dict[str, Any] = {key: _scalar(point[key][0]) for key in HEADLINE_KEYS[:-1]}
         metrics["n_latents_counted"] = int((count >= max(self.min_count, 1)).sum())
         for key in HEADLINE_KEYS[:-1]:
-            metrics[f"{key}_ci"] = interval_json(percentile_interval(replicas[key], self.level))
+            metrics[f"{key}_ci"] = interval_json(basic_interval(point[key][0], replicas[key], self.level))
         return table, metrics

@@ -357,4 +357,20 @@ def test_paper_metrics_and_replicas_match_dense_formula():
         tokens = np.concatenate([np.repeat(np.flatnonzero(context == c), counts[c, r]) for c in range(9)])
         tok_r, agg_r = _paper_dense(a[tokens])
         ratios.append(agg_r / tok_r)
-    np.testing.assert_allclose(got["var_ratio_paper_ci"], np.percentile(ratios, [2.5, 97.5]), rtol=1e-8)
+    lo, hi = np.percentile(ratios, [2.5, 97.5])  # the basic interval reflects them about the estimate
+    point = aggregate / token
+    np.testing.assert_allclose(got["var_ratio_paper_ci"], [2 * point - hi, 2 * point - lo], rtol=1e-8)
+
+
+def test_intervals_are_basic_bootstrap_intervals_of_the_replicas():
+    """<key>_ci = [2θ̂ − q97.5, 2θ̂ − q2.5] of the replicas (the bias-correcting basic interval),
+    computed here from the replicas with numpy."""
+    a, context = random_dump(7, T=400, F=8, n_contexts=30, density=0.2)
+    stats = run(dense_to_pairs(a, context), n_latents=8, n_layers=a.shape[1], n_contexts=30, min_count=3,
+                n_resamples=200)
+    _, head = stats.finish()
+    replicas = stats.replica_metrics()
+    for key in ("within_share", "var_ratio", "effective_layers"):
+        r = replicas[key][np.isfinite(replicas[key])]
+        lo, hi = np.percentile(r, [2.5, 97.5])
+        assert head[f"{key}_ci"] == pytest.approx([2 * head[key] - hi, 2 * head[key] - lo], rel=1e-9), key
