@@ -459,9 +459,9 @@ def test_summary_text_verdicts() -> None:
     row = report.summary_row({"analysis": ANALYSIS, "eval": EVAL, "extract": EXTRACT}, CONFIG)
     text = report.summary_text(row)
     assert "tiny-llama" in text and "FVU 0.3" in text and "paper's ratio 100" in text
-    assert "about two orders of magnitude, as the paper reports" in text and "0.008 (0.006–0.011)" in text
+    assert "2.0 orders of magnitude, close to the paper's about two" in text and "0.008 (0.006–0.011)" in text
     assert row["within_share_ci"] == "0.006–0.011"
-    assert "one order of magnitude, short" in report.variance_verdict({**row, "var_ratio_paper": 10.0})
+    assert "1.0 orders of magnitude, short" in report.variance_verdict({**row, "var_ratio_paper": 10.0})
     assert "less than one order" in report.variance_verdict({**row, "var_ratio_paper": 2.0})
     assert "undefined" in report.variance_verdict({**row, "within_share": None})
     assert len(text.splitlines()) <= 12

@@ -191,11 +191,11 @@ def variance_verdict(summary: Mapping[str, Any]) -> str:
     paper_ci = summary.get("var_ratio_paper_ci") or "-"
     orders = math.log10(paper) if paper > 0 else float("-inf")
     if orders >= 1.5:
-        size = "about two orders of magnitude, as the paper reports"
+        size = f"{orders:.1f} orders of magnitude, close to the paper's about two"
     elif orders >= 0.5:
-        size = "about one order of magnitude, short of the paper's two"
+        size = f"{orders:.1f} orders of magnitude, short of the paper's about two"
     else:
-        size = "less than one order of magnitude, unlike the paper's two"
+        size = "less than one order of magnitude, unlike the paper's about two"
     return (
         f"The paper's estimator gives {paper:.3g} ({paper_ci}): {size}. Measured as a variance "
         f"decomposition, the within-token share of a latent's layer variance is {share:.3g} "
