@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mlsae import corpus  # noqa: E402
+from mlsae import contexts, corpus  # noqa: E402
 from mlsae.downstream import VARIANTS, splice_sums  # noqa: E402
 from mlsae.lens import Lens  # noqa: E402
 from mlsae.models import load_model  # noqa: E402
@@ -48,7 +48,7 @@ def main() -> None:
     args = ap.parse_args()
 
     model = load_model(args.model, args.device)
-    ctx = corpus.build_contexts(corpus.iter_documents("embedded:python-docs"), model.tokenizer, args.context,
+    ctx = contexts.build_contexts(corpus.iter_documents("embedded:python-docs"), model.tokenizer, args.context,
                                 args.contexts)
     tokens, special = ctx.tokens, ctx.special
     ids = torch.from_numpy(tokens.astype(np.int64))
