@@ -20,6 +20,11 @@ from mlsae.store import ActivationStore
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# gloo (the CPU DDP backend, also in the torchrun subprocesses, which inherit this) binds to the
+# loopback interface instead of whatever the machine's hostname resolves to: CI machines need
+# not resolve their own hostname to a usable address, and the tests never leave the machine.
+os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+
 
 def ascii_docs(n: int = 40, min_chars: int = 200) -> list[str]:
     """`n` ASCII-only documents (pydoc topics, in key order): decode back exactly with any

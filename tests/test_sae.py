@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from datetime import timedelta
 
 import numpy as np
 import pytest
@@ -297,7 +298,11 @@ def test_train_step_through_ddp_matches_plain(tmp_path) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    # a bounded timeout: a gloo hang fails this test within minutes instead of stalling the suite
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1,
+        timeout=timedelta(seconds=120),
+    )
     try:
         plain, wrapped = make_sae(seed=5), make_sae(seed=5)
         ddp = DistributedDataParallel(wrapped)
