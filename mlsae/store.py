@@ -39,8 +39,26 @@ _READ_PACKAGES = ("zarr", "numcodecs", "crc32c", "google_crc32c")
 
 
 def to_storage(x: torch.Tensor, dtype: str) -> np.ndarray:
-    """A float tensor as the numpy array the store holds (bfloat16 as raw uint16 bits)."""
-    x = x.to(TORCH_DTYPES[dtype]).cpu()
+    """A float tensor as the numpy array the store holds (bfloat16 as raw uint16 bits).
+
+    Refuses non-finite values, so nothing non-finite is ever written: a residual the model made
+    non-finite, or one the storage dtype cannot hold (float16 tops out at 65504, and Gemma's
+    residual entries reach about 1e5). For a (tokens, layers, d) tensor the error names the block.
+    """
+    stored = x.to(TORCH_DTYPES[dtype]).cpu()
+    if not bool(torch.isfinite(stored).all()):
+        bad = ~torch.isfinite(stored)
+        where = ""
+        if bad.dim() == 3:
+            where = f" at block {int(bad.any(-1).any(0).nonzero()[0])}"
+        if not bool(torch.isfinite(x).all()):
+            raise MlsaeError(f"model: the residual stream is non-finite{where}; nothing was written")
+        peak = float(x.abs().max())
+        raise MlsaeError(
+            f"extract.dtype: {dtype} cannot hold the residuals (|x| reaches {peak:.4g}{where}; {dtype} "
+            f"max {torch.finfo(TORCH_DTYPES[dtype]).max:.4g}); use extract.dtype: bfloat16 or float32"
+        )
+    x = stored
     if dtype == "bfloat16":
         return x.view(torch.int16).numpy().view(np.uint16)
     return x.numpy()
