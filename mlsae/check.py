@@ -205,8 +205,24 @@ def check_dead_window(p: Params) -> None:
         )
 
 
+FLOAT16_UNSAFE: dict[str, float] = {"gemma3-270m": 9.9e4}
+"""Registry models whose residual entries are known to exceed float16's range (65504): the largest
+|entry| measured on the embedded corpus (Gemma 3 270M: the BOS position at block 12). Extract
+refuses a non-finite write anyway; this check says so before anything runs."""
+
+
+def check_storage_dtype(p: Params) -> None:
+    """extract.dtype float16 for a model known to overflow it."""
+    peak = FLOAT16_UNSAFE.get(p.model)
+    if peak is not None and p.extract.dtype == "float16":
+        raise MlsaeError(
+            f"extract.dtype: float16 cannot hold {p.model}'s residuals (entries reach about {peak:.2g}; float16 "
+            f"max 65504); use bfloat16 or float32, e.g. dvc exp run -S model={p.model} -S extract.dtype=bfloat16"
+        )
+
+
 CHECKS: list[Callable[[Params], None]] = [check_evaluate_tokens, check_lens_path, check_corpus, check_model,
-                                          check_dead_window]
+                                          check_dead_window, check_storage_dtype]
 
 
 def validate(p: Params) -> None:

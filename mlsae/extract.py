@@ -121,25 +121,32 @@ def extract(p: Params, out: str, progress: bool = True, stop_after_shards: int |
     t0 = time.perf_counter()
     pending: Future | None = None
     written = 0
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        for name, shard, lo, hi in work:
-            ids = torch.from_numpy(splits[name].tokens[lo:hi]).long()
-            parts = []
-            for start in range(0, ids.shape[0], p.extract.batch_size):
-                batch = ids[start : start + p.extract.batch_size]
-                resid = model.residuals(batch)  # (B, T, L, d)
-                parts.append(store.to_storage(resid.reshape(-1, model.n_layers, model.d_model), p.extract.dtype))
-                bar.update(batch.numel())
+    try:
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            for name, shard, lo, hi in work:
+                ids = torch.from_numpy(splits[name].tokens[lo:hi]).long()
+                parts = []
+                for start in range(0, ids.shape[0], p.extract.batch_size):
+                    batch = ids[start : start + p.extract.batch_size]
+                    resid = model.residuals(batch)  # (B, T, L, d)
+                    # refuses non-finite values (a float16 overflow, a model gone NaN)
+                    parts.append(store.to_storage(resid.reshape(-1, model.n_layers, model.d_model), p.extract.dtype))
+                    bar.update(batch.numel())
+                if pending is not None:
+                    pending.result()
+                pending = pool.submit(write, name, shard, lo, np.concatenate(parts))
+                written += 1
+                if stop_after_shards is not None and written >= stop_after_shards:
+                    pending.result()
+                    bar.close()
+                    return {}
             if pending is not None:
                 pending.result()
-            pending = pool.submit(write, name, shard, lo, np.concatenate(parts))
-            written += 1
-            if stop_after_shards is not None and written >= stop_after_shards:
-                pending.result()
-                bar.close()
-                return {}
-        if pending is not None:
-            pending.result()
+    except MlsaeError:
+        bar.close()
+        if not resumed:  # a store this run created holds nothing worth resuming after a refusal
+            remove(out)
+        raise
     elapsed = time.perf_counter() - t0
     bar.close()
 

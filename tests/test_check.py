@@ -71,6 +71,13 @@ def test_model_dimension_checks_for_the_tiny_model(text_corpus):
     assert rejected(params(text_corpus, model="no-such-model")).startswith("model: unknown model")
 
 
+def test_float16_is_refused_for_a_model_known_to_overflow_it(text_corpus):
+    line = rejected(params(text_corpus, model="gemma3-270m", extract={"dtype": "float16"}))
+    assert line.startswith("extract.dtype: float16 cannot hold gemma3-270m's residuals") and "bfloat16" in line
+    chk.validate(parse_params(params(text_corpus, model="gemma3-270m", extract={"dtype": "bfloat16"})))
+    chk.validate(parse_params(params(text_corpus, extract={"dtype": "float16"})))  # tiny-llama fits
+
+
 def test_lens_path_and_corpus_must_exist(tmp_path, text_corpus):
     line = rejected(params(text_corpus, lens="pretrained", lens_path=str(tmp_path / "nope")))
     assert line.startswith("lens_path:")

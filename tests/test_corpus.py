@@ -409,6 +409,37 @@ def test_bos_separator_and_none(tokenizer: PreTrainedTokenizerFast) -> None:
     assert "EOS" in error_line(excinfo) and "BOS" in error_line(excinfo)
 
 
+def bos_tokenizer() -> PreTrainedTokenizerFast:
+    """Like Gemma's: EOS separates documents and the tokenizer puts its own BOS before every text."""
+    from tokenizers.processors import TemplateProcessing
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=[EOT, "<bos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator(TRAINING_TEXT, trainer=trainer)
+    backend.post_processor = TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", backend.token_to_id("<bos>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOT, bos_token="<bos>")
+
+
+def test_contexts_open_with_bos_for_a_tokenizer_that_adds_one(tokenizer: PreTrainedTokenizerFast) -> None:
+    tok = bos_tokenizer()
+    bos, sep = tok.bos_token_id, tok.eos_token_id
+    assert contexts.leading_bos(tok) == bos
+    assert contexts.leading_bos(tokenizer) is None  # adds nothing
+    assert contexts.leading_bos(make_tokenizer(eos=False, bos=True)) is None  # BOS is the separator
+    context, n = 12, 5
+    result = build_contexts(iter(DOCS), tok, context, n)
+    # independent: the SEP-joined stream, cut into n rows of context - 1, each row behind a BOS
+    stream = np.concatenate([[sep, *tok.encode(d, add_special_tokens=False)] for d in DOCS])
+    expected = np.concatenate([np.full((n, 1), bos), stream[: n * (context - 1)].reshape(n, context - 1)], axis=1)
+    assert result.tokens.shape == (n, context) and np.array_equal(result.tokens, expected)
+    assert result.special[:, 0].all() and np.array_equal(result.special, np.isin(expected, [bos, sep]))
+    with pytest.raises(MlsaeError, match="at least 2"):
+        build_contexts(iter(DOCS), tok, 1, 2)
+
+
 def test_too_little_text(tokenizer: PreTrainedTokenizerFast) -> None:
     total = sum(1 + len(tokenizer.encode(d, add_special_tokens=False)) for d in DOCS)
     with pytest.raises(MlsaeError) as excinfo:

@@ -221,6 +221,32 @@ def test_storage_dtypes_round_trip(dtype: str, tiny_params: Callable, tmp_path: 
 # --- split ----------------------------------------------------------------------------------
 
 
+def test_store_writes_refuse_non_finite_values() -> None:
+    x = torch.zeros(4, 3, 8)
+    x[2, 1, 5] = 7e4  # above float16's 65504
+    with pytest.raises(MlsaeError, match=r"^extract\.dtype: float16 cannot hold the residuals \(\|x\| reaches 7e\+04 "
+                       r"at block 1; float16 max 6\.55e\+04\); use extract\.dtype: bfloat16 or float32$"):
+        store.to_storage(x, "float16")
+    back = store.from_storage(store.to_storage(x, "bfloat16"), "bfloat16").float()
+    assert torch.isfinite(back).all() and abs(float(back[2, 1, 5]) - 7e4) < 7e4 * 2**-8  # bfloat16 rounding
+    y = torch.zeros(4, 3, 8)
+    y[0, 2, 0] = float("nan")
+    with pytest.raises(MlsaeError, match=r"^model: the residual stream is non-finite at block 2; nothing was written$"):
+        store.to_storage(y, "float32")
+
+
+def test_overflowing_extract_fails_in_one_line_and_leaves_no_store(tiny_params: Callable, workdir: Path) -> None:
+    """A model whose residuals float16 cannot hold: the stage exits 1 with one line, no store."""
+    (workdir / "params.yaml").write_text(yaml.safe_dump(tiny_params()))
+    prelude = ("import mlsae.models as m; _r = m.LoadedModel.residuals; "
+               "m.LoadedModel.residuals = lambda self, ids: _r(self, ids) * 1e6")
+    proc = subprocess.run(stage_command("extract", prelude), cwd=workdir, env=stage_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: extract: extract.dtype: float16 cannot hold the residuals") and "bfloat16" in lines[-1]
+    assert not (workdir / C.ACTIVATIONS).exists() and not (workdir / C.EXTRACT_METRICS).exists()
+
+
 def test_split_is_seeded_deterministic_and_disjoint(tiny_params: Callable, tmp_path: Path) -> None:
     sizes = dict(data__context=32, data__train_tokens=1024, data__eval_tokens=256)
     run_extract(tiny_params(**sizes), tmp_path / "a.zarr")
