@@ -39,7 +39,7 @@ import yaml
 
 from mlsae import corpus
 from mlsae.errors import MlsaeError
-from mlsae.io import write_text
+from mlsae.io import file_sha256, write_text
 from mlsae.params import Params, load_params
 
 RESTORE_PARAMS = "git show HEAD:params.yaml > params.yaml"
@@ -235,14 +235,6 @@ def validate(p: Params) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _display(path: Path) -> str:
     """A path relative to the working directory when inside it (so manifests move with the repo)."""
     try:
@@ -271,7 +263,7 @@ def corpus_manifest(source: str) -> dict[str, Any]:
         raise MlsaeError(f"data.source {source!r}: unknown embedded corpus (known: {corpus.EMBEDDED_PYTHON_DOCS})")
     files = corpus._resolve_files(source)
     return {"source": source,
-            "files": [{"path": _display(f), "size": f.stat().st_size, "sha256": _sha256_file(f)} for f in files]}
+            "files": [{"path": _display(f), "size": f.stat().st_size, "sha256": file_sha256(f)} for f in files]}
 
 
 def write_manifest(source: str, path: str | Path) -> bool:

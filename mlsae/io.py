@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -65,6 +66,15 @@ def read_json(path: str | Path) -> dict:
         raise MlsaeError(f"{path}: not found (run the stage that writes it first)") from None
     except json.JSONDecodeError as e:
         raise MlsaeError(f"{path}: not valid JSON ({e})") from None
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes (hex), read in 4 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def remove(path: str | Path) -> None:

@@ -23,7 +23,6 @@ is the GGUF's content hash, so a changed file never meets a stale conversion.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -32,6 +31,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from mlsae.io import file_sha256
 
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
@@ -44,14 +45,6 @@ def cache_root() -> Path:
         return Path(os.environ["MLSAE_CACHE"])
     xdg = os.environ.get("XDG_CACHE_HOME")
     return (Path(xdg) if xdg else Path.home() / ".cache") / "mlsae"
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _files(directory: Path) -> dict[str, dict]:

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from mlsae.constants import SAE_CONFIG, SAE_WEIGHTS
 from mlsae.errors import MlsaeError
-from mlsae.io import write_bytes, write_text
+from mlsae.io import file_sha256, write_bytes, write_text
 from mlsae.params import LENS_MODES, SAEParams, is_int, is_number
 from mlsae.sae_kernels import geometric_median, layer_fvu, sparse_encoder, topk_select
 
@@ -342,7 +342,7 @@ class MLSAE(nn.Module):
             tensors = load_file(str(weights_path))
         except Exception as e:  # safetensors raises its own error types for corrupt files
             raise MlsaeError(f"{weights_path}: unreadable weights ({_one_line(e)}); {rebuild}") from None
-        if recorded is not None and _sha256(weights_path) != recorded:
+        if recorded is not None and file_sha256(weights_path) != recorded:
             raise MlsaeError(f"{weights_path}: sha256 differs from the one recorded in {cfg_path} (corrupted); {rebuild}")
         sae = cls(cfg)
         for name, ref in sae.state_dict().items():
@@ -355,14 +355,6 @@ class MLSAE(nn.Module):
                 raise MlsaeError(f"{weights_path}: tensor {name!r} holds NaN or infinite values; {rebuild}")
         sae.load_state_dict(tensors)
         return sae.to(device)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _one_line(e: BaseException) -> str:
