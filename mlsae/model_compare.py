@@ -10,8 +10,8 @@ Depth differs between models, so the table gives the depth-free figures beside t
 ``effective_layers`` (the perplexity of a firing's layer distribution, 1 for a single layer, does
 not grow with depth by construction) also divided by the number of layers, ``var_total_norm`` and
 ``var_within_norm`` (layer variances over ``(L-1)^2``), and ``within_share`` (a ratio). Each point
-of the figure is one model with its 95 % context-bootstrap interval; ``adjacent_cos`` has none (it
-is a mean over 8k tokens whose spread across contexts is far below the other intervals).
+of the figure is one model with its 95 % context-bootstrap interval on the vertical axis
+(extract computes ``adjacent_cos`` without an interval).
 
 Run as ``mlsae compare --run reports --run reports/models/gemma3-270m``.
 """
@@ -120,15 +120,17 @@ def model_table(runs: list[Run]) -> pl.DataFrame:
 
 def model_figure(runs: list[Run], path: Path) -> None:
     """Multi-layer activity against adjacent-layer cosine similarity, one point per model with its
-    95 % interval: the multi-layer fraction (left) and effective layers per layer of depth (right)."""
+    95 % interval: the multi-layer fraction, the effective layers, and the effective layers per
+    layer of depth."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8), constrained_layout=True)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), constrained_layout=True)
     panels = (
         ("multi_layer_fraction", "multi-layer fraction (2nd layer ≥ θ)", lambda r: (r.values["multi_layer_fraction"], r.intervals.get("multi_layer_fraction"))),
+        ("effective_layers", "effective layers per active pair", lambda r: (r.values["effective_layers"], r.intervals.get("effective_layers"))),
         ("effective_layers / n_layers", "effective layers / number of layers", lambda r: r.depth_normalised_layers),
     )
     for ax, (_, label, get) in zip(axes, panels):
