@@ -128,7 +128,7 @@ TINY_GEMMA = {
 }
 
 
-def test_every_stage_runs_on_gemma(tmp_path: Path) -> None:
+def test_every_stage_runs_on_gemma(gemma: Any, tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     repo.mkdir()
     for name in ("dvc.yaml", ".gitignore"):
@@ -162,3 +162,11 @@ def test_every_stage_runs_on_gemma(tmp_path: Path) -> None:
     assert reader.attrs["dtype"] == "bfloat16"
     assert (reader.meta("eval", "tokens").reshape(-1, 64)[:, 0] == 2).all()  # BOS first, masked
     assert reader.meta("eval", "special").reshape(-1, 64)[:, 0].all()
+    # what extract stored for the first eval context is HF's hidden_states (to bfloat16 rounding)
+    ids = torch.from_numpy(reader.meta("eval", "tokens")[:64]).long()[None]
+    with torch.inference_mode():
+        hs = gemma.hf_model(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
+    stored = reader.resid("eval", 0, 64).float()  # (64, 18, 640)
+    for i in range(17):
+        assert rel(stored[:, i], hs[i + 1][0]) < 4e-3, i
+    assert rel(gemma.final_norm(stored[None, :, 17]), hs[18]) < 1e-2
