@@ -18,37 +18,26 @@ Run as ``mlsae compare --run reports --run reports/models/gemma3-270m``.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import polars as pl
 
 from mlsae.errors import MlsaeError
-from mlsae.io import atomic_file, write_text
+from mlsae.io import atomic_file, read_json, write_text
 from mlsae.report import markdown_table
 
 MODELS_TABLE = Path("reports/compare/models.md")
 """Default output; the CSV and the figure (``models.csv``, ``models.png``) go beside it."""
 
-FIGURES: tuple[tuple[str, str, str], ...] = (
-    # (column, metrics file, key in it); a key with a `<key>_ci` list gets an interval column
-    ("n_layers", "extract", "n_layers"),
-    ("d_model", "extract", "d_model"),
-    ("adjacent_cos", "extract", "adjacent_cos"),
-    ("fvu", "eval", "fvu"),
-    ("delta_ce", "eval", "delta_ce"),
-    ("dead_fraction", "eval", "dead_fraction"),
-    ("within_share", "analysis", "within_share"),
-    ("within_share_mass", "analysis", "within_share_mass"),
-    ("var_within_norm", "analysis", "var_within_norm"),
-    ("var_total_norm", "analysis", "var_total_norm"),
-    ("effective_layers", "analysis", "effective_layers"),
-    ("multi_layer_fraction", "analysis", "multi_layer_fraction"),
-    ("var_ratio_paper", "analysis", "var_ratio_paper"),
-)
+FIGURES: dict[str, str] = {
+    # key -> the metrics file holding it; a key with a `<key>_ci` list gets its interval shown
+    **dict.fromkeys(("n_layers", "d_model", "adjacent_cos"), "extract"),
+    **dict.fromkeys(("fvu", "delta_ce", "dead_fraction"), "eval"),
+    **dict.fromkeys(("within_share", "within_share_mass", "var_within_norm", "var_total_norm",
+                     "effective_layers", "multi_layer_fraction", "var_ratio_paper"), "analysis"),
+}
 
 
 @dataclass
@@ -68,15 +57,6 @@ class Run:
         return self.values["effective_layers"] / n, (ci[0] / n, ci[1] / n) if ci else None
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise MlsaeError(f"{path}: not found (a run directory holds metrics/ and tables/summary.csv)") from None
-    except ValueError as e:
-        raise MlsaeError(f"{path}: not JSON ({e})") from None
-
-
 def load_run(path: str | os.PathLike[str]) -> Run:
     """Read one run directory; a missing file or key fails naming it."""
     root = Path(path)
@@ -84,17 +64,17 @@ def load_run(path: str | os.PathLike[str]) -> Run:
     if not summary.is_file():
         raise MlsaeError(f"{summary}: not found (a run directory holds metrics/ and tables/summary.csv)")
     model = str(pl.read_csv(summary)["model"][0])
-    files = {stage: _read_json(root / "metrics" / f"{stage}.json") for stage in ("extract", "eval", "analysis")}
+    files = {stage: read_json(root / "metrics" / f"{stage}.json") for stage in set(FIGURES.values())}
     values: dict[str, float] = {}
     intervals: dict[str, tuple[float, float]] = {}
-    for column, stage, key in FIGURES:
+    for key, stage in FIGURES.items():
         data = files[stage]
         if not isinstance(data.get(key), (int, float)):
             raise MlsaeError(f"{root / 'metrics' / (stage + '.json')}: no number under {key!r}")
-        values[column] = float(data[key])
+        values[key] = float(data[key])
         ci = data.get(f"{key}_ci")
         if isinstance(ci, list) and len(ci) == 2 and all(isinstance(v, (int, float)) for v in ci):
-            intervals[column] = (float(ci[0]), float(ci[1]))
+            intervals[key] = (float(ci[0]), float(ci[1]))
     return Run(model, root, values, intervals)
 
 
@@ -109,7 +89,7 @@ def model_table(runs: list[Run]) -> pl.DataFrame:
     rows = []
     for run in runs:
         row: dict[str, str] = {"model": run.model}
-        for column, _, _ in FIGURES:
+        for column in FIGURES:
             value = run.values[column]
             row[column] = str(int(value)) if column in ("n_layers", "d_model") else _cell(value, run.intervals.get(column))
         normed, ci = run.depth_normalised_layers
