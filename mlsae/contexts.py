@@ -108,7 +108,7 @@ def build_contexts(
     needed = width * n_contexts
     stream = np.empty(needed, dtype=np.int32)
     filled = 0
-    for ids in _token_runs(documents, tokenizer, sep, lambda: needed - filled):
+    for ids in _token_runs(_pieces(documents), tokenizer, sep, lambda: needed - filled):
         take = min(len(ids), needed - filled)
         stream[filled : filled + take] = ids[:take]
         filled += take
@@ -128,17 +128,18 @@ def build_contexts(
 
 
 def _token_runs(
-    documents: Iterable[str],
+    pieces: Iterator[tuple[bool, str]],
     tokenizer: PreTrainedTokenizerBase,
     sep: int,
     remaining: Callable[[], int],
 ) -> Iterator[list[int]]:
-    """Yield the token stream in runs: ``[SEP, *doc]`` for a document's first piece.
+    """Yield the token stream in runs, one per piece of :func:`_pieces`: ``[SEP, *doc]`` for a
+    document's first piece.
 
     `remaining()` tells how many tokens the consumer still needs; each batch holds about that
-    many tokens' worth of characters, by the chars-per-token ratio seen so far.
+    many tokens' worth of characters, by the chars-per-token ratio seen so far. A piece's run does
+    not depend on how the pieces were batched.
     """
-    pieces = _pieces(documents)
     chars_per_token = _INITIAL_CHARS_PER_TOKEN
     seen_chars = seen_tokens = 0
     while True:
@@ -180,6 +181,78 @@ def _pieces(documents: Iterable[str]) -> Iterator[tuple[bool, str]]:
         yield start == 0, document[start:]
 
 
+class ContextStream:
+    """The contexts of :func:`build_contexts`, drawn a few at a time, from a resumable position.
+
+    Stream mode (`train.source: stream`) reads the corpus while it trains, so it cannot hold every
+    context at once. ``take(n)`` returns the next `n` contexts, exactly the rows
+    :func:`build_contexts` would give at that place; ``position`` is where the next context starts:
+    ``{"piece": p, "offset": o, "context": c}`` means the first `p` document pieces (see
+    :func:`_pieces`) are used up, the next one's first `o` tokens are too, and `c` contexts were
+    taken. Built with a position, the stream skips those pieces without tokenising them (a resumed
+    run re-reads no token it already consumed).
+    """
+
+    def __init__(self, documents: Iterable[str], tokenizer: PreTrainedTokenizerBase, context: int,
+                 n_contexts: int, position: dict | None = None):
+        _check_positive_int("data.context", context)
+        self.sep, self.bos = separator_id(tokenizer), leading_bos(tokenizer)
+        self.width = context - (self.bos is not None)
+        if self.width < 1:
+            raise MlsaeError(f"data.context must be at least 2 for a model that starts contexts with BOS (got {context})")
+        self.context, self.n_contexts = context, n_contexts
+        self.special_ids = np.asarray(sorted(set(tokenizer.all_special_ids) | {self.sep}), dtype=np.int64)
+        position = dict(position or {"piece": 0, "offset": 0, "context": 0})
+        pieces = _pieces(documents)
+        for _ in range(position["piece"]):
+            if next(pieces, None) is None:
+                raise MlsaeError("data.source: the corpus is shorter than the resumed position; it changed since the checkpoint")
+        self._taken = position["context"]
+        self._runs = _token_runs(pieces, tokenizer, self.sep,
+                                 lambda: max(1, (self.n_contexts - self._taken) * self.width))
+        self._piece = position["piece"]  # index of the piece whose run is `self._run`
+        self._run = np.zeros(0, dtype=np.int32)
+        self._pos = 0  # tokens of `self._run` used
+        self._skip = position["offset"]
+        self._next_run(first=True)
+
+    def _next_run(self, first: bool = False) -> bool:
+        ids = next(self._runs, None)
+        if ids is None:
+            return False
+        if not first:
+            self._piece += 1
+        self._run, self._pos = np.asarray(ids, dtype=np.int32), (self._skip if first else 0)
+        return True
+
+    @property
+    def position(self) -> dict:
+        """Where the next context starts (see the class docstring); JSON-able."""
+        if self._pos >= len(self._run):  # the current run is used up: the next piece starts clean
+            return {"piece": self._piece + 1, "offset": 0, "context": self._taken}
+        return {"piece": self._piece, "offset": int(self._pos), "context": self._taken}
+
+    def take(self, n: int) -> Contexts:
+        """The next `n` contexts."""
+        needed = n * self.width
+        stream = np.empty(needed, dtype=np.int32)
+        filled = 0
+        while filled < needed:
+            if self._pos >= len(self._run) and not self._next_run():
+                raise MlsaeError(
+                    f"data.train_tokens + data.eval_tokens: the corpus ran out after {self._taken + filled // self.width} "
+                    f"contexts of data.context={self.context}; lower them or use a larger data.source")
+            take = min(len(self._run) - self._pos, needed - filled)
+            stream[filled : filled + take] = self._run[self._pos : self._pos + take]
+            self._pos += take
+            filled += take
+        self._taken += n
+        tokens = stream.reshape(n, self.width)
+        if self.bos is not None:
+            tokens = np.concatenate([np.full((n, 1), self.bos, dtype=np.int32), tokens], axis=1)
+        return Contexts(tokens=tokens, special=np.isin(tokens, self.special_ids))
+
+
 # --------------------------------------------------------------------------------------------
 # Sizes and split
 # --------------------------------------------------------------------------------------------
@@ -191,6 +264,13 @@ def plan(train_tokens: int, eval_tokens: int, context: int) -> tuple[int, int]:
     _check_positive_int("data.train_tokens", train_tokens)
     _check_positive_int("data.eval_tokens", eval_tokens)
     return -(-train_tokens // context), -(-eval_tokens // context)
+
+
+def sample_contexts(n_train: int, sample_tokens: int, context: int) -> int:
+    """Train contexts extract stores in stream mode (the sample the lens fit reads):
+    ``ceil(data.sample_tokens / context)``, at most the `n_train` train contexts."""
+    _check_positive_int("data.sample_tokens", sample_tokens)
+    return min(n_train, -(-sample_tokens // context))
 
 
 def split_contexts(n_contexts: int, n_eval: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

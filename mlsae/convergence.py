@@ -65,6 +65,9 @@ def train(store: Path = Path("data/activations.zarr"), out: Path = Path("runs/co
           budgets: list[float] = typer.Option([0.5, 1, 2, 4]), params_file: Path = Path("params.yaml")) -> None:
     """Train once up to the largest budget (in epochs), saving the SAE at every budget."""
     p = load_params(params_file)
+    if p.train.source != "store":
+        raise typer.BadParameter("train.source: the convergence study counts epochs over the stored train split; "
+                                 "set train.source: store")
     p.train.epochs = int(np.ceil(max(budgets)))
     reader = ActivationStore(str(store))
     ends = epoch_ends(reader, p, p.train.epochs)

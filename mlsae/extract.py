@@ -28,7 +28,7 @@ from mlsae.params import FIRST_POSITION_OUTLIER, Params
 
 def fingerprint_attrs(p: Params, model: LoadedModel) -> dict:
     """What identifies the store's content: resuming is only allowed when all of it matches."""
-    return {
+    attrs = {
         "model": p.model,
         "revision": model.revision,
         "n_layers": model.n_layers,
@@ -40,6 +40,11 @@ def fingerprint_attrs(p: Params, model: LoadedModel) -> dict:
         "dtype": p.extract.dtype,
         "seed": p.seed,
     }
+    if p.train.source == "stream":  # only the sample is stored, whatever the train budget beyond it
+        n_train, _ = token_contexts.plan(p.data.train_tokens, p.data.eval_tokens, p.data.context)
+        sample = token_contexts.sample_contexts(n_train, p.data.sample_tokens, p.data.context) * p.data.context
+        attrs.update(train_tokens=None, sample_tokens=sample, train_source="stream")
+    return attrs
 
 
 def open_corpus(source: str) -> Iterator[str]:
@@ -54,12 +59,15 @@ def open_corpus(source: str) -> Iterator[str]:
 
 def prepare_splits(p: Params, model: LoadedModel, docs: Iterator[str] | None = None) -> dict[str, store.SplitData]:
     """Tokenise the corpus (`docs`, default: opened from `data.source`) into contexts and make
-    the seeded train/eval split."""
+    the seeded train/eval split. In stream mode the train split is only the sample: the head of
+    the corpus is split instead (mlsae/stream.py)."""
     if p.data.context > model.max_context:
         raise MlsaeError(
             f"data.context: {p.data.context} exceeds the maximum context of model {p.model} ({model.max_context})"
         )
     n_train, n_eval = token_contexts.plan(p.data.train_tokens, p.data.eval_tokens, p.data.context)
+    if p.train.source == "stream":
+        n_train = token_contexts.sample_contexts(n_train, p.data.sample_tokens, p.data.context)
     if docs is None:
         docs = corpus.iter_documents(p.data.source)
     contexts = token_contexts.build_contexts(docs, model.tokenizer, p.data.context, n_train + n_eval)

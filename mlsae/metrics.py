@@ -148,6 +148,11 @@ class TrainMetrics(StageMetrics):
     layers: list[int]
     auxk_steps: int | None = _optional()
     """Steps whose AuxK term was non-zero (some latent was dead)."""
+    train_source: str | None = _optional()
+    """`train.source`: store (batches from the stored train split) or stream (from the corpus)."""
+    model_tokens: int | None = _optional()
+    """Stream mode: tokens run through the model while training, all ranks (a resumed run counts
+    only its own)."""
     imported: bool | None = _optional()
     """`sae.source` other than train: the SAE was imported, not trained (no training figures)."""
     source: str | None = _optional()

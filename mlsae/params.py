@@ -48,6 +48,9 @@ class DataParams:
     """Tokens extracted for training (rounded up to whole contexts)."""
     eval_tokens: int = 8192
     """Tokens extracted for evaluation and analysis (rounded up to whole contexts)."""
+    sample_tokens: int = 16384
+    """Stream mode only (`train.source: stream`): train tokens extract still stores, the sample the
+    lens fit reads (rounded up to whole contexts, at most `train_tokens`); see mlsae/stream.py."""
     skip_first: Union[bool, str] = "auto"
     """Leave position 0 of every context out of training, eval metrics and analysis: `true`, `false`,
     or `auto` (skip it when extract measures it as an outlier: its mean residual norm is more than
@@ -110,8 +113,15 @@ class SAEParams:
     auxk_coef, dead_tokens and normalisation are then unused; `layers` picks the blocks of a seed SAE that records none)."""
 
 
+TRAIN_SOURCES = ("store", "stream")
+
+
 @dataclass
 class TrainParams:
+    source: str = "store"
+    """Where train batches come from: `store` (the train split extract stored; the default for small
+    runs) or `stream` (the corpus through the model while training: disk use independent of
+    `data.train_tokens`, for paper-scale runs; mlsae/stream.py)."""
     batch_tokens: int = 512
     """Tokens per optimiser step; each contributes all selected layers."""
     lr: float = 3e-3
@@ -212,6 +222,7 @@ class Params:
             "data.context": self.data.context,
             "data.train_tokens": self.data.train_tokens,
             "data.eval_tokens": self.data.eval_tokens,
+            "data.sample_tokens": self.data.sample_tokens,
             "extract.batch_size": self.extract.batch_size,
             "sae.expansion": self.sae.expansion,
             "sae.k": self.sae.k,
@@ -257,6 +268,8 @@ class Params:
             raise MlsaeError(f"data.skip_first: must be true, false or auto (got {self.data.skip_first!r})")
         if self.extract.dtype not in DTYPES:
             raise MlsaeError(f"extract.dtype: unknown dtype {self.extract.dtype!r}; use one of {', '.join(DTYPES)}")
+        if self.train.source not in TRAIN_SOURCES:
+            raise MlsaeError(f"train.source: must be one of {', '.join(TRAIN_SOURCES)} (got {self.train.source!r})")
         if self.lens not in LENS_MODES:
             raise MlsaeError(f"lens: unknown mode {self.lens!r}; use one of {', '.join(LENS_MODES)}")
         if self.sae.normalisation not in NORMALISATIONS:

@@ -1,7 +1,8 @@
 """Shuffled token batches from the train split, with bounded memory and exact resume.
 
 The split is cut into contiguous store chunks (so reads are contiguous). Each epoch
-visits the chunks in a seeded random order; consecutive chunks fill a shuffle buffer of
+visits the chunks in a seeded random order (or in store order, `chunk_order="sequential"`: stream
+mode's order, mlsae/stream.py); consecutive chunks fill a shuffle buffer of
 `buffer_tokens` tokens, whose non-special tokens are permuted (seeded by epoch and buffer) and cut
 into batches of `batch_tokens`; a buffer's remainder smaller than a batch is dropped. The plan is a
 pure function of (seed, special mask), so batch number s can be located without reading the data
@@ -31,7 +32,7 @@ class BatchPlan:
     """Which tokens form each batch, for every epoch, without touching the residuals."""
 
     def __init__(self, special: np.ndarray, chunk_tokens: int, buffer_tokens: int, batch_tokens: int,
-                 epochs: int, seed: int):
+                 epochs: int, seed: int, chunk_order: str = "shuffled"):
         self.keep = ~special.astype(bool)
         self.n = len(self.keep)
         chunk_tokens = min(chunk_tokens, buffer_tokens)  # so that a buffer never exceeds buffer_tokens
@@ -42,7 +43,8 @@ class BatchPlan:
         n_chunks = -(-self.n // chunk_tokens)
         self.buffers: list[Buffer] = []
         for epoch in range(epochs):
-            order = np.random.default_rng([seed, epoch]).permutation(n_chunks)
+            order = (np.random.default_rng([seed, epoch]).permutation(n_chunks) if chunk_order == "shuffled"
+                     else np.arange(n_chunks))
             for b, start in enumerate(range(0, n_chunks, self.chunks_per_buffer)):
                 chunks = order[start : start + self.chunks_per_buffer]
                 n_valid = sum(int(self.keep[self._span(i)].sum()) for i in chunks)

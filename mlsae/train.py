@@ -13,6 +13,7 @@ import os
 import pickle
 import time
 from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -25,11 +26,12 @@ from mlsae.constants import CHECKPOINT
 from mlsae.errors import MlsaeError
 from mlsae.io import atomic_dir, atomic_file
 from mlsae.lens import Lens
-from mlsae.models import resolve_device
+from mlsae.models import load_model, resolve_device
 from mlsae.params import Params
 from mlsae.sae import MLSAE, SAEConfig
 from mlsae.shuffle import BatchPlan, iter_batches
 from mlsae.store import ActivationStore
+from mlsae.stream import StreamBatches
 
 CHECKPOINT_VERSION = 1
 ADAM_EPS = 6.25e-10
@@ -85,12 +87,16 @@ def sae_config(p: Params, reader: ActivationStore, model_name: str) -> SAEConfig
     return cfg
 
 
-def identity_of(p: Params, reader: ActivationStore) -> dict:
+def identity_of(p: Params, reader: ActivationStore, world: int = 1) -> dict:
     """What a checkpoint must match to be resumed (not where or how often it was saved)."""
     train = {k: v for k, v in p.to_dict()["train"].items() if k not in ("device", "checkpoint_every")}
-    return {"params": p.section_hash("sae", "seed", "lens", "lens_fit", "lens_path"), "train": train,
-            "store": {k: reader.attrs.get(k) for k in ("model", "revision", "corpus", "context",
-                                                         "train_tokens", "seed", "dtype")}}
+    identity = {"params": p.section_hash("sae", "seed", "lens", "lens_fit", "lens_path"), "train": train,
+                "store": {k: reader.attrs.get(k) for k in ("model", "revision", "corpus", "context",
+                                                             "train_tokens", "seed", "dtype")}}
+    if p.train.source == "stream":  # the batches come from the corpus, the model and this many ranks
+        identity["stream"] = {"data": p.to_dict()["data"], "model": p.model, "dtype": p.extract.dtype,
+                              "batch_size": p.extract.batch_size, "world": world}
+    return identity
 
 
 def load_checkpoint(path: Path, identity: dict) -> dict | None:
@@ -183,31 +189,62 @@ def check_dead_window(dead_tokens: int, n_steps: int, batch_tokens: int) -> None
         )
 
 
-def train(p: Params, reader: ActivationStore, lens: Lens, out_dir: Path, checkpoint_dir: Path,
-          progress: bool = True, max_steps: int | None = None,
-          snapshots: dict[int, Path] | None = None) -> tuple[dict, list[dict]]:
-    """Train the MLSAE; write `out_dir` (sae.safetensors + config.json). Returns (metrics, history).
+class _StoreBatches:
+    """Store mode's batches: the BatchPlan over the stored train split (mlsae/shuffle.py)."""
 
-    `max_steps` stops early as if killed after that many steps (tests of resume). `snapshots` maps
-    step numbers to directories where the SAE is also saved after that step (the convergence
-    study: with a constant learning rate, the SAE after epoch e of a longer run is the SAE of an
-    e-epoch run).
-    """
-    ranks, device = init_distributed(p.train.device)
-    cfg = sae_config(p, reader, str(reader.attrs.get("model")))
-    layers = cfg.layers
+    def __init__(self, reader: ActivationStore, layers: list[int], plan: BatchPlan, rank: int, world: int):
+        self.reader, self.layers, self.plan, self.rank, self.world = reader, layers, plan, rank, world
+
+    def first_batches(self) -> Iterator[Tensor]:
+        return iter_batches(self.reader, self.layers, self.plan)
+
+    def batches(self, start: int) -> Iterator[Tensor]:
+        return iter_batches(self.reader, self.layers, self.plan, start, self.rank, self.world)
+
+
+def batch_source(p: Params, reader: ActivationStore, layers: list[int], ranks: Dist, device: torch.device,
+                 chunk_order: str = "shuffled", progress: bool = False) -> tuple[_StoreBatches | StreamBatches, int]:
+    """(this rank's batch source, its step count: exact in store mode, an upper bound in stream mode)."""
+    if p.train.source == "stream":
+        model = load_model(p.model, device)
+        if (model.n_layers, model.d_model) != (reader.n_layers, reader.d_model):
+            raise MlsaeError(f"model {p.model}: {model.n_layers} blocks x d_model {model.d_model}, but the store holds "
+                             f"{reader.n_layers} x {reader.d_model}; rerun extract")
+        source = StreamBatches(p, model, layers, reader.skip_first, ranks.rank, ranks.world, progress)
+        return source, source.max_batches
     excluded = ~reader.keep("train")  # special tokens, and position 0 when the store says skip_first
-    plan = BatchPlan(excluded, reader.chunk_tokens, p.train.shuffle_buffer_tokens, p.train.batch_tokens, p.train.epochs, p.seed)
+    plan = BatchPlan(excluded, reader.chunk_tokens, p.train.shuffle_buffer_tokens, p.train.batch_tokens,
+                     p.train.epochs, p.seed, chunk_order)
     if plan.n_batches == 0:
         raise MlsaeError(
             f"train.batch_tokens: {p.train.batch_tokens} is more than the train split's usable tokens per "
             f"shuffle buffer; lower it or raise data.train_tokens / train.shuffle_buffer_tokens"
         )
+    return _StoreBatches(reader, layers, plan, ranks.rank, ranks.world), plan.n_batches
+
+
+def train(p: Params, reader: ActivationStore, lens: Lens, out_dir: Path, checkpoint_dir: Path,
+          progress: bool = True, max_steps: int | None = None,
+          snapshots: dict[int, Path] | None = None, chunk_order: str = "shuffled") -> tuple[dict, list[dict]]:
+    """Train the MLSAE; write `out_dir` (sae.safetensors + config.json). Returns (metrics, history).
+
+    Batches come from the store or, with `train.source: stream`, from the corpus through the model
+    (mlsae/stream.py). `max_steps` stops early as if killed after that many steps (tests of resume).
+    `snapshots` maps step numbers to directories where the SAE is also saved after that step (the
+    convergence study: with a constant learning rate, the SAE after epoch e of a longer run is the
+    SAE of an e-epoch run). `chunk_order="sequential"` visits the store's chunks in order (stream
+    mode's order; the equivalence test).
+    """
+    ranks, device = init_distributed(p.train.device)
+    cfg = sae_config(p, reader, str(reader.attrs.get("model")))
+    layers = cfg.layers
+    source, n_steps = batch_source(p, reader, layers, ranks, device, chunk_order, progress and ranks.main)
+    stream = isinstance(source, StreamBatches)
     if cfg.auxk > 0 and cfg.auxk_coef > 0:
-        check_dead_window(cfg.dead_tokens, plan.n_batches, p.train.batch_tokens)
+        check_dead_window(cfg.dead_tokens, n_steps, p.train.batch_tokens)
     lens = lens.to(device)
     ckpt_path = checkpoint_dir / CHECKPOINT
-    identity = identity_of(p, reader)
+    identity = identity_of(p, reader, ranks.world)
     ckpt = load_checkpoint(ckpt_path, identity)
 
     torch.manual_seed(p.seed)
@@ -220,19 +257,24 @@ def train(p: Params, reader: ActivationStore, lens: Lens, out_dir: Path, checkpo
         opt.load_state_dict(ckpt["opt"])
         history, start = ckpt["history"], ckpt["step"]
     else:
-        sample = _sample(reader, layers, plan, lens, p.train.geometric_median_sample, p.seed, device)
+        sample = _sample(source.first_batches(), layers, lens, p.train.geometric_median_sample, p.seed, device)
         sae.init_b_pre(sae.normalise(sample)[0])
     model: torch.nn.Module = sae
     if ranks.world > 1:
         model = torch.nn.parallel.DistributedDataParallel(sae, device_ids=[device.index] if device.type == "cuda" else None)
 
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
-    total = plan.n_batches if max_steps is None else min(plan.n_batches, max_steps)
-    bar = tqdm(total=plan.n_batches, initial=start, desc="train", unit="step", disable=not (progress and ranks.main))
+    bar = tqdm(total=n_steps, initial=start, desc="train" + (" (stream; total: at most)" if stream else ""),
+               unit="step", disable=not (progress and ranks.main))
     t0, vectors = time.perf_counter(), 0
-    step = start
-    for x in iter_batches(reader, layers, plan, start, ranks.rank, ranks.world):
-        if step >= total:
+    step, stopped = start, False
+    if stream:
+        batches = source.batches(ckpt.get("stream") if ckpt is not None else None)
+    else:
+        batches = source.batches(start)
+    for x in batches:
+        if max_steps is not None and step >= max_steps:
+            stopped = True
             break
         x = lens(x.to(device, non_blocking=True), layers)
         try:
@@ -253,13 +295,19 @@ def train(p: Params, reader: ActivationStore, lens: Lens, out_dir: Path, checkpo
         if ranks.main and snapshots and step in snapshots:
             with atomic_dir(snapshots[step]) as tmp:
                 sae.save(tmp)
-        if ranks.main and (step % p.train.checkpoint_every == 0 or step == total):
-            save_checkpoint(ckpt_path, {"version": CHECKPOINT_VERSION, "identity": identity, "step": step,
-                                        "sae": sae.state_dict(), "opt": opt.state_dict(), "history": history})
+        if step % p.train.checkpoint_every == 0 or step == max_steps or (not stream and step == n_steps):
+            buffer = source.state() if stream else None  # a collective under torchrun: every rank
+            if ranks.main:
+                save_checkpoint(ckpt_path, {"version": CHECKPOINT_VERSION, "identity": identity, "step": step,
+                                            "sae": sae.state_dict(), "opt": opt.state_dict(), "history": history,
+                                            **({"stream": buffer} if stream else {})})
     bar.close()
     elapsed = time.perf_counter() - t0
-    if max_steps is not None and step < plan.n_batches:
+    if stopped or (max_steps is not None and step < n_steps and not stream):
         return {}, history
+    if step == 0:
+        raise MlsaeError(f"train.batch_tokens: {p.train.batch_tokens} is more than the usable tokens of every shuffle "
+                         "buffer; lower it or raise train.shuffle_buffer_tokens")
     if ranks.main:
         sae.cpu()
         with atomic_dir(out_dir) as tmp:
@@ -269,25 +317,30 @@ def train(p: Params, reader: ActivationStore, lens: Lens, out_dir: Path, checkpo
         dist.barrier()
     if not ranks.main:  # only rank 0 reports: the stage writes metrics and plots only when given some
         return {}, history
-    return _metrics(history, cfg, plan, vectors / elapsed if elapsed > 0 and vectors else None), history
+    metrics = _metrics(history, cfg, p.train.batch_tokens, vectors / elapsed if elapsed > 0 and vectors else None)
+    metrics["train_source"] = p.train.source
+    if stream:
+        metrics["model_tokens"] = source.model_tokens * ranks.world
+    return metrics, history
 
 
-def _sample(reader: ActivationStore, layers: list[int], plan: BatchPlan, lens: Lens, n: int, seed: int,
+def _sample(batches: Iterator[Tensor], layers: list[int], lens: Lens, n: int, seed: int,
             device: torch.device) -> torch.Tensor:
     """`n` (token, layer) vectors from the first shuffled batches, in lens space, as (n, 1, d)."""
     rows, got = [], 0
-    for x in iter_batches(reader, layers, plan):
+    for x in batches:
         rows.append(x)
         got += x.shape[0]
         if got >= n:
             break
-    vectors = lens(torch.cat(rows).to(device), layers).reshape(-1, reader.d_model)
+    x = torch.cat(rows).to(device)
+    vectors = lens(x, layers).reshape(-1, x.shape[-1])
     g = torch.Generator().manual_seed(seed)
     pick = torch.randperm(vectors.shape[0], generator=g)[:n].to(device)
     return vectors[pick].unsqueeze(1)
 
 
-def _metrics(history: list[dict], cfg: SAEConfig, plan: BatchPlan, vectors_per_s: float | None) -> dict:
+def _metrics(history: list[dict], cfg: SAEConfig, batch_tokens: int, vectors_per_s: float | None) -> dict:
     tail = history[-max(1, len(history) // 10):]
     by_layer = [float(np.mean([h[f"fvu_layer_{layer}"] for h in tail])) for layer in cfg.layers]
     return {
@@ -299,7 +352,7 @@ def _metrics(history: list[dict], cfg: SAEConfig, plan: BatchPlan, vectors_per_s
         "auxk_steps": sum(1 for h in history if h["auxk"] > 0),
         "vectors_per_s": vectors_per_s,
         "steps": len(history),
-        "tokens": len(history) * plan.batch_tokens,
+        "tokens": len(history) * batch_tokens,
         "n_latents": cfg.n_latents,
         "layers": cfg.layers,
     }

@@ -152,3 +152,22 @@ def test_queued_sweep_and_compare(repo):
     run(repo, "mlsae", "compare")
     table = (repo / "reports/tables/experiments.md").read_text()
     assert "tiny-llama" in table
+
+
+def test_stream_mode_reruns_only_what_the_train_budget_touches(repo):
+    """In stream mode the store holds the eval split and the sample only: a larger
+    data.train_tokens reruns extract (its params section changed) but it writes the very same
+    store, so lens is skipped; train and what reads the SAE rerun."""
+    out = run(repo, "dvc", "exp", "run", "-S", "train.source=stream", "-S", "data.sample_tokens=1024").stdout
+    assert {"extract", "train"} <= ran_stages(out)
+    store = repo / "data/activations.zarr"
+    size = sum(f.stat().st_size for f in store.rglob("*") if f.is_file())
+    first = metrics(repo, "train")
+    assert first["train_source"] == "stream" and first["model_tokens"] == 4096
+
+    out = run(repo, "dvc", "exp", "run", "-S", "data.train_tokens=8192").stdout
+    assert ran_stages(out) == {"extract", "train", "evaluate", "dump", "aggregate", "report", "browse"}
+    assert "Stage 'lens' didn't change, skipping" in out
+    assert sum(f.stat().st_size for f in store.rglob("*") if f.is_file()) == size
+    second = metrics(repo, "train")
+    assert second["model_tokens"] == 8192 and second["steps"] > first["steps"]

@@ -1,0 +1,251 @@
+"""Stream mode (`train.source: stream`, mlsae/stream.py): the context stream and its position,
+the equivalence with store mode, resume, NaN, extract's sample-only store, DDP under torchrun.
+
+Everything runs on the tiny random Llama over the shared test corpus (conftest.py).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mlsae import constants as C
+from mlsae import contexts, corpus
+from mlsae.errors import MlsaeError
+from mlsae.extract import extract
+from mlsae.models import load_model
+from mlsae.params import parse_params
+from mlsae.sae import MLSAE
+from mlsae.store import ActivationStore
+from mlsae.train import train
+from test_train import TRAIN_RAW, assert_same_weights, identity, merge, stage_dir, stage_env
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+ROOT = Path(__file__).resolve().parents[1]
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+
+
+def stream_raw(store: tuple[Path, dict], **over: dict) -> dict:
+    """TRAIN_RAW in stream mode; sample_tokens = train_tokens makes the split store mode's."""
+    raw = merge(merge(store[1], TRAIN_RAW), {"train": {"source": "stream"},
+                                             "data": {"sample_tokens": store[1]["data"]["train_tokens"]}})
+    return merge(raw, over)
+
+
+class CountingTokenizer:
+    """The tiny tokenizer, recording every text it is asked to encode."""
+
+    def __init__(self, real):
+        self.real, self.texts = real, []
+
+    def __call__(self, texts, **kw):
+        self.texts += list(texts)
+        return self.real(texts, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+def test_context_stream_gives_build_contexts_rows_and_resumes_where_it_stopped(store: tuple[Path, dict]) -> None:
+    source, width = store[1]["data"]["source"], 32
+    tok = load_model("tiny-llama").tokenizer
+    whole = contexts.build_contexts(corpus.iter_documents(source), tok, width, 70)
+    stream = contexts.ContextStream(corpus.iter_documents(source), tok, width, 70)
+    parts = [stream.take(n) for n in (1, 5, 3, 11)]
+    position = stream.position
+    assert position["context"] == 20
+    parts.append(stream.take(50))
+    got = np.concatenate([c.tokens for c in parts])
+    np.testing.assert_array_equal(got, whole.tokens)
+    np.testing.assert_array_equal(np.concatenate([c.special for c in parts]), whole.special)
+
+    counting = CountingTokenizer(tok)
+    resumed = contexts.ContextStream(corpus.iter_documents(source), counting, width, 70, position)
+    np.testing.assert_array_equal(resumed.take(50).tokens, whole.tokens[20:])
+    # the pieces before the position were skipped unread by the tokenizer: the first text it saw
+    # is the piece the position points into
+    docs = list(corpus.iter_documents(source))
+    assert counting.texts[0] == docs[position["piece"]]
+    assert not set(counting.texts) & set(docs[: position["piece"]])
+
+
+def test_stream_equals_store_mode_with_the_same_token_order(store: tuple[Path, dict], reader: ActivationStore,
+                                                              tmp_path: Path) -> None:
+    """Float32 store, split made equal (sample_tokens >= train_tokens), store chunks visited in
+    order and whole chunks per shuffle buffer: stream mode trains on exactly store mode's batches."""
+    raw = stream_raw(store)
+    p_stream = parse_params(raw)
+    p_store = parse_params(merge(raw, {"train": {"source": "store"}}))
+    # whole store chunks per buffer, whole contexts per buffer: the buffers hold the same tokens
+    assert reader.dtype == "float32" and p_store.train.shuffle_buffer_tokens % reader.chunk_tokens == 0
+    m_store, h_store = train(p_store, reader, identity(reader), tmp_path / "store", tmp_path / "c1", progress=False,
+                             chunk_order="sequential")
+    m_stream, h_stream = train(p_stream, reader, identity(reader), tmp_path / "stream", tmp_path / "c2", progress=False)
+    assert m_stream["steps"] == m_store["steps"] > 10
+    assert m_stream["train_source"] == "stream" and m_store["train_source"] == "store"
+    # every train token through the model once per epoch; the b_pre sample reuses the first buffer
+    assert m_stream["model_tokens"] == p_stream.train.epochs * p_stream.data.train_tokens
+    np.testing.assert_allclose([h["loss"] for h in h_stream], [h["loss"] for h in h_store], rtol=1e-5)
+    assert_same_weights(MLSAE.load(tmp_path / "stream"), MLSAE.load(tmp_path / "store"), atol=1e-5)
+
+    # the default (seeded chunk order) differs from stream mode only in that order: same tokens
+    m_shuffled, h_shuffled = train(p_store, reader, identity(reader), tmp_path / "shuffled", tmp_path / "c3",
+                                   progress=False)
+    assert m_shuffled["steps"] == m_store["steps"]
+    assert abs(m_shuffled["fvu"] - m_stream["fvu"]) < 0.05
+    assert [h["loss"] for h in h_shuffled] != [h["loss"] for h in h_store]
+
+
+def test_stream_split_beyond_the_sample(store: tuple[Path, dict], reader: ActivationStore) -> None:
+    """With a smaller sample, train contexts are the head's non-eval ones, then the rest of the
+    corpus: disjoint from eval, each once, in corpus order."""
+    from mlsae.stream import StreamBatches
+
+    p = parse_params(stream_raw(store, data={"sample_tokens": 256}))
+    source = StreamBatches(p, load_model(p.model), list(range(reader.n_layers)), reader.skip_first)
+    n_train, n_eval = source.n_train, source.n_eval
+    assert (source.n_sample, source.n_head) == (8, n_eval + 8)
+    used = [source._global(t) for t in range(n_train)]
+    _, eval_idx = contexts.split_contexts(n_eval + 8, n_eval, p.seed)
+    assert used == sorted(used) and len(set(used)) == n_train
+    assert not set(used) & set(eval_idx.tolist())
+    assert set(used) | set(eval_idx.tolist()) == set(range(n_train + n_eval))
+
+
+def test_stream_resume_equals_uninterrupted_and_reads_nothing_twice(store: tuple[Path, dict], reader: ActivationStore,
+                                                                   tmp_path: Path) -> None:
+    p = parse_params(stream_raw(store))
+    full, h_full = train(p, reader, identity(reader), tmp_path / "full", tmp_path / "c0", progress=False)
+    out, ckpt = tmp_path / "sae", tmp_path / "ckpt"
+    metrics, history = train(p, reader, identity(reader), out, ckpt, progress=False, max_steps=5)
+    assert metrics == {} and len(history) == 5 and not out.exists()
+    saved = torch.load(ckpt / C.CHECKPOINT, weights_only=True)
+    state = saved["stream"]
+    # 3 batches per 512-token buffer (separators are left out): step 5 is in buffer 1, 1 batch remains
+    assert (state["epoch"], state["buffer"]) == (0, 1)
+    assert state["rows"].shape == (1, p.train.batch_tokens, reader.n_layers, reader.d_model)
+    assert state["end"]["context"] > 0
+
+    metrics, history = train(p, reader, identity(reader), out, ckpt, progress=False)
+    buffer = p.train.shuffle_buffer_tokens
+    # the resumed run ran the model only on the buffers after the checkpoint's
+    assert metrics["model_tokens"] == full["model_tokens"] - 2 * buffer
+    assert metrics["steps"] == full["steps"] and [h["step"] for h in history] == list(range(1, full["steps"] + 1))
+    np.testing.assert_allclose([h["loss"] for h in history], [h["loss"] for h in h_full], rtol=1e-5)
+    assert_same_weights(MLSAE.load(out), MLSAE.load(tmp_path / "full"), atol=1e-6)
+    assert not (ckpt / C.CHECKPOINT).exists()
+
+
+def test_stream_nan_keeps_last_good_checkpoint(store: tuple[Path, dict], reader: ActivationStore, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlsae.train as train_mod
+
+    real, calls = train_mod.train_step, []
+
+    def nan_at_7(model, opt, x, grad_clip=0.0):
+        calls.append(1)
+        if len(calls) == 7:
+            x = x * float("nan")
+        return real(model, opt, x, grad_clip)
+
+    monkeypatch.setattr(train_mod, "train_step", nan_at_7)
+    p = parse_params(stream_raw(store))
+    with pytest.raises(MlsaeError, match="at step 7; last good checkpoint kept"):
+        train(p, reader, identity(reader), tmp_path / "sae", tmp_path / "ckpt", progress=False)
+    kept = torch.load(tmp_path / "ckpt" / C.CHECKPOINT, weights_only=True)
+    assert kept["step"] == 6 and "stream" in kept and not (tmp_path / "sae").exists()
+
+
+def test_stream_extract_stores_the_sample_whatever_the_train_budget(store: tuple[Path, dict], tmp_path: Path) -> None:
+    base = merge(store[1], {"train": {"source": "stream"}, "data": {"sample_tokens": 256}})
+    paths = {}
+    for train_tokens in (2048, 8192):
+        paths[train_tokens] = tmp_path / f"s{train_tokens}.zarr"
+        extract(parse_params(merge(base, {"data": {"train_tokens": train_tokens}})), str(paths[train_tokens]),
+                progress=False)
+    small, large = (ActivationStore(str(paths[n])) for n in (2048, 8192))
+    assert small.n_tokens("train") == large.n_tokens("train") == 256
+    assert small.n_tokens("eval") == large.n_tokens("eval") == 512
+    assert small.attrs == large.attrs and small.attrs["train_source"] == "stream"
+    for split in ("train", "eval"):
+        torch.testing.assert_close(small.resid(split, 0, 10**6), large.resid(split, 0, 10**6), rtol=0, atol=0)
+    size = {n: sum(f.stat().st_size for f in paths[n].rglob("*") if f.is_file()) for n in paths}
+    assert size[2048] == size[8192]
+    # the stored sample and eval contexts are the stream's head split
+    p = parse_params(merge(base, {"data": {"train_tokens": 8192}}))
+    tok = load_model(p.model).tokenizer
+    head = contexts.build_contexts(corpus.iter_documents(p.data.source), tok, 32, 16 + 8)
+    sample_idx, eval_idx = contexts.split_contexts(24, 16, p.seed)
+    np.testing.assert_array_equal(large.meta("train", "tokens"), head.tokens[sample_idx].reshape(-1))
+    np.testing.assert_array_equal(large.meta("eval", "tokens"), head.tokens[eval_idx].reshape(-1))
+
+
+def test_bad_train_source_is_one_clear_error(store: tuple[Path, dict]) -> None:
+    with pytest.raises(MlsaeError, match="^train.source: must be one of store, stream"):
+        parse_params(merge(store[1], {"train": {"source": "disk"}}))
+    with pytest.raises(MlsaeError, match="^data.sample_tokens: must be >= 1"):
+        parse_params(merge(store[1], {"data": {"sample_tokens": 0}}))
+
+
+WRAPPER = textwrap.dedent('''
+    """Runs stages/train.py as __main__, logging the contexts this rank streamed and its dead counters."""
+    import json, os, runpy, sys
+    import mlsae.stream, mlsae.train
+
+    rank = int(os.environ.get("RANK", "0"))
+    log = {"contexts": [], "dead": [], "batch": []}
+    real_res, real_step = mlsae.stream.StreamBatches._residuals, mlsae.train.train_step
+
+    def residuals(self, tokens):
+        log["contexts"] += [row.tolist() for row in tokens]
+        return real_res(self, tokens)
+
+    def train_step(model, opt, x, grad_clip=0.0):
+        out = real_step(model, opt, x, grad_clip)
+        log["dead"].append(getattr(model, "module", model).tokens_since_fired.tolist())
+        log["batch"].append(x.shape[0])
+        return out
+
+    mlsae.stream.StreamBatches._residuals = residuals
+    mlsae.train.train_step = train_step
+    try:
+        sys.argv = [sys.argv[1]]
+        runpy.run_path(sys.argv[0], run_name="__main__")
+    finally:
+        with open(f"log_rank{rank}.json", "w") as f:
+            json.dump(log, f)
+''')
+
+
+@pytest.mark.slow  # spawns torchrun
+def test_torchrun_stream_ranks_read_disjoint_slices_and_agree(store: tuple[Path, dict], reader: ActivationStore,
+                                                               tmp_path: Path) -> None:
+    raw = stream_raw(store, train={"epochs": 1})
+    work = stage_dir(tmp_path / "work", store, raw)
+    (work / "wrapper.py").write_text(WRAPPER)
+    run = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node=2", "wrapper.py", str(ROOT / "stages" / "train.py")],
+                         cwd=work, env=stage_env(), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    logs = [json.loads((work / f"log_rank{r}.json").read_text()) for r in range(2)]
+    p = parse_params(raw)
+    # disjoint slices that together are every train context once (the first buffer is streamed
+    # once: b_pre's sample and the first steps share it)
+    seen = [tuple(map(tuple, log["contexts"])) for log in logs]
+    assert not set(seen[0]) & set(seen[1])
+    tok = load_model(p.model).tokenizer
+    n_train, n_eval = contexts.plan(p.data.train_tokens, p.data.eval_tokens, p.data.context)
+    whole = contexts.build_contexts(corpus.iter_documents(p.data.source), tok, p.data.context, n_train + n_eval)
+    train_idx, _ = contexts.split_contexts(n_train + n_eval, n_eval, p.seed)
+    assert sorted(seen[0] + seen[1]) == sorted(tuple(r) for r in whole.tokens[train_idx].tolist())
+    # same number of steps, each rank half the global batch, the same dead counters after every step
+    steps = json.loads((work / C.TRAIN_METRICS).read_text())["steps"]
+    assert logs[0]["batch"] == logs[1]["batch"] == [p.train.batch_tokens // 2] * steps
+    assert logs[0]["dead"] == logs[1]["dead"] and steps > 5
+    assert json.loads((work / C.TRAIN_METRICS).read_text())["model_tokens"] == p.data.train_tokens
