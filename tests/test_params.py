@@ -58,3 +58,21 @@ def test_section_hash_tracks_only_its_sections():
     a, b = parse_params({}), parse_params({"sae": {"k": 8}})
     assert a.section_hash("data") == b.section_hash("data")
     assert a.section_hash("sae") != b.section_hash("sae")
+
+
+def test_paper_preset_is_the_papers_main_run() -> None:
+    """presets/paper.yaml: a complete, valid params file with the paper's settings in stream mode."""
+    import yaml
+
+    from mlsae.params import load_params
+
+    path = Path(__file__).resolve().parents[1] / "presets" / "paper.yaml"
+    p = load_params(path)
+    assert (p.model, p.data.context, p.data.train_tokens) == ("pythia-70m-deduped", 2048, 10**9)
+    assert (p.sae.expansion, p.sae.k, p.sae.layers) == (64, 32, "all")
+    assert (p.train.batch_tokens, p.train.lr, p.train.source) == (131072, 1e-4, "stream")
+    # every key of params.yaml is there (a preset is a whole params file)
+    default = yaml.safe_load((path.parents[1] / "params.yaml").read_text())
+    preset = yaml.safe_load(path.read_text())
+    assert {k: set(v) if isinstance(v, dict) else None for k, v in default.items()} == \
+           {k: set(v) if isinstance(v, dict) else None for k, v in preset.items()}

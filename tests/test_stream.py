@@ -7,9 +7,12 @@ Everything runs on the tiny random Llama over the shared test corpus (conftest.p
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +28,8 @@ from mlsae.params import parse_params
 from mlsae.sae import MLSAE
 from mlsae.store import ActivationStore
 from mlsae.train import train
-from test_train import TRAIN_RAW, assert_same_weights, identity, merge, stage_dir, stage_env
+from test_train import (TRAIN_RAW, assert_same_weights, identity, merge, read_csv, run_stage_in_process, stage_dir,
+                        stage_env)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,6 +145,38 @@ def test_stream_resume_equals_uninterrupted_and_reads_nothing_twice(store: tuple
     np.testing.assert_allclose([h["loss"] for h in history], [h["loss"] for h in h_full], rtol=1e-5)
     assert_same_weights(MLSAE.load(out), MLSAE.load(tmp_path / "full"), atol=1e-6)
     assert not (ckpt / C.CHECKPOINT).exists()
+
+
+@pytest.mark.slow  # starts a stage process
+def test_stream_kill_9_then_rerun_equals_uninterrupted(store: tuple[Path, dict], reader: ActivationStore,
+                                                       tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    raw = stream_raw(store, train={"epochs": 3, "checkpoint_every": 1})
+    p = parse_params(raw)
+    work = stage_dir(tmp_path / "work", store, raw)
+    ckpt = work / C.CHECKPOINTS_DIR / "train" / C.CHECKPOINT
+    proc = subprocess.Popen([sys.executable, str(ROOT / "stages" / "train.py")], cwd=work, env=stage_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    time.sleep(0.3)  # a few steps more: the kill lands mid-run, whatever the checkpoint on disk
+    os.kill(proc.pid, signal.SIGKILL)
+    _, err = proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, err.decode()[-2000:]
+    killed = torch.load(ckpt, weights_only=True)
+    assert killed["step"] >= 1 and "stream" in killed
+    assert not (work / C.SAE_DIR).exists()
+
+    assert run_stage_in_process(work, monkeypatch) == 0
+    full, history = train(p, reader, identity(reader), tmp_path / "ref", tmp_path / "ref-ckpt", progress=False)
+    assert killed["step"] < full["steps"]
+    rows = read_csv(work / C.TRAIN_PLOT)
+    assert len(rows) == full["steps"]
+    # the resumed run streamed only what followed the checkpoint's buffer
+    resumed = json.loads((work / C.TRAIN_METRICS).read_text())
+    assert resumed["model_tokens"] < full["model_tokens"]
+    np.testing.assert_allclose([float(r["loss"]) for r in rows], [h["loss"] for h in history], rtol=1e-5)
+    assert_same_weights(MLSAE.load(work / C.SAE_DIR), MLSAE.load(tmp_path / "ref"), atol=1e-5)
 
 
 def test_stream_nan_keeps_last_good_checkpoint(store: tuple[Path, dict], reader: ActivationStore, tmp_path: Path,
