@@ -34,7 +34,7 @@ test-fast: setup
 	source $(VENV)/bin/activate && python -m pytest -q -m "not slow" -n 2
 
 bench: setup
-	source $(VENV)/bin/activate && python benchmarks/extract.py && python benchmarks/evaluate.py && python benchmarks/train.py && python benchmarks/train_memory.py && python benchmarks/aggregate.py
+	source $(VENV)/bin/activate && python benchmarks/extract.py && python benchmarks/evaluate.py && python benchmarks/train.py && python benchmarks/train_memory.py && python benchmarks/aggregate.py && python benchmarks/stream.py && python benchmarks/paper.py
 
 # PNG of the latent browser (reports/browser/index.html, written by the browse stage) for docs/
 screenshot: setup
