@@ -81,8 +81,11 @@ _N, _D, _D2, _V, _M, _MD, _MD2, _MV = range(8)
 _N_STATS = 8
 # Per-context pooled-pair sums: active pairs, sum exp(H), multi-layer pairs.
 _PAIRS, _EFF, _MULTI = range(3)
-# Doubles in one dense (contexts x 8F) block of a chunk.
-_BLOCK_DOUBLES = 1 << 22
+# Contexts whose dense (8, F) sums wait in a buffer before one matrix product folds them into the
+# bootstrap replicas: one (R x B) @ (B x 8F) product per B contexts instead of a skinny one per
+# chunk (each product rewrites the whole R x 8F replica array, so fewer is faster; memory stays
+# bounded: B x 8F doubles).
+_PENDING_CONTEXTS = 64
 # Replicas evaluated at once in finish (bounds its (replicas x F) temporaries).
 _REPLICA_BLOCK = 25
 
@@ -230,7 +233,10 @@ class LayerStats:
         self.pair_sums = np.zeros(3)
         self.eff = np.zeros(f)  # per latent sum exp(H)
         self.multi = np.zeros(f)  # per latent multi-layer pairs
-        self.replicas = np.zeros((r, _N_STATS, f))
+        self._replicas = np.zeros((r, _N_STATS, f))
+        self._pending = np.zeros((min(_PENDING_CONTEXTS, self.n_contexts), _N_STATS, f))
+        self._pending_row = np.full(self.n_contexts, -1, dtype=np.int64)  # row of a context in _pending
+        self._pending_contexts: list[int] = []  # the context of each used row
         self.pair_replicas = np.zeros((r, 3))
         self.tokens = np.zeros(self.n_contexts)  # non-special tokens per context (paper estimator)
 
@@ -282,20 +288,49 @@ class LayerStats:
         self.eff += np.bincount(latent, weights=eff, minlength=f)
         self.multi += np.bincount(latent, weights=multi, minlength=f)
 
-        used, local = np.unique(context, return_inverse=True)
+        present = np.bincount(context, minlength=self.n_contexts) > 0  # np.unique without its sort
+        used = np.flatnonzero(present)
+        local = (np.cumsum(present) - 1)[context]
         per_pair = (np.ones_like(eff), eff, multi)
         pairs = np.stack([np.bincount(local, weights=w, minlength=used.size) for w in per_pair], axis=1)
         self.pair_sums += pairs.sum(axis=0)
         self.pair_replicas += self.counts_f64[used].T @ pairs
-        block = max(1, _BLOCK_DOUBLES // (_N_STATS * f))
-        for start in range(0, used.size, block):
-            stop = min(start + block, used.size)
-            sel = (local >= start) & (local < stop)
-            key = (local[sel] - start) * f + latent[sel]
-            size = (stop - start) * f
-            dense = np.stack([np.bincount(key, weights=c[sel], minlength=size) for c in columns])
-            dense = dense.reshape(_N_STATS, stop - start, f).transpose(1, 0, 2).reshape(stop - start, -1)
-            self.replicas += (self.counts_f64[used[start:stop]].T @ dense).reshape(self.replicas.shape)
+        cap = self._pending.shape[0]
+        for start in range(0, used.size, cap):
+            block = used[start : start + cap]
+            new_contexts = block[self._pending_row[block] < 0]
+            if len(self._pending_contexts) + new_contexts.size > cap:
+                self._flush()
+                new_contexts = block
+            self._pending_row[new_contexts] = np.arange(len(self._pending_contexts),
+                                                        len(self._pending_contexts) + new_contexts.size)
+            self._pending_contexts += new_contexts.tolist()
+            one_block = used.size <= cap  # the usual case: no masking copies
+            sel = slice(None) if one_block else (local >= start) & (local < start + block.size)
+            rows = self._pending_row[block][local[sel] - start]
+            lo, hi = int(rows.min()), len(self._pending_contexts)  # the rows this block touches
+            key = (rows - lo) * f + latent[sel]
+            for i, column in enumerate(columns):
+                self._pending[lo:hi, i] += np.bincount(key, weights=column[sel], minlength=(hi - lo) * f).reshape(hi - lo, f)
+
+    def _flush(self) -> None:
+        """Fold the buffered per-context sums into the replicas: replicas[r] += sum_c counts[c, r] S_c."""
+        n = len(self._pending_contexts)
+        if n == 0:
+            return
+        contexts = np.asarray(self._pending_contexts)
+        dense = self._pending[:n].reshape(n, -1)
+        self._replicas += (self.counts_f64[contexts].T @ dense).reshape(self._replicas.shape)
+        self._pending[:n] = 0.0
+        self._pending_row[contexts] = -1
+        self._pending_contexts = []
+
+    @property
+    def replicas(self) -> np.ndarray:
+        """``(R, 8, F)``: the sums of every bootstrap replica (each context counted as often as the
+        replica drew it)."""
+        self._flush()
+        return self._replicas
 
     def add_tokens(self, context: np.ndarray) -> None:
         """Count tokens for :meth:`paper_metrics`: the context id of every analysed (non-special)

@@ -227,6 +227,29 @@ def test_bootstrap_replicas_equal_recomputation_on_resampled_dump():
     assert len(n_counted_seen) > 1  # the counted set really is recomputed per replica
 
 
+def test_replicas_do_not_depend_on_the_context_buffer(monkeypatch: pytest.MonkeyPatch):
+    """The per-context sums wait in a buffer of _PENDING_CONTEXTS contexts before they are folded
+    into the replicas. With a 2-context buffer (9 contexts, chunks in random order, so contexts
+    come back after their row was flushed and one chunk spans more contexts than the buffer) the
+    replicas equal those of the default buffer, which holds all 9 at once (the brute-force check
+    above)."""
+    import mlsae.layer_stats as ls
+
+    a, context = random_dump(6)
+    pairs = dense_to_pairs(a, context)
+    perm = np.random.default_rng(1).permutation(pairs["latent"].size)
+    chunks = np.array_split(perm, 5)
+    assert max(len(set(pairs["context"][c])) for c in chunks) > 2
+    kw = dict(n_latents=a.shape[2], n_layers=a.shape[1], n_contexts=9, min_count=3, n_resamples=20, seed=3)
+    whole = run(pairs, chunks, **kw)
+    assert whole._pending.shape[0] == 9
+    monkeypatch.setattr(ls, "_PENDING_CONTEXTS", 2)
+    small = run(pairs, chunks, **kw)
+    assert small._pending.shape[0] == 2
+    np.testing.assert_allclose(small.replicas, whole.replicas, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(small.pair_replicas, whole.pair_replicas, rtol=1e-12)
+
+
 def test_intervals_seeded_and_cover_the_point_estimate():
     a, context = random_dump(6, T=600, F=10, n_contexts=40, density=0.2)
     pairs = dense_to_pairs(a, context)
