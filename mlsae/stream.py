@@ -3,7 +3,7 @@
 Store mode trains on the train split that extract stored (34.5 KB per token for SmolLM2). Stream
 mode never stores it: the train stage reads the corpus, runs the model, and fills the same kind of
 shuffle buffer from the residuals, so disk use does not grow with `data.train_tokens` and memory
-is bounded by one buffer.
+is bounded by the buffer (see Memory below).
 
 Which contexts. The corpus stream is cut into contexts exactly as in store mode
 (:class:`mlsae.contexts.ContextStream` gives :func:`~mlsae.contexts.build_contexts`'s rows). Its
@@ -30,8 +30,13 @@ minimum over ranks), so they always take the same number of steps.
 
 Resume. ``state()`` is the epoch, the buffer, the corpus position after it and the buffer's
 not-yet-consumed batch rows (in storage dtype, every rank's). The checkpoint carries it, so a
-resumed run continues inside the buffer and then reads the corpus from that position: no token
-it already consumed is read, tokenised or run through the model again.
+resumed run continues inside the buffer and then reads the corpus from that position: no token it
+already consumed is tokenised or run through the model again (the documents before the position
+are read to skip them, which a sequential source such as a streamed hub dataset requires).
+
+Memory: one buffer of residuals in storage dtype (about two while the next one is built; more
+only if b_pre's sample, `train.geometric_median_sample` tokens, spans several buffers), plus every
+rank's remaining rows while a checkpoint is written.
 """
 
 from __future__ import annotations
@@ -85,7 +90,7 @@ class StreamBatches:
                              "torchrun processes (stream mode gives each the same share)")
         self.local_batch = p.train.batch_tokens // world
         self.buffers_per_epoch = -(-self.n_train // self.buffer_contexts)
-        self._memo: _Buffer | None = None
+        self._memo: dict[tuple[int, int], _Buffer] = {}  # buffers b_pre's sample read, kept for the run
         self._current: _Buffer | None = None
         self.model_tokens = 0  # tokens this rank ran through the model (benchmarks, metrics)
 
@@ -104,9 +109,6 @@ class StreamBatches:
 
     def _load(self, epoch: int, b: int, stream: contexts.ContextStream) -> _Buffer:
         """Read buffer `b`'s contexts from `stream` and compute this rank's share of its batches."""
-        if self._memo is not None and (self._memo.epoch, self._memo.index) == (epoch, b):
-            buf, self._memo = self._memo, None
-            return replace(buf, consumed=0)
         lo_t, hi_t = b * self.buffer_contexts, min(self.n_train, (b + 1) * self.buffer_contexts)
         first = stream.position["context"]
         ctx = stream.take(self._global(hi_t - 1) + 1 - first)
@@ -168,19 +170,29 @@ class StreamBatches:
             epoch0, b0, position = resume["epoch"], resume["buffer"] + 1, resume["end"]
             if b0 == self.buffers_per_epoch:
                 epoch0, b0, position = epoch0 + 1, 0, None
-        for epoch in range(epoch0, self.p.train.epochs):
-            stream = self._open(position if epoch == epoch0 else None)
-            for b in range(b0 if epoch == epoch0 else 0, self.buffers_per_epoch):
-                buf = self._load(epoch, b, stream)
-                if stream.position != buf.end:  # came from the memo: continue the corpus after it
-                    stream = self._open(buf.end)
-                yield from self._yield(buf)
+        yield from self._run(epoch0, b0, position, memoize=False)
 
     def first_batches(self) -> Iterator[torch.Tensor]:
-        """The run's first batches (b_pre's sample); the first buffer is kept for `batches`."""
-        stream = self._open(None)
-        self._memo = self._load(0, 0, stream)
-        yield from self._yield(replace(self._memo))
+        """The run's batches from the start, for b_pre's sample: the buffers it reads (usually the
+        first alone) are kept, so that `batches` does not run the model on them again."""
+        yield from self._run(0, 0, None, memoize=True)
+
+    def _run(self, epoch0: int, b0: int, position: dict | None, memoize: bool) -> Iterator[torch.Tensor]:
+        for epoch in range(epoch0, self.p.train.epochs):
+            stream = None
+            for b in range(b0 if epoch == epoch0 else 0, self.buffers_per_epoch):
+                self._current = None  # let the previous buffer go before the next one is built
+                memo = None if memoize else self._memo.pop((epoch, b), None)
+                if memo is not None:  # built for b_pre's sample: continue the corpus after it
+                    buf, stream, position = replace(memo, consumed=0), None, memo.end
+                else:
+                    if stream is None:
+                        stream = self._open(position if epoch == epoch0 else None)
+                    buf = self._load(epoch, b, stream)
+                    if memoize:
+                        self._memo[epoch, b], buf = buf, replace(buf)
+                yield from self._yield(buf)
+                del buf
 
     def state(self) -> dict:
         """What a checkpoint needs to continue exactly here (call between steps; every rank must)."""
@@ -193,12 +205,48 @@ class StreamBatches:
 
     def _gather(self, rows: torch.Tensor) -> torch.Tensor:
         """(world, rows, layers, d_model): every rank's remaining rows (equal counts: the ranks
-        consumed the same number of equal-sized batches of equal-length buffers)."""
+        consumed the same number of equal-sized batches of equal-length buffers). Gloo and NCCL
+        both gather float16, bfloat16 and float32 as they are."""
         if self.world == 1:
             return rows[None].clone()
-        device = self._collective_device()
-        bits = rows.contiguous().view(torch.int16) if rows.element_size() == 2 else rows.contiguous()
-        bits = bits.to(device)
-        out = [torch.empty_like(bits) for _ in range(self.world)]
-        dist.all_gather(out, bits)
-        return torch.stack(out).cpu().view(rows.dtype)
+        local = rows.contiguous().to(self._collective_device())
+        out = [torch.empty_like(local) for _ in range(self.world)]
+        dist.all_gather(out, local)
+        return torch.stack(out).cpu()
+
+    def total_model_tokens(self) -> int:
+        """Tokens all ranks ran through the model (a collective under torchrun: every rank calls it)."""
+        if self.world == 1:
+            return self.model_tokens
+        count = torch.tensor(self.model_tokens, device=self._collective_device())
+        dist.all_reduce(count)
+        return int(count.item())
+
+
+def check_store(p: Params, attrs: dict) -> None:
+    """Refuse a store whose splits are not the ones `train.source` trains on.
+
+    A stream-mode store holds only the sample of the train split, and its eval split comes from the
+    corpus's head; a store-mode store's eval split is drawn from the whole corpus slice, so stream
+    mode could train on its eval contexts, unless the head is that whole slice (`data.sample_tokens
+    >= data.train_tokens`: then both modes split alike). DVC keeps them in step (`train.source` is
+    an extract param); this catches a stage run by hand.
+    """
+    stream_store = attrs.get("train_source") == "stream"
+    if p.train.source == "store" and stream_store:
+        raise MlsaeError("train.source: store, but the activation store was extracted for stream mode (it holds only "
+                         "a sample of the train split); rerun extract, or set train.source: stream")
+    if p.train.source != "stream":
+        return
+    n_train, n_eval = contexts.plan(p.data.train_tokens, p.data.eval_tokens, p.data.context)
+    n_sample = contexts.sample_contexts(n_train, p.data.sample_tokens, p.data.context)
+    if stream_store:
+        same = (attrs.get("sample_tokens") == n_sample * p.data.context and attrs.get("eval_tokens") == p.data.eval_tokens
+                and attrs.get("context") == p.data.context and attrs.get("seed") == p.seed
+                and attrs.get("corpus") == p.data.source)
+    else:
+        same = n_sample == n_train
+    if not same:
+        raise MlsaeError("train.source: stream, but the activation store's eval split is not the one stream mode "
+                         "leaves out of training (it was extracted with other data params or for store mode); "
+                         "rerun extract")

@@ -31,7 +31,7 @@ from mlsae.params import Params
 from mlsae.sae import MLSAE, SAEConfig
 from mlsae.shuffle import BatchPlan, iter_batches
 from mlsae.store import ActivationStore
-from mlsae.stream import StreamBatches
+from mlsae.stream import StreamBatches, check_store
 
 CHECKPOINT_VERSION = 1
 ADAM_EPS = 6.25e-10
@@ -205,6 +205,7 @@ class _StoreBatches:
 def batch_source(p: Params, reader: ActivationStore, layers: list[int], ranks: Dist, device: torch.device,
                  chunk_order: str = "shuffled", progress: bool = False) -> tuple[_StoreBatches | StreamBatches, int]:
     """(this rank's batch source, its step count: exact in store mode, an upper bound in stream mode)."""
+    check_store(p, reader.attrs)
     if p.train.source == "stream":
         model = load_model(p.model, device)
         if (model.n_layers, model.d_model) != (reader.n_layers, reader.d_model):
@@ -315,12 +316,13 @@ def train(p: Params, reader: ActivationStore, lens: Lens, out_dir: Path, checkpo
         ckpt_path.unlink(missing_ok=True)
     if ranks.world > 1:
         dist.barrier()
+    model_tokens = source.total_model_tokens() if stream else None  # a collective under torchrun
     if not ranks.main:  # only rank 0 reports: the stage writes metrics and plots only when given some
         return {}, history
     metrics = _metrics(history, cfg, p.train.batch_tokens, vectors / elapsed if elapsed > 0 and vectors else None)
     metrics["train_source"] = p.train.source
     if stream:
-        metrics["model_tokens"] = source.model_tokens * ranks.world
+        metrics["model_tokens"] = model_tokens
     return metrics, history
 
 
@@ -333,6 +335,9 @@ def _sample(batches: Iterator[Tensor], layers: list[int], lens: Lens, n: int, se
         got += x.shape[0]
         if got >= n:
             break
+    if not rows:
+        raise MlsaeError("train.batch_tokens: no shuffle buffer holds a whole batch of usable tokens (special tokens "
+                         "and position 0 are left out); lower it or raise train.shuffle_buffer_tokens")
     x = torch.cat(rows).to(device)
     vectors = lens(x, layers).reshape(-1, x.shape[-1])
     g = torch.Generator().manual_seed(seed)

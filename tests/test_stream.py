@@ -223,6 +223,35 @@ def test_stream_extract_stores_the_sample_whatever_the_train_budget(store: tuple
     np.testing.assert_array_equal(large.meta("eval", "tokens"), head.tokens[eval_idx].reshape(-1))
 
 
+def test_a_store_of_the_other_mode_is_refused(store: tuple[Path, dict], reader: ActivationStore, tmp_path: Path) -> None:
+    # a store-mode store: its eval split is drawn from the whole corpus slice, so stream mode
+    # would train on eval contexts, unless the head is that whole slice
+    p = parse_params(stream_raw(store, data={"sample_tokens": 256}))
+    with pytest.raises(MlsaeError, match="^train.source: stream, but the activation store's eval split"):
+        train(p, reader, identity(reader), tmp_path / "a", tmp_path / "c", progress=False)
+    # a stream-mode store holds only the sample: store mode refuses to train on it
+    base = merge(store[1], {"train": {"source": "stream"}, "data": {"sample_tokens": 256}})
+    extract(parse_params(base), str(tmp_path / "s.zarr"), progress=False)
+    sample_store = ActivationStore(str(tmp_path / "s.zarr"))
+    p = parse_params(merge(stream_raw(store), {"train": {"source": "store"}}))
+    with pytest.raises(MlsaeError, match="^train.source: store, but the activation store was extracted for stream"):
+        train(p, sample_store, identity(sample_store), tmp_path / "b", tmp_path / "c", progress=False)
+    # ... and stream mode with other data params than the store's
+    p = parse_params(stream_raw(store, data={"sample_tokens": 512}))
+    with pytest.raises(MlsaeError, match="rerun extract"):
+        train(p, sample_store, identity(sample_store), tmp_path / "b", tmp_path / "c", progress=False)
+
+
+def test_stream_sample_reads_past_a_buffer_without_batches(store: tuple[Path, dict], reader: ActivationStore,
+                                                           tmp_path: Path) -> None:
+    """A buffer that is exactly one batch of tokens holds no whole batch of *usable* tokens (the
+    separators are left out): the run has no step at all, and says so in one line."""
+    p = parse_params(stream_raw(store, train={"batch_tokens": 512, "shuffle_buffer_tokens": 512},
+                                sae={"dead_tokens": 128}))
+    with pytest.raises(MlsaeError, match="^train.batch_tokens: no shuffle buffer holds a whole batch"):
+        train(p, reader, identity(reader), tmp_path / "a", tmp_path / "c", progress=False)
+
+
 def test_bad_train_source_is_one_clear_error(store: tuple[Path, dict]) -> None:
     with pytest.raises(MlsaeError, match="^train.source: must be one of store, stream"):
         parse_params(merge(store[1], {"train": {"source": "disk"}}))
@@ -263,7 +292,8 @@ WRAPPER = textwrap.dedent('''
 @pytest.mark.slow  # spawns torchrun
 def test_torchrun_stream_ranks_read_disjoint_slices_and_agree(store: tuple[Path, dict], reader: ActivationStore,
                                                                tmp_path: Path) -> None:
-    raw = stream_raw(store, train={"epochs": 1})
+    # float16 buffers: the checkpoint gathers every rank's remaining rows in that dtype
+    raw = stream_raw(store, train={"epochs": 1}, extract={"dtype": "float16"})
     work = stage_dir(tmp_path / "work", store, raw)
     (work / "wrapper.py").write_text(WRAPPER)
     run = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node=2", "wrapper.py", str(ROOT / "stages" / "train.py")],
