@@ -189,8 +189,8 @@ class StreamBatches:
                     if stream is None:
                         stream = self._open(position if epoch == epoch0 else None)
                     buf = self._load(epoch, b, stream)
-                    if memoize:
-                        self._memo[epoch, b], buf = buf, replace(buf)
+                    if memoize:  # kept as built; `batches` takes it with consumed reset
+                        self._memo[epoch, b] = buf
                 yield from self._yield(buf)
                 del buf
 

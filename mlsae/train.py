@@ -12,8 +12,8 @@ import math
 import os
 import pickle
 import time
-from dataclasses import dataclass
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -304,11 +304,8 @@ def train(p: Params, reader: ActivationStore, lens: Lens, out_dir: Path, checkpo
                                             **({"stream": buffer} if stream else {})})
     bar.close()
     elapsed = time.perf_counter() - t0
-    if stopped or (max_steps is not None and step < n_steps and not stream):
+    if stopped:
         return {}, history
-    if step == 0:
-        raise MlsaeError(f"train.batch_tokens: {p.train.batch_tokens} is more than the usable tokens of every shuffle "
-                         "buffer; lower it or raise train.shuffle_buffer_tokens")
     if ranks.main:
         sae.cpu()
         with atomic_dir(out_dir) as tmp:

@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -28,8 +27,8 @@ from mlsae.params import parse_params
 from mlsae.sae import MLSAE
 from mlsae.store import ActivationStore
 from mlsae.train import train
-from test_train import (TRAIN_RAW, assert_same_weights, identity, merge, read_csv, run_stage_in_process, stage_dir,
-                        stage_env)
+from test_train import (TRAIN_RAW, WRAPPER, assert_same_weights, identity, merge, read_csv, run_stage_in_process,
+                        stage_dir, stage_env)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[1]
@@ -257,36 +256,6 @@ def test_bad_train_source_is_one_clear_error(store: tuple[Path, dict]) -> None:
         parse_params(merge(store[1], {"train": {"source": "disk"}}))
     with pytest.raises(MlsaeError, match="^data.sample_tokens: must be >= 1"):
         parse_params(merge(store[1], {"data": {"sample_tokens": 0}}))
-
-
-WRAPPER = textwrap.dedent('''
-    """Runs stages/train.py as __main__, logging the contexts this rank streamed and its dead counters."""
-    import json, os, runpy, sys
-    import mlsae.stream, mlsae.train
-
-    rank = int(os.environ.get("RANK", "0"))
-    log = {"contexts": [], "dead": [], "batch": []}
-    real_res, real_step = mlsae.stream.StreamBatches._residuals, mlsae.train.train_step
-
-    def residuals(self, tokens):
-        log["contexts"] += [row.tolist() for row in tokens]
-        return real_res(self, tokens)
-
-    def train_step(model, opt, x, grad_clip=0.0):
-        out = real_step(model, opt, x, grad_clip)
-        log["dead"].append(getattr(model, "module", model).tokens_since_fired.tolist())
-        log["batch"].append(x.shape[0])
-        return out
-
-    mlsae.stream.StreamBatches._residuals = residuals
-    mlsae.train.train_step = train_step
-    try:
-        sys.argv = [sys.argv[1]]
-        runpy.run_path(sys.argv[0], run_name="__main__")
-    finally:
-        with open(f"log_rank{rank}.json", "w") as f:
-            json.dump(log, f)
-''')
 
 
 @pytest.mark.slow  # spawns torchrun

@@ -290,14 +290,16 @@ def test_kill_9_mid_run_then_rerun_resumes(store: tuple[Path, dict], reader: Act
 
 
 WRAPPER = textwrap.dedent('''
-    """Runs stages/train.py as __main__, logging this rank's writes and dead-latent counters."""
+    """Runs stages/train.py as __main__, logging this rank's writes, dead-latent counters, batch
+    sizes and (stream mode) the contexts it ran through the model."""
     import json, os, runpy, sys
-    import mlsae.io, mlsae.train
+    import mlsae.io, mlsae.stream, mlsae.train
 
     rank = int(os.environ.get("RANK", "0"))
-    log = {"writes": [], "dead": [], "batch": []}
+    log = {"writes": [], "dead": [], "batch": [], "contexts": []}
     real = {"write_text": mlsae.io.write_text, "save_checkpoint": mlsae.train.save_checkpoint,
-            "atomic_dir": mlsae.train.atomic_dir, "train_step": mlsae.train.train_step}
+            "atomic_dir": mlsae.train.atomic_dir, "train_step": mlsae.train.train_step,
+            "residuals": mlsae.stream.StreamBatches._residuals}
 
     def write_text(path, text):
         log["writes"].append(str(path))
@@ -317,9 +319,14 @@ WRAPPER = textwrap.dedent('''
         log["batch"].append(x.shape[0])
         return out
 
+    def residuals(self, tokens):
+        log["contexts"] += [row.tolist() for row in tokens]
+        return real["residuals"](self, tokens)
+
     mlsae.io.write_text = write_text
     mlsae.train.save_checkpoint, mlsae.train.atomic_dir = save_checkpoint, atomic_dir
     mlsae.train.train_step = train_step
+    mlsae.stream.StreamBatches._residuals = residuals
     try:
         sys.argv = [sys.argv[1]]
         runpy.run_path(sys.argv[0], run_name="__main__")
