@@ -82,6 +82,35 @@ def _reconstruct(sae: MLSAE, lens: Lens, resid: torch.Tensor, block: int) -> tor
     return lens.inverse(recon.unsqueeze(-2), [block]).squeeze(-2)
 
 
+_ROWS = 16
+"""Rows of the vocab-wide arrays that :func:`_ce_kl` takes at a time: their temporaries (a few MB)
+stay in cache, where whole-batch temporaries (hundreds of MB each) are written to and read back
+from memory several times per splice."""
+
+
+def _ce_kl(logits: torch.Tensor, targets: torch.Tensor, clean_logp: torch.Tensor,
+           clean_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row CE and KL(clean ‖ spliced) of float32 `logits` (N, V) with `targets` (N,), against
+    the clean log-probabilities `clean_logp` (N, V) and their exponentials `clean_p`.
+
+    The formulas are the plain ones, ``log q = z − logsumexp(z)``, ``ce = −log q[target]``,
+    ``kl = Σ_v p_v (log p_v − log q_v)`` (the difference taken elementwise, so no large terms
+    cancel), evaluated on blocks of :data:`_ROWS` rows into reused buffers."""
+    n, vocab = logits.shape
+    ce = torch.empty(n, device=logits.device)
+    kl = torch.empty(n, device=logits.device)
+    logq = torch.empty(min(n, _ROWS), vocab, device=logits.device)
+    diff = torch.empty_like(logq)
+    for r0 in range(0, n, _ROWS):
+        r1 = min(n, r0 + _ROWS)
+        z = logits[r0:r1]
+        q = torch.sub(z, torch.logsumexp(z, -1, keepdim=True), out=logq[: r1 - r0])
+        ce[r0:r1] = -q.gather(-1, targets[r0:r1, None]).squeeze(-1)
+        d = torch.sub(clean_logp[r0:r1], q, out=diff[: r1 - r0])
+        kl[r0:r1] = torch.linalg.vecdot(clean_p[r0:r1], d)
+    return ce, kl
+
+
 @torch.inference_mode()
 def splice_sums(sae: MLSAE, lens: Lens, model: LoadedModel, tokens: np.ndarray, special: np.ndarray,
                 layer_means: torch.Tensor, skip_first: bool, batch_size: int,
@@ -101,17 +130,21 @@ def splice_sums(sae: MLSAE, lens: Lens, model: LoadedModel, tokens: np.ndarray, 
                       n_tokens=n_ctx * n_pos)
     bar = tqdm(total=n_ctx * len(layers), desc="evaluate: spliced forwards", unit="ctx·layer",
                disable=not progress)
+    logits_buf: torch.Tensor | None = None
     for start in range(0, n_ctx, batch_size):
         rows = slice(start, min(n_ctx, start + batch_size))
         ids = torch.from_numpy(tokens[rows].astype(np.int64)).to(dev)
         keep = torch.from_numpy(analysed[rows]).to(dev)[..., None]
         mask = torch.from_numpy(loss[rows]).to(dev)
-        targets = ids[:, 1:]
+        targets = ids[:, 1:].reshape(-1)
         run = splicer.clean(ids)
-        clean_logp = F.log_softmax(run.logits[:, :-1], dim=-1)
+        vocab = run.logits.shape[-1]
+        clean_logp = F.log_softmax(run.logits[:, :-1], dim=-1).reshape(-1, vocab)
         clean_p = clean_logp.exp()
-        ce_clean = -clean_logp.gather(-1, targets[..., None]).squeeze(-1)
+        ce_clean = -clean_logp.gather(-1, targets[:, None]).view(mask.shape)
         sums.ce_clean[rows] = (ce_clean * mask).sum(1).double().cpu().numpy()
+        if logits_buf is None or logits_buf.shape[0] != clean_logp.shape[0]:
+            logits_buf = torch.empty(clean_logp.shape, device=dev)
         for j, block in enumerate(layers):
             clean = run.resid[block]
             replacements = {
@@ -121,11 +154,11 @@ def splice_sums(sae: MLSAE, lens: Lens, model: LoadedModel, tokens: np.ndarray, 
             }
             for v, name in enumerate(VARIANTS):
                 resid = torch.where(keep, replacements[name].to(clean.dtype), clean)
-                logp = F.log_softmax(splicer.logits_from(run, block, resid)[:, :-1], dim=-1)
-                ce = -logp.gather(-1, targets[..., None]).squeeze(-1)
-                kl = (clean_p * (clean_logp - logp)).sum(-1)
-                sums.ce[v, rows, j] = (ce * mask).sum(1).double().cpu().numpy()
-                sums.kl[v, rows, j] = (kl * mask).sum(1).double().cpu().numpy()
+                h = splicer.hidden_from(run, block, resid)[:, :-1]
+                logits = splicer.head(h, out=logits_buf.view(*h.shape[:-1], vocab)).reshape(-1, vocab)
+                ce, kl = _ce_kl(logits, targets, clean_logp, clean_p)
+                sums.ce[v, rows, j] = (ce.view(mask.shape) * mask).sum(1).double().cpu().numpy()
+                sums.kl[v, rows, j] = (kl.view(mask.shape) * mask).sum(1).double().cpu().numpy()
             bar.update(rows.stop - rows.start)
     bar.close()
     if sums.count.sum() == 0:

@@ -79,6 +79,11 @@ class Splicer:
     @torch.inference_mode()
     def logits_from(self, run: CleanForward, block: int, resid: Tensor) -> Tensor:
         """Logits (B, T, vocab) float32 when block `block`'s output is replaced by `resid`."""
+        return self.head(self.hidden_from(run, block, resid))
+
+    @torch.inference_mode()
+    def hidden_from(self, run: CleanForward, block: int, resid: Tensor) -> Tensor:
+        """The last block's output (B, T, d) when block `block`'s output is replaced by `resid`."""
         h = resid.to(run.resid[block].dtype)
         for j in range(block + 1, len(self.layers)):
             args, kwargs = run.calls[j]
@@ -87,7 +92,21 @@ class Splicer:
             else:
                 out = self.layers[j](**{**kwargs, "hidden_states": h})
             h = out[0] if isinstance(out, tuple) else out
-        logits = self.model.unembed(self.model.final_norm(h)).float()
+        return h
+
+    @torch.inference_mode()
+    def head(self, h: Tensor, out: Tensor | None = None) -> Tensor:
+        """Float32 logits (..., vocab) of last-block outputs `h` (..., d): final norm, unembedding,
+        soft-capping. `out`, a float32 buffer of the result's shape, is written in place when the
+        unembedding is a bias-free float32 linear map: reusing one buffer spares every splice a fresh
+        vocab-wide allocation (hundreds of MB, page-faulted anew each time)."""
+        h = self.model.final_norm(h)
+        unembed = self.model.unembed
+        plain = isinstance(unembed, nn.Linear) and unembed.bias is None and unembed.weight.dtype == torch.float32
+        if out is not None and plain and h.dtype == torch.float32:
+            logits = torch.matmul(h, unembed.weight.T, out=out)
+        else:
+            logits = unembed(h).float()
         if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
+            logits = logits.div_(self.softcap).tanh_().mul_(self.softcap)
         return logits

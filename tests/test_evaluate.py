@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import yaml
 
 from mlsae import constants as C
-from mlsae.downstream import downstream_metrics, splice_sums
+from mlsae.downstream import _ROWS, _ce_kl, downstream_metrics, splice_sums
 from mlsae.bootstrap import context_counts
 from mlsae.evaluate import downstream_contexts, evaluate, reconstruction_metrics
 from mlsae.lens import Lens
@@ -283,6 +283,23 @@ def test_perfect_reconstruction_costs_nothing(model: LoadedModel, reader: Activa
         monkeypatch.setattr(Lens, "inverse", lambda self, h, blocks=None: h)
         bad = run_downstream(sae, lens, model, reader, n_tokens=96, batch_size=2)
         assert min(bad["kl_by_layer"][:3]) > 1e-2 and bad["kl_by_layer"][3] < 1e-5  # last block: no translator
+
+
+def test_ce_kl_row_blocks_match_float64() -> None:
+    """The blocked CE and KL (two whole row blocks and a partial one) equal the dense float64
+    formulas. The logits sit around +40, where any form that subtracts large sums (Σ p·z against
+    logsumexp) would lose digits in float32."""
+    g = torch.Generator().manual_seed(0)
+    n, vocab = 2 * _ROWS + 5, 3000
+    z = torch.randn(n, vocab, generator=g) * 3 + 40
+    clean = F.log_softmax(torch.randn(n, vocab, generator=g) * 3, -1)
+    targets = torch.randint(0, vocab, (n,), generator=g)
+    ce, kl = _ce_kl(z, targets, clean, clean.exp())
+    logq = F.log_softmax(z.double(), -1)
+    p = clean.double()
+    torch.testing.assert_close(ce.double(), -logq.gather(-1, targets[:, None])[:, 0], rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(kl.double(), (p.exp() * (p - logq)).sum(-1), rtol=1e-6, atol=1e-5)
+    assert float(kl.min()) > 1.0  # far from the trivial zero
 
 
 def test_splice_happens_at_the_right_layer(model: LoadedModel, reader: ActivationStore) -> None:
