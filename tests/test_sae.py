@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from datetime import timedelta
@@ -13,6 +14,7 @@ import torch
 from mlsae.constants import SAE_CONFIG, SAE_WEIGHTS
 from mlsae.errors import MlsaeError
 from mlsae.sae import MLSAE, SAEConfig, geometric_median
+from mlsae.sae_kernels import sparse_outer
 from mlsae.train import make_optimizer, train_step
 
 
@@ -151,6 +153,40 @@ def test_sparse_matches_dense_float32() -> None:
         grads.append([p.grad.clone() for p in sae.parameters()])
     for sparse_grad, dense_grad in zip(*grads):
         torch.testing.assert_close(sparse_grad, dense_grad, rtol=0, atol=1e-5)
+
+
+def test_reused_preactivation_buffer_gives_fresh_results() -> None:
+    """On CPU the encoder writes its pre-activations into one reused buffer (and masks the dead
+    latents in it in place). Batches of changing size, in and out of inference mode, each still
+    equal the dense path, and training through the buffer still backpropagates."""
+    sae = make_sae(auxk=8, dead_tokens=10)
+    with torch.no_grad():
+        sae.tokens_since_fired[::2] = 10
+    for b, inference in ((40, False), (7, False), (40, True), (13, True), (24, False)):
+        x = residuals(b, 3, 16, seed=b)
+        with torch.inference_mode() if inference else contextlib.nullcontext():
+            sparse, dense = sae(x, auxk=True), sae(x, dense=True, auxk=True)
+        assert torch.equal(sparse.indices, dense.indices)
+        torch.testing.assert_close(sparse.values, dense.values, rtol=0, atol=1e-6)
+        torch.testing.assert_close(sparse.aux_recon, dense.aux_recon, rtol=0, atol=1e-5)
+        if not inference:
+            sae.zero_grad()
+            sae.loss(sparse).loss.backward()
+            assert sae.W_enc.grad.abs().max() > 0
+
+
+def test_sparse_outer_matches_dense_product_with_repeats() -> None:
+    """The encoder's weight-gradient kernel equals the dense Gᵀ x, rows with repeated latents
+    included (a latent in both the TopK and the AuxK set of a vector)."""
+    g = torch.Generator().manual_seed(0)
+    indices = torch.randint(0, 11, (9, 5), generator=g)
+    indices[0, :2] = 3  # a repeat within one row
+    coef, x = torch.randn(9, 5, generator=g, dtype=torch.float64), torch.randn(9, 4, generator=g, dtype=torch.float64)
+    dense = torch.zeros(9, 11, dtype=torch.float64)
+    for i in range(9):
+        for j in range(5):
+            dense[i, indices[i, j]] += coef[i, j]
+    torch.testing.assert_close(sparse_outer(indices, coef, x, 11), dense.T @ x, rtol=0, atol=1e-12)
 
 
 def test_decode_matches_explicit_sum() -> None:
