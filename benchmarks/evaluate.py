@@ -14,7 +14,10 @@ Printed: seconds per spliced (token, layer, variant) divided by seconds per clea
 from the median repeat and from the fastest one (the least disturbed on a shared machine). Issue
 target: <= 0.8 (the full-forward path measured 1.6 on the default run).
 
-    .venv/bin/python benchmarks/evaluate.py [--model smollm2-135m] [--contexts 4] [--context 128]
+    .venv/bin/python benchmarks/evaluate.py [--model smollm2-135m] [--contexts 8] [--context 128]
+
+Allocator: the stages' setting (mlsae/allocator.py: large freed blocks are reused, not page-faulted
+in afresh), which speeds up every arm; `MLSAE_MALLOC=default` measures under glibc's defaults.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from mlsae.allocator import keep_large_blocks  # noqa: E402
 from mlsae import contexts, corpus  # noqa: E402
 from mlsae.downstream import VARIANTS, splice_sums  # noqa: E402
 from mlsae.lens import Lens  # noqa: E402
@@ -39,13 +43,15 @@ from mlsae.sae import MLSAE, SAEConfig  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--contexts", type=int, default=4)
+    ap.add_argument("--contexts", type=int, default=8)  # evaluate.batch_size
     ap.add_argument("--context", type=int, default=128)
     ap.add_argument("--expansion", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--with-full", action="store_true")
     args = ap.parse_args()
+    allocator = "the stages' (mlsae/allocator.py)" if keep_large_blocks() else "glibc's defaults"
+    print(f"allocator: {allocator}; MLSAE_MALLOC=default for glibc's")
 
     model = load_model(args.model, args.device)
     ctx = contexts.build_contexts(corpus.iter_documents("embedded:python-docs"), model.tokenizer, args.context,

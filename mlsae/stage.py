@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
+from mlsae.allocator import keep_large_blocks
 from mlsae.errors import MlsaeError
 from mlsae.params import Params, load_params
 
@@ -21,6 +22,7 @@ def stage(name: str) -> Iterator[None]:
     reported with the path, never swallowed; Ctrl-C exits 130 (resumable stages resume).
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    keep_large_blocks()  # large CPU arrays reused, not page-faulted in afresh (mlsae/allocator.py)
     try:
         yield
     except MlsaeError as e:
