@@ -85,7 +85,9 @@ def peak_rss_kib() -> int:
 def run_one(store: Path, out: Path) -> dict:
     """Child process: run `aggregate` once and report time and peak RSS as JSON on stdout."""
     from mlsae.aggregate import aggregate
+    from mlsae.allocator import keep_large_blocks
 
+    keep_large_blocks()  # as the aggregate stage runs (mlsae/stage.py); MLSAE_MALLOC=default: glibc's
     base_kib = peak_rss_kib()
     t0, c0 = time.perf_counter(), time.process_time()
     metrics = aggregate(store, out / "analysis", out / "analysis.json")
