@@ -16,15 +16,17 @@ fetches the next chunk meanwhile, a writer thread appends the previous chunk's r
 
 * the ``(f, l)`` sums (entries, mass) are one ``bincount`` over the integer key ``f * L + l``, added
   to a running ``n_latents x L`` table;
-* the ``(t, f)`` grouping exploits the store's token-major layout: each token's ``L * k`` entries
-  are packed into int64 keys ``latent | activation bits | layer`` and sorted *within the token's
-  row* (small, cache-resident sorts), so each pair's entries form a run, the run's last key holds
-  its peak, and the per-pair sums are ``bincount`` over run numbers. A Polars hash ``group_by`` on
-  ``t * n_latents + f`` with the same aggregations was several times slower on the benchmark store
-  (most pairs hold 1-3 entries, so the hash table is as large as the input);
-* the per-pair rows are folded into per-latent sums and appended to ``token_latent.parquet`` as one
-  row group, then dropped; the running top tokens are a small Polars table merged with the chunk's
-  candidates (those beating the latent's current last entry).
+* the ``(t, f)`` grouping exploits the store's token-major layout: a compiled loop
+  (:func:`mlsae.pair_kernels.group_pairs`) walks each token's ``L * k`` entries in layer order,
+  gives each latent a slot in a small per-token table on its first entry, and sums into the slot
+  (count, mass, ``sum l a``, ``sum l^2 a``, ``sum a ln a``, largest and second-largest
+  activation). Two earlier versions were slower on the benchmark store: a Polars hash
+  ``group_by`` on ``t * n_latents + f`` (most pairs hold 1-3 entries, so the hash table is as large
+  as the input), and numpy sorts of packed per-token keys with one ``bincount`` per sum;
+* the per-pair rows are folded into the decomposition's sums (:class:`mlsae.layer_stats.LayerStats`,
+  also compiled) and into the running per-latent top tokens (:func:`mlsae.pair_kernels.update_top`,
+  an insertion into each latent's short sorted list), and converted and appended to
+  ``token_latent.parquet`` as one row group by the writer thread, then dropped.
 
 Nothing of size ``tokens x layers x latents`` (or ``tokens x latents``) is built and no per-token
 table outlives its chunk, so memory is bounded by the chunk size and ``n_latents x L``.
@@ -58,7 +60,7 @@ from mlsae.aggregate_kernels import (
     _default_chunk_tokens,
     _Grouper,
     _iter_chunks,
-    _Packing,
+    _Pairs,
     _token_latent_table,
 )
 from mlsae.constants import LATENT_LAYER, LATENT_STATS, LAYER_STATS, POSITION, TOKEN_STATS, TOP_TOKENS
@@ -256,8 +258,7 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
 
 def _stream(store: LatentStore, chunk_tokens: int, acc: _Accumulator, out_dir: Path, progress: bool = False) -> _Accumulator:
     """Fold every chunk of ``store`` into ``acc``, writing ``token_latent.parquet`` to ``out_dir``."""
-    value_dtype = np.float16 if store.values.dtype == np.float16 else np.float32
-    grouper = _Grouper(_Packing(store.n_latents, store.n_layers, value_dtype))
+    grouper = _Grouper(store.n_latents)
     writer = pq.ParquetWriter(
         out_dir / TOKEN_STATS.name,
         _TOKEN_LATENT_ARROW,
@@ -265,8 +266,13 @@ def _stream(store: LatentStore, chunk_tokens: int, acc: _Accumulator, out_dir: P
         use_dictionary=["latent", "n_layers"],
         write_statistics=["token", "latent"],
     )
-    # One thread reads (and bins) the next chunk, one writes the previous chunk's rows, while this
-    # one groups the current chunk; numpy, zarr's codecs and parquet mostly release the GIL.
+
+    def write(pairs: _Pairs) -> None:
+        writer.write_table(_token_latent_table(pairs))
+
+    # One thread reads (and bins) the next chunk, one converts and writes the previous chunk's rows,
+    # while this one groups the current chunk; the compiled kernels, numpy, zarr's codecs and
+    # parquet release the GIL.
     with writer, ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writing:
         written: Future[None] | None = None
         bar = tqdm(total=store.n_tokens, desc="aggregate", unit="tok", disable=not progress)
@@ -274,10 +280,9 @@ def _stream(store: LatentStore, chunk_tokens: int, acc: _Accumulator, out_dir: P
             bar.update(chunk.token.size)
             acc.add_cells(chunk)
             pairs = grouper.pairs(chunk)
-            table = _token_latent_table(pairs, chunk.token)
             if written is not None:
                 written.result()
-            written = writing.submit(writer.write_table, table)
+            written = writing.submit(write, pairs)
             acc.add_pairs(pairs, chunk.token)
         if written is not None:
             written.result()

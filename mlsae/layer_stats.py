@@ -51,16 +51,16 @@ sums to the firing rate ``r_f = n_f / T``, not 1, and ``q_f = r_f Q_f``. Its "va
 = r_f total_f + r_f (1 - r_f) mu_f^2`` (``mu_f`` the mean of ``Q_f``) is not a variance: for a
 sparse latent it is dominated by ``r_f mu_f^2``, i.e. by how deep the latent sits.
 
-How it streams, and memory. :meth:`LayerStats.add` takes one chunk's per-pair arrays and reduces
-them to per-``(context, latent)`` sums of ``n, d, d^2, v, m, m d, m d^2, m v`` with
-``d = mu_tf - c_f`` (``c_f`` a per-latent shift fixed the first time ``f`` is seen, so the
-``sum d^2 - (sum d)^2 / n`` variance formula does not cancel catastrophically), in float64. Those
-are folded into the point sums (weight 1) and into the replica sums with the chunk's rows of the
-count matrix (one ``(R x contexts) @ (contexts x 8F)`` product). Nothing grows with tokens: the
-state is ``8 R F + 11 F + C (R + 1)`` float64 numbers (``R`` resamples, ``F`` latents, ``C`` contexts);
-for ``R = 200`` and ``F = 9216`` that is about 118 MB. Temporaries: a chunk's dense per-context
-block holds at most ``2^22`` float64 (32 MB, two copies while folding), and :meth:`finish`
-evaluates 25 replicas at a time (about 20 ``25 x F`` arrays).
+How it streams, and memory. :meth:`LayerStats.add` takes one chunk's per-pair arrays and, in one
+compiled pass (:func:`mlsae.pair_kernels.fold_pairs`), adds per pair the eight stats
+``n, d, d^2, v, m, m d, m d^2, m v`` with ``d = mu_tf - c_f`` (``c_f`` a per-latent shift fixed the
+first time ``f`` is seen, so the ``sum d^2 - (sum d)^2 / n`` variance formula does not cancel
+catastrophically), in float64, to the point sums (weight 1) and to per-``(context, latent)`` sums
+buffered for up to 64 contexts. A full buffer is folded into the replica sums with those contexts'
+rows of the count matrix (one ``(R x contexts) @ (contexts x 8F)`` product, in column blocks).
+Nothing grows with tokens: the state is the replica sums, ``8 R F`` float64 (118 MB for ``R = 200``
+and ``F = 9216``), the buffer, at most ``64 x 8F`` float64 (37 MB), and ``O(F + C R)`` more
+(``C`` contexts). :meth:`finish` evaluates 25 replicas at a time (about 20 ``25 x F`` arrays).
 """
 
 from __future__ import annotations
@@ -73,12 +73,13 @@ import polars as pl
 
 from mlsae.bootstrap import context_counts, interval_json, percentile_interval
 from mlsae.errors import MlsaeError
+from mlsae.pair_kernels import N_STATS, check_pairs, fold_pairs
 
 __all__ = ["LATENT_COLUMNS", "HEADLINE_KEYS", "LayerStats", "pair_entropy"]
 
 # Per-(context, latent) sums, in this order along the stats axis.
 _N, _D, _D2, _V, _M, _MD, _MD2, _MV = range(8)
-_N_STATS = 8
+_N_STATS = N_STATS
 # Per-context pooled-pair sums: active pairs, sum exp(H), multi-layer pairs.
 _PAIRS, _EFF, _MULTI = range(3)
 # Contexts whose dense (8, F) sums wait in a buffer before one matrix product folds them into the
@@ -86,6 +87,8 @@ _PAIRS, _EFF, _MULTI = range(3)
 # chunk (each product rewrites the whole R x 8F replica array, so fewer is faster; memory stays
 # bounded: B x 8F doubles).
 _PENDING_CONTEXTS = 64
+# Columns of the replica array updated per product in _flush (R x 4096 doubles: 6.4 MB at R = 200).
+_FLUSH_COLUMNS = 4096
 # Replicas evaluated at once in finish (bounds its (replicas x F) temporaries).
 _REPLICA_BLOCK = 25
 
@@ -229,12 +232,15 @@ class LayerStats:
         self.counts_f64 = self.counts.astype(np.float64)
         f, r = self.n_latents, int(n_resamples)
         self.shift = np.full(f, np.nan)  # c_f, fixed when f is first seen
-        self.sums = np.zeros((_N_STATS, f))  # point estimate: every context once
+        # Stored latent-major, (F, 8), so that one pair's eight stats share a cache line in
+        # fold_pairs; `sums` (8, F) and `replicas` (R, 8, F) are transposed views.
+        self._sums = np.zeros((f, _N_STATS))  # point estimate: every context once
+        self.sums = self._sums.T
         self.pair_sums = np.zeros(3)
         self.eff = np.zeros(f)  # per latent sum exp(H)
         self.multi = np.zeros(f)  # per latent multi-layer pairs
-        self._replicas = np.zeros((r, _N_STATS, f))
-        self._pending = np.zeros((min(_PENDING_CONTEXTS, self.n_contexts), _N_STATS, f))
+        self._replicas = np.zeros((r, f, _N_STATS))
+        self._pending = np.zeros((min(_PENDING_CONTEXTS, self.n_contexts), f, _N_STATS))
         self._pending_row = np.full(self.n_contexts, -1, dtype=np.int64)  # row of a context in _pending
         self._pending_contexts: list[int] = []  # the context of each used row
         self.pair_replicas = np.zeros((r, 3))
@@ -257,44 +263,27 @@ class LayerStats:
             mean: ``mu_tf``; second: ``sum_l l^2 p_tf(l)``; entropy: ``H_tf`` (nats, see
             :func:`pair_entropy`); share2: ``s2_tf`` (second-largest activation / ``m_tf``).
         """
-        latent = np.asarray(latent).astype(np.int64, copy=False)
-        context = np.asarray(context).astype(np.int64, copy=False)
-        floats = [np.asarray(x, dtype=np.float64) for x in (mass, mean, second, entropy, share2)]
+        latent = np.ascontiguousarray(latent, dtype=np.int64)
+        context = np.ascontiguousarray(context, dtype=np.int64)
+        floats = [np.ascontiguousarray(x, dtype=np.float64) for x in (mass, mean, second, entropy, share2)]
         if latent.ndim != 1 or any(x.shape != latent.shape for x in (context, *floats)):
             raise MlsaeError("layer_stats: per-pair arrays must be 1-D and of one length")
         if latent.size == 0:
             return
-        mass, mean, second, entropy, share2 = floats
-        if latent.min() < 0 or latent.max() >= self.n_latents:
+        bad = check_pairs(latent, context, *floats, self.n_latents, self.n_contexts)
+        if bad == 1:
             raise MlsaeError(f"layer_stats: latent ids must be in 0..{self.n_latents - 1}")
-        if context.min() < 0 or context.max() >= self.n_contexts:
+        if bad == 2:
             raise MlsaeError(f"layer_stats: context ids must be in 0..{self.n_contexts - 1}")
-        if not (np.isfinite(floats).all() and (mass > 0).all()):
+        if bad == 3:
             raise MlsaeError("layer_stats: per-pair values must be finite, with mass > 0")
 
-        f = self.n_latents
-        new = np.isnan(self.shift) & (np.bincount(latent, minlength=f) > 0)
-        if new.any():
-            first = np.bincount(latent, weights=mean, minlength=f) / np.maximum(np.bincount(latent, minlength=f), 1)
-            self.shift[new] = first[new]
-        d = mean - self.shift[latent]
-        v = np.maximum(second - mean * mean, 0.0)
-        md = mass * d
-        columns = (np.ones_like(mass), d, d * d, v, mass, md, md * d, mass * v)
-        for i, column in enumerate(columns):
-            self.sums[i] += np.bincount(latent, weights=column, minlength=f)
-        eff = np.exp(entropy)
-        multi = (share2 >= self.threshold).astype(np.float64)
-        self.eff += np.bincount(latent, weights=eff, minlength=f)
-        self.multi += np.bincount(latent, weights=multi, minlength=f)
-
-        present = np.bincount(context, minlength=self.n_contexts) > 0  # np.unique without its sort
-        used = np.flatnonzero(present)
-        local = (np.cumsum(present) - 1)[context]
-        per_pair = (np.ones_like(eff), eff, multi)
-        pairs = np.stack([np.bincount(local, weights=w, minlength=used.size) for w in per_pair], axis=1)
-        self.pair_sums += pairs.sum(axis=0)
-        self.pair_replicas += self.counts_f64[used].T @ pairs
+        mass, mean, second, entropy, share2 = floats
+        exp_entropy = np.exp(entropy)
+        # Assign the chunk's contexts rows of the pending buffer, a block of at most `cap` contexts
+        # at a time (usually one block); the first fold also adds the point sums.
+        used = np.flatnonzero(np.bincount(context, minlength=self.n_contexts))
+        context_pairs = np.zeros((self.n_contexts, 3))
         cap = self._pending.shape[0]
         for start in range(0, used.size, cap):
             block = used[start : start + cap]
@@ -305,13 +294,13 @@ class LayerStats:
             self._pending_row[new_contexts] = np.arange(len(self._pending_contexts),
                                                         len(self._pending_contexts) + new_contexts.size)
             self._pending_contexts += new_contexts.tolist()
-            one_block = used.size <= cap  # the usual case: no masking copies
-            sel = slice(None) if one_block else (local >= start) & (local < start + block.size)
-            rows = self._pending_row[block][local[sel] - start]
-            lo, hi = int(rows.min()), len(self._pending_contexts)  # the rows this block touches
-            key = (rows - lo) * f + latent[sel]
-            for i, column in enumerate(columns):
-                self._pending[lo:hi, i] += np.bincount(key, weights=column[sel], minlength=(hi - lo) * f).reshape(hi - lo, f)
+            rows = np.full(self.n_contexts, -1, dtype=np.int64)  # only this block's contexts
+            rows[block] = self._pending_row[block]
+            fold_pairs(latent, context, mass, mean, second, exp_entropy, share2, self.threshold, self.shift,
+                       start == 0, self._sums, self.eff, self.multi, context_pairs, self._pending, rows)
+        pairs = context_pairs[used]
+        self.pair_sums += pairs.sum(axis=0)
+        self.pair_replicas += self.counts_f64[used].T @ pairs
 
     def _flush(self) -> None:
         """Fold the buffered per-context sums into the replicas: replicas[r] += sum_c counts[c, r] S_c."""
@@ -319,8 +308,14 @@ class LayerStats:
         if n == 0:
             return
         contexts = np.asarray(self._pending_contexts)
+        weights = np.ascontiguousarray(self.counts_f64[contexts].T)  # (R, n)
         dense = self._pending[:n].reshape(n, -1)
-        self._replicas += (self.counts_f64[contexts].T @ dense).reshape(self._replicas.shape)
+        replicas = self._replicas.reshape(weights.shape[0], -1)
+        # In column blocks, so the product's temporary stays in cache and the replica array is
+        # read and written once.
+        for start in range(0, dense.shape[1], _FLUSH_COLUMNS):
+            block = slice(start, start + _FLUSH_COLUMNS)
+            replicas[:, block] += weights @ dense[:, block]
         self._pending[:n] = 0.0
         self._pending_row[contexts] = -1
         self._pending_contexts = []
@@ -330,7 +325,7 @@ class LayerStats:
         """``(R, 8, F)``: the sums of every bootstrap replica (each context counted as often as the
         replica drew it)."""
         self._flush()
-        return self._replicas
+        return self._replicas.transpose(0, 2, 1)
 
     def add_tokens(self, context: np.ndarray) -> None:
         """Count tokens for :meth:`paper_metrics`: the context id of every analysed (non-special)

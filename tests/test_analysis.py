@@ -512,3 +512,46 @@ def test_rerun_replaces_previous_outputs(hand_store: Path, tmp_path: Path) -> No
     )
     assert sorted(p.name for p in out.parent.iterdir()) == ["analysis", "analysis.json"]
     assert json.loads((out.parent / "analysis.json").read_text()) == metrics
+
+
+def test_group_pairs_matches_dense_per_pair_sums() -> None:
+    """The compiled grouping against plain numpy on the dense (token, layer, latent) array: every
+    per-pair column, the row order (by token, then first appearance) and the tie rules."""
+    from mlsae.aggregate_kernels import _Pairs
+    from mlsae.pair_kernels import group_pairs
+
+    rng = np.random.default_rng(11)
+    n_tokens, n_layers, k, n_latents = 40, 6, 4, 9
+    indices = np.stack([[rng.choice(n_latents, k, replace=False) for _ in range(n_layers)] for _ in range(n_tokens)])
+    values = rng.choice(np.array([0.0, 0.5, 1.0, 2.0, 3.5], np.float32), size=indices.shape)  # ties and zeros
+    token = np.arange(n_tokens, dtype=np.int64) * 3 + 7
+    seen, slot = np.zeros(n_latents, np.bool_), np.empty(n_latents, np.int64)
+    out = _Pairs.empty(int((values > 0).sum()))
+    n = group_pairs(indices.astype(np.int32), values, token, seen, slot, *vars(out).values())
+    assert not seen.any()  # the scratch is left clean for the next chunk
+
+    dense = np.zeros((n_tokens, n_layers, n_latents))
+    for t, l, j in np.ndindex(indices.shape):
+        dense[t, l, indices[t, l, j]] += values[t, l, j]
+    ell = np.arange(n_layers, dtype=np.float64)
+    expected = []
+    for t in range(n_tokens):
+        firsts = [indices[t, l, j] for l in range(n_layers) for j in range(k) if values[t, l, j] > 0]
+        for f in dict.fromkeys(firsts):  # first appearance order
+            a = dense[t, :, f]
+            m = a.sum()
+            p = a / m
+            mu = (ell * p).sum()
+            second = (ell**2 * p).sum()
+            active = a > 0
+            nz = p[active]
+            ordered = np.sort(a[active])
+            expected.append((token[t], f, active.sum(), m, mu, second,
+                             0.0 if active.sum() == 1 else second - mu**2, a.max(), int(np.argmax(a)),
+                             -(nz * np.log(nz)).sum(), 0.0 if active.sum() == 1 else ordered[-2] / m))
+    assert n == len(expected)
+    got = out.slice(0, n)
+    columns = list(zip(*expected))
+    for name, want in zip(vars(got), columns):
+        np.testing.assert_allclose(getattr(got, name), np.asarray(want, dtype=np.float64), rtol=1e-12, atol=1e-12,
+                                   err_msg=name)
