@@ -53,9 +53,10 @@ def group_pairs(indices, values, token, seen, slot, out_token, out_latent, out_n
     a_log_a = np.empty(width)
     pos = 0
     for t in range(n_tokens):
-        for e in range(width):  # a tight loop, so the logs pipeline
-            a = np.float64(values[t, e // k, e % k])
-            a_log_a[e] = a * np.log(a) if a > 0 else 0.0
+        for layer in range(n_layers):  # a tight loop, so the logs pipeline
+            for j in range(k):
+                a = np.float64(values[t, layer, j])
+                a_log_a[layer * k + j] = a * np.log(a) if a > 0 else 0.0
         n_pairs = 0
         for layer in range(n_layers):
             for j in range(k):
