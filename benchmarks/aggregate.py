@@ -4,7 +4,9 @@ Builds two random latent stores of realistic shape (L=30 layers, k=32, 9216 late
 4N eval tokens, then runs `aggregate` on each in a fresh subprocess so that each peak RSS is its
 own. Prints rows/s (rows = tokens x layers x k sparse entries), peak RSS and the RSS ratio.
 
-Targets: >= 10M rows/s on 2 cores; peak RSS of the 4N run within 1.5x of the N run.
+Targets (issue #11): >= 10M rows/s at 4N tokens on 2 cores; peak RSS of the 4N run within 1.5x of
+the N run. The N run is printed too; its rate is lower, since fixed costs (the first touch of the
+bootstrap replicas' 118 MB, loading the compiled kernels, the final tables) weigh more there.
 
     .venv/bin/python benchmarks/aggregate.py [--tokens 8192] [--keep DIR]
 """
@@ -144,9 +146,9 @@ def main() -> None:
                 flush=True,
             )
         ratio = results[4]["peak_mib"] / results[1]["peak_mib"]
-        speed = min(r["rows"] / r["seconds"] for r in results.values()) / 1e6
+        speed = results[4]["rows"] / results[4]["seconds"] / 1e6
         print(f"peak RSS ratio 4x/1x = {ratio:.2f} (target <= 1.5): {'OK' if ratio <= 1.5 else 'MISSED'}")
-        print(f"slowest rows/s = {speed:.1f}M (target >= 10M): {'OK' if speed >= 10 else 'MISSED'}")
+        print(f"rows/s at 4x = {speed:.1f}M (target >= 10M at 4x tokens): {'OK' if speed >= 10 else 'MISSED'}")
 
 
 if __name__ == "__main__":
