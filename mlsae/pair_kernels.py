@@ -5,12 +5,13 @@ latent's top tokens.
 Why compiled. Each job is a scatter over a small table per element (a token's pair slots; a
 latent's sums; a latent's short top list). In numpy each became a dozen whole-array passes (a sort
 of packed keys per token, one ``bincount`` per sum, a Polars sort per chunk for the top lists):
-3.6M entries/s on the 2-core benchmark (``benchmarks/aggregate.py``, 4x store), against 6.3-7.4M
-with these loops, where each element is read once and every sum it feeds is updated while it is
-in registers. The loops release the GIL, so the stage's reader and writer threads run alongside.
+3.6-4.6M entries/s on the 2-core benchmark (``benchmarks/aggregate.py``, 4x store), against
+6.2-7.4M with these loops, where each element is read once and every sum it feeds is updated
+while it is in registers. The loops release the GIL, so the stage's reader and writer threads run
+alongside.
 
 Definitions are those of :mod:`mlsae.aggregate` and :mod:`mlsae.layer_stats`; the tests compare
-both kernels with dense numpy computations. Compiled code is cached next to this file
+the loops' results with dense numpy computations. Compiled code is cached next to this file
 (``__pycache__``), so only the first run on a machine pays the compile (a few seconds).
 """
 
