@@ -552,6 +552,7 @@ def test_group_pairs_matches_dense_per_pair_sums() -> None:
     assert n == len(expected)
     got = out.slice(0, n)
     columns = list(zip(*expected))
+    assert len(columns) == len(vars(got))  # every column is compared
     for name, want in zip(vars(got), columns):
         np.testing.assert_allclose(getattr(got, name), np.asarray(want, dtype=np.float64), rtol=1e-12, atol=1e-12,
                                    err_msg=name)
