@@ -1,4 +1,4 @@
-"""Throughput and memory of the streaming analysis (`mlsae.aggregate.aggregate`).
+"""Throughput and memory of the streaming analysis (`mlsae.analysis.aggregate.aggregate`).
 
 Builds two random latent stores of realistic shape (L=30 layers, k=32, 9216 latents) with N and
 4N eval tokens, then runs `aggregate` on each in a fresh subprocess so that each peak RSS is its
@@ -29,7 +29,7 @@ N_LAYERS = 30
 K = 32
 N_LATENTS = 9216
 CONTEXT = 128  # a special (BOS) token opens every context
-SHARD_TOKENS = 8192  # the dump stage's layout (mlsae/dump.py)
+SHARD_TOKENS = 8192  # the dump stage's layout (mlsae/sae/dump.py)
 CHUNK_TOKENS = 1024
 
 
@@ -86,10 +86,10 @@ def peak_rss_kib() -> int:
 
 def run_one(store: Path, out: Path) -> dict:
     """Child process: run `aggregate` once and report time and peak RSS as JSON on stdout."""
-    from mlsae.aggregate import aggregate
-    from mlsae.allocator import keep_large_blocks
+    from mlsae.analysis.aggregate import aggregate
+    from mlsae.core.allocator import keep_large_blocks
 
-    keep_large_blocks()  # as the aggregate stage runs (mlsae/stage.py); MLSAE_MALLOC=default: glibc's
+    keep_large_blocks()  # as the aggregate stage runs (mlsae/core/stage.py); MLSAE_MALLOC=default: glibc's
     base_kib = peak_rss_kib()
     t0, c0 = time.perf_counter(), time.process_time()
     metrics = aggregate(store, out / "analysis", out / "analysis.json")

@@ -4,7 +4,7 @@ Arms, interleaved in every repeat (so that load from other processes hits all of
 
   clean       one clean forward per batch (LoadedModel.residuals: the blocks only, as extract runs
               them) -> seconds per token: the unit of the ratio.
-  from-block  mlsae.downstream.splice_sums on the same batch: one clean forward that records every
+  from-block  mlsae.evaluation.downstream.splice_sums on the same batch: one clean forward that records every
               block's call, then for each SAE layer and each variant (recon, zero, mean) a rerun of
               the blocks after the spliced one, the final norm, the unembedding, CE and KL.
   full        (--with-full) the previous path: a whole forward through the transformer-lens bridge
@@ -16,7 +16,7 @@ target: <= 0.8 (the full-forward path measured 1.6 on the default run).
 
     .venv/bin/python benchmarks/evaluate.py [--model smollm2-135m] [--contexts 8] [--context 128]
 
-Allocator: the stages' setting (mlsae/allocator.py: large freed blocks are reused, not page-faulted
+Allocator: the stages' setting (mlsae/core/allocator.py: large freed blocks are reused, not page-faulted
 in afresh), which speeds up every arm; `MLSAE_MALLOC=default` measures under glibc's defaults.
 """
 
@@ -32,12 +32,13 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mlsae.allocator import keep_large_blocks  # noqa: E402
-from mlsae import contexts, corpus  # noqa: E402
-from mlsae.downstream import VARIANTS, splice_sums  # noqa: E402
-from mlsae.lens import Lens  # noqa: E402
-from mlsae.models import load_model  # noqa: E402
-from mlsae.sae import MLSAE, SAEConfig  # noqa: E402
+from mlsae.core.allocator import keep_large_blocks  # noqa: E402
+from mlsae.data import contexts
+from mlsae.data import corpus  # noqa: E402
+from mlsae.evaluation.downstream import VARIANTS, splice_sums  # noqa: E402
+from mlsae.lens.tuned import Lens  # noqa: E402
+from mlsae.models.registry import load_model  # noqa: E402
+from mlsae.sae.model import MLSAE, SAEConfig  # noqa: E402
 
 
 def main() -> None:
@@ -50,7 +51,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--with-full", action="store_true")
     args = ap.parse_args()
-    allocator = "the stages' (mlsae/allocator.py)" if keep_large_blocks() else "glibc's defaults"
+    allocator = "the stages' (mlsae/core/allocator.py)" if keep_large_blocks() else "glibc's defaults"
     print(f"allocator: {allocator}; MLSAE_MALLOC=default for glibc's")
 
     model = load_model(args.model, args.device)

@@ -2,7 +2,7 @@
 
 Arms, interleaved in every repeat (so that load from other processes hits all of them alike):
 
-  extract()   mlsae.extract.extract on a fresh store in a temporary directory: tokenisation,
+  extract()   mlsae.data.extract.extract on a fresh store in a temporary directory: tokenisation,
               the forward passes, float16 conversion, the sharded Zarr writes and the
               adjacent-cosine metric; the model is loaded once beforehand and not timed.
   residuals   LoadedModel.residuals + conversion to the storage dtype, batch by batch (the
@@ -36,11 +36,11 @@ from unittest import mock
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mlsae import extract as extract_mod  # noqa: E402
-from mlsae import store  # noqa: E402
-from mlsae.constants import TOKENS  # noqa: E402
-from mlsae.models import LoadedModel, _load_gguf, _load_hf, classify, embedded_gguf, load_model  # noqa: E402
-from mlsae.params import parse_params  # noqa: E402
+from mlsae.data import extract as extract_mod  # noqa: E402
+from mlsae.stores import activations as store  # noqa: E402
+from mlsae.core.paths import TOKENS  # noqa: E402
+from mlsae.models.registry import LoadedModel, _load_gguf, _load_hf, classify, embedded_gguf, load_model  # noqa: E402
+from mlsae.core.params import parse_params  # noqa: E402
 
 
 def plain_copy(name: str) -> torch.nn.Module:
@@ -51,7 +51,7 @@ def plain_copy(name: str) -> torch.nn.Module:
     elif kind == "gguf":
         model = _load_gguf(Path(target))[0]
     elif kind == "tiny":
-        from mlsae.tiny import build_tiny
+        from mlsae.models.tiny import build_tiny
 
         model = build_tiny(target)[0]
     else:

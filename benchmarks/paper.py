@@ -29,10 +29,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mlsae.allocator import keep_large_blocks  # noqa: E402
-from mlsae.models import LoadedModel  # noqa: E402
-from mlsae.sae import MLSAE, SAEConfig  # noqa: E402
-from mlsae.train import make_optimizer, train_step  # noqa: E402
+from mlsae.core.allocator import keep_large_blocks  # noqa: E402
+from mlsae.models.registry import LoadedModel  # noqa: E402
+from mlsae.sae.model import MLSAE, SAEConfig  # noqa: E402
+from mlsae.sae.trainer import make_optimizer, train_step  # noqa: E402
 
 TOKENS = 1_000_000_000
 CONTEXT = 2048
@@ -72,7 +72,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--ranks", type=int, default=8, help="data-parallel ranks for the last line")
     args = ap.parse_args()
-    keep_large_blocks()  # as the stages run (mlsae/stage.py); MLSAE_MALLOC=default: glibc's
+    keep_large_blocks()  # as the stages run (mlsae/core/stage.py); MLSAE_MALLOC=default: glibc's
     device = torch.device(args.device)
 
     model = pythia_70m_shape(device)

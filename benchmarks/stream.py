@@ -48,11 +48,11 @@ def raw_params(arm: str, tokens: int, device: str) -> dict:
 
 def child(stage: str, arm: str, tokens: int, device: str, work: Path) -> None:
     """One stage of one arm in this process (a pipeline runs each stage in its own); prints one JSON line."""
-    from mlsae.extract import extract
-    from mlsae.lens import Lens
-    from mlsae.params import parse_params
-    from mlsae.store import ActivationStore
-    from mlsae.train import train
+    from mlsae.data.extract import extract
+    from mlsae.lens.tuned import Lens
+    from mlsae.core.params import parse_params
+    from mlsae.stores.activations import ActivationStore
+    from mlsae.sae.trainer import train
 
     p = parse_params(raw_params(arm, tokens, device))
     t0 = time.perf_counter()

@@ -3,7 +3,7 @@
 Both arms start from the same weights, see the same batches and use the same Adam, decoder
 constraints and per-vector normalisation; they differ only in how the step is computed:
 
-  sparse  mlsae.train.train_step: dense encoder matmul, then gathers / index_add over the k active
+  sparse  mlsae.sae.trainer.train_step: dense encoder matmul, then gathers / index_add over the k active
           latents for the decoder and for every gradient.
   dense   full matmul encoder, TopK mask into a dense (N, n_latents) code, dense matmul decoder,
           plain autograd backward.
@@ -20,7 +20,7 @@ away), so the AuxK term is zero in both arms.
 
     .venv/bin/python benchmarks/train.py [--steps 20] [--tokens 512] [--layers 4] [--device cuda]
 
-Allocator: the stages' setting (mlsae/allocator.py: large freed blocks are reused, not page-faulted
+Allocator: the stages' setting (mlsae/core/allocator.py: large freed blocks are reused, not page-faulted
 in afresh), which speeds up every arm; `MLSAE_MALLOC=default` measures under glibc's defaults.
 """
 
@@ -40,9 +40,9 @@ import torch
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mlsae.allocator import keep_large_blocks  # noqa: E402
-from mlsae.sae import MLSAE, SAEConfig  # noqa: E402
-from mlsae.train import make_optimizer, train_step  # noqa: E402
+from mlsae.core.allocator import keep_large_blocks  # noqa: E402
+from mlsae.sae.model import MLSAE, SAEConfig  # noqa: E402
+from mlsae.sae.trainer import make_optimizer, train_step  # noqa: E402
 
 
 class DenseTopKSAE(nn.Module):
@@ -138,7 +138,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu, or cuda (bf16 autocast)")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: leave the default)")
     args = ap.parse_args()
-    allocator = "the stages' (mlsae/allocator.py)" if keep_large_blocks() else "glibc's defaults"
+    allocator = "the stages' (mlsae/core/allocator.py)" if keep_large_blocks() else "glibc's defaults"
     print(f"allocator: {allocator}; MLSAE_MALLOC=default for glibc's")
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,7 +1,7 @@
 """Peak RSS of the real train loop at 1x and 4x the train tokens (target: flat).
 
 Builds two synthetic activation stores (random residuals, d_model 576, 4 layers) with N and 4N
-train tokens, runs `mlsae.train.train` over the whole of each in a fresh subprocess, and prints
+train tokens, runs `mlsae.sae.trainer.train` over the whole of each in a fresh subprocess, and prints
 each run's peak RSS (VmHWM) and the ratio. Memory is bounded by `train.shuffle_buffer_tokens`, not
 by the store.
 
@@ -26,7 +26,7 @@ LAYERS, D_MODEL, CONTEXT = 4, 576, 128
 
 
 def build_store(path: Path, n_tokens: int) -> None:
-    from mlsae import store
+    from mlsae.stores import activations as store
 
     rng = np.random.default_rng(0)
     n_ctx = n_tokens // CONTEXT
@@ -48,10 +48,10 @@ def build_store(path: Path, n_tokens: int) -> None:
 
 def run_child(path: str) -> None:
     """Train over the whole store; print JSON with steps, seconds and peak RSS."""
-    from mlsae.lens import Lens
-    from mlsae.params import parse_params
-    from mlsae.store import ActivationStore
-    from mlsae.train import train
+    from mlsae.lens.tuned import Lens
+    from mlsae.core.params import parse_params
+    from mlsae.stores.activations import ActivationStore
+    from mlsae.sae.trainer import train
 
     reader = ActivationStore(path)
     p = parse_params({"model": "synthetic", "sae": {"expansion": 16, "k": 32},

@@ -2,7 +2,7 @@
 
 `check(params_path, manifest_path)` does these things, in this order:
 
-1. Parses and validates params.yaml (`mlsae.params`), then runs every function of `CHECKS`
+1. Parses and validates params.yaml (`mlsae.core.params`), then runs every function of `CHECKS`
    on the typed params. Each is `fn(p: Params) -> None` and raises `MlsaeError` naming the keys
    at fault; add a cross-param rule by appending a small function to `CHECKS`. The model's
    dimensions (`model_dims`) are read only where that is cheap and offline: the tiny registry
@@ -37,10 +37,10 @@ from typing import Any, Callable
 
 import yaml
 
-from mlsae import corpus
-from mlsae.errors import MlsaeError
-from mlsae.io import file_sha256, write_text
-from mlsae.params import Params, load_params
+from mlsae.data import corpus
+from mlsae.core.errors import MlsaeError
+from mlsae.core.io import file_sha256, write_text
+from mlsae.core.params import Params, load_params
 
 RESTORE_PARAMS = "git show HEAD:params.yaml > params.yaml"
 """The one-line fix for a params.yaml left over from a failed `dvc exp run -S` (the file looks
@@ -125,12 +125,12 @@ def config_dims(path: str | Path) -> ModelDims | None:
 def model_dims(name: str) -> ModelDims | None:
     """The model's dimensions if they can be read offline without loading weights, else None.
     An unknown model name or a missing file raises MlsaeError (as `models.classify` does)."""
-    from mlsae import hub
-    from mlsae.models import EMBEDDED, TINY, classify, embedded_gguf
+    from mlsae.models import hub
+    from mlsae.models.registry import EMBEDDED, TINY, classify, embedded_gguf
 
     kind, target = classify(name)
     if kind == TINY:
-        from mlsae.tiny import SIZES
+        from mlsae.models.tiny import SIZES
 
         return ModelDims(SIZES["layers"], SIZES["hidden"], SIZES["context"])
     if kind in (EMBEDDED, "gguf"):

@@ -2,7 +2,7 @@
 
 import typer
 
-from mlsae import compare as _compare
+from mlsae.compare import experiments as _compare
 
 app = typer.Typer(help="mlsae: multi-layer SAEs over a language model's residual stream.", no_args_is_help=True)
 app.command("compare", help="Stack the summary rows of every DVC experiment into reports/tables/experiments.md.")(
@@ -13,7 +13,7 @@ app.command("compare", help="Stack the summary rows of every DVC experiment into
 @app.command("models")
 def models() -> None:
     """List the registry's model names (any hub id, local HF dir or .gguf path works too)."""
-    from mlsae.models import REGISTRY
+    from mlsae.models.registry import REGISTRY
 
     for name, target in sorted(REGISTRY.items()):
         print(f"{name:24} {target}")
@@ -28,12 +28,12 @@ def export(
     force: bool = typer.Option(False, "--force", help="Replace a non-empty OUT."),
 ) -> None:
     """Export the SAE to SAELens: one folder per layer hook blocks.{i}.hook_resid_post."""
-    from mlsae.saelens import export_note, export_saelens
-    from mlsae.stage import stage
+    from mlsae.sae.saelens import export_note, export_saelens
+    from mlsae.core.stage import stage
 
     with stage("export"):
         if format != "saelens":
-            from mlsae.errors import MlsaeError
+            from mlsae.core.errors import MlsaeError
 
             raise MlsaeError(f"--format: unknown format {format!r}; use saelens")
         folders = export_saelens(sae, out, model_name=model_name, force=force)

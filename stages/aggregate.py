@@ -2,10 +2,10 @@
 
 import typer
 
-from mlsae import constants as C
-from mlsae.aggregate import aggregate
-from mlsae.stage import params, stage
-from mlsae.store import guard
+from mlsae.core import paths as C
+from mlsae.analysis.aggregate import aggregate
+from mlsae.core.stage import params, stage
+from mlsae.stores.activations import guard
 
 
 def main(params_file: str = "params.yaml") -> None:

@@ -2,9 +2,9 @@
 
 import typer
 
-from mlsae import constants as C
+from mlsae.core import paths as C
 from mlsae.browse import build_browser
-from mlsae.stage import params, stage
+from mlsae.core.stage import params, stage
 
 
 def main(params_file: str = "params.yaml") -> None:

@@ -2,9 +2,9 @@
 
 import typer
 
-from mlsae import constants as C
+from mlsae.core import paths as C
 from mlsae.check import check
-from mlsae.stage import stage
+from mlsae.core.stage import stage
 
 
 def main(params_file: str = "params.yaml") -> None:

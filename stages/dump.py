@@ -2,13 +2,13 @@
 
 import typer
 
-from mlsae import constants as C
-from mlsae.dump import dump
-from mlsae.lens_stage import load_stage_lens
-from mlsae.models import resolve_device
-from mlsae.sae import MLSAE
-from mlsae.stage import params, stage
-from mlsae.store import ActivationStore, guard
+from mlsae.core import paths as C
+from mlsae.sae.dump import dump
+from mlsae.lens.loading import load_stage_lens
+from mlsae.models.registry import resolve_device
+from mlsae.sae.model import MLSAE
+from mlsae.core.stage import params, stage
+from mlsae.stores.activations import ActivationStore, guard
 
 
 def main(params_file: str = "params.yaml") -> None:

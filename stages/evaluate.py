@@ -2,16 +2,16 @@
 
 import typer
 
-from mlsae import constants as C
-from mlsae.evaluate import evaluate
-from mlsae.io import write_text
-from mlsae.lens_stage import load_stage_lens
-from mlsae.metrics import EvalMetrics, write_metrics
-from mlsae.models import load_model, resolve_device
-from mlsae.sae import MLSAE
-from mlsae.stage import params, stage
-from mlsae.store import ActivationStore, guard
-from mlsae.tables import to_csv
+from mlsae.core import paths as C
+from mlsae.evaluation.reconstruction import evaluate
+from mlsae.core.io import write_text
+from mlsae.lens.loading import load_stage_lens
+from mlsae.core.metrics import EvalMetrics, write_metrics
+from mlsae.models.registry import load_model, resolve_device
+from mlsae.sae.model import MLSAE
+from mlsae.core.stage import params, stage
+from mlsae.stores.activations import ActivationStore, guard
+from mlsae.core.tables import to_csv
 
 
 def main(params_file: str = "params.yaml") -> None:

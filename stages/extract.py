@@ -2,10 +2,10 @@
 
 import typer
 
-from mlsae import constants as C
-from mlsae.extract import extract
-from mlsae.metrics import ExtractMetrics, write_metrics
-from mlsae.stage import params, stage
+from mlsae.core import paths as C
+from mlsae.data.extract import extract
+from mlsae.core.metrics import ExtractMetrics, write_metrics
+from mlsae.core.stage import params, stage
 
 
 def main(params_file: str = "params.yaml") -> None:

@@ -2,11 +2,11 @@
 
 import typer
 
-from mlsae import constants as C
-from mlsae.lens_stage import run_lens_stage
-from mlsae.metrics import LensMetrics, write_metrics
-from mlsae.stage import params, stage
-from mlsae.store import ActivationStore, guard
+from mlsae.core import paths as C
+from mlsae.lens.build import run_lens_stage
+from mlsae.core.metrics import LensMetrics, write_metrics
+from mlsae.core.stage import params, stage
+from mlsae.stores.activations import ActivationStore, guard
 
 
 def main(params_file: str = "params.yaml") -> None:

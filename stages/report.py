@@ -2,12 +2,12 @@
 
 import typer
 
-from mlsae import constants as C
-from mlsae.latents import token_meta
-from mlsae.models import load_tokenizer
+from mlsae.core import paths as C
+from mlsae.stores.latents import token_meta
+from mlsae.models.registry import load_tokenizer
 from mlsae.report import build_report, render_summary
-from mlsae.stage import params, stage
-from mlsae.store import guard
+from mlsae.core.stage import params, stage
+from mlsae.stores.activations import guard
 
 
 def main(params_file: str = "params.yaml") -> None:

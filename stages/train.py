@@ -1,20 +1,20 @@
 """train: the MLSAE on the train split (in lens space); checkpoints and resumes. With `sae.source`
-other than `train`, imports that SAE instead (mlsae/sae_import.py).
+other than `train`, imports that SAE instead (mlsae/sae/importer.py).
 
 Multi-process: `torchrun --nproc_per_node=N stages/train.py` (DDP; NCCL on GPUs, gloo on CPUs).
 """
 
 import typer
 
-from mlsae import constants as C
-from mlsae.io import write_text
-from mlsae.lens_stage import load_stage_lens
-from mlsae.metrics import TrainMetrics, write_metrics
-from mlsae.sae_import import TRAIN_CURVE_HEADER, import_sae
-from mlsae.stage import params, stage
-from mlsae.store import ActivationStore, guard
-from mlsae.tables import to_csv
-from mlsae.train import train
+from mlsae.core import paths as C
+from mlsae.core.io import write_text
+from mlsae.lens.loading import load_stage_lens
+from mlsae.core.metrics import TrainMetrics, write_metrics
+from mlsae.sae.importer import TRAIN_CURVE_HEADER, import_sae
+from mlsae.core.stage import params, stage
+from mlsae.stores.activations import ActivationStore, guard
+from mlsae.core.tables import to_csv
+from mlsae.sae.trainer import train
 
 
 def main(params_file: str = "params.yaml") -> None:

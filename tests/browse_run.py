@@ -10,15 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from mlsae.dump import dump
-from mlsae.extract import extract
-from mlsae.lens import Lens
-from mlsae.params import parse_params
-from mlsae.sae import MLSAE, SAEConfig
-from mlsae.store import ActivationStore
+from mlsae.sae.dump import dump
+from mlsae.data.extract import extract
+from mlsae.lens.tuned import Lens
+from mlsae.core.params import parse_params
+from mlsae.sae.model import MLSAE, SAEConfig
+from mlsae.stores.activations import ActivationStore
 
 try:  # the aggregate stage's module is being renamed (analysis.py -> aggregate.py)
-    from mlsae.aggregate import aggregate
+    from mlsae.analysis.aggregate import aggregate
 except ImportError:
     from mlsae.analysis import aggregate
 

@@ -13,10 +13,10 @@ from typing import Any, Callable
 import pytest
 import torch
 
-from mlsae.errors import MlsaeError
-from mlsae.extract import extract
-from mlsae.params import parse_params
-from mlsae.store import ActivationStore
+from mlsae.core.errors import MlsaeError
+from mlsae.data.extract import extract
+from mlsae.core.params import parse_params
+from mlsae.stores.activations import ActivationStore
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""The stage processes' allocator setting (mlsae/allocator.py), observed in fresh processes."""
+"""The stage processes' allocator setting (mlsae/core/allocator.py), observed in fresh processes."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 PROBE = """
 import resource, torch
-from mlsae.stage import stage
+from mlsae.core.stage import stage
 with stage("probe"):
     x = torch.ones(512, 30, 576)  # 35 MB: the train loop's activations at the default shape
 

@@ -2,7 +2,7 @@
 
 Every expected number comes from an independent computation: hand arithmetic on a small hand-built
 latent set, or plain numpy on the dense ``(tokens, layers, latents)`` array rebuilt from the store's
-top-k lists (never from mlsae.aggregate).
+top-k lists (never from mlsae.analysis.aggregate).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import pytest
 import zarr
 from polars.testing import assert_frame_equal
 
-from mlsae.aggregate import aggregate, paper_variances_dense
-from mlsae.constants import (
+from mlsae.analysis.aggregate import aggregate, paper_variances_dense
+from mlsae.core.paths import (
     INDICES,
     LATENT_LAYER,
     LATENT_STATS,
@@ -28,7 +28,7 @@ from mlsae.constants import (
     TOP_TOKENS,
     VALUES,
 )
-from mlsae.errors import MlsaeError
+from mlsae.core.errors import MlsaeError
 from test_layer_stats import brute_headline, brute_latent
 
 # --------------------------------------------------------------------------------------------
@@ -517,8 +517,8 @@ def test_rerun_replaces_previous_outputs(hand_store: Path, tmp_path: Path) -> No
 def test_group_pairs_matches_dense_per_pair_sums() -> None:
     """The compiled grouping against plain numpy on the dense (token, layer, latent) array: every
     per-pair column, the row order (by token, then first appearance) and the tie rules."""
-    from mlsae.aggregate_kernels import _Pairs
-    from mlsae.pair_kernels import group_pairs
+    from mlsae.analysis.accumulator import _Pairs
+    from mlsae.analysis.kernels import group_pairs
 
     rng = np.random.default_rng(11)
     n_tokens, n_layers, k, n_latents = 40, 6, 4, 9

@@ -1,11 +1,11 @@
-"""mlsae.bootstrap against explicit resampling of per-token data."""
+"""mlsae.stats.bootstrap against explicit resampling of per-token data."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from mlsae.bootstrap import (
+from mlsae.stats.bootstrap import (
     bootstrap,
     context_counts,
     fvu,
@@ -15,7 +15,7 @@ from mlsae.bootstrap import (
     percentile_interval,
     resample_sums,
 )
-from mlsae.errors import MlsaeError
+from mlsae.core.errors import MlsaeError
 
 
 def test_context_counts_are_seeded_multinomial_columns():

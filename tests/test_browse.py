@@ -19,10 +19,10 @@ from torch import nn
 from mlsae.browse import page
 from mlsae.browse.data import collect, decoder_logit_lens, latent_columns, nearest_latents
 from mlsae.browse.vega import plots_template
-from mlsae.constants import LATENT_STATS, PLOTS_TEMPLATE
-from mlsae.errors import MlsaeError
-from mlsae.params import BrowseParams, parse_params
-from mlsae.sae import MLSAE
+from mlsae.core.paths import LATENT_STATS, PLOTS_TEMPLATE
+from mlsae.core.errors import MlsaeError
+from mlsae.core.params import BrowseParams, parse_params
+from mlsae.sae.model import MLSAE
 
 ROOT = Path(__file__).resolve().parents[1]
 P = BrowseParams(latents=40, contexts=3, before=5, after=2, bins=7, logit_tokens=4, neighbours=3, prompts=2,

@@ -15,7 +15,7 @@ from browse_run import MODEL, NASTY, tiny_run  # noqa: F401  (session fixture)
 
 from mlsae.browse import build_browser
 from mlsae.browse.chromium import executable, launch
-from mlsae.params import BrowseParams
+from mlsae.core.params import BrowseParams
 
 ROOT = Path(__file__).resolve().parents[1]
 sync_api = pytest.importorskip("playwright.sync_api", reason="pip install -e '.[test]'")

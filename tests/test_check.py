@@ -16,9 +16,9 @@ import pytest
 import yaml
 
 from mlsae import check as chk
-from mlsae.errors import MlsaeError
-from mlsae.io import write_json
-from mlsae.params import parse_params
+from mlsae.core.errors import MlsaeError
+from mlsae.core.io import write_json
+from mlsae.core.params import parse_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,7 +62,7 @@ def test_dead_window_at_or_beyond_the_run_is_refused_up_front(text_corpus):
 
 
 def test_model_dimension_checks_for_the_tiny_model(text_corpus):
-    # tiny-llama: 4 blocks, d_model 64 (mlsae.tiny.SIZES)
+    # tiny-llama: 4 blocks, d_model 64 (mlsae.models.tiny.SIZES)
     line = rejected(params(text_corpus, sae={"expansion": 1, "k": 65}))
     assert line.startswith("sae.k: 65 exceeds the SAE's 64 latents")
     chk.validate(parse_params(params(text_corpus, sae={"expansion": 1, "k": 64})))
@@ -207,10 +207,10 @@ def test_evaluate_with_every_position_masked_gives_one_line():
     """Every position special (one-token documents): no next-token target, one clear line."""
     import torch
 
-    from mlsae.downstream import splice_sums
-    from mlsae.lens import Lens
-    from mlsae.models import load_model
-    from mlsae.sae import MLSAE, SAEConfig
+    from mlsae.evaluation.downstream import splice_sums
+    from mlsae.lens.tuned import Lens
+    from mlsae.models.registry import load_model
+    from mlsae.sae.model import MLSAE, SAEConfig
 
     model = load_model("tiny-llama", "cpu")
     sae = MLSAE(SAEConfig(d_model=64, n_latents=128, k=2, layers=[0]))
@@ -228,7 +228,7 @@ def test_unreachable_hub_fails_fast_with_the_offline_hint(tmp_path, endpoint):
     """A closed port and a black-holed address: the hub is unreachable either way (retries
     used to take about a minute)."""
     code = (
-        "import time\nfrom mlsae.models import load_model\nfrom mlsae.errors import MlsaeError\n"
+        "import time\nfrom mlsae.models.registry import load_model\nfrom mlsae.core.errors import MlsaeError\n"
         "t = time.perf_counter()\ntry:\n    load_model('EleutherAI/pythia-70m')\nexcept MlsaeError as e:\n"
         "    print(round(time.perf_counter() - t, 2)); print(e)\n"
     )

@@ -1,4 +1,4 @@
-"""Tests for mlsae.corpus and mlsae.contexts: document sources, context building, split and sizing."""
+"""Tests for mlsae.data.corpus and mlsae.data.contexts: document sources, context building, split and sizing."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from mlsae import contexts
-from mlsae.contexts import Contexts, build_contexts, plan, split_contexts
-from mlsae.corpus import (
+from mlsae.data import contexts
+from mlsae.data.contexts import Contexts, build_contexts, plan, split_contexts
+from mlsae.data.corpus import (
     EMBEDDED_PYTHON_DOCS,
     MIN_DOC_CHARS,
     SKIPPED_STDLIB_DIRS,
@@ -28,7 +28,7 @@ from mlsae.corpus import (
     iter_python_docs,
     stdlib_source_files,
 )
-from mlsae.errors import MlsaeError
+from mlsae.core.errors import MlsaeError
 
 EOT = "<|endoftext|>"
 TRAINING_TEXT = [
@@ -99,7 +99,7 @@ def test_embedded_corpus_same_in_a_fresh_process(python_docs: list[str]) -> None
     """Independent of hash randomisation and of what was imported before."""
     script = (
         "import hashlib, sys\n"
-        "from mlsae.corpus import iter_documents\n"
+        "from mlsae.data.corpus import iter_documents\n"
         "h = hashlib.sha256()\n"
         "for doc in iter_documents('embedded:python-docs'):\n"
         "    h.update(doc.encode() + b'\\0')\n"

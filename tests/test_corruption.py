@@ -12,21 +12,21 @@ from pathlib import Path
 
 import numpy as np
 
-from mlsae import latents
+from mlsae.stores import latents
 import pytest
 import torch
 
-from mlsae import constants as C
-from mlsae import store
-from mlsae.errors import MlsaeError
-from mlsae.sae import MLSAE, SAEConfig
+from mlsae.core import paths as C
+from mlsae.stores import activations as store
+from mlsae.core.errors import MlsaeError
+from mlsae.sae.model import MLSAE, SAEConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def latent_store(path: Path, n: int = 4096) -> None:
     """A complete latent store written by dump's own writer (`_open`), with random contents."""
-    import mlsae.dump as dump_mod
+    import mlsae.sae.dump as dump_mod
 
     class Reader:
         path = "activations"
@@ -40,7 +40,7 @@ def latent_store(path: Path, n: int = 4096) -> None:
             return {C.SPECIAL: np.zeros(n, bool)}.get(key, np.arange(n, dtype=np.int32))
 
     sae = MLSAE(SAEConfig(d_model=8, n_latents=32, k=4, layers=[0, 1]))
-    attrs = dump_mod._attrs(sae, __import__("mlsae.lens", fromlist=["Lens"]).Lens.identity(2, 8), Reader())
+    attrs = dump_mod._attrs(sae, __import__("mlsae.lens.tuned", fromlist=["Lens"]).Lens.identity(2, 8), Reader())
     root, _ = latents.open_for_writing(str(path), attrs, Reader())
     rng = np.random.default_rng(0)
     root[C.INDICES][:] = rng.integers(0, 32, (n, 2, 4), dtype=np.int32)
@@ -66,7 +66,7 @@ def truncate(path: Path) -> None:
 @pytest.mark.parametrize("damage", [garble, truncate])
 @pytest.mark.parametrize("array", [C.VALUES, C.INDICES])
 def test_damaged_latent_shard_raises_one_line_naming_store_and_fix(tmp_path, damage, array):
-    from mlsae.aggregate import aggregate
+    from mlsae.analysis.aggregate import aggregate
 
     path = tmp_path / "latents.zarr"
     latent_store(path)

@@ -101,8 +101,8 @@ def _is_code(dep: str) -> bool:
 
 
 def _constants() -> dict[str, str]:
-    """NAME -> repo-relative path of every Path in mlsae/constants.py, evaluated without importing it."""
-    tree = ast.parse((ROOT / PACKAGE / "constants.py").read_text())
+    """NAME -> repo-relative path of every Path in mlsae/core/paths.py, evaluated without importing it."""
+    tree = ast.parse((ROOT / PACKAGE / "core" / "paths.py").read_text())
     env: dict[str, object] = {"Path": Path}
     for node in tree.body:
         if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
@@ -133,7 +133,7 @@ def test_code_deps_are_exactly_the_import_closure(name):
 def test_closure_follows_function_local_and_package_imports(tmp_path):
     # the closure must include lazily imported modules (lens_stage imports models inside a function)
     closure = import_closure(ROOT / "stages" / "train.py")
-    assert {"mlsae/__init__.py", "mlsae/models.py", "mlsae/lens.py", "mlsae/store.py", "mlsae/params.py"} <= closure
+    assert {"mlsae/__init__.py", "mlsae/models/registry.py", "mlsae/lens/tuned.py", "mlsae/stores/activations.py", "mlsae/core/params.py"} <= closure
 
 
 @pytest.mark.parametrize("name", STAGES)
@@ -163,7 +163,7 @@ def test_paths_an_entry_point_names_are_declared(name):
 
 
 def test_constants_outputs_match_dvc_outputs():
-    """Each output path in mlsae/constants.py is written by exactly one stage, and every declared
+    """Each output path in mlsae/core/paths.py is written by exactly one stage, and every declared
     output is a constants path (so code and dvc.yaml cannot drift apart)."""
     constants = _constants()
     pipeline = _pipeline()
@@ -177,7 +177,7 @@ def test_constants_outputs_match_dvc_outputs():
         assert len(writers) == 1, f"C.{const} = {path} is the output of {writers or 'no stage'}"
     known = set(constants.values())
     for out in sorted(every):
-        assert out in known, f"dvc.yaml output {out} has no constant in mlsae/constants.py"
+        assert out in known, f"dvc.yaml output {out} has no constant in mlsae/core/paths.py"
 
 
 if __name__ == "__main__":

@@ -13,15 +13,15 @@ import torch
 import yaml
 import zarr
 
-import mlsae.latents as latents_mod
-from mlsae import constants as C
-from mlsae.dump import dump
-from mlsae.lens import Lens
-from mlsae.lens_stage import run_lens_stage
-from mlsae.params import parse_params
-from mlsae.sae import MLSAE
-from mlsae.store import ActivationStore
-from mlsae.train import train
+import mlsae.stores.latents as latents_mod
+from mlsae.core import paths as C
+from mlsae.sae.dump import dump
+from mlsae.lens.tuned import Lens
+from mlsae.lens.build import run_lens_stage
+from mlsae.core.params import parse_params
+from mlsae.sae.model import MLSAE
+from mlsae.stores.activations import ActivationStore
+from mlsae.sae.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -22,17 +22,18 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from mlsae import constants as C
-from mlsae.downstream import _ROWS, _ce_kl, downstream_metrics, splice_sums
-from mlsae.bootstrap import context_counts
-from mlsae.evaluate import downstream_contexts, evaluate, reconstruction_metrics
-from mlsae.lens import Lens
-from mlsae.lens_stage import load_stage_lens, run_lens_stage
-from mlsae.models import LoadedModel, load_model
-from mlsae.params import parse_params
-from mlsae.sae import MLSAE, NORM_EPS, SEED_NORM_EPS, SAEConfig
-from mlsae.store import ActivationStore
-from mlsae.train import train
+from mlsae.core import paths as C
+from mlsae.evaluation.downstream import _ROWS, _ce_kl, downstream_metrics, splice_sums
+from mlsae.stats.bootstrap import context_counts
+from mlsae.evaluation.reconstruction import downstream_contexts, evaluate, reconstruction_metrics
+from mlsae.lens.tuned import Lens
+from mlsae.lens.build import run_lens_stage
+from mlsae.lens.loading import load_stage_lens
+from mlsae.models.registry import LoadedModel, load_model
+from mlsae.core.params import parse_params
+from mlsae.sae.model import MLSAE, NORM_EPS, SEED_NORM_EPS, SAEConfig
+from mlsae.stores.activations import ActivationStore
+from mlsae.sae.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
 

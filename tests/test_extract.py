@@ -18,16 +18,16 @@ import torch
 import yaml
 
 from conftest import ROOT, ascii_docs, stage_command, stage_env, tiny_raw
-from mlsae import constants as C
-from mlsae import extract as extract_mod
-from mlsae import store
-from mlsae.errors import MlsaeError
-from mlsae.extract import extract
-from mlsae.params import parse_params
-from mlsae.tiny import EOS, build_tiny, tiny_tokenizer
+from mlsae.core import paths as C
+from mlsae.data import extract as extract_mod
+from mlsae.stores import activations as store
+from mlsae.core.errors import MlsaeError
+from mlsae.data.extract import extract
+from mlsae.core.params import parse_params
+from mlsae.models.tiny import EOS, build_tiny, tiny_tokenizer
 
 ARRAYS = (C.RESID, C.TOKENS, C.CONTEXT, C.POSITION, C.SPECIAL)
-SHRINK_SHARDS = "import mlsae.store as s; s.SHARD_TARGET_BYTES = 1"  # 8 contexts per shard
+SHRINK_SHARDS = "import mlsae.stores.activations as s; s.SHARD_TARGET_BYTES = 1"  # 8 contexts per shard
 
 
 def run_extract(raw: dict, out: Path, **kwargs: Any) -> dict:
@@ -238,7 +238,7 @@ def test_store_writes_refuse_non_finite_values() -> None:
 def test_overflowing_extract_fails_in_one_line_and_leaves_no_store(tiny_params: Callable, workdir: Path) -> None:
     """A model whose residuals float16 cannot hold: the stage exits 1 with one line, no store."""
     (workdir / "params.yaml").write_text(yaml.safe_dump(tiny_params()))
-    prelude = ("import mlsae.models as m; _r = m.LoadedModel.residuals; "
+    prelude = ("import mlsae.models.registry as m; _r = m.LoadedModel.residuals; "
                "m.LoadedModel.residuals = lambda self, ids: _r(self, ids) * 1e6")
     proc = subprocess.run(stage_command("extract", prelude), cwd=workdir, env=stage_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1
@@ -477,7 +477,7 @@ def test_bad_corpus_fails_before_the_model_loads(source: str, workdir: Path, tin
 
 @pytest.fixture(scope="module")
 def smollm2() -> Any:
-    from mlsae.models import load_model
+    from mlsae.models.registry import load_model
 
     return load_model("smollm2-135m", "cpu")
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mlsae.errors import MlsaeError
-from mlsae.io import atomic_dir, write_json
-from mlsae.stage import stage
+from mlsae.core.errors import MlsaeError
+from mlsae.core.io import atomic_dir, write_json
+from mlsae.core.stage import stage
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -19,9 +19,9 @@ import torch
 import yaml
 from conftest import ascii_docs
 
-from mlsae import store
-from mlsae.contexts import build_contexts, leading_bos
-from mlsae.errors import MlsaeError
+from mlsae.stores import activations as store
+from mlsae.data.contexts import build_contexts, leading_bos
+from mlsae.core.errors import MlsaeError
 
 pytestmark = pytest.mark.slow  # loads the embedded Gemma 3 (about 10 s from the cache, 100 s the first time)
 
@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def gemma() -> Any:
-    from mlsae.models import load_model
+    from mlsae.models.registry import load_model
 
     return load_model("gemma3-270m", "cpu")
 
@@ -89,8 +89,8 @@ def test_splice_matches_a_full_forward(gemma: Any, ids: torch.Tensor) -> None:
     """Gemma 3 alternates sliding-window and global attention with two rotary tables: the
     recorded-call splice must reproduce the model's own logits, and a replaced block's output must
     equal a full forward with that output replaced by a hook."""
-    from mlsae.models import decoder_layers
-    from mlsae.splice import Splicer
+    from mlsae.models.registry import decoder_layers
+    from mlsae.models.splice import Splicer
 
     splicer = Splicer(gemma)
     run = splicer.clean(ids)

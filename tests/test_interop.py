@@ -22,16 +22,16 @@ import zarr
 from safetensors.numpy import load_file as load_np
 from safetensors.torch import save_file
 
-from mlsae import constants as C
-from mlsae.dump import dump
-from mlsae.errors import MlsaeError
-from mlsae.lens import Lens
-from mlsae.params import parse_params
+from mlsae.core import paths as C
+from mlsae.sae.dump import dump
+from mlsae.core.errors import MlsaeError
+from mlsae.lens.tuned import Lens
+from mlsae.core.params import parse_params
 from mlsae.report.inputs import _read_csv
-from mlsae.sae import MLSAE, SAEConfig
-from mlsae.sae_import import TRAIN_CURVE_HEADER, import_sae
-from mlsae.saelens import export_saelens
-from mlsae.store import ActivationStore
+from mlsae.sae.model import MLSAE, SAEConfig
+from mlsae.sae.importer import TRAIN_CURVE_HEADER, import_sae
+from mlsae.sae.saelens import export_saelens
+from mlsae.stores.activations import ActivationStore
 
 ROOT = Path(__file__).resolve().parents[1]
 D, N, K = 64, 256, 8  # the shared store's d_model (tiny-llama), latents and k of the test SAEs
@@ -374,7 +374,7 @@ def test_export_cli(tmp_path):
 
 
 def test_train_can_use_the_seed_normalisation(store, reader):
-    from mlsae.train import sae_config
+    from mlsae.sae.trainer import sae_config
 
     p = params_with(store, normalisation="seed")
     assert sae_config(p, reader, "tiny-llama").normalisation == "seed"

@@ -1,4 +1,4 @@
-"""mlsae.layer_stats against brute-force dense computations on small random dumps a[T, L, F]."""
+"""mlsae.analysis.decomposition against brute-force dense computations on small random dumps a[T, L, F]."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from mlsae.bootstrap import context_counts
-from mlsae.errors import MlsaeError
-from mlsae.layer_stats import HEADLINE_KEYS, LATENT_COLUMNS, LayerStats, pair_entropy
+from mlsae.stats.bootstrap import context_counts
+from mlsae.core.errors import MlsaeError
+from mlsae.analysis.decomposition import HEADLINE_KEYS, LATENT_COLUMNS, LayerStats, pair_entropy
 
 FLOAT_KEYS = [k for k in HEADLINE_KEYS if k != "n_latents_counted"]
 
@@ -233,7 +233,7 @@ def test_replicas_do_not_depend_on_the_context_buffer(monkeypatch: pytest.Monkey
     come back after their row was flushed and one chunk spans more contexts than the buffer) the
     replicas equal those of the default buffer, which holds all 9 at once (the brute-force check
     above)."""
-    import mlsae.layer_stats as ls
+    import mlsae.analysis.decomposition as ls
 
     a, context = random_dump(6)
     pairs = dense_to_pairs(a, context)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from mlsae.errors import MlsaeError
-from mlsae.metrics import (
+from mlsae.core.errors import MlsaeError
+from mlsae.core.metrics import (
     STAGE_METRICS,
     AnalysisMetrics,
     EvalMetrics,
@@ -17,7 +17,7 @@ from mlsae.metrics import (
     read_metrics,
     write_metrics,
 )
-from mlsae.params import parse_params
+from mlsae.core.params import parse_params
 
 TRAIN = {"fvu": 0.25, "fvu_by_layer": [0.2, 0.3], "loss": 0.26, "l0": 32.0, "dead_fraction": None,
          "vectors_per_s": 1.5e5, "steps": 10, "tokens": 5120, "n_latents": 256, "layers": [0, 1]}

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mlsae import model_cache
-from mlsae.tiny import build_tiny
+from mlsae.models import gguf_cache as model_cache
+from mlsae.models.tiny import build_tiny
 
 
 @pytest.fixture()

@@ -11,8 +11,8 @@ import pytest
 from typer.testing import CliRunner
 
 from mlsae.cli import app
-from mlsae.errors import MlsaeError
-from mlsae.model_compare import compare_models, load_run
+from mlsae.core.errors import MlsaeError
+from mlsae.compare.models import compare_models, load_run
 
 
 def fake_run(root: Path, model: str, n_layers: int, eff: float, eff_ci: list[float], cos: float) -> Path:

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from mlsae.constants import HOOK_NAME
-from mlsae.errors import MlsaeError
-from mlsae.models import REGISTRY, classify, load_model
-from mlsae.tiny import SIZES, build_tiny
+from mlsae.core.paths import HOOK_NAME
+from mlsae.core.errors import MlsaeError
+from mlsae.models.registry import REGISTRY, classify, load_model
+from mlsae.models.tiny import SIZES, build_tiny
 
 TINY = ["tiny-neox", "tiny-llama"]
 

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mlsae.errors import MlsaeError
-from mlsae.params import Params, load_params, parse_params
+from mlsae.core.errors import MlsaeError
+from mlsae.core.params import Params, load_params, parse_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,7 +64,7 @@ def test_paper_preset_is_the_papers_main_run() -> None:
     """presets/paper.yaml: a complete, valid params file with the paper's settings in stream mode."""
     import yaml
 
-    from mlsae.params import load_params
+    from mlsae.core.params import load_params
 
     path = Path(__file__).resolve().parents[1] / "presets" / "paper.yaml"
     p = load_params(path)

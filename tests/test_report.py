@@ -19,8 +19,8 @@ import pytest
 from PIL import Image
 
 from mlsae import report
-from mlsae.compare import compare, experiment_rows, parse_exp_show
-from mlsae.constants import (
+from mlsae.compare.experiments import compare, experiment_rows, parse_exp_show
+from mlsae.core.paths import (
     ADJ_COS_PLOT,
     ANALYSIS_METRICS,
     EVAL_METRICS,
@@ -34,7 +34,7 @@ from mlsae.constants import (
     TRAIN_METRICS,
     TRAIN_PLOT,
 )
-from mlsae.errors import MlsaeError
+from mlsae.core.errors import MlsaeError
 
 BLOCKS = [0, 1, 2, 3]  # the SAE's layers (L = 4); the model has 4 blocks
 L = len(BLOCKS)
@@ -477,7 +477,7 @@ def test_helpers() -> None:
 def test_report_reads_the_aggregate_stage_output(run: dict[str, Path], tmp_path: Path) -> None:
     """The real aggregate stage's parquet files go through the report unchanged."""
     zarr = pytest.importorskip("zarr")
-    from mlsae.aggregate import aggregate
+    from mlsae.analysis.aggregate import aggregate
 
     rng = np.random.default_rng(0)
     k, n_latents = 2, 6

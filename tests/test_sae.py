@@ -1,4 +1,4 @@
-"""Tests of mlsae.sae against independent numpy computations and the dense reference path."""
+"""Tests of mlsae.sae.model against independent numpy computations and the dense reference path."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from mlsae.constants import SAE_CONFIG, SAE_WEIGHTS
-from mlsae.errors import MlsaeError
-from mlsae.sae import MLSAE, SAEConfig, geometric_median
-from mlsae.sae_kernels import sparse_outer
-from mlsae.train import make_optimizer, train_step
+from mlsae.core.paths import SAE_CONFIG, SAE_WEIGHTS
+from mlsae.core.errors import MlsaeError
+from mlsae.sae.model import MLSAE, SAEConfig, geometric_median
+from mlsae.sae.kernels import sparse_outer
+from mlsae.sae.trainer import make_optimizer, train_step
 
 
 @pytest.fixture(autouse=True)

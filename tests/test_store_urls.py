@@ -5,13 +5,13 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from mlsae.dump import dump
-from mlsae.extract import extract
-from mlsae.lens import Lens
-from mlsae.params import parse_params
-from mlsae.sae import MLSAE
-from mlsae.store import ActivationStore
-from mlsae.train import train
+from mlsae.sae.dump import dump
+from mlsae.data.extract import extract
+from mlsae.lens.tuned import Lens
+from mlsae.core.params import parse_params
+from mlsae.sae.model import MLSAE
+from mlsae.stores.activations import ActivationStore
+from mlsae.sae.trainer import train
 
 
 def test_memory_url_store_round_trip(tmp_path: Path, text_corpus: Path):

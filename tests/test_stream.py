@@ -1,4 +1,4 @@
-"""Stream mode (`train.source: stream`, mlsae/stream.py): the context stream and its position,
+"""Stream mode (`train.source: stream`, mlsae/data/stream.py): the context stream and its position,
 the equivalence with store mode, resume, NaN, extract's sample-only store, DDP under torchrun.
 
 Everything runs on the tiny random Llama over the shared test corpus (conftest.py).
@@ -18,15 +18,16 @@ import numpy as np
 import pytest
 import torch
 
-from mlsae import constants as C
-from mlsae import contexts, corpus
-from mlsae.errors import MlsaeError
-from mlsae.extract import extract
-from mlsae.models import load_model
-from mlsae.params import parse_params
-from mlsae.sae import MLSAE
-from mlsae.store import ActivationStore
-from mlsae.train import train
+from mlsae.core import paths as C
+from mlsae.data import contexts
+from mlsae.data import corpus
+from mlsae.core.errors import MlsaeError
+from mlsae.data.extract import extract
+from mlsae.models.registry import load_model
+from mlsae.core.params import parse_params
+from mlsae.sae.model import MLSAE
+from mlsae.stores.activations import ActivationStore
+from mlsae.sae.trainer import train
 from test_train import (TRAIN_RAW, WRAPPER, assert_same_weights, identity, merge, read_csv, run_stage_in_process,
                         stage_dir, stage_env)
 
@@ -109,7 +110,7 @@ def test_stream_equals_store_mode_with_the_same_token_order(store: tuple[Path, d
 def test_stream_split_beyond_the_sample(store: tuple[Path, dict], reader: ActivationStore) -> None:
     """With a smaller sample, train contexts are the head's non-eval ones, then the rest of the
     corpus: disjoint from eval, each once, in corpus order."""
-    from mlsae.stream import StreamBatches
+    from mlsae.data.stream import StreamBatches
 
     p = parse_params(stream_raw(store, data={"sample_tokens": 256}))
     source = StreamBatches(p, load_model(p.model), list(range(reader.n_layers)), reader.skip_first)
@@ -180,7 +181,7 @@ def test_stream_kill_9_then_rerun_equals_uninterrupted(store: tuple[Path, dict],
 
 def test_stream_nan_keeps_last_good_checkpoint(store: tuple[Path, dict], reader: ActivationStore, tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    import mlsae.train as train_mod
+    import mlsae.sae.trainer as train_mod
 
     real, calls = train_mod.train_step, []
 

@@ -27,15 +27,15 @@ import torch
 import yaml
 import zarr
 
-from mlsae import constants as C
-from mlsae.errors import MlsaeError
-from mlsae.lens import Lens
-from mlsae.lens_stage import run_lens_stage
-from mlsae.params import Params, parse_params
-from mlsae.sae import MLSAE
-from mlsae.shuffle import BatchPlan, iter_batches
-from mlsae.store import ActivationStore
-from mlsae.train import train
+from mlsae.core import paths as C
+from mlsae.core.errors import MlsaeError
+from mlsae.lens.tuned import Lens
+from mlsae.lens.build import run_lens_stage
+from mlsae.core.params import Params, parse_params
+from mlsae.sae.model import MLSAE
+from mlsae.data.shuffle import BatchPlan, iter_batches
+from mlsae.stores.activations import ActivationStore
+from mlsae.sae.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_STAGE = ROOT / "stages" / "train.py"
@@ -68,7 +68,7 @@ def identity(reader: ActivationStore) -> Lens:
 
 
 def plan_of(p: Params, reader: ActivationStore) -> BatchPlan:
-    """The plan train() builds (same store chunks, see mlsae.train.train)."""
+    """The plan train() builds (same store chunks, see mlsae.sae.trainer.train)."""
     return BatchPlan(~reader.keep("train"), reader.chunk_tokens, p.train.shuffle_buffer_tokens,
                      p.train.batch_tokens, p.train.epochs, p.seed)
 
@@ -230,7 +230,7 @@ class CountingStep:
 def test_resume_after_interruption_equals_uninterrupted_run(
     store: tuple[Path, dict], reader: ActivationStore, reference: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import mlsae.train as train_mod
+    import mlsae.sae.trainer as train_mod
 
     p = reference["p"]
     n = plan_of(p, reader).n_batches
@@ -293,13 +293,13 @@ WRAPPER = textwrap.dedent('''
     """Runs stages/train.py as __main__, logging this rank's writes, dead-latent counters, batch
     sizes and (stream mode) the contexts it ran through the model."""
     import json, os, runpy, sys
-    import mlsae.io, mlsae.stream, mlsae.train
+    import mlsae.core.io, mlsae.data.stream, mlsae.sae.trainer
 
     rank = int(os.environ.get("RANK", "0"))
     log = {"writes": [], "dead": [], "batch": [], "contexts": []}
-    real = {"write_text": mlsae.io.write_text, "save_checkpoint": mlsae.train.save_checkpoint,
-            "atomic_dir": mlsae.train.atomic_dir, "train_step": mlsae.train.train_step,
-            "residuals": mlsae.stream.StreamBatches._residuals}
+    real = {"write_text": mlsae.core.io.write_text, "save_checkpoint": mlsae.sae.trainer.save_checkpoint,
+            "atomic_dir": mlsae.sae.trainer.atomic_dir, "train_step": mlsae.sae.trainer.train_step,
+            "residuals": mlsae.data.stream.StreamBatches._residuals}
 
     def write_text(path, text):
         log["writes"].append(str(path))
@@ -323,10 +323,10 @@ WRAPPER = textwrap.dedent('''
         log["contexts"] += [row.tolist() for row in tokens]
         return real["residuals"](self, tokens)
 
-    mlsae.io.write_text = write_text
-    mlsae.train.save_checkpoint, mlsae.train.atomic_dir = save_checkpoint, atomic_dir
-    mlsae.train.train_step = train_step
-    mlsae.stream.StreamBatches._residuals = residuals
+    mlsae.core.io.write_text = write_text
+    mlsae.sae.trainer.save_checkpoint, mlsae.sae.trainer.atomic_dir = save_checkpoint, atomic_dir
+    mlsae.sae.trainer.train_step = train_step
+    mlsae.data.stream.StreamBatches._residuals = residuals
     try:
         sys.argv = [sys.argv[1]]
         runpy.run_path(sys.argv[0], run_name="__main__")
@@ -402,7 +402,7 @@ def test_torchrun_two_processes_match_single_process(
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(
     store: tuple[Path, dict], reader: ActivationStore, reference: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import mlsae.train as train_mod
+    import mlsae.sae.trainer as train_mod
 
     p = reference["p"]
     real_step, calls = train_mod.train_step, []
@@ -434,7 +434,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(
 
 def test_nan_loss_before_any_checkpoint_says_so(reference: dict, reader: ActivationStore, tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    import mlsae.train as train_mod
+    import mlsae.sae.trainer as train_mod
 
     real_step = train_mod.train_step
     monkeypatch.setattr(train_mod, "train_step", lambda m, o, x, c=0.0: real_step(m, o, x * float("nan"), c))
@@ -526,7 +526,7 @@ def assert_failed_cleanly(case: str, work: Path, rc: int, err: str) -> None:
 def test_crafted_checkpoint_would_run_code_if_unpickled(tmp_path: Path) -> None:
     """The refusal above is meaningful: a plain (unsafe) load of the same file runs its code."""
     marker = write_crafted_checkpoint(tmp_path / C.CHECKPOINT)
-    from mlsae.train import load_checkpoint
+    from mlsae.sae.trainer import load_checkpoint
 
     with pytest.raises(MlsaeError, match="refused"):
         load_checkpoint(tmp_path / C.CHECKPOINT, {})
@@ -565,7 +565,7 @@ def test_bad_input_fails_with_one_clear_line_in_a_real_process(
 
 def test_single_layer_sae(store: tuple[Path, dict], reader: ActivationStore, tmp_path: Path,
                           monkeypatch: pytest.MonkeyPatch) -> None:
-    import mlsae.train as train_mod
+    import mlsae.sae.trainer as train_mod
 
     p = parse_params(raw_params(store, sae={"layers": [2]}, train={"epochs": 1}))
     seen: list[torch.Tensor] = []

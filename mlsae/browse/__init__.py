@@ -15,7 +15,7 @@ from pathlib import Path
 
 from mlsae.browse import page
 from mlsae.browse.data import collect
-from mlsae.params import BrowseParams
+from mlsae.core.params import BrowseParams
 
 __all__ = ["build_browser"]
 
@@ -23,8 +23,8 @@ __all__ = ["build_browser"]
 def build_browser(model: str, latents_path: str | Path, analysis_dir: str | Path, sae_dir: str | Path,
                   out_dir: str | Path, p: BrowseParams, progress: bool = False) -> dict:
     """Write ``out_dir/index.html`` for a run; returns ``{"path", "bytes", "latents", "prompts"}``."""
-    from mlsae.models import load_model
-    from mlsae.sae import MLSAE
+    from mlsae.models.registry import load_model
+    from mlsae.sae.model import MLSAE
 
     sae = MLSAE.load(sae_dir)
     loaded = load_model(model)

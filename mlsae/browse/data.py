@@ -48,9 +48,9 @@ import zarr
 from torch import nn
 from tqdm.auto import tqdm
 
-from mlsae.constants import CONTEXT, INDICES, LATENT_STATS, POSITION, SPECIAL, TOKENS, VALUES
-from mlsae.errors import MlsaeError
-from mlsae.params import BrowseParams
+from mlsae.core.paths import CONTEXT, INDICES, LATENT_STATS, POSITION, SPECIAL, TOKENS, VALUES
+from mlsae.core.errors import MlsaeError
+from mlsae.core.params import BrowseParams
 
 CHUNK_TOKENS = 1024
 

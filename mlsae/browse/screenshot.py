@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import typer
 
-from mlsae import constants as C
+from mlsae.core import paths as C
 from mlsae.browse.chromium import screenshot
-from mlsae.stage import stage
+from mlsae.core.stage import stage
 
 
 def main(out: str, index: str = str(C.BROWSER_DIR / C.BROWSER_INDEX), fragment: str = "",

@@ -35,11 +35,11 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from mlsae import constants as C
-from mlsae.constants import ADJ_COS_PLOT, LENS_PLOT
-from mlsae.errors import MlsaeError
-from mlsae.io import write_bytes, write_text
-from mlsae.params import is_int
+from mlsae.core import paths as C
+from mlsae.core.paths import ADJ_COS_PLOT, LENS_PLOT
+from mlsae.core.errors import MlsaeError
+from mlsae.core.io import write_bytes, write_text
+from mlsae.core.params import is_int
 from mlsae.report.figures import (
     _adjacent_figure,
     _eval_figure,

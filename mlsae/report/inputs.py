@@ -10,7 +10,7 @@ from typing import Any
 
 import polars as pl
 
-from mlsae.constants import (
+from mlsae.core.paths import (
     ANALYSIS_METRICS,
     EVAL_METRICS,
     EXTRACT_METRICS,
@@ -21,9 +21,9 @@ from mlsae.constants import (
     TRAIN_METRICS,
     TRAIN_PLOT,
 )
-from mlsae.errors import MlsaeError
-from mlsae.io import read_json
-from mlsae.metrics import (
+from mlsae.core.errors import MlsaeError
+from mlsae.core.io import read_json
+from mlsae.core.metrics import (
     STAGE_METRICS,
     AnalysisMetrics,
     EvalMetrics,

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from mlsae.errors import MlsaeError
+from mlsae.core.errors import MlsaeError
 from mlsae.report.inputs import _Inputs, _read_parquet, _series
 from mlsae.report.summary import SUMMARY_COLUMNS, _number, format_layers, format_value
 

@@ -96,7 +96,7 @@ def summary_row(metrics: Mapping[str, Mapping[str, Any]], config: Mapping[str, A
 
     Returns:
         A flat dict of scalars (numbers, strings or ``None``), the same for one run's report and
-        for :mod:`mlsae.compare`'s rows.
+        for :mod:`mlsae.compare.experiments`'s rows.
     """
 
     def get(stage: str, key: str) -> Any:

@@ -1,0 +1,368 @@
+"""Streaming analysis of the latent store: each latent's distribution over layers.
+
+Notation (docs/design.md, "Analysis"): ``a[t, l, f] >= 0`` is latent ``f``'s activation at eval token
+``t`` and layer *position* ``l = 0 .. L-1`` (the position in the store's ``layers`` attr, not the
+block index). A top-k entry whose value is 0 is not active. Special tokens are left out of every
+statistic (and of ``n_tokens``).
+
+* Per-token distribution, for every *active pair* ``(t, f)`` (``f`` active at >= 1 layer of ``t``):
+  ``p_tf(l) = a[t,l,f] / sum_l a[t,l,f]``, mean ``mu_tf = sum_l l p_tf(l)`` and variance
+  ``var_tf = sum_l l^2 p_tf(l) - mu_tf^2`` (exactly 0 for a pair active at one layer).
+* Aggregate distribution of latent ``f``: ``P_f(l) = sum_t a[t,l,f] / sum_{t,l} a[t,l,f]``, with
+  mean ``mu_f`` and variance ``var_f``.
+
+How it streams. :func:`aggregate` reads the store one chunk of tokens at a time (a reader thread
+fetches the next chunk meanwhile, a writer thread appends the previous chunk's rows). Per chunk:
+
+* the ``(f, l)`` sums (entries, mass) are one ``bincount`` over the integer key ``f * L + l``, added
+  to a running ``n_latents x L`` table;
+* the ``(t, f)`` grouping exploits the store's token-major layout: a compiled loop
+  (:func:`mlsae.analysis.kernels.group_pairs`) walks each token's ``L * k`` entries in layer order,
+  gives each latent a slot in a small per-token table on its first entry, and sums into the slot
+  (count, mass, ``sum l a``, ``sum l^2 a``, ``sum a ln a``, largest and second-largest
+  activation). Two earlier versions were slower on the benchmark store: a Polars hash
+  ``group_by`` on ``t * n_latents + f`` (most pairs hold 1-3 entries, so the hash table is as large
+  as the input), and numpy sorts of packed per-token keys with one ``bincount`` per sum;
+* the per-pair rows are folded into the decomposition's sums (:class:`mlsae.analysis.decomposition.LayerStats`,
+  also compiled) and into the running per-latent top tokens (:func:`mlsae.analysis.kernels.update_top`,
+  an insertion into each latent's short sorted list), and converted and appended to
+  ``token_latent.parquet`` as one row group by the writer thread, then dropped.
+
+Nothing of size ``tokens x layers x latents`` (or ``tokens x latents``) is built and no per-token
+table outlives its chunk, so memory is bounded by the chunk size and ``n_latents x L``.
+
+The chunk reader, the grouping kernel, the accumulator and the tables' schemas are in
+``mlsae/analysis/accumulator.py``; the latent store's format is ``mlsae/stores/latents.py``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from mlsae.analysis.decomposition import LayerStats
+from mlsae.analysis.accumulator import (
+    LATENT_LAYER_SCHEMA,
+    LATENTS_SCHEMA,
+    LAYERS_SCHEMA,
+    TOKEN_LATENT_SCHEMA,
+    TOP_TOKENS_SCHEMA,
+    _TOKEN_LATENT_ARROW,
+    _Accumulator,
+    _default_chunk_tokens,
+    _Grouper,
+    _iter_chunks,
+    _Pairs,
+    _token_latent_table,
+)
+from mlsae.core.paths import LATENT_LAYER, LATENT_STATS, LAYER_STATS, POSITION, TOKEN_STATS, TOP_TOKENS
+from mlsae.core.errors import MlsaeError
+from mlsae.core.io import atomic_dir
+from mlsae.stores.latents import LatentStore, open_latents
+from mlsae.core.metrics import AnalysisMetrics, write_metrics
+from mlsae.core.params import is_int
+from mlsae.stores.activations import open_root
+
+__all__ = [
+    "LATENTS_SCHEMA",
+    "LATENT_LAYER_SCHEMA",
+    "LAYERS_SCHEMA",
+    "TOKEN_LATENT_SCHEMA",
+    "TOP_TOKENS_SCHEMA",
+    "aggregate",
+    "paper_variances_dense",
+]
+
+# Share of a latent's mass that makes a layer count in ``n_layers_5pct``.
+_LAYER_SHARE = 0.05
+
+# --------------------------------------------------------------------------------------------
+# The paper's formula, dense reference
+# --------------------------------------------------------------------------------------------
+
+
+def paper_variances_dense(a: np.ndarray) -> dict[str, float]:
+    """The seed paper's all-pairs layer variances, on a dense ``(T, L, F)`` activation array.
+
+    Re-implements the definition in tim-lawson/mlsae ``mlsae/analysis/variances.py``
+    (``Metric.update``), for one batch holding all ``T`` tokens:
+
+    * ``p[t, :, f] = a[t, :, f] / sum_l a[t, l, f]``, and ``p[t, :, f] = 0`` where the latent is
+      inactive at every layer (the original turns those 0/0 NaNs into zeros);
+    * ``v(x) = sum_l l^2 x(l) - (sum_l l x(l))^2`` for a vector ``x`` over layer positions;
+    * ``var_token_paper`` (the original's ``exp_var_l_tf``) is the mean of ``v(p[t, :, f])`` over
+      *all* ``T * F`` pairs, inactive pairs counting as 0. It equals our ``var_token`` times
+      ``n_active_pairs / (T * F)``;
+    * ``var_aggregate_paper`` (the original's ``exp_var_l_f``) is the mean over *all* ``F`` latents
+      of ``v(q_f)``, with ``q_f(l) = mean over all T tokens of p[t, l, f]``. ``q_f`` is the average
+      of the per-token distributions, each token weighted equally, and it sums to the fraction of
+      tokens at which ``f`` is active rather than to 1, so ``v(q_f)`` is not the variance of a
+      distribution (for a latent active at a fraction ``r`` of tokens, always at layer ``l``, it is
+      ``r (1 - r) l^2``, not 0); never-active latents count as 0.
+
+    Ours differ: ``var_aggregate`` uses the mass-weighted, normalised ``P_f`` and averages over the
+    latents active at >= ``min_count`` tokens only, and ``var_token`` averages over active pairs
+    only. The original also averaged its per-batch figures over batches of
+    ``batch_size * max_length`` tokens; here (and in :func:`aggregate`) the whole input is one
+    batch, which matters for ``var_aggregate_paper`` because ``v`` is not linear in ``q_f``.
+
+    Args:
+        a: non-negative activations, shape ``(T, L, F)`` with ``T >= 1``.
+
+    Returns:
+        ``{"var_token_paper": float, "var_aggregate_paper": float}``.
+    """
+    a = np.asarray(a, dtype=np.float64)
+    if a.ndim != 3 or a.shape[0] == 0:
+        raise MlsaeError(f"paper_variances_dense: expected a (T, L, F) array with T >= 1, got shape {a.shape}")
+    ell = np.arange(a.shape[1], dtype=np.float64)[None, :, None]
+    total = a.sum(axis=1, keepdims=True)
+    p = np.divide(a, total, out=np.zeros_like(a), where=total > 0)
+
+    def v(x: np.ndarray) -> np.ndarray:
+        """Second moment minus squared first moment over axis 1 (layers), no normalisation."""
+        return (ell**2 * x).sum(axis=1) - (ell * x).sum(axis=1) ** 2
+
+    return {
+        "var_token_paper": float(v(p).mean()),
+        "var_aggregate_paper": float(v(p.mean(axis=0, keepdims=True)).mean()),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Final tables and headline figures
+# --------------------------------------------------------------------------------------------
+
+
+def _mean_or_none(total: float, count: float) -> float | None:
+    return float(total / count) if count > 0 else None
+
+
+def _ratio_or_none(num: float | None, den: float | None) -> float | None:
+    if num is None or den is None or den == 0:
+        return None
+    ratio = num / den
+    return float(ratio) if math.isfinite(ratio) else None
+
+
+def _nullable(x: np.ndarray, defined: np.ndarray) -> pl.Series:
+    """``x`` as a Float64 series, null where not ``defined``."""
+    return pl.Series(np.where(defined, x, np.nan), dtype=pl.Float64).fill_nan(None)
+
+
+def _finish(
+    acc: _Accumulator, blocks: list[int], min_count: int
+) -> tuple[dict[str, pl.DataFrame], dict[str, Any]]:
+    """Build the per-latent, per-layer and top-token tables and the headline metrics."""
+    n_latents, n_layers = acc.n_latents, acc.n_layers
+    ell = np.arange(n_layers, dtype=np.float64)
+    mass = acc.layer_mass.sum(axis=1)
+    active = acc.pair_count > 0
+    safe_count = np.maximum(acc.pair_count, 1)
+    dist = acc.layer_mass / np.where(active, mass, 1.0)[:, None]  # rows of 0 for never-active latents
+    mean = dist @ ell
+    var = ((ell[None, :] - mean[:, None]) ** 2 * dist).sum(axis=1)
+    std = np.sqrt(var)
+    plogp = dist * np.log(np.where(dist > 0, dist, 1.0))
+    entropy = -plogp.sum(axis=1) / math.log(n_layers) if n_layers > 1 else np.zeros(n_latents)
+
+    latents = pl.DataFrame(
+        {
+            "latent": np.arange(n_latents, dtype=np.int32),
+            "count": acc.pair_count,
+            "n_entries": acc.layer_count.sum(axis=1),
+            "mass": mass,
+            "mean_layer": _nullable(mean, active),
+            "var_layer": _nullable(var, active),
+            "std_layer": _nullable(std, active),
+            "entropy": _nullable(entropy, active),
+            "n_layers_5pct": (dist >= _LAYER_SHARE).sum(axis=1).astype(np.int32),
+            "layer_dist": pl.Series(dist, dtype=pl.Array(pl.Float64, n_layers)).cast(pl.List(pl.Float64)),
+        },
+        schema=LATENTS_SCHEMA,
+    ).with_columns(layer_dist=pl.when(pl.col("count") > 0).then(pl.col("layer_dist")))
+    per_latent, headline = acc.stats.finish()
+    latents = latents.join(per_latent.drop("count", "mass"), on="latent", how="left")
+
+    blocks_arr = np.asarray(blocks, dtype=np.int32)
+    active_ids = np.flatnonzero(active)
+    latent_layer = pl.DataFrame(
+        {
+            "latent": np.repeat(active_ids, n_layers).astype(np.int32),
+            "layer": np.tile(np.arange(n_layers, dtype=np.int32), active_ids.size),
+            "block": np.tile(blocks_arr, active_ids.size),
+            "mass": acc.layer_mass[active_ids].reshape(-1),
+            "count": acc.layer_count[active_ids].reshape(-1),
+            "p": dist[active_ids].reshape(-1),
+        },
+        schema=LATENT_LAYER_SCHEMA,
+    )
+
+    layer_entries = acc.layer_count.sum(axis=0)
+    layer_mass = acc.layer_mass.sum(axis=0)
+    layers = pl.DataFrame(
+        {
+            "layer": np.arange(n_layers, dtype=np.int32),
+            "block": blocks_arr,
+            "n_entries": layer_entries,
+            "n_latents_active": (acc.layer_count > 0).sum(axis=0),
+            "mass": layer_mass,
+            "mean_activation": _nullable(layer_mass / np.maximum(layer_entries, 1), layer_entries > 0),
+        },
+        schema=LAYERS_SCHEMA,
+    )
+
+    top = acc.top.with_columns(rank=pl.int_range(1, pl.len() + 1, dtype=pl.Int32).over("latent")).select(
+        list(TOP_TOKENS_SCHEMA)
+    )
+
+    counted = acc.pair_count >= max(min_count, 1)
+    metrics: dict[str, Any] = {
+        **headline,
+        "mean_layer_std": float(std[counted].mean()) if counted.any() else None,
+        **acc.stats.paper_metrics(),
+        "n_tokens": acc.n_tokens,
+        "n_active_pairs": acc.n_pairs,
+        "n_entries": int(acc.layer_count.sum()),
+        "n_latents_active": int(active.sum()),
+        "n_layers": n_layers,
+    }
+    tables = {
+        LATENT_STATS.name: latents,
+        LATENT_LAYER.name: latent_layer,
+        LAYER_STATS.name: layers,
+        TOP_TOKENS.name: top,
+    }
+    return tables, metrics
+
+
+# --------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    """``value`` as an int, or MlsaeError naming the param."""
+    if not is_int(value) or value < minimum:
+        raise MlsaeError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _stream(store: LatentStore, chunk_tokens: int, acc: _Accumulator, out_dir: Path, progress: bool = False) -> _Accumulator:
+    """Fold every chunk of ``store`` into ``acc``, writing ``token_latent.parquet`` to ``out_dir``."""
+    grouper = _Grouper(store.n_latents)
+    writer = pq.ParquetWriter(
+        out_dir / TOKEN_STATS.name,
+        _TOKEN_LATENT_ARROW,
+        compression="lz4",
+        use_dictionary=["latent", "n_layers"],
+        write_statistics=["token", "latent"],
+    )
+
+    def write(pairs: _Pairs) -> None:
+        writer.write_table(_token_latent_table(pairs))
+
+    # One thread reads (and bins) the next chunk, one converts and writes the previous chunk's rows,
+    # while this one groups the current chunk; the compiled kernels, numpy, zarr's codecs and
+    # parquet release the GIL.
+    with writer, ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writing:
+        written: Future[None] | None = None
+        bar = tqdm(total=store.n_tokens, desc="aggregate", unit="tok", disable=not progress)
+        for chunk in _iter_chunks(store, chunk_tokens, reader):
+            bar.update(chunk.token.size)
+            acc.add_cells(chunk)
+            pairs = grouper.pairs(chunk)
+            if written is not None:
+                written.result()
+            written = writing.submit(write, pairs)
+            acc.add_pairs(pairs, chunk.token)
+        if written is not None:
+            written.result()
+        bar.close()
+    if acc.n_tokens == 0:
+        raise MlsaeError(f"{store.path}: every token is special; nothing to analyse")
+    return acc
+
+
+def aggregate(
+    latents_path: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    metrics_path: str | os.PathLike[str],
+    min_count: int = 10,
+    top_tokens: int = 5,
+    chunk_tokens: int | None = None,
+    progress: bool = False,
+    multi_layer_threshold: float = 0.1,
+    n_resamples: int = 200,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Stream the latent store and write the analysis tables and headline metrics.
+
+    Args:
+        latents_path: the latent store (``data/latents.zarr``); it must carry ``complete: true``.
+        out_dir: the analysis directory. Its parquet files (names from :mod:`mlsae.core.paths`,
+            schemas in the ``*_SCHEMA`` dicts) are written to a temporary sibling directory that
+            replaces ``out_dir`` when whole.
+        metrics_path: JSON file for the headline metrics, written atomically after ``out_dir``.
+        min_count: latents active at fewer tokens (and never-active ones) are left out of the
+            per-latent averages (``var_within`` ... ``var_ratio_mass``) and ``mean_layer_std``.
+        top_tokens: highest-activation tokens kept per latent (0: none).
+        chunk_tokens: tokens read per step; default whole storage chunks, about 1M entries.
+            The results do not depend on it (up to float rounding in the sums).
+        multi_layer_threshold: second-largest layer share from which a pair is multi-layer.
+        n_resamples: bootstrap resamples of eval contexts for the ``*_ci`` intervals (>= 1).
+        seed: seed of the resampling.
+
+    Returns:
+        The headline metrics (also written to ``metrics_path``): the decomposition of
+        mlsae.analysis.decomposition (``var_within``, ``var_between``, ``var_total``, ``within_share``,
+        ``var_ratio``, their ``_mass`` versions, ``var_within_norm``, ``var_total_norm``,
+        ``effective_layers``, ``multi_layer_fraction``, each with a ``_ci``), the seed paper's
+        estimator (``var_token_paper``, ``var_aggregate_paper``, ``var_ratio_paper``, with
+        ``_ci``), ``mean_layer_std`` and the counts ``n_tokens``, ``n_active_pairs``,
+        ``n_entries``, ``n_latents_active``, ``n_latents_counted``, ``n_layers``. Undefined figures
+        (an empty mean, a ratio over 0) are ``None``.
+
+    Raises:
+        MlsaeError: a missing, malformed or incomplete store, a store whose tokens are all special,
+            or a bad argument.
+    """
+    min_count = _check_int("analysis.min_count", min_count, 0)
+    top_tokens = _check_int("analysis.top_tokens", top_tokens, 0)
+    if chunk_tokens is not None:
+        chunk_tokens = _check_int("chunk_tokens", chunk_tokens, 1)
+    store = open_latents(Path(latents_path))
+    chunk_tokens = chunk_tokens or _default_chunk_tokens(store)
+
+    out_dir = Path(out_dir)
+    made = [p for p in (out_dir.parent, *out_dir.parent.parents) if not p.exists()]
+    try:
+        with atomic_dir(out_dir) as tmp:
+            position = np.asarray(open_root(str(store.path))[POSITION][:])
+            context_index = np.cumsum(position == 0) - 1  # eval contexts start at position 0
+            n_contexts = int(context_index[-1]) + 1
+            stats = LayerStats(store.n_latents, store.n_layers, n_contexts, min_count, multi_layer_threshold,
+                               max(int(n_resamples), 1), seed)
+            acc = _Accumulator(store.n_latents, store.n_layers, top_tokens, stats=stats,
+                               context_index=context_index)
+            acc = _stream(store, chunk_tokens, acc, tmp, progress)
+            tables, metrics = _finish(acc, store.blocks, min_count)
+            for name, table in tables.items():
+                table.write_parquet(tmp / name)
+    except BaseException:
+        for path in made:  # innermost first: leave no directory this call created
+            if path.exists() and not any(path.iterdir()):
+                path.rmdir()
+        raise
+    if n_resamples == 0:  # no intervals asked for
+        metrics = {k: v for k, v in metrics.items() if not k.endswith("_ci")}
+    write_metrics(metrics_path, AnalysisMetrics.from_dict(metrics, "aggregate"))
+    return metrics

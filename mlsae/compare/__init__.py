@@ -1,0 +1,1 @@
+"""`mlsae compare`: experiments side by side, and finished runs of different models."""

@@ -1,0 +1,231 @@
+"""The extract stage: corpus -> model -> residual stream of every block -> activation store.
+
+Everything that can be wrong with the inputs (model, corpus, context length, an existing store
+from another configuration) is checked before the store is touched. Shards of `resid` are written
+by a background thread while the model computes the next one; the `done` counters in the store's
+attrs make an interrupted run resume from the last finished shard.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from mlsae.data import contexts as token_contexts
+from mlsae.data import corpus
+from mlsae.stores import activations as store
+from mlsae.core.paths import POSITION, RESID, SPECIAL
+from mlsae.core.errors import MlsaeError
+from mlsae.core.io import remove
+from mlsae.models.registry import LoadedModel, load_model
+from mlsae.core.params import FIRST_POSITION_OUTLIER, Params
+
+
+def fingerprint_attrs(p: Params, model: LoadedModel) -> dict:
+    """What identifies the store's content: resuming is only allowed when all of it matches."""
+    attrs = {
+        "model": p.model,
+        "revision": model.revision,
+        "n_layers": model.n_layers,
+        "d_model": model.d_model,
+        "corpus": p.data.source,
+        "context": p.data.context,
+        "train_tokens": p.data.train_tokens,
+        "eval_tokens": p.data.eval_tokens,
+        "dtype": p.extract.dtype,
+        "seed": p.seed,
+    }
+    if p.train.source == "stream":  # only the sample is stored, whatever the train budget beyond it
+        n_train, _ = token_contexts.plan(p.data.train_tokens, p.data.eval_tokens, p.data.context)
+        sample = token_contexts.sample_contexts(n_train, p.data.sample_tokens, p.data.context) * p.data.context
+        attrs.update(train_tokens=None, sample_tokens=sample, train_source="stream")
+    return attrs
+
+
+def open_corpus(source: str) -> Iterator[str]:
+    """The documents of `data.source`, checked now: a missing or empty corpus fails here,
+    before a model is loaded (which can take minutes), not after."""
+    docs = corpus.iter_documents(source)
+    first = next(docs, None)  # an empty corpus raises MlsaeError from inside the generator
+    if first is None:
+        raise MlsaeError(f"data.source {source!r}: corpus is empty (no non-empty document)")
+    return itertools.chain([first], docs)
+
+
+def prepare_splits(p: Params, model: LoadedModel, docs: Iterator[str] | None = None) -> dict[str, store.SplitData]:
+    """Tokenise the corpus (`docs`, default: opened from `data.source`) into contexts and make
+    the seeded train/eval split. In stream mode the train split is only the sample: the head of
+    the corpus is split instead (mlsae/data/stream.py)."""
+    if p.data.context > model.max_context:
+        raise MlsaeError(
+            f"data.context: {p.data.context} exceeds the maximum context of model {p.model} ({model.max_context})"
+        )
+    n_train, n_eval = token_contexts.plan(p.data.train_tokens, p.data.eval_tokens, p.data.context)
+    if p.train.source == "stream":
+        n_train = token_contexts.sample_contexts(n_train, p.data.sample_tokens, p.data.context)
+    if docs is None:
+        docs = corpus.iter_documents(p.data.source)
+    contexts = token_contexts.build_contexts(docs, model.tokenizer, p.data.context, n_train + n_eval)
+    train_idx, eval_idx = token_contexts.split_contexts(n_train + n_eval, n_eval, p.seed)
+    return {
+        name: store.SplitData(tokens=contexts.tokens[idx], special=contexts.special[idx], context_index=idx.astype(np.int32))
+        for name, idx in (("train", train_idx), ("eval", eval_idx))
+    }
+
+
+def open_for_writing(path: str, attrs: dict, splits: dict[str, store.SplitData]) -> tuple[object, bool]:
+    """(root group, resumed). An incomplete store of the same configuration is resumed; an
+    incomplete one of another configuration is refused; a complete one is rebuilt, and so is
+    one without a schema (`store.create` was interrupted before it wrote the attrs)."""
+    if store.exists(path):
+        old = dict(store.open_root(path).attrs)
+        if "schema" not in old:
+            remove(path)
+            return store.create(path, attrs, splits), False
+        same = all(old.get(k) == v for k, v in attrs.items()) and old.get("schema") == store.STORE_SCHEMA
+        if not old.get("complete"):
+            if same:
+                return store.open_root(path, mode="r+"), True
+            raise MlsaeError(
+                f"{path}: an incomplete store from another configuration (model {old.get('model')!r}, "
+                f"corpus {old.get('corpus')!r}) is in the way; delete it or rerun with those params to resume it"
+            )
+        remove(path)
+    return store.create(path, attrs, splits), False
+
+
+def extract(p: Params, out: str, progress: bool = True, stop_after_shards: int | None = None) -> dict:
+    """Run the model over the corpus and fill the store at `out`; returns extract metrics.
+
+    `stop_after_shards` simulates an interruption (tests): return after writing that many shards.
+    """
+    docs = open_corpus(p.data.source)
+    model = load_model(p.model, p.extract.device)
+    splits = prepare_splits(p, model, docs)
+    attrs = fingerprint_attrs(p, model)
+    root, resumed = open_for_writing(out, attrs, splits)
+    shard_tokens = int(root.attrs["shard_tokens"])
+    per_shard = shard_tokens // p.data.context
+    done = dict(root.attrs["done"])
+
+    work = []  # (split, shard index, first context, last context)
+    for name, data in splits.items():
+        n_contexts = data.tokens.shape[0]
+        for s in range(done[name], -(-n_contexts // per_shard)):
+            work.append((name, s, s * per_shard, min(n_contexts, (s + 1) * per_shard)))
+    total = sum(hi - lo for _, _, lo, hi in work) * p.data.context
+
+    def write(name: str, shard: int, lo: int, resid: np.ndarray) -> None:
+        root[name][RESID][lo * p.data.context : lo * p.data.context + resid.shape[0]] = resid
+        done[name] = shard + 1
+        root.attrs["done"] = dict(done)  # only after the shard is on disk
+
+    bar = tqdm(total=total, unit="tok", desc=f"extract {p.model}", disable=not progress)
+    t0 = time.perf_counter()
+    pending: Future | None = None
+    written = 0
+    try:
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            for name, shard, lo, hi in work:
+                ids = torch.from_numpy(splits[name].tokens[lo:hi]).long()
+                parts = []
+                for start in range(0, ids.shape[0], p.extract.batch_size):
+                    batch = ids[start : start + p.extract.batch_size]
+                    resid = model.residuals(batch)  # (B, T, L, d)
+                    # refuses non-finite values (a float16 overflow, a model gone NaN)
+                    parts.append(store.to_storage(resid.reshape(-1, model.n_layers, model.d_model), p.extract.dtype))
+                    bar.update(batch.numel())
+                if pending is not None:
+                    pending.result()
+                pending = pool.submit(write, name, shard, lo, np.concatenate(parts))
+                written += 1
+                if stop_after_shards is not None and written >= stop_after_shards:
+                    pending.result()
+                    bar.close()
+                    return {}
+            if pending is not None:
+                pending.result()
+    except MlsaeError:
+        bar.close()
+        if not resumed:  # a store this run created holds nothing worth resuming after a refusal
+            remove(out)
+        raise
+    elapsed = time.perf_counter() - t0
+    bar.close()
+
+    ratio = first_position_norm_ratio(store.ActivationStore(out, allow_incomplete=True))
+    skip = decide_skip_first(p.data.skip_first, ratio)
+    root.attrs["skip_first"] = skip
+    cos = adjacent_cosine(store.ActivationStore(out, allow_incomplete=True))  # over the kept tokens
+    root.attrs["complete"] = True
+    n_tokens = sum(d.n_tokens for d in splits.values())
+    return {
+        "tokens": n_tokens,
+        "train_tokens": splits["train"].n_tokens,
+        "eval_tokens": splits["eval"].n_tokens,
+        "tokens_per_s": total / elapsed if total else None,
+        "resumed": resumed,
+        "n_layers": model.n_layers,
+        "d_model": model.d_model,
+        "adjacent_cos": float(np.mean(cos)) if len(cos) else None,
+        "adjacent_cos_by_layer": cos,
+        "first_position_norm_ratio": max(ratio) if ratio else None,
+        "first_position_norm_ratio_by_layer": ratio,
+        "skip_first": skip,
+    }
+
+
+def decide_skip_first(setting: bool | str, ratio: list[float]) -> bool:
+    """`data.skip_first`: true/false as given; `auto` skips position 0 when its mean residual norm is
+    more than FIRST_POSITION_OUTLIER times the mean elsewhere at some block."""
+    if setting == "auto":
+        return bool(ratio) and max(ratio) > FIRST_POSITION_OUTLIER
+    return bool(setting)
+
+
+def first_position_norm_ratio(reader: store.ActivationStore, split: str = "eval", chunk: int = 4096) -> list[float]:
+    """Per block: mean residual norm at position 0 over the mean norm at positions > 0 (non-special
+    tokens only). Attention sinks show up as ratios far above 1."""
+    n = reader.n_tokens(split)
+    keep = ~reader.meta(split, SPECIAL)
+    first = reader.meta(split, POSITION) == 0
+    sums = np.zeros((2, reader.n_layers))
+    counts = np.zeros(2)
+    for start in range(0, n, chunk):
+        norms = reader.resid(split, start, min(n, start + chunk)).double().norm(dim=-1).numpy()
+        k, f = keep[start : start + len(norms)], first[start : start + len(norms)]
+        for row, mask in enumerate((k & f, k & ~f)):
+            sums[row] += norms[mask].sum(0)
+            counts[row] += mask.sum()
+    if counts.min() == 0:
+        return []
+    means = sums / counts[:, None]
+    return (means[0] / means[1]).tolist()
+
+
+def adjacent_cosine(reader: store.ActivationStore, split: str = "eval", chunk: int = 4096) -> list[float]:
+    """Mean cosine similarity of mean-centred residuals at blocks (i, i+1), over the kept tokens
+    (not special; not position 0 when the store skips it).
+
+    Two streaming passes over the split: per-layer means, then per-token cosines.
+    """
+    L, d = reader.n_layers, reader.d_model
+    total = torch.zeros(L, d, dtype=torch.float64)
+    count = 0
+    for x in reader.chunks(split, chunk):
+        total += x.double().sum(0)
+        count += x.shape[0]
+    if count == 0 or L < 2:
+        return []
+    mean = total / count
+    cos_sum = torch.zeros(L - 1, dtype=torch.float64)
+    for x in reader.chunks(split, chunk):
+        xc = x.double() - mean
+        cos_sum += torch.nn.functional.cosine_similarity(xc[:, :-1], xc[:, 1:], dim=-1).sum(0)
+    return (cos_sum / count).tolist()

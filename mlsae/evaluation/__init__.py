@@ -1,0 +1,1 @@
+"""The evaluate stage: reconstruction metrics and the spliced downstream loss."""

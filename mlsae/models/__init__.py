@@ -1,0 +1,1 @@
+"""Language models: the registry and loading, the GGUF cache, the hub probe, tiny test models, splicing."""

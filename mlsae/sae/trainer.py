@@ -1,0 +1,360 @@
+"""The train stage loop: shuffled batches from the store -> MLSAE steps -> checkpoints -> outputs.
+
+Single process, or `torchrun --nproc_per_node=N` with DistributedDataParallel (NCCL on GPUs, gloo
+on CPUs): every rank follows the same batch plan and takes its slice of each global batch, so the
+ranks always run the same number of steps. Rank 0 writes checkpoints and outputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import pickle
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from mlsae.core.paths import CHECKPOINT
+from mlsae.core.errors import MlsaeError
+from mlsae.core.io import atomic_dir, atomic_file
+from mlsae.lens.tuned import Lens
+from mlsae.models.registry import load_model, resolve_device
+from mlsae.core.params import Params
+from mlsae.sae.model import MLSAE, SAEConfig
+from mlsae.data.shuffle import BatchPlan, iter_batches
+from mlsae.stores.activations import ActivationStore
+from mlsae.data.stream import StreamBatches, check_store
+
+CHECKPOINT_VERSION = 1
+ADAM_EPS = 6.25e-10
+"""Adam's eps (the paper's value)."""
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_spec: str) -> tuple[Dist, torch.device]:
+    """Join the torchrun process group when launched by torchrun; pick this rank's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist(), resolve_device(device_spec)
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_spec)
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank, world, local), device
+
+
+def sae_config(p: Params, reader: ActivationStore, model_name: str) -> SAEConfig:
+    layers = p.select_layers(reader.n_layers)
+    n_latents = p.sae.expansion * reader.d_model
+    if p.sae.k > n_latents:
+        raise MlsaeError(f"sae.k: {p.sae.k} is more than n_latents = sae.expansion x d_model = "
+                         f"{p.sae.expansion} x {reader.d_model} = {n_latents}; lower sae.k or raise sae.expansion")
+    cfg = SAEConfig(
+        d_model=reader.d_model,
+        n_latents=n_latents,
+        k=p.sae.k,
+        layers=layers,
+        auxk=p.sae.auxk,
+        auxk_coef=p.sae.auxk_coef,
+        dead_tokens=p.sae.dead_tokens,
+        normalisation=p.sae.normalisation,
+        lens=p.lens,
+        model=model_name,
+        params_hash=p.section_hash("sae", "train", "seed", "lens"),
+    )
+    cfg.validate()
+    return cfg
+
+
+def identity_of(p: Params, reader: ActivationStore, world: int = 1) -> dict:
+    """What a checkpoint must match to be resumed (not where or how often it was saved)."""
+    train = {k: v for k, v in p.to_dict()["train"].items() if k not in ("device", "checkpoint_every")}
+    identity = {"params": p.section_hash("sae", "seed", "lens", "lens_fit", "lens_path"), "train": train,
+                "store": {k: reader.attrs.get(k) for k in ("model", "revision", "corpus", "context",
+                                                             "train_tokens", "seed", "dtype")}}
+    if p.train.source == "stream":  # the batches come from the corpus, the model and this many ranks
+        identity["stream"] = {"data": p.to_dict()["data"], "model": p.model, "dtype": p.extract.dtype,
+                              "batch_size": p.extract.batch_size, "world": world}
+    return identity
+
+
+def load_checkpoint(path: Path, identity: dict) -> dict | None:
+    """The checkpoint at `path` if it belongs to this run; None if absent or from another run.
+
+    Loaded with `weights_only=True`: only tensors and plain data are unpickled, so a crafted file
+    cannot run code; anything else is refused with one line.
+    """
+    if not path.is_file():
+        return None
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" in str(e):  # a real pickle that names a class or function to call
+            raise MlsaeError(f"{path}: refused: the checkpoint holds objects other than tensors and plain "
+                             "data (not one this project wrote); delete it to start over") from None
+        raise MlsaeError(f"{path}: corrupted checkpoint (UnpicklingError); delete it to start over") from None
+    except Exception as e:
+        raise MlsaeError(f"{path}: corrupted checkpoint ({type(e).__name__}); delete it to start over") from None
+    if not isinstance(ckpt, dict) or ckpt.get("version") != CHECKPOINT_VERSION:
+        raise MlsaeError(f"{path}: corrupted checkpoint (unknown layout); delete it to start over")
+    return ckpt if ckpt.get("identity") == identity else None
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    with atomic_file(path) as tmp:
+        torch.save(state, tmp)
+
+
+def make_optimizer(sae: nn.Module, lr: float) -> torch.optim.Adam:
+    """Adam with the paper's eps; the fused kernel (one pass over each tensor) on CPU and CUDA."""
+    params = list(sae.parameters())
+    fused = all(p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.Adam(params, lr=lr, eps=ADAM_EPS, fused=fused)
+
+
+def train_step(
+    sae: nn.Module, opt: torch.optim.Optimizer, x: Tensor, grad_clip: float = 0.0
+) -> dict[str, float]:
+    """One optimiser step on raw residuals ``x`` (B, L, d); returns the batch's metrics:
+    ``loss``, ``fvu``, ``auxk``, ``l0``, ``dead_fraction`` and ``fvu_layer_{block}`` per layer.
+
+    ``sae`` is an :class:`MLSAE` or a DistributedDataParallel wrapper of one. The caller picks
+    the device and may wrap the call in ``torch.autocast``. Raises ``FloatingPointError`` before
+    touching the weights if the loss (or, with clipping, the gradient norm) is not finite.
+    """
+    core: MLSAE = getattr(sae, "module", sae)
+    sae.train()
+    out = sae(x, auxk=True)
+    losses = core.loss(out)
+    loss = float(losses.loss.detach())
+    finite = math.isfinite(loss)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # every rank must agree to stop, or the others would wait forever in the all-reduce
+        flag = torch.tensor(float(finite), device=losses.loss.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        finite = bool(flag.item())
+    if not finite:
+        raise FloatingPointError(f"sae training loss is {loss} (on this or another rank); step skipped, weights unchanged")
+    opt.zero_grad(set_to_none=True)
+    losses.loss.backward()
+    core.remove_parallel_grads()
+    if grad_clip > 0:
+        norm = float(nn.utils.clip_grad_norm_(core.parameters(), grad_clip))
+        if not math.isfinite(norm):
+            raise FloatingPointError(f"sae gradient norm is {norm}; step skipped, weights unchanged")
+    opt.step()
+    core.normalise_decoder()
+    core.update_dead(out.values, out.indices, n_tokens=x.shape[0])
+    metrics = {
+        "loss": loss,
+        "fvu": float(losses.fvu.detach()),
+        "auxk": float(losses.auxk.detach()),
+        "l0": float((out.values > 0).sum(-1).float().mean()),
+        "dead_fraction": float(core.dead_mask().float().mean()),
+    }
+    for layer, value in zip(core.cfg.layers, losses.fvu_by_layer.detach().tolist()):
+        metrics[f"fvu_layer_{layer}"] = value
+    return metrics
+
+
+def check_dead_window(dead_tokens: int, n_steps: int, batch_tokens: int) -> None:
+    """A dead window at or beyond the run's length means no latent can ever be dead: AuxK never acts."""
+    run = n_steps * batch_tokens
+    if dead_tokens >= run:
+        raise MlsaeError(
+            f"sae.dead_tokens: {dead_tokens} is at or beyond the run's length of {run} tokens ({n_steps} steps x "
+            f"train.batch_tokens {batch_tokens}), so no latent could ever count as dead and AuxK would never act; "
+            f"lower sae.dead_tokens below {run} (or set sae.auxk: 0 to train without AuxK)"
+        )
+
+
+class _StoreBatches:
+    """Store mode's batches: the BatchPlan over the stored train split (mlsae/data/shuffle.py)."""
+
+    def __init__(self, reader: ActivationStore, layers: list[int], plan: BatchPlan, rank: int, world: int):
+        self.reader, self.layers, self.plan, self.rank, self.world = reader, layers, plan, rank, world
+
+    def first_batches(self) -> Iterator[Tensor]:
+        return iter_batches(self.reader, self.layers, self.plan)
+
+    def batches(self, start: int) -> Iterator[Tensor]:
+        return iter_batches(self.reader, self.layers, self.plan, start, self.rank, self.world)
+
+
+def batch_source(p: Params, reader: ActivationStore, layers: list[int], ranks: Dist, device: torch.device,
+                 chunk_order: str = "shuffled", progress: bool = False) -> tuple[_StoreBatches | StreamBatches, int]:
+    """(this rank's batch source, its step count: exact in store mode, an upper bound in stream mode)."""
+    check_store(p, reader.attrs)
+    if p.train.source == "stream":
+        model = load_model(p.model, device)
+        if (model.n_layers, model.d_model) != (reader.n_layers, reader.d_model):
+            raise MlsaeError(f"model {p.model}: {model.n_layers} blocks x d_model {model.d_model}, but the store holds "
+                             f"{reader.n_layers} x {reader.d_model}; rerun extract")
+        source = StreamBatches(p, model, layers, reader.skip_first, ranks.rank, ranks.world, progress)
+        return source, source.max_batches
+    excluded = ~reader.keep("train")  # special tokens, and position 0 when the store says skip_first
+    plan = BatchPlan(excluded, reader.chunk_tokens, p.train.shuffle_buffer_tokens, p.train.batch_tokens,
+                     p.train.epochs, p.seed, chunk_order)
+    if plan.n_batches == 0:
+        raise MlsaeError(
+            f"train.batch_tokens: {p.train.batch_tokens} is more than the train split's usable tokens per "
+            f"shuffle buffer; lower it or raise data.train_tokens / train.shuffle_buffer_tokens"
+        )
+    return _StoreBatches(reader, layers, plan, ranks.rank, ranks.world), plan.n_batches
+
+
+def train(p: Params, reader: ActivationStore, lens: Lens, out_dir: Path, checkpoint_dir: Path,
+          progress: bool = True, max_steps: int | None = None,
+          snapshots: dict[int, Path] | None = None, chunk_order: str = "shuffled") -> tuple[dict, list[dict]]:
+    """Train the MLSAE; write `out_dir` (sae.safetensors + config.json). Returns (metrics, history).
+
+    Batches come from the store or, with `train.source: stream`, from the corpus through the model
+    (mlsae/data/stream.py). `max_steps` stops early as if killed after that many steps (tests of resume).
+    `snapshots` maps step numbers to directories where the SAE is also saved after that step (the
+    convergence study: with a constant learning rate, the SAE after epoch e of a longer run is the
+    SAE of an e-epoch run). `chunk_order="sequential"` visits the store's chunks in order (stream
+    mode's order; the equivalence test).
+    """
+    ranks, device = init_distributed(p.train.device)
+    cfg = sae_config(p, reader, str(reader.attrs.get("model")))
+    layers = cfg.layers
+    source, n_steps = batch_source(p, reader, layers, ranks, device, chunk_order, progress and ranks.main)
+    stream = isinstance(source, StreamBatches)
+    if cfg.auxk > 0 and cfg.auxk_coef > 0:
+        check_dead_window(cfg.dead_tokens, n_steps, p.train.batch_tokens)
+    lens = lens.to(device)
+    ckpt_path = checkpoint_dir / CHECKPOINT
+    identity = identity_of(p, reader, ranks.world)
+    ckpt = load_checkpoint(ckpt_path, identity)
+
+    torch.manual_seed(p.seed)
+    sae = MLSAE(cfg).to(device)
+    opt = make_optimizer(sae, p.train.lr)
+    history: list[dict] = []
+    start = 0
+    if ckpt is not None:
+        sae.load_state_dict(ckpt["sae"])
+        opt.load_state_dict(ckpt["opt"])
+        history, start = ckpt["history"], ckpt["step"]
+    else:
+        sample = _sample(source.first_batches(), layers, lens, p.train.geometric_median_sample, p.seed, device)
+        sae.init_b_pre(sae.normalise(sample)[0])
+    model: torch.nn.Module = sae
+    if ranks.world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(sae, device_ids=[device.index] if device.type == "cuda" else None)
+
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
+    bar = tqdm(total=n_steps, initial=start, desc="train" + (" (stream; total: at most)" if stream else ""),
+               unit="step", disable=not (progress and ranks.main))
+    t0, vectors = time.perf_counter(), 0
+    step, stopped = start, False
+    if stream:
+        batches = source.batches(ckpt.get("stream") if ckpt is not None else None)
+    else:
+        batches = source.batches(start)
+    for x in batches:
+        if max_steps is not None and step >= max_steps:
+            stopped = True
+            break
+        x = lens(x.to(device, non_blocking=True), layers)
+        try:
+            with autocast:
+                stats = train_step(model, opt, x, p.train.grad_clip)
+        except FloatingPointError as e:
+            # `step` steps are done: this is step `step + 1` in the history's 1-based numbering
+            kept = f"last good checkpoint kept at {ckpt_path}" if ckpt_path.is_file() else "no checkpoint yet"
+            raise MlsaeError(
+                f"{e} at step {step + 1}; {kept} (lower train.lr or set train.grad_clip)"
+            ) from None
+        step += 1
+        vectors += x.shape[0] * x.shape[1] * ranks.world
+        history.append({"step": step, **{k: stats[k] for k in ("loss", "fvu", "auxk", "l0", "dead_fraction")},
+                        **{k: v for k, v in stats.items() if k.startswith("fvu_layer_")}})
+        bar.update(1)
+        bar.set_postfix(loss=f"{stats['loss']:.4f}", fvu=f"{stats['fvu']:.4f}", dead=f"{stats['dead_fraction']:.3f}")
+        if ranks.main and snapshots and step in snapshots:
+            with atomic_dir(snapshots[step]) as tmp:
+                sae.save(tmp)
+        if step % p.train.checkpoint_every == 0 or step == max_steps or (not stream and step == n_steps):
+            buffer = source.state() if stream else None  # a collective under torchrun: every rank
+            if ranks.main:
+                save_checkpoint(ckpt_path, {"version": CHECKPOINT_VERSION, "identity": identity, "step": step,
+                                            "sae": sae.state_dict(), "opt": opt.state_dict(), "history": history,
+                                            **({"stream": buffer} if stream else {})})
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    if stopped:
+        return {}, history
+    if ranks.main:
+        sae.cpu()
+        with atomic_dir(out_dir) as tmp:
+            sae.save(tmp)
+        ckpt_path.unlink(missing_ok=True)
+    if ranks.world > 1:
+        dist.barrier()
+    model_tokens = source.total_model_tokens() if stream else None  # a collective under torchrun
+    if not ranks.main:  # only rank 0 reports: the stage writes metrics and plots only when given some
+        return {}, history
+    metrics = _metrics(history, cfg, p.train.batch_tokens, vectors / elapsed if elapsed > 0 and vectors else None)
+    metrics["train_source"] = p.train.source
+    if stream:
+        metrics["model_tokens"] = model_tokens
+    return metrics, history
+
+
+def _sample(batches: Iterator[Tensor], layers: list[int], lens: Lens, n: int, seed: int,
+            device: torch.device) -> torch.Tensor:
+    """`n` (token, layer) vectors from the first shuffled batches, in lens space, as (n, 1, d)."""
+    rows, got = [], 0
+    for x in batches:
+        rows.append(x)
+        got += x.shape[0]
+        if got >= n:
+            break
+    if not rows:
+        raise MlsaeError("train.batch_tokens: no shuffle buffer holds a whole batch of usable tokens (special tokens "
+                         "and position 0 are left out); lower it or raise train.shuffle_buffer_tokens")
+    x = torch.cat(rows).to(device)
+    vectors = lens(x, layers).reshape(-1, x.shape[-1])
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(vectors.shape[0], generator=g)[:n].to(device)
+    return vectors[pick].unsqueeze(1)
+
+
+def _metrics(history: list[dict], cfg: SAEConfig, batch_tokens: int, vectors_per_s: float | None) -> dict:
+    tail = history[-max(1, len(history) // 10):]
+    by_layer = [float(np.mean([h[f"fvu_layer_{layer}"] for h in tail])) for layer in cfg.layers]
+    return {
+        "fvu": float(np.mean(by_layer)),
+        "fvu_by_layer": by_layer,
+        "loss": float(np.mean([h["loss"] for h in tail])),
+        "l0": float(np.mean([h["l0"] for h in tail])),
+        "dead_fraction": history[-1]["dead_fraction"] if history else None,
+        "auxk_steps": sum(1 for h in history if h["auxk"] > 0),
+        "vectors_per_s": vectors_per_s,
+        "steps": len(history),
+        "tokens": len(history) * batch_tokens,
+        "n_latents": cfg.n_latents,
+        "layers": cfg.layers,
+    }

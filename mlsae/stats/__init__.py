@@ -1,0 +1,1 @@
+"""Uncertainty: resampling units, the bootstrap count matrix and intervals."""

@@ -1,0 +1,1 @@
+"""The two Zarr stores, one reader and writer each: activations (extract) and latents (dump)."""

@@ -1,0 +1,1 @@
+"""Studies that run the pipeline's library many times (convergence)."""
