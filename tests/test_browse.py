@@ -191,9 +191,9 @@ def test_page_escapes_corpus_text(run: dict) -> None:
 
 
 def test_browse_params_are_validated() -> None:
-    with pytest.raises(MlsaeError, match=r"^browse\.latents: must be >= 1"):
+    with pytest.raises(MlsaeError, match=r"^browse\.latents: input should be greater than or equal to 1 \(got 0\)$"):
         parse_params({"browse": {"latents": 0}})
-    with pytest.raises(MlsaeError, match=r"^browse\.before: must be >= 0"):
+    with pytest.raises(MlsaeError, match=r"^browse\.before: input should be greater than or equal to 0 \(got -1\)$"):
         parse_params({"browse": {"before": -1}})
     with pytest.raises(MlsaeError, match=r"^browse\.colour: unknown param"):
         parse_params({"browse": {"colour": 1}})

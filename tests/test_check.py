@@ -42,7 +42,7 @@ def rejected(raw: dict) -> str:
 
 
 def test_one_token_context_is_rejected_by_params():
-    with pytest.raises(MlsaeError, match=r"data.context: must be >= 2"):
+    with pytest.raises(MlsaeError, match=r"^data.context: input should be greater than or equal to 2 \(got 1\)$"):
         parse_params({"data": {"context": 1}})
 
 

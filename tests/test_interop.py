@@ -378,7 +378,7 @@ def test_train_can_use_the_seed_normalisation(store, reader):
 
     p = params_with(store, normalisation="seed")
     assert sae_config(p, reader, "tiny-llama").normalisation == "seed"
-    with pytest.raises(MlsaeError, match=r"^sae.normalisation: must be one of vector, seed \(got 'layer'\)"):
+    with pytest.raises(MlsaeError, match=r"^sae.normalisation: input should be 'vector' or 'seed' \(got 'layer'\)$"):
         params_with(store, normalisation="layer")
 
 

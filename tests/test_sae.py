@@ -29,6 +29,7 @@ def one_thread():
 
 def make_sae(d: int = 16, n: int = 64, k: int = 4, layers: int = 3, seed: int = 0, **kw: object) -> MLSAE:
     torch.manual_seed(seed)
+    kw.setdefault("normalisation", "vector")  # the numpy references below implement `vector`
     return MLSAE(SAEConfig(d_model=d, n_latents=n, k=k, layers=list(range(layers)), **kw))
 
 

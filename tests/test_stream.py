@@ -253,9 +253,9 @@ def test_stream_sample_reads_past_a_buffer_without_batches(store: tuple[Path, di
 
 
 def test_bad_train_source_is_one_clear_error(store: tuple[Path, dict]) -> None:
-    with pytest.raises(MlsaeError, match="^train.source: must be one of store, stream"):
+    with pytest.raises(MlsaeError, match="^train.source: input should be 'store' or 'stream' \\(got 'disk'\\)$"):
         parse_params(merge(store[1], {"train": {"source": "disk"}}))
-    with pytest.raises(MlsaeError, match="^data.sample_tokens: must be >= 1"):
+    with pytest.raises(MlsaeError, match="^data.sample_tokens: input should be greater than or equal to 1"):
         parse_params(merge(store[1], {"data": {"sample_tokens": 0}}))
 
 

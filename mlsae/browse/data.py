@@ -356,7 +356,7 @@ def collect(latents_path: str | Path, analysis_dir: str | Path, sae: Any, final_
         "meta": {"model": model, "lens": getattr(sae.cfg, "lens", "none"), "layers": store.layers,
                  "n_latents": store.n_latents, "k": store.k, "n_tokens": store.n_tokens,
                  "n_active": int((stats["count"] > 0).sum()), "columns": notes,
-                 "params": {k: getattr(p, k) for k in p.__dataclass_fields__}},
+                 "params": p.model_dump()},
         "vocab": {str(t): decode(t) for t in sorted(shown)},
         "latents": records,
         "prompts": prompt_rows,

@@ -36,6 +36,8 @@ SEED_NORM_EPS = 1e-5
 """``seed``: added to each vector's unbiased std, as the seed code (and SAELens's ``layer_norm``) does."""
 NORMALISATIONS = ("vector", "seed")
 WEIGHTS_SHA256 = "weights_sha256"
+_DEFAULTS = SAEParams()
+"""The params' defaults (mlsae.core.params.SAEParams), the config's defaults too: one home."""
 """Key of ``config.json`` holding the sha256 of ``sae.safetensors`` (not an SAEConfig field)."""
 
 
@@ -51,13 +53,13 @@ class SAEConfig:
     """Latents kept active per vector (TopK)."""
     layers: list[int]
     """Block indices of the selected layers, in the order of the input's layer axis (length L)."""
-    auxk: int = SAEParams.auxk
+    auxk: int = _DEFAULTS.auxk
     """Dead latents per vector used by the AuxK loss (at most the number dead; 0 disables it)."""
-    auxk_coef: float = SAEParams.auxk_coef
+    auxk_coef: float = _DEFAULTS.auxk_coef
     """Weight of the AuxK loss in the total loss."""
-    dead_tokens: int = SAEParams.dead_tokens
+    dead_tokens: int = _DEFAULTS.dead_tokens
     """A latent is dead once it has not fired for this many tokens (a token counts once for all layers)."""
-    normalisation: str = "vector"
+    normalisation: str = _DEFAULTS.normalisation
     """Input normalisation of each vector x over its own d entries, with m = mean(x):
     ``vector``: x̂ = (x − m) / s, s = sqrt(Σ(x − m)² / d + 1e-6), reconstruction x̂·s + m;
     ``seed`` (the seed paper's SAEs, imported): x̂ = (x − m) / (σ + 1e-5) with the unbiased
