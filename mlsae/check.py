@@ -31,16 +31,17 @@ import struct
 import subprocess
 import sys
 import sysconfig
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
-from mlsae.data import corpus
 from mlsae.core.errors import MlsaeError
 from mlsae.core.io import file_sha256, write_text
 from mlsae.core.params import Params, load_params
+from mlsae.data import corpus
 
 RESTORE_PARAMS = "git show HEAD:params.yaml > params.yaml"
 """The one-line fix for a params.yaml left over from a failed `dvc exp run -S` (the file looks
@@ -66,8 +67,19 @@ def gguf_dims(path: str | Path) -> ModelDims:
     tokenizer's large arrays and the tensors are never read)."""
     from gguf import GGUFValueType as T
 
-    scalar = {T.UINT8: "<B", T.INT8: "<b", T.UINT16: "<H", T.INT16: "<h", T.UINT32: "<I", T.INT32: "<i",
-              T.FLOAT32: "<f", T.BOOL: "<?", T.UINT64: "<Q", T.INT64: "<q", T.FLOAT64: "<d"}
+    scalar = {
+        T.UINT8: "<B",
+        T.INT8: "<b",
+        T.UINT16: "<H",
+        T.INT16: "<h",
+        T.UINT32: "<I",
+        T.INT32: "<i",
+        T.FLOAT32: "<f",
+        T.BOOL: "<?",
+        T.UINT64: "<Q",
+        T.INT64: "<q",
+        T.FLOAT64: "<d",
+    }
     with open(path, "rb") as f:
 
         def read(fmt: str) -> Any:
@@ -174,7 +186,9 @@ def check_model(p: Params) -> None:
         )
     p.select_layers(dims.n_layers)  # raises naming sae.layers
     if dims.max_context is not None and p.data.context > dims.max_context:
-        raise MlsaeError(f"data.context: {p.data.context} exceeds the maximum context of model {p.model} ({dims.max_context})")
+        raise MlsaeError(
+            f"data.context: {p.data.context} exceeds the maximum context of model {p.model} ({dims.max_context})"
+        )
 
 
 def check_lens_path(p: Params) -> None:
@@ -222,8 +236,14 @@ def check_storage_dtype(p: Params) -> None:
         )
 
 
-CHECKS: list[Callable[[Params], None]] = [check_evaluate_tokens, check_lens_path, check_corpus, check_model,
-                                          check_dead_window, check_storage_dtype]
+CHECKS: list[Callable[[Params], None]] = [
+    check_evaluate_tokens,
+    check_lens_path,
+    check_corpus,
+    check_model,
+    check_dead_window,
+    check_storage_dtype,
+]
 
 
 def validate(p: Params) -> None:
@@ -252,8 +272,9 @@ def corpus_manifest(source: str) -> dict[str, Any]:
         from pydoc_data.topics import topics
 
         root = Path(sysconfig.get_paths()["stdlib"])
-        listing = "".join(f"{p.relative_to(root).as_posix()}\t{p.stat().st_size}\n"
-                          for p in corpus.stdlib_source_files(root))
+        listing = "".join(
+            f"{p.relative_to(root).as_posix()}\t{p.stat().st_size}\n" for p in corpus.stdlib_source_files(root)
+        )
         return {
             "source": source,
             "python": sys.version.split()[0],
@@ -263,8 +284,10 @@ def corpus_manifest(source: str) -> dict[str, Any]:
     if source.startswith(corpus.EMBEDDED_PREFIX):
         raise MlsaeError(f"data.source {source!r}: unknown embedded corpus (known: {corpus.EMBEDDED_PYTHON_DOCS})")
     files = corpus._resolve_files(source)
-    return {"source": source,
-            "files": [{"path": _display(f), "size": f.stat().st_size, "sha256": file_sha256(f)} for f in files]}
+    return {
+        "source": source,
+        "files": [{"path": _display(f), "size": f.stat().st_size, "sha256": file_sha256(f)} for f in files],
+    }
 
 
 def write_manifest(source: str, path: str | Path) -> bool:
@@ -301,8 +324,13 @@ def params_drift(path: str | Path = "params.yaml") -> dict[str, tuple[Any, Any]]
     file and git's index does not notice, since DVC keeps the line lengths)."""
     path = Path(path)
     try:
-        proc = subprocess.run(["git", "show", f"HEAD:./{path.name}"], cwd=path.parent.resolve(),
-                              capture_output=True, text=True, timeout=10)
+        proc = subprocess.run(
+            ["git", "show", f"HEAD:./{path.name}"],
+            cwd=path.parent.resolve(),
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
     except (OSError, subprocess.SubprocessError):
         return {}
     if proc.returncode != 0:
@@ -313,8 +341,11 @@ def params_drift(path: str | Path = "params.yaml") -> dict[str, tuple[Any, Any]]
     except (OSError, yaml.YAMLError):
         return {}
     missing = object()
-    return {k: (now.get(k), head.get(k)) for k in sorted(set(head) | set(now))
-            if now.get(k, missing) != head.get(k, missing)}
+    return {
+        k: (now.get(k), head.get(k))
+        for k in sorted(set(head) | set(now))
+        if now.get(k, missing) != head.get(k, missing)
+    }
 
 
 def drift_notice(drift: dict[str, tuple[Any, Any]], name: str = "params.yaml") -> str | None:
@@ -322,8 +353,10 @@ def drift_notice(drift: dict[str, tuple[Any, Any]], name: str = "params.yaml") -
     if not drift:
         return None
     keys = ", ".join(f"{k}={json.dumps(now)} (HEAD: {json.dumps(head)})" for k, (now, head) in drift.items())
-    return (f"note: check: {name} differs from git HEAD: {keys}; if that is not this run's `-S`, it is left over "
-            f"from a failed `dvc exp run`: restore it with `{RESTORE_PARAMS}`")
+    return (
+        f"note: check: {name} differs from git HEAD: {keys}; if that is not this run's `-S`, it is left over "
+        f"from a failed `dvc exp run`: restore it with `{RESTORE_PARAMS}`"
+    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -28,8 +28,8 @@ def export(
     force: bool = typer.Option(False, "--force", help="Replace a non-empty OUT."),
 ) -> None:
     """Export the SAE to SAELens: one folder per layer hook blocks.{i}.hook_resid_post."""
-    from mlsae.sae.saelens import export_note, export_saelens
     from mlsae.core.stage import stage
+    from mlsae.sae.saelens import export_note, export_saelens
 
     with stage("export"):
         if format != "saelens":

@@ -2,8 +2,8 @@
 
 import typer
 
-from mlsae.core import paths as C
 from mlsae.check import check
+from mlsae.core import paths as C
 from mlsae.core.stage import stage
 
 

@@ -3,11 +3,11 @@
 import typer
 
 from mlsae.core import paths as C
-from mlsae.sae.dump import dump
+from mlsae.core.stage import params, stage
 from mlsae.lens.loading import load_stage_lens
 from mlsae.models.registry import resolve_device
+from mlsae.sae.dump import dump
 from mlsae.sae.model import MLSAE
-from mlsae.core.stage import params, stage
 from mlsae.stores.activations import ActivationStore, guard
 
 

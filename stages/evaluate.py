@@ -3,15 +3,15 @@
 import typer
 
 from mlsae.core import paths as C
-from mlsae.evaluation.reconstruction import evaluate
 from mlsae.core.io import write_text
-from mlsae.lens.loading import load_stage_lens
 from mlsae.core.metrics import EvalMetrics, write_metrics
+from mlsae.core.stage import params, stage
+from mlsae.core.tables import to_csv
+from mlsae.evaluation.reconstruction import evaluate
+from mlsae.lens.loading import load_stage_lens
 from mlsae.models.registry import load_model, resolve_device
 from mlsae.sae.model import MLSAE
-from mlsae.core.stage import params, stage
 from mlsae.stores.activations import ActivationStore, guard
-from mlsae.core.tables import to_csv
 
 
 def main(params_file: str = "params.yaml") -> None:

@@ -3,9 +3,9 @@
 import typer
 
 from mlsae.core import paths as C
-from mlsae.data.extract import extract
 from mlsae.core.metrics import ExtractMetrics, write_metrics
 from mlsae.core.stage import params, stage
+from mlsae.data.extract import extract
 
 
 def main(params_file: str = "params.yaml") -> None:

@@ -3,9 +3,9 @@
 import typer
 
 from mlsae.core import paths as C
-from mlsae.lens.build import run_lens_stage
 from mlsae.core.metrics import LensMetrics, write_metrics
 from mlsae.core.stage import params, stage
+from mlsae.lens.build import run_lens_stage
 from mlsae.stores.activations import ActivationStore, guard
 
 

@@ -3,11 +3,11 @@
 import typer
 
 from mlsae.core import paths as C
-from mlsae.stores.latents import token_meta
+from mlsae.core.stage import params, stage
 from mlsae.models.registry import load_tokenizer
 from mlsae.report import build_report, render_summary
-from mlsae.core.stage import params, stage
 from mlsae.stores.activations import guard
+from mlsae.stores.latents import token_meta
 
 
 def main(params_file: str = "params.yaml") -> None:
@@ -16,10 +16,19 @@ def main(params_file: str = "params.yaml") -> None:
         tokens, context, position = token_meta(C.LATENTS)
         tokenizer = load_tokenizer(p.model)
         out = build_report(
-            C.METRICS_DIR, C.PLOTS_DIR, C.ANALYSIS_DIR, C.SAE_DIR / C.SAE_CONFIG, C.TABLES_DIR, C.FIGURES_DIR,
-            tokens=tokens, context=context, position=position,
-            decode=lambda ids: tokenizer.decode(ids), top_latents=p.analysis.top_latents,
-            contexts_per_latent=p.analysis.top_tokens, min_count=p.analysis.min_count,
+            C.METRICS_DIR,
+            C.PLOTS_DIR,
+            C.ANALYSIS_DIR,
+            C.SAE_DIR / C.SAE_CONFIG,
+            C.TABLES_DIR,
+            C.FIGURES_DIR,
+            tokens=tokens,
+            context=context,
+            position=position,
+            decode=lambda ids: tokenizer.decode(ids),
+            top_latents=p.analysis.top_latents,
+            contexts_per_latent=p.analysis.top_tokens,
+            min_count=p.analysis.min_count,
         )
         render_summary(out["text"])
 

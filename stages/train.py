@@ -8,13 +8,13 @@ import typer
 
 from mlsae.core import paths as C
 from mlsae.core.io import write_text
-from mlsae.lens.loading import load_stage_lens
 from mlsae.core.metrics import TrainMetrics, write_metrics
-from mlsae.sae.importer import TRAIN_CURVE_HEADER, import_sae
 from mlsae.core.stage import params, stage
-from mlsae.stores.activations import ActivationStore, guard
 from mlsae.core.tables import to_csv
+from mlsae.lens.loading import load_stage_lens
+from mlsae.sae.importer import TRAIN_CURVE_HEADER, import_sae
 from mlsae.sae.trainer import train
+from mlsae.stores.activations import ActivationStore, guard
 
 
 def main(params_file: str = "params.yaml") -> None:
@@ -23,7 +23,9 @@ def main(params_file: str = "params.yaml") -> None:
         reader = ActivationStore(str(C.ACTIVATIONS))
         reader.check_model(p.model)
         if p.sae.source != "train":
-            write_metrics(C.TRAIN_METRICS, TrainMetrics.from_dict(import_sae(p, reader, C.SAE_DIR), "train", partial=True))
+            write_metrics(
+                C.TRAIN_METRICS, TrainMetrics.from_dict(import_sae(p, reader, C.SAE_DIR), "train", partial=True)
+            )
             write_text(C.TRAIN_PLOT, TRAIN_CURVE_HEADER)
             return
         lens = load_stage_lens(C.LENS_DIR, reader)

@@ -15,11 +15,11 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from mlsae.core.paths import INDICES, VALUES
-from mlsae.core.errors import MlsaeError
-from mlsae.stores.latents import LatentStore
 from mlsae.analysis.decomposition import LayerStats
 from mlsae.analysis.kernels import group_pairs, update_top
+from mlsae.core.errors import MlsaeError
+from mlsae.core.paths import INDICES, VALUES
+from mlsae.stores.latents import LatentStore
 
 # Entries (tokens x layers x k) read per chunk by default: large enough to amortise the per-chunk
 # work on the n_latents x L tables, small enough to keep the working set to tens of MiB.
@@ -254,12 +254,27 @@ class _Accumulator:
         self.n_pairs += pairs.latent.size
         if self.stats is not None and self.context_index is not None:
             self.stats.add_tokens(self.context_index[token])
-            self.stats.add(pairs.latent, self.context_index[pairs.token], pairs.mass, pairs.mean,
-                           pairs.second, pairs.entropy, pairs.share2)
+            self.stats.add(
+                pairs.latent,
+                self.context_index[pairs.token],
+                pairs.mass,
+                pairs.mean,
+                pairs.second,
+                pairs.entropy,
+                pairs.share2,
+            )
         self.pair_count += np.bincount(pairs.latent, minlength=self.n_latents)
         if self.top_n:
-            update_top(pairs.latent, pairs.token, pairs.peak_value, pairs.peak_layer, self.top_value,
-                       self.top_token, self.top_layer, self.top_len)
+            update_top(
+                pairs.latent,
+                pairs.token,
+                pairs.peak_value,
+                pairs.peak_layer,
+                self.top_value,
+                self.top_token,
+                self.top_layer,
+                self.top_len,
+            )
 
     @property
     def top(self) -> pl.DataFrame:

@@ -48,14 +48,13 @@ import polars as pl
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from mlsae.analysis.decomposition import LayerStats
 from mlsae.analysis.accumulator import (
+    _TOKEN_LATENT_ARROW,
     LATENT_LAYER_SCHEMA,
     LATENTS_SCHEMA,
     LAYERS_SCHEMA,
     TOKEN_LATENT_SCHEMA,
     TOP_TOKENS_SCHEMA,
-    _TOKEN_LATENT_ARROW,
     _Accumulator,
     _default_chunk_tokens,
     _Grouper,
@@ -63,13 +62,14 @@ from mlsae.analysis.accumulator import (
     _Pairs,
     _token_latent_table,
 )
-from mlsae.core.paths import LATENT_LAYER, LATENT_STATS, LAYER_STATS, POSITION, TOKEN_STATS, TOP_TOKENS
+from mlsae.analysis.decomposition import LayerStats
 from mlsae.core.errors import MlsaeError
 from mlsae.core.io import atomic_dir
-from mlsae.stores.latents import LatentStore, open_latents
 from mlsae.core.metrics import AnalysisMetrics, write_metrics
 from mlsae.core.params import is_int
+from mlsae.core.paths import LATENT_LAYER, LATENT_STATS, LAYER_STATS, POSITION, TOKEN_STATS, TOP_TOKENS
 from mlsae.stores.activations import open_root
+from mlsae.stores.latents import LatentStore, open_latents
 
 __all__ = [
     "LATENTS_SCHEMA",
@@ -158,15 +158,13 @@ def _nullable(x: np.ndarray, defined: np.ndarray) -> pl.Series:
     return pl.Series(np.where(defined, x, np.nan), dtype=pl.Float64).fill_nan(None)
 
 
-def _finish(
-    acc: _Accumulator, blocks: list[int], min_count: int
-) -> tuple[dict[str, pl.DataFrame], dict[str, Any]]:
+def _finish(acc: _Accumulator, blocks: list[int], min_count: int) -> tuple[dict[str, pl.DataFrame], dict[str, Any]]:
     """Build the per-latent, per-layer and top-token tables and the headline metrics."""
     n_latents, n_layers = acc.n_latents, acc.n_layers
     ell = np.arange(n_layers, dtype=np.float64)
     mass = acc.layer_mass.sum(axis=1)
     active = acc.pair_count > 0
-    safe_count = np.maximum(acc.pair_count, 1)
+    np.maximum(acc.pair_count, 1)
     dist = acc.layer_mass / np.where(active, mass, 1.0)[:, None]  # rows of 0 for never-active latents
     mean = dist @ ell
     var = ((ell[None, :] - mean[:, None]) ** 2 * dist).sum(axis=1)
@@ -256,7 +254,9 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
     return int(value)
 
 
-def _stream(store: LatentStore, chunk_tokens: int, acc: _Accumulator, out_dir: Path, progress: bool = False) -> _Accumulator:
+def _stream(
+    store: LatentStore, chunk_tokens: int, acc: _Accumulator, out_dir: Path, progress: bool = False
+) -> _Accumulator:
     """Fold every chunk of ``store`` into ``acc``, writing ``token_latent.parquet`` to ``out_dir``."""
     grouper = _Grouper(store.n_latents)
     writer = pq.ParquetWriter(
@@ -349,10 +349,16 @@ def aggregate(
             position = np.asarray(open_root(str(store.path))[POSITION][:])
             context_index = np.cumsum(position == 0) - 1  # eval contexts start at position 0
             n_contexts = int(context_index[-1]) + 1
-            stats = LayerStats(store.n_latents, store.n_layers, n_contexts, min_count, multi_layer_threshold,
-                               max(int(n_resamples), 1), seed)
-            acc = _Accumulator(store.n_latents, store.n_layers, top_tokens, stats=stats,
-                               context_index=context_index)
+            stats = LayerStats(
+                store.n_latents,
+                store.n_layers,
+                n_contexts,
+                min_count,
+                multi_layer_threshold,
+                max(int(n_resamples), 1),
+                seed,
+            )
+            acc = _Accumulator(store.n_latents, store.n_layers, top_tokens, stats=stats, context_index=context_index)
             acc = _stream(store, chunk_tokens, acc, tmp, progress)
             tables, metrics = _finish(acc, store.blocks, min_count)
             for name, table in tables.items():

@@ -71,11 +71,11 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from mlsae.stats.bootstrap import context_counts, interval_json, percentile_interval
-from mlsae.core.errors import MlsaeError
 from mlsae.analysis.kernels import N_STATS, check_pairs, fold_pairs
+from mlsae.core.errors import MlsaeError
+from mlsae.stats.bootstrap import context_counts, interval_json, percentile_interval
 
-__all__ = ["LATENT_COLUMNS", "HEADLINE_KEYS", "LayerStats", "pair_entropy"]
+__all__ = ["HEADLINE_KEYS", "LATENT_COLUMNS", "LayerStats", "pair_entropy"]
 
 # Per-(context, latent) sums, in this order along the stats axis.
 _N, _D, _D2, _V, _M, _MD, _MD2, _MV = range(8)
@@ -291,13 +291,30 @@ class LayerStats:
             if len(self._pending_contexts) + new_contexts.size > cap:
                 self._flush()
                 new_contexts = block
-            self._pending_row[new_contexts] = np.arange(len(self._pending_contexts),
-                                                        len(self._pending_contexts) + new_contexts.size)
+            self._pending_row[new_contexts] = np.arange(
+                len(self._pending_contexts), len(self._pending_contexts) + new_contexts.size
+            )
             self._pending_contexts += new_contexts.tolist()
             rows = np.full(self.n_contexts, -1, dtype=np.int64)  # only this block's contexts
             rows[block] = self._pending_row[block]
-            fold_pairs(latent, context, mass, mean, second, exp_entropy, share2, self.threshold, self.shift,
-                       start == 0, self._sums, self.eff, self.multi, context_pairs, self._pending, rows)
+            fold_pairs(
+                latent,
+                context,
+                mass,
+                mean,
+                second,
+                exp_entropy,
+                share2,
+                self.threshold,
+                self.shift,
+                start == 0,
+                self._sums,
+                self.eff,
+                self.multi,
+                context_pairs,
+                self._pending,
+                rows,
+            )
         pairs = context_pairs[used]
         self.pair_sums += pairs.sum(axis=0)
         self.pair_replicas += self.counts_f64[used].T @ pairs

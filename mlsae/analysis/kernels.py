@@ -25,8 +25,24 @@ N_STATS = 8
 
 
 @numba.njit(cache=True, nogil=True)
-def group_pairs(indices, values, token, seen, slot, out_token, out_latent, out_n_layers, out_mass, out_mean,
-                out_second, out_var, out_peak_value, out_peak_layer, out_entropy, out_share2):
+def group_pairs(
+    indices,
+    values,
+    token,
+    seen,
+    slot,
+    out_token,
+    out_latent,
+    out_n_layers,
+    out_mass,
+    out_mean,
+    out_second,
+    out_var,
+    out_peak_value,
+    out_peak_layer,
+    out_entropy,
+    out_share2,
+):
     """Group ``(c, L, k)`` entries by (token, latent); write one row per active pair.
 
     Args:
@@ -126,15 +142,37 @@ def check_pairs(latent, context, mass, mean, second, entropy, share2, n_latents,
         if context[i] < 0 or context[i] >= n_contexts:
             return 2
         m = mass[i]
-        if not (np.isfinite(m) and m > 0 and np.isfinite(mean[i]) and np.isfinite(second[i])
-                and np.isfinite(entropy[i]) and np.isfinite(share2[i])):
+        if not (
+            np.isfinite(m)
+            and m > 0
+            and np.isfinite(mean[i])
+            and np.isfinite(second[i])
+            and np.isfinite(entropy[i])
+            and np.isfinite(share2[i])
+        ):
             return 3
     return 0
 
 
 @numba.njit(cache=True, nogil=True)
-def fold_pairs(latent, context, mass, mean, second, exp_entropy, share2, threshold, shift, point, sums, eff, multi,
-               context_pairs, pending, pending_row):
+def fold_pairs(
+    latent,
+    context,
+    mass,
+    mean,
+    second,
+    exp_entropy,
+    share2,
+    threshold,
+    shift,
+    point,
+    sums,
+    eff,
+    multi,
+    context_pairs,
+    pending,
+    pending_row,
+):
     """Fold valid pairs (see :func:`check_pairs`) into the sums of :class:`mlsae.analysis.decomposition.LayerStats`.
 
     Per pair, with ``d = mean - shift[f]`` and ``v = max(second - mean^2, 0)``, the eight stats are

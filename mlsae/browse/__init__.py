@@ -20,8 +20,15 @@ from mlsae.core.params import BrowseParams
 __all__ = ["build_browser"]
 
 
-def build_browser(model: str, latents_path: str | Path, analysis_dir: str | Path, sae_dir: str | Path,
-                  out_dir: str | Path, p: BrowseParams, progress: bool = False) -> dict:
+def build_browser(
+    model: str,
+    latents_path: str | Path,
+    analysis_dir: str | Path,
+    sae_dir: str | Path,
+    out_dir: str | Path,
+    p: BrowseParams,
+    progress: bool = False,
+) -> dict:
     """Write ``out_dir/index.html`` for a run; returns ``{"path", "bytes", "latents", "prompts"}``."""
     from mlsae.models.registry import load_model
     from mlsae.sae.model import MLSAE
@@ -30,8 +37,22 @@ def build_browser(model: str, latents_path: str | Path, analysis_dir: str | Path
     loaded = load_model(model)
     tok = loaded.tokenizer
     vocab = min(loaded.vocab_size, len(tok))
-    payload = collect(latents_path, analysis_dir, sae, loaded.final_norm, loaded.unembed.weight,
-                      lambda t: tok.decode([t]), vocab, p, model=model, progress=progress)
+    payload = collect(
+        latents_path,
+        analysis_dir,
+        sae,
+        loaded.final_norm,
+        loaded.unembed.weight,
+        lambda t: tok.decode([t]),
+        vocab,
+        p,
+        model=model,
+        progress=progress,
+    )
     path = page.write(payload, out_dir)
-    return {"path": str(path), "bytes": path.stat().st_size, "latents": len(payload["latents"]),
-            "prompts": len(payload["prompts"])}
+    return {
+        "path": str(path),
+        "bytes": path.stat().st_size,
+        "latents": len(payload["latents"]),
+        "prompts": len(payload["prompts"]),
+    }

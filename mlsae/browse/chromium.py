@@ -14,8 +14,15 @@ from typing import Any
 
 from mlsae.core.errors import MlsaeError
 
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run"]
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 
 def executable() -> str | None:
@@ -28,13 +35,16 @@ def launch(playwright: Any) -> Any:
     """A Playwright ``Browser`` running the system chromium."""
     exe = executable()
     if exe is None:
-        raise MlsaeError("chromium not found: install it (apt-get install chromium, or `make setup`) "
-                         "or set MLSAE_CHROMIUM to its path")
+        raise MlsaeError(
+            "chromium not found: install it (apt-get install chromium, or `make setup`) "
+            "or set MLSAE_CHROMIUM to its path"
+        )
     return playwright.chromium.launch(executable_path=exe, args=ARGS, headless=True)
 
 
-def screenshot(page_path: str | Path, out: str | Path, fragment: str = "", width: int = 1280,
-               height: int = 900) -> Path:
+def screenshot(
+    page_path: str | Path, out: str | Path, fragment: str = "", width: int = 1280, height: int = 900
+) -> Path:
     """Render ``page_path`` (a local HTML file) headless and save a PNG of the viewport to ``out``."""
     try:
         from playwright.sync_api import sync_playwright

@@ -37,9 +37,10 @@ position l; special tokens are left out of ``count``, ``hist`` and the top conte
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -48,9 +49,9 @@ import zarr
 from torch import nn
 from tqdm.auto import tqdm
 
-from mlsae.core.paths import CONTEXT, INDICES, LATENT_STATS, POSITION, SPECIAL, TOKENS, VALUES
 from mlsae.core.errors import MlsaeError
 from mlsae.core.params import BrowseParams
+from mlsae.core.paths import CONTEXT, INDICES, LATENT_STATS, SPECIAL, TOKENS, VALUES
 
 CHUNK_TOKENS = 1024
 
@@ -75,19 +76,27 @@ def latent_columns(df: pl.DataFrame, n_layers: int) -> tuple[pl.DataFrame, dict[
         notes["within_share"] = "within_share, as written by the aggregate stage"
     else:
         within = pl.when(pl.col("var_layer") > 0).then(pl.col("var_token_mean") / pl.col("var_layer"))
-        notes["within_share"] = ("var_token_mean / var_layer: the mean per-token layer variance over "
-                                 "P_f's variance (stand-in until the aggregate stage writes within_share)")
+        notes["within_share"] = (
+            "var_token_mean / var_layer: the mean per-token layer variance over "
+            "P_f's variance (stand-in until the aggregate stage writes within_share)"
+        )
     if "effective_layers" in df.columns:
         eff = pl.col("effective_layers")
         notes["effective_layers"] = "effective_layers, as written by the aggregate stage"
     else:
         eff = pl.lit(float(n_layers)) ** pl.col("entropy")
-        notes["effective_layers"] = ("exp(entropy of P_f in nats) = L ** entropy: equally used layers with "
-                                     "P_f's entropy (stand-in until the aggregate stage writes effective_layers)")
+        notes["effective_layers"] = (
+            "exp(entropy of P_f in nats) = L ** entropy: equally used layers with "
+            "P_f's entropy (stand-in until the aggregate stage writes effective_layers)"
+        )
     out = df.select(
-        pl.col("latent").cast(pl.Int64), pl.col("count").cast(pl.Int64), pl.col("mean_layer").cast(pl.Float64),
-        pl.col("std_layer").cast(pl.Float64), within.cast(pl.Float64).alias("within_share"),
-        eff.cast(pl.Float64).alias("effective_layers"), pl.col("layer_dist"),
+        pl.col("latent").cast(pl.Int64),
+        pl.col("count").cast(pl.Int64),
+        pl.col("mean_layer").cast(pl.Float64),
+        pl.col("std_layer").cast(pl.Float64),
+        within.cast(pl.Float64).alias("within_share"),
+        eff.cast(pl.Float64).alias("effective_layers"),
+        pl.col("layer_dist"),
     )
     return out, notes
 
@@ -144,10 +153,18 @@ def open_store(path: str | Path) -> Store:
     starts = np.flatnonzero(new_run)
     run = np.cumsum(new_run) - 1
     ends = np.r_[starts[1:], n]
-    return Store(indices=root[INDICES], values=root[VALUES], tokens=np.asarray(root[TOKENS][:]),
-                 special=np.asarray(root[SPECIAL][:]).astype(bool), run_start=starts[run], run_end=ends[run],
-                 context=context, layers=[int(x) for x in attrs["layers"]], n_latents=int(attrs["n_latents"]),
-                 k=int(attrs["k"]))
+    return Store(
+        indices=root[INDICES],
+        values=root[VALUES],
+        tokens=np.asarray(root[TOKENS][:]),
+        special=np.asarray(root[SPECIAL][:]).astype(bool),
+        run_start=starts[run],
+        run_end=ends[run],
+        context=context,
+        layers=[int(x) for x in attrs["layers"]],
+        n_latents=int(attrs["n_latents"]),
+        k=int(attrs["k"]),
+    )
 
 
 def _entries(store: Store, lo: int, idx: np.ndarray, val: np.ndarray, lookup: np.ndarray):
@@ -241,10 +258,19 @@ def prompts(store: Store, p: BrowseParams) -> list[dict[str, Any]]:
             ends = np.r_[starts[1:], len(ids)].astype(np.int64)
             peak = np.maximum.reduceat(vals, starts) if len(ids) else np.zeros(0, np.float32)
             best = np.lexsort((ids[starts], -peak))[: p.prompt_latents]
-            per_token.append([[int(ids[starts[j]]), _r(float(peak[j])),
-                               [[int(l_), _r(float(x), 3)] for l_, x in
-                                zip(layers[starts[j] : ends[j]], vals[starts[j] : ends[j]])]]
-                              for j in best])
+            per_token.append(
+                [
+                    [
+                        int(ids[starts[j]]),
+                        _r(float(peak[j])),
+                        [
+                            [int(l_), _r(float(x), 3)]
+                            for l_, x in zip(layers[starts[j] : ends[j]], vals[starts[j] : ends[j]])
+                        ],
+                    ]
+                    for j in best
+                ]
+            )
         out.append({"tokens": store.tokens[a:b].tolist(), "special": store.special[a:b].tolist(), "latents": per_token})
     return out
 
@@ -254,8 +280,9 @@ def prompts(store: Store, p: BrowseParams) -> list[dict[str, Any]]:
 
 
 @torch.no_grad()
-def decoder_logit_lens(w_dec: torch.Tensor, norm: nn.Module, w_u: torch.Tensor, selected: np.ndarray, n: int,
-                       vocab: int, batch: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def decoder_logit_lens(
+    w_dec: torch.Tensor, norm: nn.Module, w_u: torch.Tensor, selected: np.ndarray, n: int, vocab: int, batch: int = 256
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Top and bottom ``n`` token ids (and logits) of ``W_U (gamma * c(d_f))`` for each selected
     latent (module docstring); ``w_dec`` is (d_model, n_latents), ``w_u`` (vocab, d_model), and
     only the first ``vocab`` rows of ``w_u`` (the tokenizer's ids) compete."""
@@ -277,8 +304,9 @@ def decoder_logit_lens(w_dec: torch.Tensor, norm: nn.Module, w_u: torch.Tensor, 
 
 
 @torch.no_grad()
-def nearest_latents(w_dec: torch.Tensor, selected: np.ndarray, candidates: np.ndarray, n: int,
-                    batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
+def nearest_latents(
+    w_dec: torch.Tensor, selected: np.ndarray, candidates: np.ndarray, n: int, batch: int = 256
+) -> tuple[np.ndarray, np.ndarray]:
     """For each selected latent the ``n`` candidate latents (excluding itself) with the largest
     decoder cosine: (ids, cosines), each (len(selected), n)."""
     cols = w_dec.float()
@@ -310,9 +338,18 @@ def _r(x: float, digits: int = 4) -> float | None:
     return float(f"{x:.{digits}g}")
 
 
-def collect(latents_path: str | Path, analysis_dir: str | Path, sae: Any, final_norm: nn.Module, w_u: torch.Tensor,
-            decode: Callable[[int], str], vocab_size: int, p: BrowseParams, model: str = "",
-            progress: bool = False) -> dict[str, Any]:
+def collect(
+    latents_path: str | Path,
+    analysis_dir: str | Path,
+    sae: Any,
+    final_norm: nn.Module,
+    w_u: torch.Tensor,
+    decode: Callable[[int], str],
+    vocab_size: int,
+    p: BrowseParams,
+    model: str = "",
+    progress: bool = False,
+) -> dict[str, Any]:
     """The browser's payload (module docstring) from a run's outputs."""
     store = open_store(latents_path)
     path = Path(analysis_dir) / LATENT_STATS.name
@@ -324,8 +361,9 @@ def collect(latents_path: str | Path, analysis_dir: str | Path, sae: Any, final_
     by_id = {r["latent"]: r for r in stats.filter(pl.col("latent").is_in(selected.tolist())).iter_rows(named=True)}
     found = scan(store, selected, p, progress)
     w_dec = sae.W_dec.detach().cpu()
-    top, topv, bot, botv = decoder_logit_lens(w_dec, final_norm, w_u.detach().cpu(), selected, p.logit_tokens,
-                                              vocab_size)
+    top, topv, bot, botv = decoder_logit_lens(
+        w_dec, final_norm, w_u.detach().cpu(), selected, p.logit_tokens, vocab_size
+    )
     active = stats.filter(pl.col("count") > 0)["latent"].to_numpy()
     nn_ids, nn_cos = nearest_latents(w_dec, selected, active, p.neighbours)
     shown: set[int] = set()
@@ -336,27 +374,47 @@ def collect(latents_path: str | Path, analysis_dir: str | Path, sae: Any, final_
         for rank, c in enumerate(found["contexts"][slot]):
             toks = store.tokens[c["first"] : c["stop"]].tolist()
             shown.update(toks)
-            ctx.append({"tokens": toks, "peak": c["peak"] - c["first"], "value": _r(c["value"]), "layer": c["layer"],
-                        "heat": [[r, l_, _r(v, 3)] for r, l_, v in found["heat"][(slot, rank)]]})
+            ctx.append(
+                {
+                    "tokens": toks,
+                    "peak": c["peak"] - c["first"],
+                    "value": _r(c["value"]),
+                    "layer": c["layer"],
+                    "heat": [[r, l_, _r(v, 3)] for r, l_, v in found["heat"][(slot, rank)]],
+                }
+            )
         shown.update(top[slot].tolist() + bot[slot].tolist())
-        records.append({
-            "id": f, "count": row["count"], "mu": _r(row["mean_layer"]), "sigma": _r(row["std_layer"]),
-            "within": _r(row["within_share"]), "eff": _r(row["effective_layers"]),
-            "dist": [_r(x, 3) for x in (row["layer_dist"] or [0.0] * L)],
-            "hist": {"max": _r(float(found["max"][slot])), "counts": found["hist"][slot].tolist()},
-            "top": [[int(t), _r(float(v), 3)] for t, v in zip(top[slot], topv[slot])],
-            "bottom": [[int(t), _r(float(v), 3)] for t, v in zip(bot[slot], botv[slot])],
-            "nn": [[int(g), _r(float(c), 3)] for g, c in zip(nn_ids[slot], nn_cos[slot])],
-            "ctx": ctx,
-        })
+        records.append(
+            {
+                "id": f,
+                "count": row["count"],
+                "mu": _r(row["mean_layer"]),
+                "sigma": _r(row["std_layer"]),
+                "within": _r(row["within_share"]),
+                "eff": _r(row["effective_layers"]),
+                "dist": [_r(x, 3) for x in (row["layer_dist"] or [0.0] * L)],
+                "hist": {"max": _r(float(found["max"][slot])), "counts": found["hist"][slot].tolist()},
+                "top": [[int(t), _r(float(v), 3)] for t, v in zip(top[slot], topv[slot])],
+                "bottom": [[int(t), _r(float(v), 3)] for t, v in zip(bot[slot], botv[slot])],
+                "nn": [[int(g), _r(float(c), 3)] for g, c in zip(nn_ids[slot], nn_cos[slot])],
+                "ctx": ctx,
+            }
+        )
     prompt_rows = prompts(store, p)
     for pr in prompt_rows:
         shown.update(pr["tokens"])
     return {
-        "meta": {"model": model, "lens": getattr(sae.cfg, "lens", "none"), "layers": store.layers,
-                 "n_latents": store.n_latents, "k": store.k, "n_tokens": store.n_tokens,
-                 "n_active": int((stats["count"] > 0).sum()), "columns": notes,
-                 "params": p.model_dump()},
+        "meta": {
+            "model": model,
+            "lens": getattr(sae.cfg, "lens", "none"),
+            "layers": store.layers,
+            "n_latents": store.n_latents,
+            "k": store.k,
+            "n_tokens": store.n_tokens,
+            "n_active": int((stats["count"] > 0).sum()),
+            "columns": notes,
+            "params": p.model_dump(),
+        },
         "vocab": {str(t): decode(t) for t in sorted(shown)},
         "latents": records,
         "prompts": prompt_rows,

@@ -15,8 +15,8 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-from mlsae.core.paths import BROWSER_INDEX
 from mlsae.core.io import atomic_dir
+from mlsae.core.paths import BROWSER_INDEX
 
 _ASSETS = files("mlsae.browse") / "assets"
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mlsae.core.paths import PLOTS_TEMPLATE, VEGA_DIR, VEGA_SCRIPTS
 from mlsae.core.io import write_text
+from mlsae.core.paths import PLOTS_TEMPLATE, VEGA_DIR, VEGA_SCRIPTS
 
 HEAD = """<!DOCTYPE html>
 <html>

@@ -29,15 +29,15 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import polars as pl
 import typer
 
-from mlsae.core.paths import ANALYSIS_METRICS, EVAL_METRICS, EXTRACT_METRICS, LENS_METRICS, TABLES_DIR, TRAIN_METRICS
 from mlsae.core.errors import MlsaeError
 from mlsae.core.io import write_text
 from mlsae.core.metrics import STAGE_METRICS
+from mlsae.core.paths import ANALYSIS_METRICS, EVAL_METRICS, EXTRACT_METRICS, LENS_METRICS, TABLES_DIR, TRAIN_METRICS
 from mlsae.report import SUMMARY_COLUMNS, format_layers, markdown_table, summary_row
 
 __all__ = ["EXPERIMENTS_TABLE", "Experiment", "compare", "experiment_rows", "main", "parse_exp_show"]
@@ -253,10 +253,18 @@ def compare(
 
 
 def main(
-    out: Optional[Path] = typer.Option(None, help="Output Markdown (default reports/tables/experiments.md, or reports/compare/models.md with --run)."),
-    json_file: Optional[Path] = typer.Option(None, help="Read `dvc exp show --json` output saved in this file instead of running DVC."),
+    out: Path | None = typer.Option(
+        None, help="Output Markdown (default reports/tables/experiments.md, or reports/compare/models.md with --run)."
+    ),
+    json_file: Path | None = typer.Option(
+        None, help="Read `dvc exp show --json` output saved in this file instead of running DVC."
+    ),
     all_commits: bool = typer.Option(False, help="Every commit's experiments, not only HEAD's."),
-    run: Optional[list[Path]] = typer.Option(None, "--run", help="A finished run's reports directory (metrics/ and tables/summary.csv); twice or more for the model table and figure."),
+    run: list[Path] | None = typer.Option(
+        None,
+        "--run",
+        help="A finished run's reports directory (metrics/ and tables/summary.csv); twice or more for the model table and figure.",
+    ),
 ) -> None:
     """Write the experiments table from `dvc exp show --json`, or with --run the model comparison
     (table, CSV and the figure of multi-layer activity against adjacent-layer cosine)."""
@@ -268,7 +276,9 @@ def main(
 
             target = out or MODELS_TABLE
             models = compare_models(list(run), target)
-            print(f"{target}: {models.height} models (CSV, PNG: {target.with_suffix('.csv')}, {target.with_suffix('.png')})")
+            print(
+                f"{target}: {models.height} models (CSV, PNG: {target.with_suffix('.csv')}, {target.with_suffix('.png')})"
+            )
             return
         out = out or EXPERIMENTS_TABLE
         text = None

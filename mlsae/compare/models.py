@@ -35,8 +35,18 @@ FIGURES: dict[str, str] = {
     # key -> the metrics file holding it; a key with a `<key>_ci` list gets its interval shown
     **dict.fromkeys(("n_layers", "d_model", "adjacent_cos"), "extract"),
     **dict.fromkeys(("fvu", "delta_ce", "dead_fraction"), "eval"),
-    **dict.fromkeys(("within_share", "within_share_mass", "var_within_norm", "var_total_norm",
-                     "effective_layers", "multi_layer_fraction", "var_ratio_paper"), "analysis"),
+    **dict.fromkeys(
+        (
+            "within_share",
+            "within_share_mass",
+            "var_within_norm",
+            "var_total_norm",
+            "effective_layers",
+            "multi_layer_fraction",
+            "var_ratio_paper",
+        ),
+        "analysis",
+    ),
 }
 
 
@@ -91,7 +101,9 @@ def model_table(runs: list[Run]) -> pl.DataFrame:
         row: dict[str, str] = {"model": run.model}
         for column in FIGURES:
             value = run.values[column]
-            row[column] = str(int(value)) if column in ("n_layers", "d_model") else _cell(value, run.intervals.get(column))
+            row[column] = (
+                str(int(value)) if column in ("n_layers", "d_model") else _cell(value, run.intervals.get(column))
+            )
         normed, ci = run.depth_normalised_layers
         row["effective_layers / n_layers"] = _cell(normed, ci)
         rows.append(row)
@@ -109,8 +121,16 @@ def model_figure(runs: list[Run], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), constrained_layout=True)
     panels = (
-        ("multi_layer_fraction", "multi-layer fraction (2nd layer ≥ θ)", lambda r: (r.values["multi_layer_fraction"], r.intervals.get("multi_layer_fraction"))),
-        ("effective_layers", "effective layers per active pair", lambda r: (r.values["effective_layers"], r.intervals.get("effective_layers"))),
+        (
+            "multi_layer_fraction",
+            "multi-layer fraction (2nd layer ≥ θ)",
+            lambda r: (r.values["multi_layer_fraction"], r.intervals.get("multi_layer_fraction")),
+        ),
+        (
+            "effective_layers",
+            "effective layers per active pair",
+            lambda r: (r.values["effective_layers"], r.intervals.get("effective_layers")),
+        ),
         ("effective_layers / n_layers", "effective layers / number of layers", lambda r: r.depth_normalised_layers),
     )
     for ax, (_, label, get) in zip(axes, panels):
@@ -118,13 +138,23 @@ def model_figure(runs: list[Run], path: Path) -> None:
             value, ci = get(run)
             err = [[value - ci[0]], [ci[1] - value]] if ci else None
             x = run.values["adjacent_cos"]
-            ax.errorbar([x], [value], yerr=err, fmt="o", color=f"C{i}", capsize=4, label=f"{run.model} ({int(run.values['n_layers'])} layers)")
+            ax.errorbar(
+                [x],
+                [value],
+                yerr=err,
+                fmt="o",
+                color=f"C{i}",
+                capsize=4,
+                label=f"{run.model} ({int(run.values['n_layers'])} layers)",
+            )
             ax.annotate(run.model, (x, value), textcoords="offset points", xytext=(6, 4), fontsize=8)
         ax.set_xlabel("mean adjacent-layer cosine similarity")
         ax.set_ylabel(label)
         ax.margins(x=0.3, y=0.3)
     axes[0].legend(fontsize=8, loc="best")
-    fig.suptitle("Multi-layer activity against adjacent-layer similarity (95 % context-bootstrap intervals)", fontsize=9)
+    fig.suptitle(
+        "Multi-layer activity against adjacent-layer similarity (95 % context-bootstrap intervals)", fontsize=9
+    )
     with atomic_file(path) as tmp:
         fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)

@@ -8,8 +8,9 @@ import json
 import math
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from mlsae.core.errors import MlsaeError
 

@@ -39,8 +39,11 @@ class StageMetrics:
         extra = getattr(self, "extra", {})
         if self._keys is not None:
             return {k: extra[k] if k in extra else getattr(self, k) for k in self._keys}
-        out = {f.name: getattr(self, f.name) for f in fields
-               if getattr(self, f.name) is not None or f.metadata.get("always", True)}
+        out = {
+            f.name: getattr(self, f.name)
+            for f in fields
+            if getattr(self, f.name) is not None or f.metadata.get("always", True)
+        }
         out.update(extra)
         return out
 
@@ -55,9 +58,14 @@ class StageMetrics:
         unknown = sorted(set(data) - names)
         if unknown and not cls.open_keys:
             raise MlsaeError(f"{source}: unknown key {unknown[0]!r} for {cls.__name__}")
-        missing = [f.name for f in dataclasses.fields(cls)
-                   if f.name not in data and f.name not in ("extra", "_keys")
-                   and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        missing = [
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.name not in data
+            and f.name not in ("extra", "_keys")
+            and f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
+        ]
         if missing and not partial:
             raise MlsaeError(f"{source}: missing key {missing[0]!r}")
         values = {k: v for k, v in data.items() if k in names}
@@ -252,7 +260,10 @@ class AnalysisMetrics(StageMetrics):
 
 
 STAGE_METRICS: dict[str, type[StageMetrics]] = {
-    "extract": ExtractMetrics, "lens": LensMetrics, "train": TrainMetrics, "eval": EvalMetrics,
+    "extract": ExtractMetrics,
+    "lens": LensMetrics,
+    "train": TrainMetrics,
+    "eval": EvalMetrics,
     "analysis": AnalysisMetrics,
 }
 """Metrics file stem -> its record type."""

@@ -23,7 +23,7 @@ import math
 import numbers
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -73,8 +73,9 @@ NonNegative = Annotated[int, Field(ge=0)]
 class Section(BaseModel):
     """A params.yaml section: unknown keys, wrong types and non-finite floats are refused."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, use_attribute_docstrings=True,
-                              validate_default=True)
+    model_config = ConfigDict(
+        extra="forbid", strict=True, allow_inf_nan=False, use_attribute_docstrings=True, validate_default=True
+    )
 
 
 class DataParams(Section):
@@ -89,7 +90,7 @@ class DataParams(Section):
     sample_tokens: Positive = 16384
     """Stream mode only (`train.source: stream`): train tokens extract still stores, the sample the
     lens fit reads (rounded up to whole contexts, at most `train_tokens`); see mlsae/data/stream.py."""
-    skip_first: Union[bool, Literal["auto"]] = "auto"
+    skip_first: bool | Literal["auto"] = "auto"
     """Leave position 0 of every context out of training, eval metrics and analysis: `true`, `false`,
     or `auto` (skip it when extract measures it as an outlier: its mean residual norm is more than
     `FIRST_POSITION_OUTLIER` times the mean norm elsewhere at some block; contexts are cut
@@ -121,7 +122,7 @@ class LensFitParams(Section):
     or cuda:N."""
 
 
-def _unique_layers(layers: Union[str, list[int]]) -> Union[str, list[int]]:
+def _unique_layers(layers: str | list[int]) -> str | list[int]:
     if isinstance(layers, list) and (not layers or len(set(layers)) != len(layers)):
         raise ValueError("must be a non-empty list of distinct block indices")
     return layers
@@ -134,7 +135,7 @@ def _sae_source(source: str) -> str:
 
 
 class SAEParams(Section):
-    layers: Annotated[Union[Literal["all"], list[NonNegative]], AfterValidator(_unique_layers)] = "all"
+    layers: Annotated[Literal["all"] | list[NonNegative], AfterValidator(_unique_layers)] = "all"
     """`all`, or a list of block indices (e.g. [3] gives a single-layer SAE baseline)."""
     expansion: Positive = 16
     """n_latents = expansion x d_model."""
@@ -193,7 +194,7 @@ class EvaluateParams(Section):
     """Bootstrap resamples of eval contexts for the 95 % intervals (`*_ci`); 0 disables them."""
     batch_size: Positive = 8
     """Contexts per spliced forward pass."""
-    device: Union[Literal[""], Device] = ""
+    device: Literal[""] | Device = ""
     """Where evaluate runs (model, SAE, lens): auto, cpu, cuda or cuda:N; empty: `extract.device`."""
 
 
@@ -265,8 +266,13 @@ class Params(Section):
 
     def device(self, stage: str) -> str:
         """The device spec a stage runs on (resolve it once, with `models.registry.resolve_device`)."""
-        specs = {"extract": self.extract.device, "lens": self.lens_fit.device, "train": self.train.device,
-                 "evaluate": self.evaluate.device or self.extract.device, "dump": self.dump.device}
+        specs = {
+            "extract": self.extract.device,
+            "lens": self.lens_fit.device,
+            "train": self.train.device,
+            "evaluate": self.evaluate.device or self.extract.device,
+            "dump": self.dump.device,
+        }
         return specs[stage]
 
     def select_layers(self, n_layers: int) -> list[int]:
@@ -289,7 +295,9 @@ def select_layers(sae: SAEParams, n_layers: int) -> list[int]:
     layers = sorted(sae.layers)
     bad = [i for i in layers if i >= n_layers]
     if bad:
-        raise MlsaeError(f"sae.layers: index {bad[0]} out of range for a model with {n_layers} layers (0..{n_layers - 1})")
+        raise MlsaeError(
+            f"sae.layers: index {bad[0]} out of range for a model with {n_layers} layers (0..{n_layers - 1})"
+        )
     return layers
 
 

@@ -6,8 +6,8 @@ import contextlib
 import errno
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from mlsae.core.allocator import keep_large_blocks
 from mlsae.core.errors import MlsaeError

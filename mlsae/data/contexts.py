@@ -32,8 +32,6 @@ _MAX_BATCH_DOCS = 1024
 _MAX_PIECE_CHARS = 1 << 20
 
 
-
-
 @dataclass(frozen=True)
 class Contexts:
     """Fixed-length token contexts cut from the corpus stream.
@@ -63,9 +61,7 @@ def separator_id(tokenizer: PreTrainedTokenizerBase) -> int:
     for token_id in (tokenizer.eos_token_id, tokenizer.bos_token_id):
         if token_id is not None:
             return int(token_id)
-    raise MlsaeError(
-        "model: the tokenizer has neither an EOS nor a BOS token to separate documents with"
-    )
+    raise MlsaeError("model: the tokenizer has neither an EOS nor a BOS token to separate documents with")
 
 
 def leading_bos(tokenizer: PreTrainedTokenizerBase) -> int | None:
@@ -193,23 +189,34 @@ class ContextStream:
     run re-reads no token it already consumed).
     """
 
-    def __init__(self, documents: Iterable[str], tokenizer: PreTrainedTokenizerBase, context: int,
-                 n_contexts: int, position: dict | None = None):
+    def __init__(
+        self,
+        documents: Iterable[str],
+        tokenizer: PreTrainedTokenizerBase,
+        context: int,
+        n_contexts: int,
+        position: dict | None = None,
+    ):
         _check_positive_int("data.context", context)
         self.sep, self.bos = separator_id(tokenizer), leading_bos(tokenizer)
         self.width = context - (self.bos is not None)
         if self.width < 1:
-            raise MlsaeError(f"data.context must be at least 2 for a model that starts contexts with BOS (got {context})")
+            raise MlsaeError(
+                f"data.context must be at least 2 for a model that starts contexts with BOS (got {context})"
+            )
         self.context, self.n_contexts = context, n_contexts
         self.special_ids = np.asarray(sorted(set(tokenizer.all_special_ids) | {self.sep}), dtype=np.int64)
         position = dict(position or {"piece": 0, "offset": 0, "context": 0})
         pieces = _pieces(documents)
         for _ in range(position["piece"]):
             if next(pieces, None) is None:
-                raise MlsaeError("data.source: the corpus is shorter than the resumed position; it changed since the checkpoint")
+                raise MlsaeError(
+                    "data.source: the corpus is shorter than the resumed position; it changed since the checkpoint"
+                )
         self._taken = position["context"]
-        self._runs = _token_runs(pieces, tokenizer, self.sep,
-                                 lambda: max(1, (self.n_contexts - self._taken) * self.width))
+        self._runs = _token_runs(
+            pieces, tokenizer, self.sep, lambda: max(1, (self.n_contexts - self._taken) * self.width)
+        )
         self._piece = position["piece"]  # index of the piece whose run is `self._run`
         self._run = np.zeros(0, dtype=np.int32)
         self._pos = 0  # tokens of `self._run` used
@@ -241,7 +248,8 @@ class ContextStream:
             if self._pos >= len(self._run) and not self._next_run():
                 raise MlsaeError(
                     f"data.train_tokens + data.eval_tokens: the corpus ran out after {self._taken + filled // self.width} "
-                    f"contexts of data.context={self.context}; lower them or use a larger data.source")
+                    f"contexts of data.context={self.context}; lower them or use a larger data.source"
+                )
             take = min(len(self._run) - self._pos, needed - filled)
             stream[filled : filled + take] = self._run[self._pos : self._pos + take]
             self._pos += take
@@ -283,9 +291,7 @@ def split_contexts(n_contexts: int, n_eval: int, seed: int) -> tuple[np.ndarray,
     if not is_int(n_eval):
         raise MlsaeError(f"data.eval_tokens: eval context count must be an integer, got {n_eval!r}")
     if not 0 <= n_eval <= n_contexts:
-        raise MlsaeError(
-            f"data.eval_tokens: {n_eval} eval contexts requested out of {n_contexts} in all"
-        )
+        raise MlsaeError(f"data.eval_tokens: {n_eval} eval contexts requested out of {n_contexts} in all")
     if not is_int(seed) or seed < 0:
         raise MlsaeError(f"seed must be a non-negative integer, got {seed!r}")
     rng = np.random.default_rng(seed)

@@ -38,10 +38,7 @@ SKIPPED_STDLIB_DIRS = frozenset(
 )
 
 
-_OFFLINE_HINT = (
-    "offline, use data.source=embedded:python-docs or a local path/glob of .txt, .jsonl or "
-    ".parquet files"
-)
+_OFFLINE_HINT = "offline, use data.source=embedded:python-docs or a local path/glob of .txt, .jsonl or .parquet files"
 
 
 # --------------------------------------------------------------------------------------------
@@ -64,9 +61,7 @@ def iter_documents(source: str) -> Iterator[str]:
         raise MlsaeError(f"data.source must be a non-empty string, got {source!r}")
     if source.startswith(EMBEDDED_PREFIX):
         if source != EMBEDDED_PYTHON_DOCS:
-            raise MlsaeError(
-                f"data.source {source!r}: unknown embedded corpus (known: {EMBEDDED_PYTHON_DOCS})"
-            )
+            raise MlsaeError(f"data.source {source!r}: unknown embedded corpus (known: {EMBEDDED_PYTHON_DOCS})")
         documents = iter_python_docs()
     elif source.startswith(HF_PREFIX):
         documents = _iter_hf(source)
@@ -172,8 +167,7 @@ def _iter_hf(source: str) -> Iterator[str]:
         dataset = datasets.load_dataset(name, config, split="train", streaming=True)
     except Exception as exc:  # any failure of the hub/datasets stack means "not reachable"
         raise MlsaeError(
-            f"data.source {source!r}: the Hugging Face dataset could not be reached "
-            f"({_one_line(exc)}); {_OFFLINE_HINT}"
+            f"data.source {source!r}: the Hugging Face dataset could not be reached ({_one_line(exc)}); {_OFFLINE_HINT}"
         ) from exc
     return _hf_texts(dataset, source)
 
@@ -188,13 +182,10 @@ def _hf_texts(dataset: Iterable[dict], source: str) -> Iterator[str]:
             return
         except Exception as exc:  # network loss or a bad shard while streaming
             raise MlsaeError(
-                f"data.source {source!r}: reading the Hugging Face dataset failed "
-                f"({_one_line(exc)}); {_OFFLINE_HINT}"
+                f"data.source {source!r}: reading the Hugging Face dataset failed ({_one_line(exc)}); {_OFFLINE_HINT}"
             ) from exc
         if "text" not in row:
-            raise MlsaeError(
-                f"data.source {source!r}: rows have no 'text' field (fields: {sorted(row)})"
-            )
+            raise MlsaeError(f"data.source {source!r}: rows have no 'text' field (fields: {sorted(row)})")
         text = row["text"]
         if text is not None:
             yield str(text)
@@ -223,13 +214,9 @@ def _resolve_files(source: str) -> list[Path]:
     else:
         path = Path(pattern)
         if path.is_dir():
-            paths = sorted(
-                p for p in path.rglob("*") if p.is_file() and p.suffix in SUPPORTED_SUFFIXES
-            )
+            paths = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in SUPPORTED_SUFFIXES)
             if not paths:
-                raise MlsaeError(
-                    f"data.source {source!r}: directory has no {'/'.join(SUPPORTED_SUFFIXES)} file"
-                )
+                raise MlsaeError(f"data.source {source!r}: directory has no {'/'.join(SUPPORTED_SUFFIXES)} file")
         elif path.is_file():
             paths = [path]
         else:
@@ -282,9 +269,7 @@ def _read_jsonl(path: Path) -> Iterator[str]:
                 if text is None:
                     continue
                 if not isinstance(text, str):
-                    raise MlsaeError(
-                        f"{path}:{number}: 'text' must be a string, got {type(text).__name__}"
-                    )
+                    raise MlsaeError(f"{path}:{number}: 'text' must be a string, got {type(text).__name__}")
                 yield text
     except (OSError, UnicodeDecodeError) as exc:
         raise MlsaeError(f"{path}: cannot read as UTF-8 JSON lines ({_one_line(exc)})") from exc

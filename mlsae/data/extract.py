@@ -17,14 +17,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mlsae.data import contexts as token_contexts
-from mlsae.data import corpus
-from mlsae.stores import activations as store
-from mlsae.core.paths import POSITION, RESID, SPECIAL
 from mlsae.core.errors import MlsaeError
 from mlsae.core.io import remove
-from mlsae.models.registry import LoadedModel, load_model
 from mlsae.core.params import FIRST_POSITION_OUTLIER, Params
+from mlsae.core.paths import POSITION, RESID, SPECIAL
+from mlsae.data import contexts as token_contexts
+from mlsae.data import corpus
+from mlsae.models.registry import LoadedModel, load_model
+from mlsae.stores import activations as store
 
 
 def fingerprint_attrs(p: Params, model: LoadedModel) -> dict:
@@ -74,7 +74,9 @@ def prepare_splits(p: Params, model: LoadedModel, docs: Iterator[str] | None = N
     contexts = token_contexts.build_contexts(docs, model.tokenizer, p.data.context, n_train + n_eval)
     train_idx, eval_idx = token_contexts.split_contexts(n_train + n_eval, n_eval, p.seed)
     return {
-        name: store.SplitData(tokens=contexts.tokens[idx], special=contexts.special[idx], context_index=idx.astype(np.int32))
+        name: store.SplitData(
+            tokens=contexts.tokens[idx], special=contexts.special[idx], context_index=idx.astype(np.int32)
+        )
         for name, idx in (("train", train_idx), ("eval", eval_idx))
     }
 

@@ -11,8 +11,8 @@ before it: resuming at step s reads nothing twice.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -31,8 +31,16 @@ class Buffer:
 class BatchPlan:
     """Which tokens form each batch, for every epoch, without touching the residuals."""
 
-    def __init__(self, special: np.ndarray, chunk_tokens: int, buffer_tokens: int, batch_tokens: int,
-                 epochs: int, seed: int, chunk_order: str = "shuffled"):
+    def __init__(
+        self,
+        special: np.ndarray,
+        chunk_tokens: int,
+        buffer_tokens: int,
+        batch_tokens: int,
+        epochs: int,
+        seed: int,
+        chunk_order: str = "shuffled",
+    ):
         self.keep = ~special.astype(bool)
         self.n = len(self.keep)
         chunk_tokens = min(chunk_tokens, buffer_tokens)  # so that a buffer never exceeds buffer_tokens
@@ -43,8 +51,11 @@ class BatchPlan:
         n_chunks = -(-self.n // chunk_tokens)
         self.buffers: list[Buffer] = []
         for epoch in range(epochs):
-            order = (np.random.default_rng([seed, epoch]).permutation(n_chunks) if chunk_order == "shuffled"
-                     else np.arange(n_chunks))
+            order = (
+                np.random.default_rng([seed, epoch]).permutation(n_chunks)
+                if chunk_order == "shuffled"
+                else np.arange(n_chunks)
+            )
             for b, start in enumerate(range(0, n_chunks, self.chunks_per_buffer)):
                 chunks = order[start : start + self.chunks_per_buffer]
                 n_valid = sum(int(self.keep[self._span(i)].sum()) for i in chunks)
@@ -64,8 +75,9 @@ class BatchPlan:
         return ids[perm]
 
 
-def iter_batches(reader: ActivationStore, layers: list[int], plan: BatchPlan, start: int = 0,
-                 rank: int = 0, world: int = 1) -> Iterator[torch.Tensor]:
+def iter_batches(
+    reader: ActivationStore, layers: list[int], plan: BatchPlan, start: int = 0, rank: int = 0, world: int = 1
+) -> Iterator[torch.Tensor]:
     """Batches (batch_tokens // world, len(layers), d_model) float32, from global batch `start` on.
 
     With `world` > 1 each rank gets its own slice of every global batch.

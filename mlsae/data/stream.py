@@ -49,14 +49,11 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from mlsae.data import contexts
-
-from mlsae.data import corpus
-
-from mlsae.stores import activations as store
 from mlsae.core.errors import MlsaeError
-from mlsae.models.registry import LoadedModel
 from mlsae.core.params import Params
+from mlsae.data import contexts, corpus
+from mlsae.models.registry import LoadedModel
+from mlsae.stores import activations as store
 
 
 @dataclass
@@ -73,8 +70,16 @@ class _Buffer:
 class StreamBatches:
     """This rank's train batches in stream mode; see the module docstring for the rules."""
 
-    def __init__(self, p: Params, model: LoadedModel, layers: list[int], skip_first: bool,
-                 rank: int = 0, world: int = 1, progress: bool = False):
+    def __init__(
+        self,
+        p: Params,
+        model: LoadedModel,
+        layers: list[int],
+        skip_first: bool,
+        rank: int = 0,
+        world: int = 1,
+        progress: bool = False,
+    ):
         self.p, self.model, self.layers, self.skip_first = p, model, layers, skip_first
         self.rank, self.world = rank, world
         self.progress = progress
@@ -88,10 +93,13 @@ class StreamBatches:
             raise MlsaeError(
                 f"train.shuffle_buffer_tokens: {p.train.shuffle_buffer_tokens} holds "
                 f"{self.buffer_contexts} whole contexts of data.context={p.data.context}, fewer tokens than "
-                f"train.batch_tokens={p.train.batch_tokens}; raise it")
+                f"train.batch_tokens={p.train.batch_tokens}; raise it"
+            )
         if p.train.batch_tokens % world:
-            raise MlsaeError(f"train.batch_tokens: {p.train.batch_tokens} is not a multiple of the {world} "
-                             "torchrun processes (stream mode gives each the same share)")
+            raise MlsaeError(
+                f"train.batch_tokens: {p.train.batch_tokens} is not a multiple of the {world} "
+                "torchrun processes (stream mode gives each the same share)"
+            )
         self.local_batch = p.train.batch_tokens // world
         self.buffers_per_epoch = -(-self.n_train // self.buffer_contexts)
         self._memo: dict[tuple[int, int], _Buffer] = {}  # buffers b_pre's sample read, kept for the run
@@ -108,8 +116,13 @@ class StreamBatches:
         return int(self.head_train[t]) if t < self.n_sample else self.n_head + t - self.n_sample
 
     def _open(self, position: dict | None) -> contexts.ContextStream:
-        return contexts.ContextStream(corpus.iter_documents(self.p.data.source), self.model.tokenizer,
-                                      self.p.data.context, self.n_train + self.n_eval, position)
+        return contexts.ContextStream(
+            corpus.iter_documents(self.p.data.source),
+            self.model.tokenizer,
+            self.p.data.context,
+            self.n_train + self.n_eval,
+            position,
+        )
 
     def _load(self, epoch: int, b: int, stream: contexts.ContextStream) -> _Buffer:
         """Read buffer `b`'s contexts from `stream` and compute this rank's share of its batches."""
@@ -142,17 +155,24 @@ class StreamBatches:
             ids = torch.from_numpy(tokens[lo : lo + batch]).long()
             resid = self.model.residuals(ids)[:, :, self.layers]  # (B, T, L, d) float32
             # the store's cast: refuses non-finite values, rounds like a store write and read
-            parts.append(store.from_storage(store.to_storage(resid.reshape(-1, *resid.shape[2:]), self.p.extract.dtype),
-                                            self.p.extract.dtype))
+            parts.append(
+                store.from_storage(
+                    store.to_storage(resid.reshape(-1, *resid.shape[2:]), self.p.extract.dtype), self.p.extract.dtype
+                )
+            )
             self.model_tokens += ids.numel()
             bar.update(ids.numel())
         bar.close()
         if not parts:  # a last buffer with fewer contexts than ranks
-            return torch.empty((0, len(self.layers), self.model.d_model), dtype=store.TORCH_DTYPES[self.p.extract.dtype])
+            return torch.empty(
+                (0, len(self.layers), self.model.d_model), dtype=store.TORCH_DTYPES[self.p.extract.dtype]
+            )
         return torch.cat(parts)
 
     def _collective_device(self) -> torch.device:
-        return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        return (
+            torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        )
 
     def _yield(self, buf: _Buffer) -> Iterator[torch.Tensor]:
         self._current = buf
@@ -238,19 +258,27 @@ def check_store(p: Params, attrs: dict) -> None:
     """
     stream_store = attrs.get("train_source") == "stream"
     if p.train.source == "store" and stream_store:
-        raise MlsaeError("train.source: store, but the activation store was extracted for stream mode (it holds only "
-                         "a sample of the train split); rerun extract, or set train.source: stream")
+        raise MlsaeError(
+            "train.source: store, but the activation store was extracted for stream mode (it holds only "
+            "a sample of the train split); rerun extract, or set train.source: stream"
+        )
     if p.train.source != "stream":
         return
     n_train, n_eval = contexts.plan(p.data.train_tokens, p.data.eval_tokens, p.data.context)
     n_sample = contexts.sample_contexts(n_train, p.data.sample_tokens, p.data.context)
     if stream_store:
-        same = (attrs.get("sample_tokens") == n_sample * p.data.context and attrs.get("eval_tokens") == p.data.eval_tokens
-                and attrs.get("context") == p.data.context and attrs.get("seed") == p.seed
-                and attrs.get("corpus") == p.data.source)
+        same = (
+            attrs.get("sample_tokens") == n_sample * p.data.context
+            and attrs.get("eval_tokens") == p.data.eval_tokens
+            and attrs.get("context") == p.data.context
+            and attrs.get("seed") == p.seed
+            and attrs.get("corpus") == p.data.source
+        )
     else:
         same = n_sample == n_train
     if not same:
-        raise MlsaeError("train.source: stream, but the activation store's eval split is not the one stream mode "
-                         "leaves out of training (it was extracted with other data params or for store mode); "
-                         "rerun extract")
+        raise MlsaeError(
+            "train.source: stream, but the activation store's eval split is not the one stream mode "
+            "leaves out of training (it was extracted with other data params or for store mode); "
+            "rerun extract"
+        )

@@ -36,12 +36,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from mlsae.stats.bootstrap import interval_json, percentile_interval
 from mlsae.core.errors import MlsaeError
 from mlsae.lens.tuned import Lens
 from mlsae.models.registry import LoadedModel
-from mlsae.sae.model import MLSAE
 from mlsae.models.splice import Splicer
+from mlsae.sae.model import MLSAE
+from mlsae.stats.bootstrap import interval_json, percentile_interval
 
 VARIANTS = ("recon", "zero", "mean")
 """Splice variants, in the order of the first axis of :class:`SpliceSums` arrays."""
@@ -88,8 +88,9 @@ stay in cache, where whole-batch temporaries (hundreds of MB each) are written t
 from memory several times per splice."""
 
 
-def _ce_kl(logits: torch.Tensor, targets: torch.Tensor, clean_logp: torch.Tensor,
-           clean_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _ce_kl(
+    logits: torch.Tensor, targets: torch.Tensor, clean_logp: torch.Tensor, clean_p: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row CE and KL(clean ‖ spliced) of float32 `logits` (N, V) with `targets` (N,), against
     the clean log-probabilities `clean_logp` (N, V) and their exponentials `clean_p`.
 
@@ -112,9 +113,17 @@ def _ce_kl(logits: torch.Tensor, targets: torch.Tensor, clean_logp: torch.Tensor
 
 
 @torch.inference_mode()
-def splice_sums(sae: MLSAE, lens: Lens, model: LoadedModel, tokens: np.ndarray, special: np.ndarray,
-                layer_means: torch.Tensor, skip_first: bool, batch_size: int,
-                progress: bool = True) -> SpliceSums:
+def splice_sums(
+    sae: MLSAE,
+    lens: Lens,
+    model: LoadedModel,
+    tokens: np.ndarray,
+    special: np.ndarray,
+    layer_means: torch.Tensor,
+    skip_first: bool,
+    batch_size: int,
+    progress: bool = True,
+) -> SpliceSums:
     """Downstream sums for contexts `tokens` (C, T) int with `special` (C, T) bool flags.
 
     `layer_means` (L, d): the mean residual of each SAE layer (model space) for the mean variant.
@@ -126,10 +135,10 @@ def splice_sums(sae: MLSAE, lens: Lens, model: LoadedModel, tokens: np.ndarray, 
     splicer = Splicer(model)
     analysed, loss = positions(special, skip_first)
     shape = (len(VARIANTS), n_ctx, len(layers))
-    sums = SpliceSums(np.zeros(n_ctx), loss.sum(1).astype(np.int64), np.zeros(shape), np.zeros(shape),
-                      n_tokens=n_ctx * n_pos)
-    bar = tqdm(total=n_ctx * len(layers), desc="evaluate: spliced forwards", unit="ctx·layer",
-               disable=not progress)
+    sums = SpliceSums(
+        np.zeros(n_ctx), loss.sum(1).astype(np.int64), np.zeros(shape), np.zeros(shape), n_tokens=n_ctx * n_pos
+    )
+    bar = tqdm(total=n_ctx * len(layers), desc="evaluate: spliced forwards", unit="ctx·layer", disable=not progress)
     logits_buf: torch.Tensor | None = None
     for start in range(0, n_ctx, batch_size):
         rows = slice(start, min(n_ctx, start + batch_size))
@@ -171,8 +180,9 @@ def splice_sums(sae: MLSAE, lens: Lens, model: LoadedModel, tokens: np.ndarray, 
 
 def downstream_metrics(sums: SpliceSums, counts: np.ndarray | None = None) -> dict:
     """Point estimates (and, given a (C, B) context count matrix, 95 % bootstrap intervals)."""
-    out = _estimates(sums.ce_clean.sum()[None], sums.count.sum()[None], sums.ce.sum(1)[..., None],
-                     sums.kl.sum(1)[..., None])
+    out = _estimates(
+        sums.ce_clean.sum()[None], sums.count.sum()[None], sums.ce.sum(1)[..., None], sums.kl.sum(1)[..., None]
+    )
     metrics: dict = {"ce_clean": float(out["ce_clean"][0])}
     for v, name in enumerate(VARIANTS):
         suffix = "" if name == "recon" else f"_{name}"
@@ -183,11 +193,15 @@ def downstream_metrics(sums: SpliceSums, counts: np.ndarray | None = None) -> di
         metrics[f"kl{suffix}"] = float(kl.mean())
         metrics[f"kl{suffix}_by_layer"] = kl.tolist()
     metrics["downstream_tokens"] = int(sums.count.sum())
-    metrics["downstream_contexts"] = int(len(sums.count))
+    metrics["downstream_contexts"] = len(sums.count)
     metrics["spliced_token_layers"] = sums.spliced_token_layers
     if counts is not None:
-        reps = _estimates(sums.ce_clean @ counts, sums.count @ counts,
-                          np.einsum("vcl,cb->vlb", sums.ce, counts), np.einsum("vcl,cb->vlb", sums.kl, counts))
+        reps = _estimates(
+            sums.ce_clean @ counts,
+            sums.count @ counts,
+            np.einsum("vcl,cb->vlb", sums.ce, counts),
+            np.einsum("vcl,cb->vlb", sums.kl, counts),
+        )
         for v, name in enumerate(VARIANTS):
             suffix = "" if name == "recon" else f"_{name}"
             metrics[f"delta_ce{suffix}_ci"] = interval_json(percentile_interval(reps["delta_ce"][v].mean(0)))

@@ -25,14 +25,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mlsae.evaluation import downstream
-from mlsae.stats.bootstrap import context_counts, interval_json, percentile_interval
-from mlsae.core.paths import TOKENS
 from mlsae.core.errors import MlsaeError
+from mlsae.core.params import Params
+from mlsae.core.paths import TOKENS
+from mlsae.evaluation import downstream
 from mlsae.lens.tuned import Lens
 from mlsae.models.registry import LoadedModel
-from mlsae.core.params import Params
 from mlsae.sae.model import MLSAE
+from mlsae.stats.bootstrap import context_counts, interval_json, percentile_interval
 from mlsae.stores.activations import ActivationStore
 
 MAX_UNITS = 512
@@ -40,8 +40,15 @@ MAX_UNITS = 512
 
 
 @torch.no_grad()
-def reconstruction_metrics(sae: MLSAE, lens: Lens, reader: ActivationStore, chunk: int = 2048,
-                           progress: bool = True, n_resamples: int = 0, seed: int = 0) -> dict:
+def reconstruction_metrics(
+    sae: MLSAE,
+    lens: Lens,
+    reader: ActivationStore,
+    chunk: int = 2048,
+    progress: bool = True,
+    n_resamples: int = 0,
+    seed: int = 0,
+) -> dict:
     """fvu, mse, l0 per layer, dead_fraction, the mean model-space residual of each SAE layer
     (``layer_means``, for mean ablation), and with `n_resamples` > 0 a bootstrap ``fvu_ci``."""
     layers = sae.cfg.layers
@@ -78,16 +85,20 @@ def reconstruction_metrics(sae: MLSAE, lens: Lens, reader: ActivationStore, chun
         fired[out.indices.cpu()[active]] = True
     n = float(s_n.sum())
     if n == 0:
-        raise MlsaeError(f"{reader.path}: no eval token is kept (all special or skipped); nothing to evaluate "
-                         "(use longer documents)")
+        raise MlsaeError(
+            f"{reader.path}: no eval token is kept (all special or skipped); nothing to evaluate (use longer documents)"
+        )
     mean = s_x.sum(0) / n  # (L, d)
     # Σ_t ‖x − x̄‖² per unit, about the full split's mean: xx − 2 x̄·Σx + n‖x̄‖²
     ss = s_xx - 2 * (s_x * mean).sum(-1) + s_n[:, None] * mean.pow(2).sum(-1)
     fvu_by_layer = (s_err.sum(0) / ss.sum(0)).numpy()
     out = {
-        "fvu": float(fvu_by_layer.mean()), "fvu_by_layer": fvu_by_layer.tolist(),
-        "mse": float((s_err.sum(0) / (n * d)).mean()), "mse_by_layer": (s_err.sum(0) / (n * d)).tolist(),
-        "l0": float((s_l0 / n).mean()), "l0_by_layer": (s_l0 / n).tolist(),
+        "fvu": float(fvu_by_layer.mean()),
+        "fvu_by_layer": fvu_by_layer.tolist(),
+        "mse": float((s_err.sum(0) / (n * d)).mean()),
+        "mse_by_layer": (s_err.sum(0) / (n * d)).tolist(),
+        "l0": float((s_l0 / n).mean()),
+        "l0_by_layer": (s_l0 / n).tolist(),
         "dead_fraction": float(1 - fired.float().mean()),
         "eval_vectors": int(n) * L,
         "layer_means": (s_raw / n).float(),
@@ -109,20 +120,24 @@ def downstream_contexts(reader: ActivationStore, n_tokens: int) -> tuple[np.ndar
     available = reader.n_tokens("eval") // context
     n_ctx = -(-n_tokens // context)
     if n_ctx > available:
-        raise MlsaeError(f"evaluate.tokens: {n_tokens} is more than the eval split's {available * context} tokens "
-                         f"({available} contexts of {context}); lower it or raise data.eval_tokens")
+        raise MlsaeError(
+            f"evaluate.tokens: {n_tokens} is more than the eval split's {available * context} tokens "
+            f"({available} contexts of {context}); lower it or raise data.eval_tokens"
+        )
     tokens = reader.split("eval")[TOKENS][: n_ctx * context].reshape(n_ctx, context)
     excluded = ~reader.keep("eval")[: n_ctx * context].reshape(n_ctx, context)
     return tokens, excluded
 
 
-def evaluate(p: Params, sae: MLSAE, lens: Lens, model: LoadedModel, reader: ActivationStore,
-             progress: bool = True) -> tuple[dict, list[dict]]:
+def evaluate(
+    p: Params, sae: MLSAE, lens: Lens, model: LoadedModel, reader: ActivationStore, progress: bool = True
+) -> tuple[dict, list[dict]]:
     """All eval metrics (scalars, *_by_layer lists, *_ci intervals) and the plot CSV's rows."""
     t0 = time.perf_counter()
     sae.eval()
-    metrics = reconstruction_metrics(sae, lens, reader, progress=progress, n_resamples=p.evaluate.bootstrap,
-                                     seed=p.seed)
+    metrics = reconstruction_metrics(
+        sae, lens, reader, progress=progress, n_resamples=p.evaluate.bootstrap, seed=p.seed
+    )
     means = metrics.pop("layer_means")
     tokens, excluded = downstream_contexts(reader, p.evaluate.tokens)
     # `excluded` already holds position 0 when the store skips it: pass skip_first=False
@@ -132,6 +147,8 @@ def evaluate(p: Params, sae: MLSAE, lens: Lens, model: LoadedModel, reader: Acti
     metrics["layers"] = sae.cfg.layers
     metrics["wall_s"] = time.perf_counter() - t0
     keys = ("fvu", "mse", "l0", "delta_ce", "delta_ce_zero", "delta_ce_mean", "kl", "kl_zero", "kl_mean")
-    rows = [{"layer": block, **{key: metrics[f"{key}_by_layer"][j] for key in keys}}
-            for j, block in enumerate(sae.cfg.layers)]
+    rows = [
+        {"layer": block, **{key: metrics[f"{key}_by_layer"][j] for key in keys}}
+        for j, block in enumerate(sae.cfg.layers)
+    ]
     return metrics, rows

@@ -8,19 +8,19 @@ small record (the identity needs no weights), so the graph keeps its shape at no
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
 
-from mlsae.core.errors import MlsaeError
 from mlsae.core.io import atomic_dir, write_json
+from mlsae.core.params import Params
+from mlsae.lens.fit import fit_lens, kl_by_layer
 from mlsae.lens.loading import RECORD
 from mlsae.lens.tuned import load_pretrained
-from mlsae.lens.fit import fit_lens, kl_by_layer
-from mlsae.core.params import Params
 from mlsae.stores.activations import ActivationStore
+
 
 def eval_sample(reader: ActivationStore, n: int, skip: int = 0) -> torch.Tensor:
     """`n` non-special eval tokens after the first `skip` of them, all blocks, float32."""
@@ -46,8 +46,12 @@ def train_chunks(reader: ActivationStore):
 
 def run_lens_stage(p: Params, reader: ActivationStore, out_dir: Path, progress: bool = True) -> dict:
     """Build the lens for `p.lens`, write `out_dir`, return lens metrics."""
-    record = {"mode": p.lens, "model": reader.attrs.get("model"), "n_layers": reader.n_layers,
-              "d_model": reader.d_model}
+    record = {
+        "mode": p.lens,
+        "model": reader.attrs.get("model"),
+        "n_layers": reader.n_layers,
+        "d_model": reader.d_model,
+    }
     if p.lens == "none":
         with atomic_dir(out_dir) as tmp:
             write_json(tmp / RECORD, record)
@@ -62,9 +66,17 @@ def run_lens_stage(p: Params, reader: ActivationStore, out_dir: Path, progress: 
         info: dict = {}
     else:
         lens, info = fit_lens(
-            train_chunks(reader), model.final_norm, model.unembed, reader.n_layers, reader.d_model,
-            steps=p.lens_fit.steps, lr=p.lens_fit.lr, batch_tokens=p.lens_fit.batch_tokens, seed=p.seed,
-            eval_resid=eval_sample(reader, p.lens_fit.eval_tokens), patience=p.lens_fit.patience,
+            train_chunks(reader),
+            model.final_norm,
+            model.unembed,
+            reader.n_layers,
+            reader.d_model,
+            steps=p.lens_fit.steps,
+            lr=p.lens_fit.lr,
+            batch_tokens=p.lens_fit.batch_tokens,
+            seed=p.seed,
+            eval_resid=eval_sample(reader, p.lens_fit.eval_tokens),
+            patience=p.lens_fit.patience,
             progress=progress,
         )
     # early stopping saw the first eval_tokens eval tokens; measure on the next ones (held out)

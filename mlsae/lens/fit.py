@@ -12,7 +12,7 @@ import contextlib
 import copy
 import math
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from mlsae.core.errors import MlsaeError
 from mlsae.lens.tuned import Lens
 
-ArrayLike = Union[Tensor, np.ndarray]
+ArrayLike = Tensor | np.ndarray
 """Residuals ``(tokens, layers, d_model)``: a tensor, or anything sliced along axis 0 into
 numpy arrays (a numpy array, a Zarr array)."""
 

@@ -35,9 +35,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mlsae.core.paths import LENS_CONFIG, LENS_PARAMS
 from mlsae.core.errors import MlsaeError
 from mlsae.core.io import atomic_dir, atomic_file, write_text
+from mlsae.core.paths import LENS_CONFIG, LENS_PARAMS
 
 LENS_TYPE = "linear_tuned_lens"
 
@@ -294,7 +294,9 @@ def load_pretrained(spec: str | Path | None, n_layers: int, d_model: int, model_
     if spec is not None and str(spec).strip():
         path = Path(spec)
         if not path.is_dir():
-            raise MlsaeError(f"lens_path: {path} is not a directory (expected tuned-lens {LENS_CONFIG} + {LENS_PARAMS})")
+            raise MlsaeError(
+                f"lens_path: {path} is not a directory (expected tuned-lens {LENS_CONFIG} + {LENS_PARAMS})"
+            )
         return Lens.load(path, n_layers, d_model)
 
     load_artifacts = import_tuned_lens().load_artifacts

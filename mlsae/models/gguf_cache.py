@@ -77,7 +77,7 @@ def _valid(directory: Path, gguf_sha: str) -> bool:
 
 def load_gguf(path: Path) -> tuple[nn.Module, object, str]:
     """(float32 model, tokenizer, GGUF sha256) for a GGUF file, through the cache."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     gguf_sha = file_sha256(path)
     target = cache_root() / "converted" / gguf_sha
@@ -121,8 +121,13 @@ def _convert(path: Path, gguf_sha: str, target: Path) -> None:
         (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
         save_file(_unique_tensors(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
         tok.save_pretrained(tmp)
-        manifest = {"layout": _LAYOUT, "gguf_sha256": gguf_sha, "gguf_name": path.name,
-                    "transformers": transformers.__version__, "files": _files(tmp)}
+        manifest = {
+            "layout": _LAYOUT,
+            "gguf_sha256": gguf_sha,
+            "gguf_name": path.name,
+            "transformers": transformers.__version__,
+            "files": _files(tmp),
+        }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         try:
             tmp.rename(target)

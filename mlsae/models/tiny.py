@@ -21,6 +21,7 @@ EOS = "<|endoftext|>"
 def tiny_tokenizer_json() -> str:
     """Train a small byte-level BPE tokenizer on the pydoc topics (deterministic)."""
     from pydoc_data.topics import topics
+
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())

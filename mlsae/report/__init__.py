@@ -36,10 +36,10 @@ import numpy as np
 import polars as pl
 
 from mlsae.core import paths as C
-from mlsae.core.paths import ADJ_COS_PLOT, LENS_PLOT
 from mlsae.core.errors import MlsaeError
 from mlsae.core.io import write_bytes, write_text
 from mlsae.core.params import is_int
+from mlsae.core.paths import ADJ_COS_PLOT, LENS_PLOT
 from mlsae.report.figures import (
     _adjacent_figure,
     _eval_figure,
@@ -78,8 +78,8 @@ __all__ = [
     "build_report",
     "format_layers",
     "format_value",
-    "markdown_table",
     "layer_sparkline",
+    "markdown_table",
     "render_summary",
     "summary_row",
     "summary_text",
@@ -176,7 +176,11 @@ def build_report(
     Raises:
         MlsaeError: a missing or malformed input, naming the file. Nothing is written then.
     """
-    for name, value in (("top_latents", top_latents), ("contexts_per_latent", contexts_per_latent), ("min_count", min_count)):
+    for name, value in (
+        ("top_latents", top_latents),
+        ("contexts_per_latent", contexts_per_latent),
+        ("min_count", min_count),
+    ):
         if not is_int(value) or value < 0:
             raise MlsaeError(f"report: {name} must be an integer >= 0, got {value!r}")
     if not is_int(max_heatmap_rows) or max_heatmap_rows < 1:
@@ -209,7 +213,10 @@ def build_report(
         plots_dir / STD_HIST_PLOT: _csv(std_hist.frame("std_layer")),
         plots_dir / LAYER_ACTIVITY_PLOT: _csv(layers.select("block", "n_latents_active", "n_entries", "mass_share")),
         plots_dir / ADJ_COS_PLOT.name: _csv(
-            pl.DataFrame({"layer": list(range(len(adjacent))), "adjacent_cos": adjacent}, schema={"layer": pl.Int64, "adjacent_cos": pl.Float64})
+            pl.DataFrame(
+                {"layer": list(range(len(adjacent))), "adjacent_cos": adjacent},
+                schema={"layer": pl.Int64, "adjacent_cos": pl.Float64},
+            )
         ),
     }
     images: dict[Path, bytes] = {

@@ -15,7 +15,6 @@ from matplotlib.figure import Figure
 from mlsae.report.inputs import _Inputs
 from mlsae.report.summary import _number
 
-
 # --------------------------------------------------------------------------------------------
 # Figures
 # --------------------------------------------------------------------------------------------
@@ -83,7 +82,12 @@ class _Histogram:
     def frame(self, name: str) -> pl.DataFrame:
         centres = (self.edges[:-1] + self.edges[1:]) / 2
         return pl.DataFrame(
-            {name: centres, "count": self.counts.astype(np.int64), "bin_start": self.edges[:-1], "bin_end": self.edges[1:]}
+            {
+                name: centres,
+                "count": self.counts.astype(np.int64),
+                "bin_start": self.edges[:-1],
+                "bin_end": self.edges[1:],
+            }
         )
 
 
@@ -117,8 +121,12 @@ def _histogram_figure(inp: _Inputs, mean: _Histogram, std: _Histogram, min_count
     if mean_std is not None:
         right.axvline(mean_std, color="k", linestyle="-", label=f"mean σ_f = {mean_std:.3g}")
     if var_within is not None and var_within >= 0:
-        right.axvline(math.sqrt(var_within), color="tab:red", linestyle="--",
-                      label=f"√var_within = {math.sqrt(var_within):.3g} (within one token)")
+        right.axvline(
+            math.sqrt(var_within),
+            color="tab:red",
+            linestyle="--",
+            label=f"√var_within = {math.sqrt(var_within):.3g} (within one token)",
+        )
     if right.get_legend_handles_labels()[0]:
         right.legend(fontsize=8)
     right.set_xlabel("std of layer distribution σ_f (layers)")

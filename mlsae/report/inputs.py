@@ -10,17 +10,6 @@ from typing import Any
 
 import polars as pl
 
-from mlsae.core.paths import (
-    ANALYSIS_METRICS,
-    EVAL_METRICS,
-    EXTRACT_METRICS,
-    LATENT_STATS,
-    LAYER_STATS,
-    LENS_METRICS,
-    TOP_TOKENS,
-    TRAIN_METRICS,
-    TRAIN_PLOT,
-)
 from mlsae.core.errors import MlsaeError
 from mlsae.core.io import read_json
 from mlsae.core.metrics import (
@@ -32,8 +21,18 @@ from mlsae.core.metrics import (
     TrainMetrics,
     read_metrics,
 )
+from mlsae.core.paths import (
+    ANALYSIS_METRICS,
+    EVAL_METRICS,
+    EXTRACT_METRICS,
+    LATENT_STATS,
+    LAYER_STATS,
+    LENS_METRICS,
+    TOP_TOKENS,
+    TRAIN_METRICS,
+    TRAIN_PLOT,
+)
 from mlsae.report.summary import _number
-
 
 # --------------------------------------------------------------------------------------------
 # Inputs
@@ -113,8 +112,10 @@ def _load_inputs(metrics_dir: Path, plots_dir: Path, analysis_dir: Path, sae_con
         raise MlsaeError(f"{paths['config']}: 'layers' must be a non-empty list of block indices, got {blocks!r}")
     n_layers = len(blocks)
 
-    jsons: dict[str, Any] = {name: read_metrics(paths[name], STAGE_METRICS[name], partial=True)
-                             for name in ("extract", "lens", "train", "eval", "analysis")}
+    jsons: dict[str, Any] = {
+        name: read_metrics(paths[name], STAGE_METRICS[name], partial=True)
+        for name in ("extract", "lens", "train", "eval", "analysis")
+    }
     eval_blocks = jsons["eval"].get("layers", blocks)
     if eval_blocks != blocks:
         raise MlsaeError(f"{paths['eval']}: layers {eval_blocks} differ from the SAE's {blocks} ({paths['config']})")
@@ -161,7 +162,9 @@ def _lens_by_layer(lens: Mapping[str, Any], blocks: list[int], path: Path) -> pl
     logit = lens.get("kl_logit_lens_by_layer")
     n_model = len(logit) if isinstance(logit, list) else 0
     if n_model <= max(blocks):
-        raise MlsaeError(f"{path}: 'kl_logit_lens_by_layer' must list one KL per block (> {max(blocks)}), got {logit!r:.80}")
+        raise MlsaeError(
+            f"{path}: 'kl_logit_lens_by_layer' must list one KL per block (> {max(blocks)}), got {logit!r:.80}"
+        )
     return pl.DataFrame(
         {
             "layer": list(range(n_model)),

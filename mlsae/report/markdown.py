@@ -14,7 +14,6 @@ from mlsae.core.errors import MlsaeError
 from mlsae.report.inputs import _Inputs, _read_parquet, _series
 from mlsae.report.summary import SUMMARY_COLUMNS, _number, format_layers, format_value
 
-
 # --------------------------------------------------------------------------------------------
 # Token contexts and sparklines
 # --------------------------------------------------------------------------------------------
@@ -56,10 +55,18 @@ def token_context(
         raise MlsaeError(f"token index {index} outside the {n} eval tokens")
     context_id, pos = context[index], int(position[index])
     lo = index
-    while lo > max(0, index - before) and context[lo - 1] == context_id and int(position[lo - 1]) == pos - (index - lo + 1):
+    while (
+        lo > max(0, index - before)
+        and context[lo - 1] == context_id
+        and int(position[lo - 1]) == pos - (index - lo + 1)
+    ):
         lo -= 1
     hi = index
-    while hi < min(n - 1, index + after) and context[hi + 1] == context_id and int(position[hi + 1]) == pos + (hi + 1 - index):
+    while (
+        hi < min(n - 1, index + after)
+        and context[hi + 1] == context_id
+        and int(position[hi + 1]) == pos + (hi + 1 - index)
+    ):
         hi += 1
     ids = [int(t) for t in tokens[lo : hi + 1]]
     cut = index - lo
@@ -174,11 +181,7 @@ def _top_latents_table(
 ) -> _TopLatents:
     """The ``top_latents`` latents by activation mass with their distribution and top contexts."""
     total_mass = float(inp.latents["mass"].sum())
-    top = (
-        inp.latents.filter(pl.col("count") > 0)
-        .sort(["mass", "latent"], descending=[True, False])
-        .head(top_latents)
-    )
+    top = inp.latents.filter(pl.col("count") > 0).sort(["mass", "latent"], descending=[True, False]).head(top_latents)
     ids = top["latent"].to_list()
     path = inp.paths["top_tokens"]
     contexts = _read_parquet(path, ("latent", "rank", "token", "value", "layer"), "aggregate")

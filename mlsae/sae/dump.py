@@ -12,13 +12,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mlsae.stores import latents
-
-from mlsae.stores import activations as store
-from mlsae.core.paths import INDICES, STORE_SCHEMA, VALUES
 from mlsae.core.errors import MlsaeError
+from mlsae.core.paths import INDICES, STORE_SCHEMA, VALUES
 from mlsae.lens.tuned import Lens
 from mlsae.sae.model import MLSAE
+from mlsae.stores import activations as store
+from mlsae.stores import latents
+
 
 def _fingerprint(sae: MLSAE, lens: Lens) -> str:
     """Hash of the SAE's weights and the lens's translators: the params hash alone does not change
@@ -33,16 +33,31 @@ def _fingerprint(sae: MLSAE, lens: Lens) -> str:
 
 
 def _attrs(sae: MLSAE, lens: Lens, reader: store.ActivationStore) -> dict:
-    return {"schema": STORE_SCHEMA, "layers": sae.cfg.layers, "n_latents": sae.cfg.n_latents, "k": sae.cfg.k,
-            "model": reader.attrs.get("model"), "sae_hash": sae.cfg.params_hash, "lens": sae.cfg.lens,
-            "source_revision": reader.attrs.get("revision"), "n_tokens": reader.n_tokens("eval"),
-            "source": {k: reader.attrs.get(k) for k in ("corpus", "seed", "context", "eval_tokens", "dtype")},
-            "skip_first": reader.skip_first, "fingerprint": _fingerprint(sae, lens)}
+    return {
+        "schema": STORE_SCHEMA,
+        "layers": sae.cfg.layers,
+        "n_latents": sae.cfg.n_latents,
+        "k": sae.cfg.k,
+        "model": reader.attrs.get("model"),
+        "sae_hash": sae.cfg.params_hash,
+        "lens": sae.cfg.lens,
+        "source_revision": reader.attrs.get("revision"),
+        "n_tokens": reader.n_tokens("eval"),
+        "source": {k: reader.attrs.get(k) for k in ("corpus", "seed", "context", "eval_tokens", "dtype")},
+        "skip_first": reader.skip_first,
+        "fingerprint": _fingerprint(sae, lens),
+    }
 
 
 @torch.no_grad()
-def dump(sae: MLSAE, lens: Lens, reader: store.ActivationStore, path: str, progress: bool = True,
-         stop_after_shards: int | None = None) -> dict:
+def dump(
+    sae: MLSAE,
+    lens: Lens,
+    reader: store.ActivationStore,
+    path: str,
+    progress: bool = True,
+    stop_after_shards: int | None = None,
+) -> dict:
     """Encode every eval token at every SAE layer and store its top-k (indices, values)."""
     if reader.n_tokens("eval") == 0:
         raise MlsaeError(f"{reader.path}: the eval split is empty")

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from mlsae.core.paths import SAE_CONFIG, SAE_WEIGHTS
 from mlsae.core.errors import MlsaeError
 from mlsae.core.io import atomic_dir
 from mlsae.core.params import Params
+from mlsae.core.paths import SAE_CONFIG, SAE_WEIGHTS
 from mlsae.sae.model import MLSAE, SAEConfig
 from mlsae.sae.seed import HUB_ID, fetch, is_seed_dir, read_seed
 from mlsae.stores.activations import ActivationStore
@@ -44,32 +44,52 @@ def import_sae(p: Params, reader: ActivationStore, out_dir: Path) -> dict:
     elif is_seed_dir(directory):
         sae, fmt = _from_seed(p, reader, directory, source, store_model)
     else:
-        raise MlsaeError(f"sae.source: {directory} holds neither this project's {SAE_WEIGHTS} + {SAE_CONFIG} "
-                         f"nor the seed's config.json + model.safetensors")
+        raise MlsaeError(
+            f"sae.source: {directory} holds neither this project's {SAE_WEIGHTS} + {SAE_CONFIG} "
+            f"nor the seed's config.json + model.safetensors"
+        )
     cfg = sae.cfg
     if cfg.d_model != reader.d_model:
-        raise MlsaeError(f"sae.source: {source!r} has d_model {cfg.d_model}, but the store {reader.path} holds "
-                         f"d_model {reader.d_model} (model {store_model!r})")
+        raise MlsaeError(
+            f"sae.source: {source!r} has d_model {cfg.d_model}, but the store {reader.path} holds "
+            f"d_model {reader.d_model} (model {store_model!r})"
+        )
     bad = [i for i in cfg.layers if i >= reader.n_layers]
     if bad:
-        raise MlsaeError(f"sae.source: {source!r} uses blocks {cfg.layers}, but the store {reader.path} holds "
-                         f"{reader.n_layers} layers (model {store_model!r})")
+        raise MlsaeError(
+            f"sae.source: {source!r} uses blocks {cfg.layers}, but the store {reader.path} holds "
+            f"{reader.n_layers} layers (model {store_model!r})"
+        )
     if cfg.lens == "fit":
-        raise MlsaeError(f"sae.source: {source!r} works in a fitted tuned lens's space (lens=fit), which belongs "
-                         f"to the run that fitted it; import an SAE with lens none or pretrained")
+        raise MlsaeError(
+            f"sae.source: {source!r} works in a fitted tuned lens's space (lens=fit), which belongs "
+            f"to the run that fitted it; import an SAE with lens none or pretrained"
+        )
     if cfg.lens != p.lens:
-        raise MlsaeError(f"lens: sae.source {source!r} works in lens={cfg.lens} space, but params say "
-                         f"lens={p.lens}; set -S lens={cfg.lens}")
+        raise MlsaeError(
+            f"lens: sae.source {source!r} works in lens={cfg.lens} space, but params say "
+            f"lens={p.lens}; set -S lens={cfg.lens}"
+        )
     with atomic_dir(out_dir) as tmp:
         sae.save(tmp)
         digest = hashlib.sha256((tmp / SAE_WEIGHTS).read_bytes()).hexdigest()[:16]
-    return {"imported": True, "source": source, "format": fmt, "sae_sha256": digest, "normalisation": cfg.normalisation,
-            "d_model": cfg.d_model, "n_latents": cfg.n_latents, "k": cfg.k, "layers": cfg.layers,
-            "lens": cfg.lens, "steps": 0, "tokens": 0}
+    return {
+        "imported": True,
+        "source": source,
+        "format": fmt,
+        "sae_sha256": digest,
+        "normalisation": cfg.normalisation,
+        "d_model": cfg.d_model,
+        "n_latents": cfg.n_latents,
+        "k": cfg.k,
+        "layers": cfg.layers,
+        "lens": cfg.lens,
+        "steps": 0,
+        "tokens": 0,
+    }
 
 
-def _from_seed(p: Params, reader: ActivationStore, directory: Path, source: str,
-               store_model: str) -> tuple[MLSAE, str]:
+def _from_seed(p: Params, reader: ActivationStore, directory: Path, source: str, store_model: str) -> tuple[MLSAE, str]:
     seed = read_seed(directory, source)
     if seed.model is not None:
         _check_model(source, seed.model, store_model, reader)
@@ -79,9 +99,17 @@ def _from_seed(p: Params, reader: ActivationStore, directory: Path, source: str,
         layers = list(range(reader.n_layers))
     else:
         layers = p.select_layers(reader.n_layers)
-    cfg = SAEConfig(d_model=seed.w_enc.shape[1], n_latents=seed.w_enc.shape[0], k=seed.k, layers=layers,
-                    auxk=seed.auxk, normalisation="seed", lens="pretrained" if seed.lens else "none",
-                    model=store_model, params_hash=p.section_hash("sae", "lens"))
+    cfg = SAEConfig(
+        d_model=seed.w_enc.shape[1],
+        n_latents=seed.w_enc.shape[0],
+        k=seed.k,
+        layers=layers,
+        auxk=seed.auxk,
+        normalisation="seed",
+        lens="pretrained" if seed.lens else "none",
+        model=store_model,
+        params_hash=p.section_hash("sae", "lens"),
+    )
     sae = MLSAE(cfg)
     with torch.no_grad():
         sae.W_enc.copy_(seed.w_enc)
@@ -102,5 +130,7 @@ def model_key(name: str) -> str:
 
 def _check_model(source: str, sae_model: str, store_model: str, reader: ActivationStore) -> None:
     if sae_model and model_key(sae_model) != model_key(store_model):
-        raise MlsaeError(f"model: sae.source {source!r} was trained on model {sae_model!r}, but the store "
-                         f"{reader.path} holds model {store_model!r}; set -S model=... to match")
+        raise MlsaeError(
+            f"model: sae.source {source!r} was trained on model {sae_model!r}, but the store "
+            f"{reader.path} holds model {store_model!r}; set -S model=... to match"
+        )

@@ -18,8 +18,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-
-
 def topk_select(
     z: Tensor, k: int, dead: Tensor | None, n_aux: int, overwrite: bool = False
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -75,8 +73,9 @@ def sparse_outer(indices: Tensor, coef: Tensor, x: Tensor, n_rows: int) -> Tenso
         torch.cumsum(torch.bincount(flat, minlength=n_rows), 0, out=crow[1:])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-            g_t = torch.sparse_csr_tensor(crow, rows[order], coef.reshape(-1)[order], (n_rows, n),
-                                          check_invariants=False)
+            g_t = torch.sparse_csr_tensor(
+                crow, rows[order], coef.reshape(-1)[order], (n_rows, n), check_invariants=False
+            )
         return g_t @ x
     g_t = torch.sparse_coo_tensor(torch.stack([flat, rows]), coef.reshape(-1), (n_rows, n), check_invariants=False)
     return torch.sparse.mm(g_t, x)

@@ -14,9 +14,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -24,10 +25,10 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
-from mlsae.core.paths import SAE_CONFIG, SAE_WEIGHTS
 from mlsae.core.errors import MlsaeError
 from mlsae.core.io import file_sha256, write_bytes, write_text
 from mlsae.core.params import LENS_MODES, SAEParams, is_int, is_number
+from mlsae.core.paths import SAE_CONFIG, SAE_WEIGHTS
 from mlsae.sae.kernels import geometric_median, layer_fvu, sparse_encoder, topk_select
 
 NORM_EPS = 1e-6
@@ -345,7 +346,9 @@ class MLSAE(nn.Module):
         except Exception as e:  # safetensors raises its own error types for corrupt files
             raise MlsaeError(f"{weights_path}: unreadable weights ({_one_line(e)}); {rebuild}") from None
         if recorded is not None and file_sha256(weights_path) != recorded:
-            raise MlsaeError(f"{weights_path}: sha256 differs from the one recorded in {cfg_path} (corrupted); {rebuild}")
+            raise MlsaeError(
+                f"{weights_path}: sha256 differs from the one recorded in {cfg_path} (corrupted); {rebuild}"
+            )
         sae = cls(cfg)
         for name, ref in sae.state_dict().items():
             got = tensors.get(name)

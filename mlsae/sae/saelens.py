@@ -38,9 +38,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from mlsae.core.paths import HOOK_NAME
 from mlsae.core.errors import MlsaeError
 from mlsae.core.io import atomic_dir
+from mlsae.core.paths import HOOK_NAME
 from mlsae.sae.model import MLSAE
 
 SAELENS_VERSION = "6.0.0"
@@ -68,8 +68,12 @@ def saelens_weights(sae: MLSAE) -> dict[str, torch.Tensor]:
     c = fold_factor(sae)
     with torch.no_grad():
         w_enc, w_dec, b_pre = (t.detach().cpu().double() for t in (sae.W_enc, sae.W_dec, sae.b_pre))
-        out = {"W_enc": c * w_enc.T, "W_dec": w_dec.T / c, "b_enc": torch.zeros(sae.cfg.n_latents, dtype=torch.float64),
-               "b_dec": b_pre / c}
+        out = {
+            "W_enc": c * w_enc.T,
+            "W_dec": w_dec.T / c,
+            "b_enc": torch.zeros(sae.cfg.n_latents, dtype=torch.float64),
+            "b_dec": b_pre / c,
+        }
     return {k: v.float().contiguous() for k, v in out.items()}
 
 
@@ -115,9 +119,11 @@ def export_note(sae_dir: str | Path) -> str:
     cfg = MLSAE.load(sae_dir).cfg
     if cfg.normalisation != "vector":
         return ""
-    return ("note: sae.normalisation vector is approximate in SAELens's layer_norm: pre-activations differ by "
-            "at most about 1e-5/std relative (std: a residual vector's std); train with "
-            "sae.normalisation=seed for an exact export")
+    return (
+        "note: sae.normalisation vector is approximate in SAELens's layer_norm: pre-activations differ by "
+        "at most about 1e-5/std relative (std: a residual vector's std); train with "
+        "sae.normalisation=seed for an exact export"
+    )
 
 
 def export_saelens(sae_dir: str | Path, out: str | Path, model_name: str = "", force: bool = False) -> list[Path]:
@@ -131,8 +137,10 @@ def export_saelens(sae_dir: str | Path, out: str | Path, model_name: str = "", f
         raise MlsaeError(f"{out}: not empty; pick another folder or pass --force to replace it")
     sae = MLSAE.load(sae_dir)
     if sae.cfg.lens != "none":
-        raise MlsaeError(f"{sae_dir}: the SAE works in tuned-lens space (lens={sae.cfg.lens}) and SAELens has no "
-                         f"lens; export an SAE trained with lens=none")
+        raise MlsaeError(
+            f"{sae_dir}: the SAE works in tuned-lens space (lens={sae.cfg.lens}) and SAELens has no "
+            f"lens; export an SAE trained with lens=none"
+        )
     tensors = saelens_weights(sae)
     name = model_name or saelens_model_name(sae.cfg.model)
     folders = []

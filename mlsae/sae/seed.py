@@ -40,9 +40,24 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 NAME = re.compile(r"mlsae-(?P<model>.+?)-x(?P<expansion>\d+)-k(?P<k>\d+)(?P<lens>-lens)?(?P<tfm>-tfm)?$")
 
 AUTOENCODER_KEYS = {"n_inputs", "n_latents", "k", "dead_steps_threshold", "dead_threshold", "auxk", "standardize"}
-TFM_KEYS = {"model_name", "layers", "expansion_factor", "k", "auxk", "auxk_coef", "dead_tokens_threshold",
-            "dead_threshold", "lr", "standardize", "skip_special_tokens", "max_length", "batch_size",
-            "accumulate_grad_batches", "tuned_lens", "dead_steps_threshold"}
+TFM_KEYS = {
+    "model_name",
+    "layers",
+    "expansion_factor",
+    "k",
+    "auxk",
+    "auxk_coef",
+    "dead_tokens_threshold",
+    "dead_threshold",
+    "lr",
+    "standardize",
+    "skip_special_tokens",
+    "max_length",
+    "batch_size",
+    "accumulate_grad_batches",
+    "tuned_lens",
+    "dead_steps_threshold",
+}
 TENSORS = ("encoder.weight", "decoder.weight", "pre_encoder_bias")
 IGNORED_TENSORS = ("last_nonzero",)
 
@@ -83,8 +98,10 @@ def fetch(source: str) -> Path:
         return Path(snapshot_download(repo_id=source, allow_patterns=[SEED_CONFIG, SEED_WEIGHTS]))
     except Exception as e:  # offline, unknown repo, gated repo: each its own exception type
         reason = " ".join(str(e).split())[:200] or type(e).__name__
-        raise MlsaeError(f"sae.source: cannot download hub repo {source!r} ({reason}); "
-                         f"offline, download it elsewhere and pass its local directory") from None
+        raise MlsaeError(
+            f"sae.source: cannot download hub repo {source!r} ({reason}); "
+            f"offline, download it elsewhere and pass its local directory"
+        ) from None
 
 
 def is_seed_dir(directory: Path) -> bool:
@@ -108,8 +125,10 @@ def read_seed(directory: Path, name: str = "") -> SeedSAE:
         kind = "MLSAETransformer (-tfm)" if tfm else "MLSAE autoencoder"
         raise MlsaeError(f"{cfg_path}: unsupported seed variant: unknown {kind} config key {unknown[0]!r}")
     if cfg.get("standardize", True) is not True:
-        raise MlsaeError(f"{cfg_path}: unsupported seed variant: standardize={cfg['standardize']!r} "
-                         f"(only standardised seed SAEs are supported)")
+        raise MlsaeError(
+            f"{cfg_path}: unsupported seed variant: standardize={cfg['standardize']!r} "
+            f"(only standardised seed SAEs are supported)"
+        )
     k = cfg.get("k", 32 if tfm else None)
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise MlsaeError(f"{cfg_path}: seed config key 'k' must be a positive integer (got {k!r})")
@@ -122,18 +141,25 @@ def read_seed(directory: Path, name: str = "") -> SeedSAE:
     tensors = _read_tensors(weights_path, prefix)
     w_enc, w_dec, b_pre = (tensors[prefix + key] for key in TENSORS)
     n_latents, d_model = w_enc.shape if w_enc.ndim == 2 else (0, 0)
-    expected = {"encoder.weight": (n_latents, d_model), "decoder.weight": (d_model, n_latents),
-                "pre_encoder_bias": (d_model,)}
+    expected = {
+        "encoder.weight": (n_latents, d_model),
+        "decoder.weight": (d_model, n_latents),
+        "pre_encoder_bias": (d_model,),
+    }
     if tfm:
         factor = cfg.get("expansion_factor", 16)
         if n_latents != factor * d_model:
-            raise MlsaeError(f"{weights_path}: encoder.weight has {n_latents} latents, config expansion_factor "
-                             f"{factor} x d_model {d_model} = {factor * d_model}")
+            raise MlsaeError(
+                f"{weights_path}: encoder.weight has {n_latents} latents, config expansion_factor "
+                f"{factor} x d_model {d_model} = {factor * d_model}"
+            )
     else:
         expected["encoder.weight"] = (cfg.get("n_latents"), cfg.get("n_inputs"))
     for key, t in zip(TENSORS, (w_enc, w_dec, b_pre)):
         if tuple(t.shape) != expected[key]:
-            raise MlsaeError(f"{weights_path}: tensor {prefix + key!r} has shape {tuple(t.shape)}, expected {expected[key]}")
+            raise MlsaeError(
+                f"{weights_path}: tensor {prefix + key!r} has shape {tuple(t.shape)}, expected {expected[key]}"
+            )
     if k > n_latents:
         raise MlsaeError(f"{cfg_path}: k={k} is more than n_latents={n_latents}")
 
@@ -141,9 +167,14 @@ def read_seed(directory: Path, name: str = "") -> SeedSAE:
     model = cfg.get("model_name") if tfm else (match["model"] if match else None)
     lens = bool(cfg.get("tuned_lens")) if tfm else bool(match and match["lens"])
     layers = cfg.get("layers") if tfm else None
-    if layers is not None and (not isinstance(layers, list) or not layers
-                               or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers)):
-        raise MlsaeError(f"{cfg_path}: seed config key 'layers' must be null or a list of block indices (got {layers!r})")
+    if layers is not None and (
+        not isinstance(layers, list)
+        or not layers
+        or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers)
+    ):
+        raise MlsaeError(
+            f"{cfg_path}: seed config key 'layers' must be null or a list of block indices (got {layers!r})"
+        )
     return SeedSAE(w_enc.float(), w_dec.float(), b_pre.float(), k, auxk, tfm, lens, model, layers)
 
 
@@ -158,11 +189,12 @@ def _read_tensors(path: Path, prefix: str) -> dict[str, torch.Tensor]:
                 raise MlsaeError(f"{path}: not a seed MLSAE: tensor {missing[0]!r} missing")
             extra = sorted(ours - {prefix + key for key in (*TENSORS, *IGNORED_TENSORS)})
             if extra:
-                raise MlsaeError(f"{path}: unsupported seed variant: tensor {extra[0]!r} (e.g. an encoder bias) "
-                                 f"is not part of the seed's MLSAE")
+                raise MlsaeError(
+                    f"{path}: unsupported seed variant: tensor {extra[0]!r} (e.g. an encoder bias) "
+                    f"is not part of the seed's MLSAE"
+                )
             return {prefix + key: f.get_tensor(prefix + key) for key in TENSORS}
     except MlsaeError:
         raise
     except Exception as e:  # safetensors raises its own error types for corrupt files
         raise MlsaeError(f"{path}: unreadable weights ({' '.join(str(e).split())})") from None
-

@@ -22,16 +22,16 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from mlsae.core.paths import CHECKPOINT
 from mlsae.core.errors import MlsaeError
 from mlsae.core.io import atomic_dir, atomic_file
+from mlsae.core.params import Params
+from mlsae.core.paths import CHECKPOINT
+from mlsae.data.shuffle import BatchPlan, iter_batches
+from mlsae.data.stream import StreamBatches, check_store
 from mlsae.lens.tuned import Lens
 from mlsae.models.registry import load_model, resolve_device
-from mlsae.core.params import Params
 from mlsae.sae.model import MLSAE, SAEConfig
-from mlsae.data.shuffle import BatchPlan, iter_batches
 from mlsae.stores.activations import ActivationStore
-from mlsae.data.stream import StreamBatches, check_store
 
 CHECKPOINT_VERSION = 1
 ADAM_EPS = 6.25e-10
@@ -68,8 +68,10 @@ def sae_config(p: Params, reader: ActivationStore, model_name: str) -> SAEConfig
     layers = p.select_layers(reader.n_layers)
     n_latents = p.sae.expansion * reader.d_model
     if p.sae.k > n_latents:
-        raise MlsaeError(f"sae.k: {p.sae.k} is more than n_latents = sae.expansion x d_model = "
-                         f"{p.sae.expansion} x {reader.d_model} = {n_latents}; lower sae.k or raise sae.expansion")
+        raise MlsaeError(
+            f"sae.k: {p.sae.k} is more than n_latents = sae.expansion x d_model = "
+            f"{p.sae.expansion} x {reader.d_model} = {n_latents}; lower sae.k or raise sae.expansion"
+        )
     cfg = SAEConfig(
         d_model=reader.d_model,
         n_latents=n_latents,
@@ -90,12 +92,21 @@ def sae_config(p: Params, reader: ActivationStore, model_name: str) -> SAEConfig
 def identity_of(p: Params, reader: ActivationStore, world: int = 1) -> dict:
     """What a checkpoint must match to be resumed (not where or how often it was saved)."""
     train = {k: v for k, v in p.to_dict()["train"].items() if k not in ("device", "checkpoint_every")}
-    identity = {"params": p.section_hash("sae", "seed", "lens", "lens_fit", "lens_path"), "train": train,
-                "store": {k: reader.attrs.get(k) for k in ("model", "revision", "corpus", "context",
-                                                             "train_tokens", "seed", "dtype")}}
+    identity = {
+        "params": p.section_hash("sae", "seed", "lens", "lens_fit", "lens_path"),
+        "train": train,
+        "store": {
+            k: reader.attrs.get(k) for k in ("model", "revision", "corpus", "context", "train_tokens", "seed", "dtype")
+        },
+    }
     if p.train.source == "stream":  # the batches come from the corpus, the model and this many ranks
-        identity["stream"] = {"data": p.to_dict()["data"], "model": p.model, "dtype": p.extract.dtype,
-                              "batch_size": p.extract.batch_size, "world": world}
+        identity["stream"] = {
+            "data": p.to_dict()["data"],
+            "model": p.model,
+            "dtype": p.extract.dtype,
+            "batch_size": p.extract.batch_size,
+            "world": world,
+        }
     return identity
 
 
@@ -111,8 +122,10 @@ def load_checkpoint(path: Path, identity: dict) -> dict | None:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "Unsupported global" in str(e):  # a real pickle that names a class or function to call
-            raise MlsaeError(f"{path}: refused: the checkpoint holds objects other than tensors and plain "
-                             "data (not one this project wrote); delete it to start over") from None
+            raise MlsaeError(
+                f"{path}: refused: the checkpoint holds objects other than tensors and plain "
+                "data (not one this project wrote); delete it to start over"
+            ) from None
         raise MlsaeError(f"{path}: corrupted checkpoint (UnpicklingError); delete it to start over") from None
     except Exception as e:
         raise MlsaeError(f"{path}: corrupted checkpoint ({type(e).__name__}); delete it to start over") from None
@@ -133,9 +146,7 @@ def make_optimizer(sae: nn.Module, lr: float) -> torch.optim.Adam:
     return torch.optim.Adam(params, lr=lr, eps=ADAM_EPS, fused=fused)
 
 
-def train_step(
-    sae: nn.Module, opt: torch.optim.Optimizer, x: Tensor, grad_clip: float = 0.0
-) -> dict[str, float]:
+def train_step(sae: nn.Module, opt: torch.optim.Optimizer, x: Tensor, grad_clip: float = 0.0) -> dict[str, float]:
     """One optimiser step on raw residuals ``x`` (B, L, d); returns the batch's metrics:
     ``loss``, ``fvu``, ``auxk``, ``l0``, ``dead_fraction`` and ``fvu_layer_{block}`` per layer.
 
@@ -155,7 +166,9 @@ def train_step(
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
         finite = bool(flag.item())
     if not finite:
-        raise FloatingPointError(f"sae training loss is {loss} (on this or another rank); step skipped, weights unchanged")
+        raise FloatingPointError(
+            f"sae training loss is {loss} (on this or another rank); step skipped, weights unchanged"
+        )
     opt.zero_grad(set_to_none=True)
     losses.loss.backward()
     core.remove_parallel_grads()
@@ -202,20 +215,36 @@ class _StoreBatches:
         return iter_batches(self.reader, self.layers, self.plan, start, self.rank, self.world)
 
 
-def batch_source(p: Params, reader: ActivationStore, layers: list[int], ranks: Dist, device: torch.device,
-                 chunk_order: str = "shuffled", progress: bool = False) -> tuple[_StoreBatches | StreamBatches, int]:
+def batch_source(
+    p: Params,
+    reader: ActivationStore,
+    layers: list[int],
+    ranks: Dist,
+    device: torch.device,
+    chunk_order: str = "shuffled",
+    progress: bool = False,
+) -> tuple[_StoreBatches | StreamBatches, int]:
     """(this rank's batch source, its step count: exact in store mode, an upper bound in stream mode)."""
     check_store(p, reader.attrs)
     if p.train.source == "stream":
         model = load_model(p.model, device)
         if (model.n_layers, model.d_model) != (reader.n_layers, reader.d_model):
-            raise MlsaeError(f"model {p.model}: {model.n_layers} blocks x d_model {model.d_model}, but the store holds "
-                             f"{reader.n_layers} x {reader.d_model}; rerun extract")
+            raise MlsaeError(
+                f"model {p.model}: {model.n_layers} blocks x d_model {model.d_model}, but the store holds "
+                f"{reader.n_layers} x {reader.d_model}; rerun extract"
+            )
         source = StreamBatches(p, model, layers, reader.skip_first, ranks.rank, ranks.world, progress)
         return source, source.max_batches
     excluded = ~reader.keep("train")  # special tokens, and position 0 when the store says skip_first
-    plan = BatchPlan(excluded, reader.chunk_tokens, p.train.shuffle_buffer_tokens, p.train.batch_tokens,
-                     p.train.epochs, p.seed, chunk_order)
+    plan = BatchPlan(
+        excluded,
+        reader.chunk_tokens,
+        p.train.shuffle_buffer_tokens,
+        p.train.batch_tokens,
+        p.train.epochs,
+        p.seed,
+        chunk_order,
+    )
     if plan.n_batches == 0:
         raise MlsaeError(
             f"train.batch_tokens: {p.train.batch_tokens} is more than the train split's usable tokens per "
@@ -224,9 +253,17 @@ def batch_source(p: Params, reader: ActivationStore, layers: list[int], ranks: D
     return _StoreBatches(reader, layers, plan, ranks.rank, ranks.world), plan.n_batches
 
 
-def train(p: Params, reader: ActivationStore, lens: Lens, out_dir: Path, checkpoint_dir: Path,
-          progress: bool = True, max_steps: int | None = None,
-          snapshots: dict[int, Path] | None = None, chunk_order: str = "shuffled") -> tuple[dict, list[dict]]:
+def train(
+    p: Params,
+    reader: ActivationStore,
+    lens: Lens,
+    out_dir: Path,
+    checkpoint_dir: Path,
+    progress: bool = True,
+    max_steps: int | None = None,
+    snapshots: dict[int, Path] | None = None,
+    chunk_order: str = "shuffled",
+) -> tuple[dict, list[dict]]:
     """Train the MLSAE; write `out_dir` (sae.safetensors + config.json). Returns (metrics, history).
 
     Batches come from the store or, with `train.source: stream`, from the corpus through the model
@@ -262,11 +299,18 @@ def train(p: Params, reader: ActivationStore, lens: Lens, out_dir: Path, checkpo
         sae.init_b_pre(sae.normalise(sample)[0])
     model: torch.nn.Module = sae
     if ranks.world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(sae, device_ids=[device.index] if device.type == "cuda" else None)
+        model = torch.nn.parallel.DistributedDataParallel(
+            sae, device_ids=[device.index] if device.type == "cuda" else None
+        )
 
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
-    bar = tqdm(total=n_steps, initial=start, desc="train" + (" (stream; total: at most)" if stream else ""),
-               unit="step", disable=not (progress and ranks.main))
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    bar = tqdm(
+        total=n_steps,
+        initial=start,
+        desc="train" + (" (stream; total: at most)" if stream else ""),
+        unit="step",
+        disable=not (progress and ranks.main),
+    )
     t0, vectors = time.perf_counter(), 0
     step, stopped = start, False
     if stream:
@@ -284,13 +328,16 @@ def train(p: Params, reader: ActivationStore, lens: Lens, out_dir: Path, checkpo
         except FloatingPointError as e:
             # `step` steps are done: this is step `step + 1` in the history's 1-based numbering
             kept = f"last good checkpoint kept at {ckpt_path}" if ckpt_path.is_file() else "no checkpoint yet"
-            raise MlsaeError(
-                f"{e} at step {step + 1}; {kept} (lower train.lr or set train.grad_clip)"
-            ) from None
+            raise MlsaeError(f"{e} at step {step + 1}; {kept} (lower train.lr or set train.grad_clip)") from None
         step += 1
         vectors += x.shape[0] * x.shape[1] * ranks.world
-        history.append({"step": step, **{k: stats[k] for k in ("loss", "fvu", "auxk", "l0", "dead_fraction")},
-                        **{k: v for k, v in stats.items() if k.startswith("fvu_layer_")}})
+        history.append(
+            {
+                "step": step,
+                **{k: stats[k] for k in ("loss", "fvu", "auxk", "l0", "dead_fraction")},
+                **{k: v for k, v in stats.items() if k.startswith("fvu_layer_")},
+            }
+        )
         bar.update(1)
         bar.set_postfix(loss=f"{stats['loss']:.4f}", fvu=f"{stats['fvu']:.4f}", dead=f"{stats['dead_fraction']:.3f}")
         if ranks.main and snapshots and step in snapshots:
@@ -299,9 +346,18 @@ def train(p: Params, reader: ActivationStore, lens: Lens, out_dir: Path, checkpo
         if step % p.train.checkpoint_every == 0 or step == max_steps or (not stream and step == n_steps):
             buffer = source.state() if stream else None  # a collective under torchrun: every rank
             if ranks.main:
-                save_checkpoint(ckpt_path, {"version": CHECKPOINT_VERSION, "identity": identity, "step": step,
-                                            "sae": sae.state_dict(), "opt": opt.state_dict(), "history": history,
-                                            **({"stream": buffer} if stream else {})})
+                save_checkpoint(
+                    ckpt_path,
+                    {
+                        "version": CHECKPOINT_VERSION,
+                        "identity": identity,
+                        "step": step,
+                        "sae": sae.state_dict(),
+                        "opt": opt.state_dict(),
+                        "history": history,
+                        **({"stream": buffer} if stream else {}),
+                    },
+                )
     bar.close()
     elapsed = time.perf_counter() - t0
     if stopped:
@@ -323,8 +379,9 @@ def train(p: Params, reader: ActivationStore, lens: Lens, out_dir: Path, checkpo
     return metrics, history
 
 
-def _sample(batches: Iterator[Tensor], layers: list[int], lens: Lens, n: int, seed: int,
-            device: torch.device) -> torch.Tensor:
+def _sample(
+    batches: Iterator[Tensor], layers: list[int], lens: Lens, n: int, seed: int, device: torch.device
+) -> torch.Tensor:
     """`n` (token, layer) vectors from the first shuffled batches, in lens space, as (n, 1, d)."""
     rows, got = [], 0
     for x in batches:
@@ -333,8 +390,10 @@ def _sample(batches: Iterator[Tensor], layers: list[int], lens: Lens, n: int, se
         if got >= n:
             break
     if not rows:
-        raise MlsaeError("train.batch_tokens: no shuffle buffer holds a whole batch of usable tokens (special tokens "
-                         "and position 0 are left out); lower it or raise train.shuffle_buffer_tokens")
+        raise MlsaeError(
+            "train.batch_tokens: no shuffle buffer holds a whole batch of usable tokens (special tokens "
+            "and position 0 are left out); lower it or raise train.shuffle_buffer_tokens"
+        )
     x = torch.cat(rows).to(device)
     vectors = lens(x, layers).reshape(-1, x.shape[-1])
     g = torch.Generator().manual_seed(seed)
@@ -343,7 +402,7 @@ def _sample(batches: Iterator[Tensor], layers: list[int], lens: Lens, n: int, se
 
 
 def _metrics(history: list[dict], cfg: SAEConfig, batch_tokens: int, vectors_per_s: float | None) -> dict:
-    tail = history[-max(1, len(history) // 10):]
+    tail = history[-max(1, len(history) // 10) :]
     by_layer = [float(np.mean([h[f"fvu_layer_{layer}"] for h in tail])) for layer in cfg.layers]
     return {
         "fvu": float(np.mean(by_layer)),

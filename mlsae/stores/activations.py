@@ -16,17 +16,18 @@ rebuild it.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 import zarr
 from zarr.codecs import Crc32cCodec
 
-from mlsae.core.paths import CONTEXT, HOOK_NAME, POSITION, RESID, SPECIAL, SPLITS, STORE_SCHEMA, TOKENS
 from mlsae.core.errors import MlsaeError
+from mlsae.core.paths import CONTEXT, HOOK_NAME, POSITION, RESID, SPECIAL, SPLITS, STORE_SCHEMA, TOKENS
 
 NUMPY_DTYPES = {"float16": np.float16, "float32": np.float32, "bfloat16": np.uint16}
 TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -142,7 +143,9 @@ def create(path: str, attrs: dict[str, Any], splits: dict[str, SplitData]) -> za
     """A new, incomplete store with metadata arrays filled and `resid` empty."""
     n_layers, d_model, context, dtype = attrs["n_layers"], attrs["d_model"], attrs["context"], attrs["dtype"]
     largest = max(d.tokens.shape[0] for d in splits.values())
-    per_shard = min(shard_contexts(context, n_layers, d_model, dtype), -(-largest // CHUNKS_PER_SHARD) * CHUNKS_PER_SHARD)
+    per_shard = min(
+        shard_contexts(context, n_layers, d_model, dtype), -(-largest // CHUNKS_PER_SHARD) * CHUNKS_PER_SHARD
+    )
     shard_tokens = per_shard * context
     chunk_tokens = shard_tokens // CHUNKS_PER_SHARD
     root = zarr.open_group(str(path), mode="w")
@@ -150,9 +153,15 @@ def create(path: str, attrs: dict[str, Any], splits: dict[str, SplitData]) -> za
         n = data.n_tokens
         g = root.create_group(name)
         g.attrs["n_contexts"] = int(data.tokens.shape[0])
-        g.create_array(RESID, shape=(n, n_layers, d_model), dtype=NUMPY_DTYPES[dtype],
-                       chunks=(chunk_tokens, n_layers, d_model), shards=(shard_tokens, n_layers, d_model),
-                       compressors=[CHECKSUM], fill_value=0)
+        g.create_array(
+            RESID,
+            shape=(n, n_layers, d_model),
+            dtype=NUMPY_DTYPES[dtype],
+            chunks=(chunk_tokens, n_layers, d_model),
+            shards=(shard_tokens, n_layers, d_model),
+            compressors=[CHECKSUM],
+            fill_value=0,
+        )
         meta = {
             TOKENS: data.tokens.reshape(-1).astype(np.int32),
             CONTEXT: np.repeat(data.context_index.astype(np.int32), context),
@@ -163,8 +172,16 @@ def create(path: str, attrs: dict[str, Any], splits: dict[str, SplitData]) -> za
             g.create_array(key, data=values, chunks=(max(1, min(len(values), 1 << 22)),))
     # The identifying attrs go last: a store interrupted while being created has none, so it is
     # never taken for a resumable one.
-    root.attrs.update({**attrs, "schema": STORE_SCHEMA, "hook": HOOK_NAME, "shard_tokens": shard_tokens,
-                       "done": {s: 0 for s in splits}, "complete": False})
+    root.attrs.update(
+        {
+            **attrs,
+            "schema": STORE_SCHEMA,
+            "hook": HOOK_NAME,
+            "shard_tokens": shard_tokens,
+            "done": {s: 0 for s in splits},
+            "complete": False,
+        }
+    )
     return root
 
 
@@ -209,8 +226,9 @@ class ActivationStore:
     def n_tokens(self, split: str) -> int:
         return int(self.split(split)[TOKENS].shape[0])
 
-    def resid(self, split: str, start: int, stop: int, layers: list[int] | None = None,
-              raw: bool = False) -> torch.Tensor:
+    def resid(
+        self, split: str, start: int, stop: int, layers: list[int] | None = None, raw: bool = False
+    ) -> torch.Tensor:
         """Residuals of tokens [start, stop) (tokens, layers, d_model): float32, or the storage
         dtype when `raw` (half the memory for buffers)."""
         arr = self.split(split)[RESID]
@@ -248,8 +266,15 @@ class ActivationStore:
         x = self.resid(split, start, stop, layers)
         return x[torch.from_numpy(self.keep(split)[start : start + x.shape[0]])]
 
-    def chunks(self, split: str, chunk_tokens: int, layers: list[int] | None = None, special: bool = False,
-               start: int = 0, stop: int | None = None) -> Iterator[torch.Tensor]:
+    def chunks(
+        self,
+        split: str,
+        chunk_tokens: int,
+        layers: list[int] | None = None,
+        special: bool = False,
+        start: int = 0,
+        stop: int | None = None,
+    ) -> Iterator[torch.Tensor]:
         """Residuals of tokens [start, stop) (default: the whole split) in token order,
         `chunk_tokens` store tokens per float32 tensor (tokens, layers, d_model); tokens not kept (see
         `keep`) are dropped unless `special`. The project's one chunked split reader (adjacent cosines,

@@ -24,10 +24,10 @@ import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
 
-from mlsae.core.paths import CONTEXT, INDICES, POSITION, SPECIAL, TOKENS, VALUES
 from mlsae.core.errors import MlsaeError
 from mlsae.core.io import remove
 from mlsae.core.params import is_int
+from mlsae.core.paths import CONTEXT, INDICES, POSITION, SPECIAL, TOKENS, VALUES
 from mlsae.stores.activations import CHECKSUM, ActivationStore, exists, open_root
 
 SHARD_TOKENS = 8192
@@ -55,8 +55,6 @@ def open_for_writing(path: str, attrs: dict, reader: ActivationStore) -> tuple[z
     for key in (TOKENS, CONTEXT, POSITION, SPECIAL):
         root.create_array(key, data=reader.meta("eval", key), chunks=(SHARD_TOKENS,))
     return root, 0
-
-
 
 
 @dataclass(frozen=True)
@@ -120,11 +118,7 @@ def open_latents(path: Path) -> LatentStore:
     if values.dtype not in (np.float16, np.float32, np.float64):
         raise MlsaeError(f"{path}: '{VALUES}' must be float16, float32 or float64, got {values.dtype}")
     blocks = attrs.get("layers")
-    if (
-        not isinstance(blocks, list)
-        or not all(is_int(b) for b in blocks)
-        or len(blocks) != indices.shape[1]
-    ):
+    if not isinstance(blocks, list) or not all(is_int(b) for b in blocks) or len(blocks) != indices.shape[1]:
         raise MlsaeError(
             f"{path}: attr 'layers' must list the {indices.shape[1]} selected block indices, got {blocks!r}"
         )

@@ -24,25 +24,33 @@ import polars as pl
 import typer
 
 from mlsae.analysis.aggregate import aggregate
-from mlsae.sae.dump import dump
-from mlsae.evaluation.reconstruction import reconstruction_metrics
 from mlsae.core.io import write_bytes, write_text
-from mlsae.lens.tuned import Lens
 from mlsae.core.params import load_params
-from mlsae.sae.model import MLSAE
 from mlsae.data.shuffle import BatchPlan
-from mlsae.stores.activations import ActivationStore
+from mlsae.evaluation.reconstruction import reconstruction_metrics
+from mlsae.lens.tuned import Lens
+from mlsae.sae.dump import dump
+from mlsae.sae.model import MLSAE
 from mlsae.sae.trainer import train as train_sae
+from mlsae.stores.activations import ActivationStore
 
 app = typer.Typer(help=__doc__.splitlines()[0], no_args_is_help=True)
-FIGURES = ("within_share", "within_share_mass", "var_ratio_paper", "effective_layers", "multi_layer_fraction",
-           "fvu", "dead_fraction")
+FIGURES = (
+    "within_share",
+    "within_share_mass",
+    "var_ratio_paper",
+    "effective_layers",
+    "multi_layer_fraction",
+    "fvu",
+    "dead_fraction",
+)
 
 
 def epoch_ends(reader: ActivationStore, p, epochs: int) -> list[int]:
     """The step number at the end of each epoch 1..epochs (the batch plan's own count)."""
-    plan = BatchPlan(~reader.keep("train"), reader.chunk_tokens, p.train.shuffle_buffer_tokens,
-                     p.train.batch_tokens, epochs, p.seed)
+    plan = BatchPlan(
+        ~reader.keep("train"), reader.chunk_tokens, p.train.shuffle_buffer_tokens, p.train.batch_tokens, epochs, p.seed
+    )
     per_epoch = [sum(b.n_batches for b in plan.buffers if b.epoch == e) for e in range(epochs)]
     return np.cumsum(per_epoch).tolist()
 
@@ -61,26 +69,42 @@ def _name(budget: float) -> str:
 
 
 @app.command()
-def train(store: Path = Path("data/activations.zarr"), out: Path = Path("runs/convergence"),
-          budgets: list[float] = typer.Option([0.5, 1, 2, 4]), params_file: Path = Path("params.yaml")) -> None:
+def train(
+    store: Path = Path("data/activations.zarr"),
+    out: Path = Path("runs/convergence"),
+    budgets: list[float] = typer.Option([0.5, 1, 2, 4]),
+    params_file: Path = Path("params.yaml"),
+) -> None:
     """Train once up to the largest budget (in epochs), saving the SAE at every budget."""
     p = load_params(params_file)
     if p.train.source != "store":
-        raise typer.BadParameter("train.source: the convergence study counts epochs over the stored train split; "
-                                 "set train.source: store")
+        raise typer.BadParameter(
+            "train.source: the convergence study counts epochs over the stored train split; set train.source: store"
+        )
     p.train.epochs = int(np.ceil(max(budgets)))
     reader = ActivationStore(str(store))
     ends = epoch_ends(reader, p, p.train.epochs)
     snapshots = {budget_step(ends, b): out / _name(b) for b in budgets}
     last = max(snapshots)
-    _, history = train_sae(p, reader, Lens.identity(reader.n_layers, reader.d_model), out / "sae_final",
-                           out / "ckpt", snapshots=snapshots, max_steps=None if last == ends[-1] else last)
+    _, history = train_sae(
+        p,
+        reader,
+        Lens.identity(reader.n_layers, reader.d_model),
+        out / "sae_final",
+        out / "ckpt",
+        snapshots=snapshots,
+        max_steps=None if last == ends[-1] else last,
+    )
     write_text(out / "history.json", json.dumps(history))
 
 
 @app.command()
-def measure(store: Path = Path("data/activations.zarr"), out: Path = Path("runs/convergence"),
-            docs: Path = Path("docs"), params_file: Path = Path("params.yaml")) -> None:
+def measure(
+    store: Path = Path("data/activations.zarr"),
+    out: Path = Path("runs/convergence"),
+    docs: Path = Path("docs"),
+    params_file: Path = Path("params.yaml"),
+) -> None:
     """Measure every snapshot in `out` and write the table and figure to `docs`."""
     p = load_params(params_file)
     reader = ActivationStore(str(store))
@@ -95,14 +119,28 @@ def measure(store: Path = Path("data/activations.zarr"), out: Path = Path("runs/
         rec = reconstruction_metrics(sae, lens, reader, n_resamples=p.analysis.bootstrap, seed=p.seed)
         latents = out / f"latents_e{e:g}.zarr"
         dump(sae, lens, reader, str(latents))
-        stats = aggregate(latents, out / f"analysis_e{e:g}", out / f"analysis_e{e:g}.json", min_count=p.analysis.min_count,
-                          top_tokens=0, multi_layer_threshold=p.analysis.multi_layer_threshold,
-                          n_resamples=p.analysis.bootstrap, seed=p.seed)
+        stats = aggregate(
+            latents,
+            out / f"analysis_e{e:g}",
+            out / f"analysis_e{e:g}.json",
+            min_count=p.analysis.min_count,
+            top_tokens=0,
+            multi_layer_threshold=p.analysis.multi_layer_threshold,
+            n_resamples=p.analysis.bootstrap,
+            seed=p.seed,
+        )
         done = history[:step]
-        row = {"epochs": e, "steps": step, "train_tokens": step * p.train.batch_tokens,
-               "fvu": rec["fvu"], "fvu_ci": rec.get("fvu_ci"), "dead_fraction": rec["dead_fraction"],
-               "train_dead_fraction": done[-1]["dead_fraction"], "auxk_steps": sum(h["auxk"] > 0 for h in done)}
-        for key in FIGURES[:5] + ("var_ratio", "var_ratio_mass"):
+        row = {
+            "epochs": e,
+            "steps": step,
+            "train_tokens": step * p.train.batch_tokens,
+            "fvu": rec["fvu"],
+            "fvu_ci": rec.get("fvu_ci"),
+            "dead_fraction": rec["dead_fraction"],
+            "train_dead_fraction": done[-1]["dead_fraction"],
+            "auxk_steps": sum(h["auxk"] > 0 for h in done),
+        }
+        for key in (*FIGURES[:5], "var_ratio", "var_ratio_mass"):
             row[key] = stats.get(key)
             row[f"{key}_ci"] = stats.get(f"{key}_ci")
         rows.append(row)
@@ -119,14 +157,41 @@ def _fmt(value, ci=None) -> str:
 def _write(rows: list[dict], docs: Path) -> None:
     flat = pl.DataFrame([{k: (json.dumps(v) if isinstance(v, list) else v) for k, v in r.items()} for r in rows])
     write_text(docs / "convergence.csv", flat.write_csv())
-    head = ["epochs", "train tokens", "FVU", "dead (eval)", "dead (train end)", "AuxK steps", "within_share",
-            "within_share_mass", "var_ratio", "var_ratio_paper", "effective_layers", "multi_layer_fraction"]
+    head = [
+        "epochs",
+        "train tokens",
+        "FVU",
+        "dead (eval)",
+        "dead (train end)",
+        "AuxK steps",
+        "within_share",
+        "within_share_mass",
+        "var_ratio",
+        "var_ratio_paper",
+        "effective_layers",
+        "multi_layer_fraction",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [f"{r['epochs']:g}", f"{r['train_tokens']:,}", _fmt(r["fvu"], r["fvu_ci"]), _fmt(r["dead_fraction"]),
-                 _fmt(r["train_dead_fraction"]), str(r["auxk_steps"]),
-                 *(_fmt(r[k], r[f"{k}_ci"]) for k in ("within_share", "within_share_mass", "var_ratio",
-                                                      "var_ratio_paper", "effective_layers", "multi_layer_fraction"))]
+        cells = [
+            f"{r['epochs']:g}",
+            f"{r['train_tokens']:,}",
+            _fmt(r["fvu"], r["fvu_ci"]),
+            _fmt(r["dead_fraction"]),
+            _fmt(r["train_dead_fraction"]),
+            str(r["auxk_steps"]),
+            *(
+                _fmt(r[k], r[f"{k}_ci"])
+                for k in (
+                    "within_share",
+                    "within_share_mass",
+                    "var_ratio",
+                    "var_ratio_paper",
+                    "effective_layers",
+                    "multi_layer_fraction",
+                )
+            ),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     intro = (
         "# Convergence study\n\n"
@@ -154,7 +219,7 @@ def _figure(rows: list[dict]) -> bytes:
     fig = Figure(figsize=(12, 6.5), layout="constrained")
     axes = fig.subplots(2, 4).ravel()
     tokens = [r["train_tokens"] for r in rows]
-    for ax, key in zip(axes, FIGURES + ("var_ratio",)):
+    for ax, key in zip(axes, (*FIGURES, "var_ratio")):
         values = [np.nan if r[key] is None else r[key] for r in rows]
         ax.plot(tokens, values, marker="o")
         cis = [r.get(f"{key}_ci") for r in rows]
@@ -164,7 +229,9 @@ def _figure(rows: list[dict]) -> bytes:
         ax.set_title(key)
         ax.set_xlabel("train tokens")
         ax.grid(alpha=0.3)
-    fig.suptitle("Convergence: the SmolLM2-135M default run trained 0.5-4 epochs (bands: 95% bootstrap over eval contexts)")
+    fig.suptitle(
+        "Convergence: the SmolLM2-135M default run trained 0.5-4 epochs (bands: 95% bootstrap over eval contexts)"
+    )
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     return buf.getvalue()
