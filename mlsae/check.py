@@ -42,6 +42,7 @@ from mlsae.core.errors import MlsaeError
 from mlsae.core.io import file_sha256, write_text
 from mlsae.core.params import Params, load_params
 from mlsae.data import corpus
+from mlsae.sae.config import check_dead_window, check_k, resolve_dead_tokens
 
 RESTORE_PARAMS = "git show HEAD:params.yaml > params.yaml"
 """The one-line fix for a params.yaml left over from a failed `dvc exp run -S` (the file looks
@@ -164,9 +165,9 @@ def eval_split_tokens(p: Params) -> int:
 
 
 def check_evaluate_tokens(p: Params) -> None:
-    """evaluate.tokens must fit in the eval split (it used to be clamped silently)."""
+    """An explicit evaluate.tokens must fit in the eval split (`auto` takes at most the split)."""
     n = eval_split_tokens(p)
-    if p.evaluate.tokens > n:
+    if p.evaluate.tokens != "auto" and p.evaluate.tokens > n:
         raise MlsaeError(
             f"evaluate.tokens: {p.evaluate.tokens} exceeds the eval split ({n} tokens: data.eval_tokens="
             f"{p.data.eval_tokens} in contexts of {p.data.context}); lower evaluate.tokens or raise data.eval_tokens"
@@ -178,12 +179,7 @@ def check_model(p: Params) -> None:
     dims = model_dims(p.model)
     if dims is None:
         return
-    n_latents = p.sae.expansion * dims.d_model
-    if p.sae.k > n_latents:
-        raise MlsaeError(
-            f"sae.k: {p.sae.k} exceeds the SAE's {n_latents} latents (sae.expansion={p.sae.expansion} x "
-            f"d_model={dims.d_model} of {p.model})"
-        )
+    check_k(p.sae.k, p.sae.expansion * dims.d_model, p.sae.expansion)
     p.select_layers(dims.n_layers)  # raises naming sae.layers
     if dims.max_context is not None and p.data.context > dims.max_context:
         raise MlsaeError(
@@ -207,16 +203,13 @@ def check_corpus(p: Params) -> None:
     next(corpus.iter_documents(source))  # raises MlsaeError for a missing, unsupported or empty corpus
 
 
-def check_dead_window(p: Params) -> None:
+def check_auxk_window(p: Params) -> None:
     """sae.dead_tokens below the run's length, or AuxK can never act (the train stage checks the
     exact length from its batch plan; the run has at most train_tokens x epochs tokens)."""
-    most = p.data.train_tokens * p.train.epochs
-    if p.sae.source == "train" and p.sae.auxk > 0 and p.sae.auxk_coef > 0 and p.sae.dead_tokens >= most:
-        raise MlsaeError(
-            f"sae.dead_tokens: {p.sae.dead_tokens} is at or beyond the run's length (at most {most} tokens = "
-            f"data.train_tokens {p.data.train_tokens} x train.epochs {p.train.epochs}), so no latent could ever "
-            f"count as dead and AuxK would never act; lower sae.dead_tokens below {most}"
-        )
+    if p.sae.source == "train" and p.sae.auxk > 0 and p.sae.auxk_coef > 0:
+        most = p.data.train_tokens * p.train.epochs
+        how = f"at most data.train_tokens {p.data.train_tokens} x train.epochs {p.train.epochs}"
+        check_dead_window(resolve_dead_tokens(p.sae.dead_tokens, most), most, how)
 
 
 FLOAT16_UNSAFE: dict[str, float] = {"gemma3-270m": 1.04e5}
@@ -241,7 +234,7 @@ CHECKS: list[Callable[[Params], None]] = [
     check_lens_path,
     check_corpus,
     check_model,
-    check_dead_window,
+    check_auxk_window,
     check_storage_dtype,
 ]
 

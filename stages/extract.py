@@ -10,7 +10,8 @@ from mlsae.data.extract import extract
 
 def main(params_file: str = "params.yaml") -> None:
     with stage("extract"):
-        metrics = extract(params(params_file), str(C.ACTIVATIONS))
+        p = params(params_file)
+        metrics = extract(p.model, p.data, p.extract, p.train.source, str(C.ACTIVATIONS))
         write_metrics(C.EXTRACT_METRICS, ExtractMetrics.from_dict(metrics, "extract"))
 
 

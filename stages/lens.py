@@ -14,7 +14,7 @@ def main(params_file: str = "params.yaml") -> None:
         p = params(params_file)
         reader = ActivationStore(str(C.ACTIVATIONS))
         reader.check_model(p.model)
-        metrics = run_lens_stage(p, reader, C.LENS_DIR)
+        metrics = run_lens_stage(p.lens, p.lens_path, p.lens_fit, p.model, reader, C.LENS_DIR)
         write_metrics(C.LENS_METRICS, LensMetrics.from_dict(metrics, "lens"))
 
 

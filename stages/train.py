@@ -13,7 +13,7 @@ from mlsae.core.stage import params, stage
 from mlsae.core.tables import to_csv
 from mlsae.lens.loading import load_stage_lens
 from mlsae.sae.importer import TRAIN_CURVE_HEADER, import_sae
-from mlsae.sae.trainer import train
+from mlsae.sae.trainer import StreamSource, train
 from mlsae.stores.activations import ActivationStore, guard
 
 
@@ -23,13 +23,15 @@ def main(params_file: str = "params.yaml") -> None:
         reader = ActivationStore(str(C.ACTIVATIONS))
         reader.check_model(p.model)
         if p.sae.source != "train":
-            write_metrics(
-                C.TRAIN_METRICS, TrainMetrics.from_dict(import_sae(p, reader, C.SAE_DIR), "train", partial=True)
-            )
+            metrics = import_sae(p.sae, p.lens, reader, C.SAE_DIR)
+            write_metrics(C.TRAIN_METRICS, TrainMetrics.from_dict(metrics, "train", partial=True))
             write_text(C.TRAIN_PLOT, TRAIN_CURVE_HEADER)
             return
         lens = load_stage_lens(C.LENS_DIR, reader)
-        metrics, history = train(p, reader, lens, C.SAE_DIR, C.CHECKPOINTS_DIR / "train")
+        stream = StreamSource(p.model, p.data, p.extract) if p.train.source == "stream" else None
+        metrics, history = train(
+            p.sae, p.train, p.lens, reader, lens, C.SAE_DIR, C.CHECKPOINTS_DIR / "train", stream=stream
+        )
         if metrics:  # rank 0 of a torchrun job, or the single process
             write_metrics(C.TRAIN_METRICS, TrainMetrics.from_dict(metrics, "train"))
             write_text(C.TRAIN_PLOT, to_csv(history))

@@ -1,8 +1,9 @@
-"""The aggregate stage's streaming kernels: read latent-store chunks, group their entries by
-(token, latent), and fold them into running per-latent sums and top tokens.
+"""The aggregate stage's streaming state: chunks of the latent store with their (latent, layer) cell
+sums, their entries grouped by (token, latent) into pairs, and the running per-latent sums and top
+tokens those pairs fold into.
 
-`aggregate.py` drives them (the module docstring there says how it streams and why); they live
-apart so the entry point and the statistics' definitions read in one sitting.
+`aggregate.py` drives them (its docstring says how it streams and why); they live apart so the
+entry point and the statistics' definitions read in one sitting.
 """
 
 from __future__ import annotations
@@ -17,75 +18,16 @@ import pyarrow as pa
 
 from mlsae.analysis.decomposition import LayerStats
 from mlsae.analysis.kernels import group_pairs, update_top
-from mlsae.core.errors import MlsaeError
-from mlsae.core.paths import INDICES, VALUES
+from mlsae.analysis.schemas import TOKEN_LATENT_ARROW, TOP_TOKENS_SCHEMA
 from mlsae.stores.latents import LatentStore
 
 # Entries (tokens x layers x k) read per chunk by default: large enough to amortise the per-chunk
 # work on the n_latents x L tables, small enough to keep the working set to tens of MiB.
 _TARGET_CHUNK_ENTRIES = 1 << 20
 
-# The analysis tables' columns (data/analysis/*.parquet), re-exported by mlsae.analysis.aggregate.
-TOKEN_LATENT_SCHEMA: dict[str, pl.DataType] = {
-    "token": pl.Int64(),
-    "latent": pl.Int32(),
-    "n_layers": pl.Int32(),
-    "mass": pl.Float32(),
-    "mean_layer": pl.Float32(),
-    "var_layer": pl.Float32(),
-}
-_TOKEN_LATENT_ARROW = pl.DataFrame(schema=TOKEN_LATENT_SCHEMA).to_arrow().schema
-LATENTS_SCHEMA: dict[str, pl.DataType] = {
-    "latent": pl.Int32(),
-    "count": pl.Int64(),
-    "n_entries": pl.Int64(),
-    "mass": pl.Float64(),
-    "mean_layer": pl.Float64(),
-    "var_layer": pl.Float64(),
-    "std_layer": pl.Float64(),
-    "entropy": pl.Float64(),
-    "n_layers_5pct": pl.Int32(),
-    "layer_dist": pl.List(pl.Float64()),
-}
-"""Then the per-latent decomposition columns of mlsae.analysis.decomposition.LATENT_COLUMNS (null for latents
-never active): var_within, var_between, var_total, within_share, their _mass versions,
-effective_layers, multi_layer_fraction."""
-LATENT_LAYER_SCHEMA: dict[str, pl.DataType] = {
-    "latent": pl.Int32(),
-    "layer": pl.Int32(),
-    "block": pl.Int32(),
-    "mass": pl.Float64(),
-    "count": pl.Int64(),
-    "p": pl.Float64(),
-}
-LAYERS_SCHEMA: dict[str, pl.DataType] = {
-    "layer": pl.Int32(),
-    "block": pl.Int32(),
-    "n_entries": pl.Int64(),
-    "n_latents_active": pl.Int64(),
-    "mass": pl.Float64(),
-    "mean_activation": pl.Float64(),
-}
-TOP_TOKENS_SCHEMA: dict[str, pl.DataType] = {
-    "latent": pl.Int32(),
-    "rank": pl.Int32(),
-    "token": pl.Int64(),
-    "value": pl.Float32(),
-    "layer": pl.Int32(),
-}
-
-
-def _default_chunk_tokens(store: LatentStore) -> int:
-    """Whole storage chunks (inner chunks of a shard) along tokens, about ``_TARGET_CHUNK_ENTRIES``
-    entries: memory per step stays the same whatever the store's shard size."""
-    unit = int(store.indices.chunks[0])
-    per_token = store.n_layers * store.k
-    return unit * max(1, _TARGET_CHUNK_ENTRIES // (unit * per_token))
-
-
 @dataclass
-class _Chunk:
-    """The non-special tokens of one chunk of the store."""
+class Chunk:
+    """The analysed tokens of one chunk of the store (`LatentStore.read`), with its cell sums."""
 
     token: np.ndarray  # (c,) int64 global eval index of each token kept
     indices: np.ndarray  # (c, L, k) latent ids
@@ -111,36 +53,22 @@ def _cell_sums(
     return count.reshape(n_latents, n_layers), mass.reshape(n_latents, n_layers)
 
 
-def _read_chunk(store: LatentStore, start: int, stop: int) -> _Chunk:
-    """Read tokens ``start:stop``, drop special tokens, check values and latent ids, and sum the
+def read_chunk(store: LatentStore, start: int, stop: int) -> Chunk:
+    """Read tokens ``start:stop`` (the analysed ones, checked: `LatentStore.read`) and sum the
     chunk's (latent, layer) cells (this runs in the reader thread, alongside the grouping)."""
-    keep = store.kept(start, stop)
-    indices = np.asarray(store.indices[start:stop])
-    values = np.asarray(store.values[start:stop])
-    token = np.arange(start, stop, dtype=np.int64)
-    if not keep.all():
-        indices, values, token = indices[keep], values[keep], token[keep]
-    values = np.ascontiguousarray(values, dtype=np.float32)
-    indices = np.ascontiguousarray(indices)
-    if token.size:
-        if not (values >= 0).all():  # also catches NaN
-            raise MlsaeError(f"{store.path}: '{VALUES}' has negative or NaN entries in tokens {start}..{stop - 1}")
-        low, high = int(indices.min()), int(indices.max())
-        if low < 0 or high >= store.n_latents:
-            bad = low if low < 0 else high
-            raise MlsaeError(f"{store.path}: '{INDICES}' holds latent id {bad}, outside 0..{store.n_latents - 1}")
-    inactive = values == 0  # (no NaN or negative values by now)
+    chunk = store.read(start, stop)
+    inactive = chunk.values == 0  # (no NaN or negative values by now)
     n_active = inactive.size - int(np.count_nonzero(inactive))
-    cells = _cell_sums(indices, values, inactive, store.n_latents)
-    return _Chunk(token, indices, values, n_active, *cells)
+    cells = _cell_sums(chunk.indices, chunk.values, inactive, store.n_latents)
+    return Chunk(chunk.token, chunk.indices, chunk.values, n_active, *cells)
 
 
-def _iter_chunks(store: LatentStore, chunk_tokens: int, pool: ThreadPoolExecutor) -> Iterator[_Chunk]:
+def iter_chunks(store: LatentStore, chunk_tokens: int, pool: ThreadPoolExecutor) -> Iterator[Chunk]:
     """Yield the store's chunks in token order, reading the next one in ``pool`` meanwhile."""
     n_tokens = store.n_tokens
 
-    def read(start: int) -> Future[_Chunk]:
-        return pool.submit(_read_chunk, store, start, min(start + chunk_tokens, n_tokens))
+    def read(start: int) -> Future[Chunk]:
+        return pool.submit(read_chunk, store, start, min(start + chunk_tokens, n_tokens))
 
     pending = read(0)
     for start in range(0, n_tokens, chunk_tokens):
@@ -157,7 +85,7 @@ def _iter_chunks(store: LatentStore, chunk_tokens: int, pool: ThreadPoolExecutor
 
 
 @dataclass
-class _Pairs:
+class Pairs:
     """Per active ``(token, latent)`` pair of one chunk, ordered by token (then by first appearance,
     see :func:`mlsae.analysis.kernels.group_pairs`)."""
 
@@ -174,7 +102,7 @@ class _Pairs:
     share2: np.ndarray  # float64 second-largest p_tf(l) (0 for a pair active at one layer)
 
     @classmethod
-    def empty(cls, capacity: int) -> _Pairs:
+    def empty(cls, capacity: int) -> Pairs:
         """Uninitialised columns for up to ``capacity`` pairs."""
         i64, f64 = np.int64, np.float64
         dtypes = (i64, i64, i64, f64, f64, f64, f64, np.float32, i64, f64, f64)
@@ -183,12 +111,12 @@ class _Pairs:
     def __len__(self) -> int:
         return self.token.size
 
-    def slice(self, start: int, stop: int) -> _Pairs:
+    def slice(self, start: int, stop: int) -> Pairs:
         """Views of pairs ``start:stop``."""
-        return _Pairs(*(column[start:stop] for column in vars(self).values()))
+        return Pairs(*(column[start:stop] for column in vars(self).values()))
 
 
-class _Grouper:
+class Grouper:
     """Groups each chunk's active entries by (token, latent) (:func:`mlsae.analysis.kernels.group_pairs`).
 
     Each call returns fresh pair columns, so a chunk's pairs can still be written out by another
@@ -199,8 +127,8 @@ class _Grouper:
         self.seen = np.zeros(n_latents, dtype=np.bool_)
         self.slot = np.empty(n_latents, dtype=np.int64)
 
-    def pairs(self, chunk: _Chunk) -> _Pairs:
-        out = _Pairs.empty(chunk.n_active)  # a pair holds >= 1 active entry
+    def pairs(self, chunk: Chunk) -> Pairs:
+        out = Pairs.empty(chunk.n_active)  # a pair holds >= 1 active entry
         if chunk.token.size == 0:
             return out
         n = group_pairs(chunk.indices, chunk.values, chunk.token, self.seen, self.slot, *vars(out).values())
@@ -213,7 +141,7 @@ class _Grouper:
 
 
 @dataclass
-class _Accumulator:
+class Accumulator:
     """Running sums over chunks: ``n_latents x L`` and per-latent tables, scalars, top tokens."""
 
     n_latents: int
@@ -228,8 +156,8 @@ class _Accumulator:
     top_len: np.ndarray = field(init=False)  # (F,) entries held per latent
     stats: LayerStats | None = None
     """The variance decomposition and its bootstrap (mlsae.analysis.decomposition), fed every chunk's pairs."""
-    context_index: np.ndarray | None = None
-    """(T,) eval context index 0..C-1 of every token of the store."""
+    unit_index: np.ndarray | None = None
+    """(T,) resampling unit 0..U-1 (the eval document) of every token of the store."""
     n_tokens: int = 0
     n_pairs: int = 0
 
@@ -243,20 +171,20 @@ class _Accumulator:
         self.top_layer = np.zeros((n_latents, self.top_n), np.int64)
         self.top_len = np.zeros(n_latents, np.int64)
 
-    def add_cells(self, chunk: _Chunk) -> None:
+    def add_cells(self, chunk: Chunk) -> None:
         """Fold the chunk's ``(latent, layer)`` sums into the running tables."""
         self.layer_count += chunk.cell_count
         self.layer_mass += chunk.cell_mass
 
-    def add_pairs(self, pairs: _Pairs, token: np.ndarray) -> None:
+    def add_pairs(self, pairs: Pairs, token: np.ndarray) -> None:
         """Fold one chunk's pairs into the per-latent sums, scalars and top tokens."""
         self.n_tokens += token.size
         self.n_pairs += pairs.latent.size
-        if self.stats is not None and self.context_index is not None:
-            self.stats.add_tokens(self.context_index[token])
+        if self.stats is not None and self.unit_index is not None:
+            self.stats.add_tokens(self.unit_index[token])
             self.stats.add(
                 pairs.latent,
-                self.context_index[pairs.token],
+                self.unit_index[pairs.token],
                 pairs.mass,
                 pairs.mean,
                 pairs.second,
@@ -292,7 +220,7 @@ class _Accumulator:
         )
 
 
-def _token_latent_table(pairs: _Pairs) -> pa.Table:
+def token_latent_table(pairs: Pairs) -> pa.Table:
     """The chunk's rows of ``token_latent.parquet``."""
     columns = {
         "token": pairs.token,
@@ -302,4 +230,4 @@ def _token_latent_table(pairs: _Pairs) -> pa.Table:
         "mean_layer": pairs.mean.astype(np.float32),
         "var_layer": pairs.var.astype(np.float32),
     }
-    return pa.table(columns, schema=_TOKEN_LATENT_ARROW)
+    return pa.table(columns, schema=TOKEN_LATENT_ARROW)

@@ -48,38 +48,24 @@ import polars as pl
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from mlsae.analysis.accumulator import (
-    _TOKEN_LATENT_ARROW,
+from mlsae.analysis.accumulator import Accumulator, Grouper, Pairs, iter_chunks, token_latent_table
+from mlsae.analysis.decomposition import LayerStats
+from mlsae.analysis.schemas import (
     LATENT_LAYER_SCHEMA,
     LATENTS_SCHEMA,
     LAYERS_SCHEMA,
-    TOKEN_LATENT_SCHEMA,
+    TOKEN_LATENT_ARROW,
     TOP_TOKENS_SCHEMA,
-    _Accumulator,
-    _default_chunk_tokens,
-    _Grouper,
-    _iter_chunks,
-    _Pairs,
-    _token_latent_table,
 )
-from mlsae.analysis.decomposition import LayerStats
 from mlsae.core.errors import MlsaeError
 from mlsae.core.io import atomic_dir
 from mlsae.core.metrics import AnalysisMetrics, write_metrics
 from mlsae.core.params import is_int
-from mlsae.core.paths import LATENT_LAYER, LATENT_STATS, LAYER_STATS, POSITION, TOKEN_STATS, TOP_TOKENS
-from mlsae.stores.activations import open_root
+from mlsae.core.paths import DOCUMENT, LATENT_LAYER, LATENT_STATS, LAYER_STATS, TOKEN_STATS, TOP_TOKENS
+from mlsae.stats.bootstrap import unit_index
 from mlsae.stores.latents import LatentStore, open_latents
 
-__all__ = [
-    "LATENTS_SCHEMA",
-    "LATENT_LAYER_SCHEMA",
-    "LAYERS_SCHEMA",
-    "TOKEN_LATENT_SCHEMA",
-    "TOP_TOKENS_SCHEMA",
-    "aggregate",
-    "paper_variances_dense",
-]
+__all__ = ["aggregate", "paper_variances_dense"]
 
 # Share of a latent's mass that makes a layer count in ``n_layers_5pct``.
 _LAYER_SHARE = 0.05
@@ -142,23 +128,12 @@ def paper_variances_dense(a: np.ndarray) -> dict[str, float]:
 # --------------------------------------------------------------------------------------------
 
 
-def _mean_or_none(total: float, count: float) -> float | None:
-    return float(total / count) if count > 0 else None
-
-
-def _ratio_or_none(num: float | None, den: float | None) -> float | None:
-    if num is None or den is None or den == 0:
-        return None
-    ratio = num / den
-    return float(ratio) if math.isfinite(ratio) else None
-
-
 def _nullable(x: np.ndarray, defined: np.ndarray) -> pl.Series:
     """``x`` as a Float64 series, null where not ``defined``."""
     return pl.Series(np.where(defined, x, np.nan), dtype=pl.Float64).fill_nan(None)
 
 
-def _finish(acc: _Accumulator, blocks: list[int], min_count: int) -> tuple[dict[str, pl.DataFrame], dict[str, Any]]:
+def _finish(acc: Accumulator, blocks: list[int], min_count: int) -> tuple[dict[str, pl.DataFrame], dict[str, Any]]:
     """Build the per-latent, per-layer and top-token tables and the headline metrics."""
     n_latents, n_layers = acc.n_latents, acc.n_layers
     ell = np.arange(n_layers, dtype=np.float64)
@@ -255,20 +230,20 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
 
 
 def _stream(
-    store: LatentStore, chunk_tokens: int, acc: _Accumulator, out_dir: Path, progress: bool = False
-) -> _Accumulator:
+    store: LatentStore, chunk_tokens: int, acc: Accumulator, out_dir: Path, progress: bool = False
+) -> Accumulator:
     """Fold every chunk of ``store`` into ``acc``, writing ``token_latent.parquet`` to ``out_dir``."""
-    grouper = _Grouper(store.n_latents)
+    grouper = Grouper(store.n_latents)
     writer = pq.ParquetWriter(
         out_dir / TOKEN_STATS.name,
-        _TOKEN_LATENT_ARROW,
+        TOKEN_LATENT_ARROW,
         compression="lz4",
         use_dictionary=["latent", "n_layers"],
         write_statistics=["token", "latent"],
     )
 
-    def write(pairs: _Pairs) -> None:
-        writer.write_table(_token_latent_table(pairs))
+    def write(pairs: Pairs) -> None:
+        writer.write_table(token_latent_table(pairs))
 
     # One thread reads (and bins) the next chunk, one converts and writes the previous chunk's rows,
     # while this one groups the current chunk; the compiled kernels, numpy, zarr's codecs and
@@ -276,7 +251,7 @@ def _stream(
     with writer, ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writing:
         written: Future[None] | None = None
         bar = tqdm(total=store.n_tokens, desc="aggregate", unit="tok", disable=not progress)
-        for chunk in _iter_chunks(store, chunk_tokens, reader):
+        for chunk in iter_chunks(store, chunk_tokens, reader):
             bar.update(chunk.token.size)
             acc.add_cells(chunk)
             pairs = grouper.pairs(chunk)
@@ -340,25 +315,17 @@ def aggregate(
     if chunk_tokens is not None:
         chunk_tokens = _check_int("chunk_tokens", chunk_tokens, 1)
     store = open_latents(Path(latents_path))
-    chunk_tokens = chunk_tokens or _default_chunk_tokens(store)
+    chunk_tokens = chunk_tokens or store.chunk_tokens()
 
     out_dir = Path(out_dir)
     made = [p for p in (out_dir.parent, *out_dir.parent.parents) if not p.exists()]
     try:
         with atomic_dir(out_dir) as tmp:
-            position = np.asarray(open_root(str(store.path))[POSITION][:])
-            context_index = np.cumsum(position == 0) - 1  # eval contexts start at position 0
-            n_contexts = int(context_index[-1]) + 1
+            units, n_units = unit_index(store.meta(DOCUMENT))  # the resampling unit: eval documents
             stats = LayerStats(
-                store.n_latents,
-                store.n_layers,
-                n_contexts,
-                min_count,
-                multi_layer_threshold,
-                max(int(n_resamples), 1),
-                seed,
+                store.n_latents, store.n_layers, n_units, min_count, multi_layer_threshold, max(int(n_resamples), 1), seed
             )
-            acc = _Accumulator(store.n_latents, store.n_layers, top_tokens, stats=stats, context_index=context_index)
+            acc = Accumulator(store.n_latents, store.n_layers, top_tokens, stats=stats, unit_index=units)
             acc = _stream(store, chunk_tokens, acc, tmp, progress)
             tables, metrics = _finish(acc, store.blocks, min_count)
             for name, table in tables.items():

@@ -69,6 +69,11 @@ def read_json(path: str | Path) -> dict:
         raise MlsaeError(f"{path}: not valid JSON ({e})") from None
 
 
+def short_hash(obj: Any) -> str:
+    """A short, stable hash of JSON-able data (provenance in configs, checkpoint identities)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def file_sha256(path: str | Path) -> str:
     """The SHA-256 of a file's bytes (hex), read in 4 MiB blocks."""
     h = hashlib.sha256()

@@ -120,6 +120,10 @@ class ExtractMetrics(StageMetrics):
     non-special tokens)."""
     skip_first: bool | None = _optional()
     """Whether position 0 is left out of training, metrics and analysis (data.skip_first)."""
+    train_documents: int | None = _optional()
+    """Documents with a kept token in the train split (the split is by document)."""
+    eval_documents: int | None = _optional()
+    """Documents with a kept token in the eval split: the resampling units of every interval."""
 
 
 @dataclass
@@ -174,47 +178,61 @@ class TrainMetrics(StageMetrics):
 
 
 @dataclass
-class EvalMetrics(StageMetrics):
-    """`eval.json`: reconstruction on the eval split and spliced downstream loss."""
+class BaselineMetrics(StageMetrics):
+    """`baseline.json`: the clean CE and the ablations' cost on the spliced sample (no SAE).
 
-    fvu: float
-    fvu_by_layer: list[float]
-    mse: float
-    mse_by_layer: list[float]
-    l0: float
-    l0_by_layer: list[float]
-    dead_fraction: float
-    eval_vectors: int
-    ce_clean: float
-    delta_ce: float
-    delta_ce_by_layer: list[float]
-    delta_ce_zero: float
-    delta_ce_zero_by_layer: list[float]
-    kl: float
-    kl_by_layer: list[float]
-    kl_zero_by_layer: list[float]
-    downstream_tokens: int
-    layers: list[int]
-    wall_s: float
-    kl_zero: float | None = _optional()
-    delta_ce_mean: float | None = _optional()
-    """Mean ablation: the layer's residual replaced by its eval-split mean (model space)."""
-    delta_ce_mean_by_layer: list[float] | None = _optional()
-    kl_mean: float | None = _optional()
-    kl_mean_by_layer: list[float] | None = _optional()
-    downstream_contexts: int | None = _optional()
-    spliced_token_layers: int | None = _optional()
-    """(token, layer, variant) splices evaluated: with wall_s, the cost per splice."""
-    bootstrap_units: int | None = _optional()
-    """Resampling units of the reconstruction intervals (eval contexts, or groups of them)."""
-    fvu_ci: list[float] | None = _optional()
-    """95 % bootstrap interval (resampling eval contexts) of fvu; likewise the keys below."""
-    delta_ce_ci: list[float] | None = _optional()
-    kl_ci: list[float] | None = _optional()
-    delta_ce_zero_ci: list[float] | None = _optional()
-    kl_zero_ci: list[float] | None = _optional()
-    delta_ce_mean_ci: list[float] | None = _optional()
-    kl_mean_ci: list[float] | None = _optional()
+    Open: each figure ``k`` comes with ``k_plugin``, ``k_bias_boot``, ``k_bias_jack``, ``k_se``,
+    ``k_ci`` and, per layer, ``k_by_layer`` and ``k_by_layer_ci`` (mlsae/stats/estimate.py)."""
+
+    open_keys: ClassVar[bool] = True
+    ce_clean: float | None = None
+    """Clean next-token CE, nats/token, over the spliced sample's loss positions."""
+    delta_ce_mean: float | None = None
+    """Mean over layers of the CE increase with the layer mean-ablated."""
+    delta_ce_mean_by_layer: list[float] | None = None
+    baselines: list[str] | None = None
+    layers: list[int] | None = None
+    downstream_tokens: int | None = None
+    downstream_documents: int | None = None
+    wall_s: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EvalMetrics(StageMetrics):
+    """`eval.json`: reconstruction on the eval split and the spliced downstream loss.
+
+    Open, like BaselineMetrics: each figure ``k`` comes with its resampled figures."""
+
+    open_keys: ClassVar[bool] = True
+    fvu: float | None = None
+    """Mean over layers of fvu_by_layer (bias-corrected; fvu_plugin is the plug-in)."""
+    fvu_by_layer: list[float] | None = None
+    mse: float | None = None
+    mse_by_layer: list[float] | None = None
+    l0: float | None = None
+    l0_by_layer: list[float] | None = None
+    dead_fraction: float | None = None
+    eval_vectors: int | None = None
+    ce_clean: float | None = None
+    delta_ce: float | None = None
+    """Mean over layers of the CE increase with the layer's reconstruction spliced in."""
+    delta_ce_by_layer: list[float] | None = None
+    kl: float | None = None
+    kl_by_layer: list[float] | None = None
+    loss_recovered: float | None = None
+    """Mean over layers of 1 − delta_ce / delta_ce_mean (the baseline stage's mean ablation)."""
+    loss_recovered_by_layer: list[float] | None = None
+    downstream_tokens: int | None = None
+    downstream_documents: int | None = None
+    downstream_contexts: int | None = None
+    spliced_token_layers: int | None = None
+    """(token, layer) splices evaluated: with wall_s, the cost per splice."""
+    bootstrap_units: int | None = None
+    """Resampling units of the reconstruction figures (eval documents, or groups of them)."""
+    layers: list[int] | None = None
+    wall_s: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -263,6 +281,7 @@ STAGE_METRICS: dict[str, type[StageMetrics]] = {
     "extract": ExtractMetrics,
     "lens": LensMetrics,
     "train": TrainMetrics,
+    "baseline": BaselineMetrics,
     "eval": EvalMetrics,
     "analysis": AnalysisMetrics,
 }

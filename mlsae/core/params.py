@@ -81,6 +81,16 @@ class Section(BaseModel):
 class DataParams(Section):
     source: str = "embedded:python-docs"
     """`embedded:python-docs`, `hf:NAME[:CONFIG]`, or a path/glob of .txt/.jsonl/.parquet files."""
+    seed: NonNegative = 0
+    """Seed of the data: the document shuffle, the train/eval document split, and the eval sample
+    the spliced evaluation runs on."""
+    shuffle_documents: bool | Literal["auto"] = "auto"
+    """Take the documents in a seeded shuffled order (`auto`: the embedded corpus only, whose
+    documents come grouped by topic; a user's corpus keeps its order unless `true`)."""
+    document_tokens: NonNegative | Literal["auto"] = "auto"
+    """At most this many tokens of each document (its separator and first tokens), so a token
+    budget spans many documents; 0: whole documents; `auto`: 64 for the embedded corpus, whole
+    documents otherwise."""
     context: Annotated[int, Field(ge=2)] = 128
     """Tokens per context (at least 2: a 1-token context has no next-token target)."""
     train_tokens: Positive = 65536
@@ -120,6 +130,8 @@ class LensFitParams(Section):
     device: Device = "cpu"
     """Where `lens: fit` trains and the lens KL is measured: auto (CUDA when present), cpu, cuda
     or cuda:N."""
+    seed: NonNegative = 0
+    """Seed of the lens fit (its init and batch order)."""
 
 
 def _unique_layers(layers: str | list[int]) -> str | list[int]:
@@ -145,10 +157,10 @@ class SAEParams(Section):
     """Dead latents used by the AuxK loss."""
     auxk_coef: Annotated[float, Field(ge=0)] = 1 / 32
     """Weight of the AuxK loss."""
-    dead_tokens: Positive = 8192
+    dead_tokens: Positive | Literal["auto"] = "auto"
     """A latent is dead after this many tokens without firing (a token counts once for all layers).
-    Must be shorter than the run (steps x train.batch_tokens), or AuxK can never act; the default is
-    an eighth of the default run (paper-scale runs use ~10M)."""
+    Must be shorter than the run (steps x train.batch_tokens), or AuxK can never act; `auto`: an
+    eighth of the run's tokens (`data.train_tokens` x `train.epochs`; paper-scale runs use ~10M)."""
     normalisation: Normalisation = "seed"
     """Per-vector standardisation: `seed` (the seed paper's: unbiased std + 1e-5, which is also
     SAELens's `layer_norm`, so imports compute what they computed there and exports are exact) or
@@ -163,6 +175,9 @@ class SAEParams(Section):
 
 
 class TrainParams(Section):
+    seed: NonNegative = 0
+    """Seed of the SAE's initialisation and of the batch order (a change reruns train and what
+    follows it, never extract or lens)."""
     source: TrainSource = "store"
     """Where train batches come from: `store` (the train split extract stored; the default for small
     runs) or `stream` (the corpus through the model while training: disk use independent of
@@ -172,6 +187,11 @@ class TrainParams(Section):
     lr: Annotated[float, Field(gt=0)] = 3e-3
     """Adam learning rate. 3e-3 suits the short CPU default (about 128 steps; the README's
     experiments section has the measurements); long runs want 1e-4 to 3e-4."""
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """Learning rate over the run: `constant`, or decayed to 0 at the run's last step, `linear` or
+    `cosine` (after the warm-up)."""
+    warmup_steps: NonNegative = 0
+    """Steps over which the learning rate rises linearly from lr / warmup_steps to lr."""
     epochs: Positive = 1
     """Passes over the train split."""
     shuffle_buffer_tokens: Positive = 16384
@@ -187,11 +207,15 @@ class TrainParams(Section):
 
 
 class EvaluateParams(Section):
-    tokens: Positive = 2048
-    """Eval tokens (whole contexts, the split's first) for the spliced delta CE and KL; at most the
-    eval split."""
+    tokens: Positive | Literal["auto"] = "auto"
+    """Eval tokens of the spliced sample (whole contexts drawn at random, seeded by `data.seed`)
+    for the downstream delta CE and KL, in the baseline and evaluate stages; at most the eval split;
+    `auto`: the lesser of 2,048 and the eval split."""
+    baselines: list[Literal["mean", "zero"]] = Field(default_factory=lambda: ["mean"])
+    """Ablations the baseline stage splices at every layer: `mean` (the layer's eval mean: the
+    denominator of the loss recovered) and, opt-in, `zero`."""
     bootstrap: NonNegative = 200
-    """Bootstrap resamples of eval contexts for the 95 % intervals (`*_ci`); 0 disables them."""
+    """Bootstrap resamples of eval documents for the 95 % intervals (`*_ci`); 0 disables them."""
     batch_size: Positive = 8
     """Contexts per spliced forward pass."""
     device: Literal[""] | Device = ""
@@ -204,6 +228,8 @@ class DumpParams(Section):
 
 
 class AnalysisParams(Section):
+    seed: NonNegative = 0
+    """Seed of every bootstrap (evaluate's and aggregate's resampling of eval documents)."""
     min_count: NonNegative = 10
     """Latents active on fewer tokens are left out of the per-latent variance averages."""
     multi_layer_threshold: Annotated[float, Field(gt=0, le=0.5)] = 0.1
@@ -241,8 +267,6 @@ class BrowseParams(Section):
 class Params(Section):
     model: str = "smollm2-135m"
     """Registry name, hub id, local HF directory or .gguf path."""
-    seed: int = 0
-    """Seed of every random choice (split, init, shuffling)."""
     data: DataParams = Field(default_factory=DataParams)
     extract: ExtractParams = Field(default_factory=ExtractParams)
     lens: LensMode = "none"
@@ -262,6 +286,11 @@ class Params(Section):
     def _mapping(cls, raw: Any) -> Any:
         if not isinstance(raw, dict):
             raise MlsaeError(f"params: expected a mapping (got {raw!r})")
+        if "seed" in raw:
+            raise MlsaeError(
+                "seed: replaced by data.seed (document shuffle, split, eval sample), train.seed (SAE init, batch "
+                "order) and analysis.seed (bootstraps); set those instead"
+            )
         return raw
 
     def device(self, stage: str) -> str:

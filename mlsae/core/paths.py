@@ -10,6 +10,7 @@ LATENTS = DATA / "latents.zarr"
 SAE_DIR = DATA / "sae"
 LENS_DIR = DATA / "lens"
 ANALYSIS_DIR = DATA / "analysis"
+BASELINE_DIR = DATA / "baseline"  # the baseline stage's per-document splice sums
 CHECKPOINTS_DIR = DATA / "checkpoints"  # untracked working state of resumable stages
 CORPUS_MANIFEST = DATA / "corpus.json"  # written by the check stage; extract depends on it
 
@@ -24,6 +25,7 @@ EXTRACT_METRICS = METRICS_DIR / "extract.json"
 LENS_METRICS = METRICS_DIR / "lens.json"
 TRAIN_METRICS = METRICS_DIR / "train.json"
 EVAL_METRICS = METRICS_DIR / "eval.json"
+BASELINE_METRICS = METRICS_DIR / "baseline.json"
 ANALYSIS_METRICS = METRICS_DIR / "analysis.json"
 
 TRAIN_PLOT = PLOTS_DIR / "train.csv"
@@ -33,6 +35,9 @@ ADJ_COS_PLOT = PLOTS_DIR / "adjacent_cos.csv"
 MEAN_HIST_PLOT = PLOTS_DIR / "latent_mean_layer_hist.csv"
 STD_HIST_PLOT = PLOTS_DIR / "latent_std_hist.csv"
 LAYER_ACTIVITY_PLOT = PLOTS_DIR / "layer_activity.csv"
+
+# baseline directory contents
+BASELINE_SUMS = "sums.npz"
 
 # SAE directory contents
 SAE_WEIGHTS = "sae.safetensors"
@@ -44,13 +49,14 @@ LENS_CONFIG = "config.json"
 LENS_PARAMS = "params.pt"
 
 # Activation store arrays and attrs
-STORE_SCHEMA = 2  # 2: CRC32C checksum on every chunk of the large arrays
+STORE_SCHEMA = 3  # 2: CRC32C checksum on every chunk of the large arrays; 3: document ids, document split
 HOOK_NAME = "blocks.{i}.hook_resid_post"
 RESID = "resid"
 TOKENS = "tokens"
 CONTEXT = "context"
 POSITION = "position"
 SPECIAL = "special"
+DOCUMENT = "document"
 SPLITS = ("train", "eval")
 
 # Latent store arrays

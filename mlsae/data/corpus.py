@@ -8,8 +8,10 @@
 - a local path, directory or glob of ``.txt`` (a whole file is one document), ``.jsonl`` (one
   JSON object per line with a ``text`` key) or ``.parquet`` (a ``text`` column) files.
 
-Documents are read lazily, one at a time; `mlsae/data/contexts.py` tokenises them and cuts the
-token stream into contexts.
+Documents are read lazily, one at a time, in the source's order or, with `data.shuffle_documents`
+(on by default for the embedded corpus, whose files come grouped by topic), in a seeded shuffled
+order (:func:`ordered_documents`); a document's index in that order is its id. `mlsae/data/contexts.py`
+splits them into train and eval documents, tokenises them and cuts the token streams into contexts.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import os
 import sysconfig
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+
+import numpy as np
 
 from mlsae.core.errors import MlsaeError
 
@@ -36,6 +40,16 @@ MIN_DOC_CHARS = 40
 SKIPPED_STDLIB_DIRS = frozenset(
     {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__"}
 )
+
+
+SHUFFLE_BUFFER = 16384
+"""Documents held by the shuffle: a corpus of at most this many documents (the embedded one has
+about 6,500) is shuffled exactly; a larger one by a sliding buffer of this many (each document
+leaves the buffer at a uniformly chosen step after it enters), as streamed datasets are."""
+EMBEDDED_DOCUMENT_TOKENS = 64
+"""`data.document_tokens: auto` for the embedded corpus: the first 64 tokens of each document (a
+docstring has 33 tokens at the median and a pydoc topic thousands), so that the default run's
+token budget spans some 2,000 documents instead of some 800."""
 
 
 _OFFLINE_HINT = "offline, use data.source=embedded:python-docs or a local path/glob of .txt, .jsonl or .parquet files"
@@ -68,6 +82,44 @@ def iter_documents(source: str) -> Iterator[str]:
     else:
         documents = _iter_files(_resolve_files(source))
     return _non_empty(documents, source)
+
+
+def ordered_documents(source: str, shuffle: bool | str, seed: int) -> Iterator[str]:
+    """The documents of `source` in the order the contexts are cut from: the source's own order, or
+    with `shuffle` a seeded shuffle of it (``numpy.random.default_rng([seed, 0])``; see
+    ``SHUFFLE_BUFFER``). `shuffle` is `data.shuffle_documents`: true, false or ``"auto"`` (shuffle
+    the embedded corpus only)."""
+    docs = iter_documents(source)
+    if resolve_shuffle(source, shuffle):
+        return _shuffled(docs, seed)
+    return docs
+
+
+def resolve_shuffle(source: str, shuffle: bool | str) -> bool:
+    """`data.shuffle_documents` as a bool: ``auto`` shuffles the embedded corpus only."""
+    return source.startswith(EMBEDDED_PREFIX) if shuffle == "auto" else bool(shuffle)
+
+
+def resolve_document_tokens(source: str, document_tokens: int | str) -> int:
+    """`data.document_tokens` as an int (0: whole documents): ``auto`` is
+    ``EMBEDDED_DOCUMENT_TOKENS`` for the embedded corpus, whole documents otherwise."""
+    if document_tokens == "auto":
+        return EMBEDDED_DOCUMENT_TOKENS if source.startswith(EMBEDDED_PREFIX) else 0
+    return int(document_tokens)
+
+
+def _shuffled(docs: Iterator[str], seed: int, buffer: int = SHUFFLE_BUFFER) -> Iterator[str]:
+    rng = np.random.default_rng([seed, 0])
+    pool: list[str] = []
+    for doc in docs:
+        if len(pool) < buffer:
+            pool.append(doc)
+            continue
+        i = int(rng.integers(buffer))
+        yield pool[i]
+        pool[i] = doc
+    rng.shuffle(pool)  # type: ignore[arg-type]
+    yield from pool
 
 
 def _non_empty(documents: Iterator[str], source: str) -> Iterator[str]:

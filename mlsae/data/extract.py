@@ -19,66 +19,84 @@ from tqdm.auto import tqdm
 
 from mlsae.core.errors import MlsaeError
 from mlsae.core.io import remove
-from mlsae.core.params import FIRST_POSITION_OUTLIER, Params
-from mlsae.core.paths import POSITION, RESID, SPECIAL
+from mlsae.core.params import FIRST_POSITION_OUTLIER, DataParams, ExtractParams
+from mlsae.core.paths import DOCUMENT, POSITION, RESID, SPECIAL
 from mlsae.data import contexts as token_contexts
 from mlsae.data import corpus
 from mlsae.models.registry import LoadedModel, load_model
 from mlsae.stores import activations as store
 
 
-def fingerprint_attrs(p: Params, model: LoadedModel) -> dict:
+def fingerprint_attrs(model_name: str, data: DataParams, dtype: str, train_source: str, model: LoadedModel) -> dict:
     """What identifies the store's content: resuming is only allowed when all of it matches."""
     attrs = {
-        "model": p.model,
+        "model": model_name,
         "revision": model.revision,
         "n_layers": model.n_layers,
         "d_model": model.d_model,
-        "corpus": p.data.source,
-        "context": p.data.context,
-        "train_tokens": p.data.train_tokens,
-        "eval_tokens": p.data.eval_tokens,
-        "dtype": p.extract.dtype,
-        "seed": p.seed,
+        "corpus": data.source,
+        "context": data.context,
+        "train_tokens": data.train_tokens,
+        "eval_tokens": data.eval_tokens,
+        "dtype": dtype,
+        "data_seed": data.seed,
+        "shuffle_documents": corpus.resolve_shuffle(data.source, data.shuffle_documents),
+        "document_tokens": corpus.resolve_document_tokens(data.source, data.document_tokens),
     }
-    if p.train.source == "stream":  # only the sample is stored, whatever the train budget beyond it
-        n_train, _ = token_contexts.plan(p.data.train_tokens, p.data.eval_tokens, p.data.context)
-        sample = token_contexts.sample_contexts(n_train, p.data.sample_tokens, p.data.context) * p.data.context
+    if train_source == "stream":  # only the sample is stored, whatever the train budget beyond it
+        n_train, _ = token_contexts.plan(data.train_tokens, data.eval_tokens, data.context)
+        sample = token_contexts.sample_contexts(n_train, data.sample_tokens, data.context) * data.context
         attrs.update(train_tokens=None, sample_tokens=sample, train_source="stream")
     return attrs
 
 
-def open_corpus(source: str) -> Iterator[str]:
-    """The documents of `data.source`, checked now: a missing or empty corpus fails here,
-    before a model is loaded (which can take minutes), not after."""
-    docs = corpus.iter_documents(source)
+def open_corpus(data: DataParams) -> Iterator[str]:
+    """The documents of `data.source` in the order contexts are cut from (seeded shuffle with
+    `data.shuffle_documents`), checked now: a missing or empty corpus fails here, before a model is
+    loaded (which can take minutes), not after."""
+    docs = corpus.ordered_documents(data.source, data.shuffle_documents, data.seed)
     first = next(docs, None)  # an empty corpus raises MlsaeError from inside the generator
     if first is None:
-        raise MlsaeError(f"data.source {source!r}: corpus is empty (no non-empty document)")
+        raise MlsaeError(f"data.source {data.source!r}: corpus is empty (no non-empty document)")
     return itertools.chain([first], docs)
 
 
-def prepare_splits(p: Params, model: LoadedModel, docs: Iterator[str] | None = None) -> dict[str, store.SplitData]:
-    """Tokenise the corpus (`docs`, default: opened from `data.source`) into contexts and make
-    the seeded train/eval split. In stream mode the train split is only the sample: the head of
-    the corpus is split instead (mlsae/data/stream.py)."""
-    if p.data.context > model.max_context:
+def head_contexts(data: DataParams, train_source: str) -> tuple[int, int]:
+    """(train contexts, eval contexts) of the document split extract makes: store mode splits the
+    whole slice; stream mode its head, the eval split and the sample (mlsae/data/stream.py)."""
+    n_train, n_eval = token_contexts.plan(data.train_tokens, data.eval_tokens, data.context)
+    if train_source == "stream":
+        n_train = token_contexts.sample_contexts(n_train, data.sample_tokens, data.context)
+    return n_train, n_eval
+
+
+def prepare_splits(
+    data: DataParams, train_source: str, model: LoadedModel, docs: Iterator[str] | None = None
+) -> tuple[dict[str, store.SplitData], token_contexts.DocumentSplit]:
+    """Tokenise the corpus (`docs`, default: opened from `data`) into the train and eval contexts
+    of a seeded document split (mlsae/data/contexts.py). In stream mode the train split is only
+    the sample: the head of the corpus is split instead (mlsae/data/stream.py)."""
+    if data.context > model.max_context:
         raise MlsaeError(
-            f"data.context: {p.data.context} exceeds the maximum context of model {p.model} ({model.max_context})"
+            f"data.context: {data.context} exceeds the maximum context of model {model.name} ({model.max_context})"
         )
-    n_train, n_eval = token_contexts.plan(p.data.train_tokens, p.data.eval_tokens, p.data.context)
-    if p.train.source == "stream":
-        n_train = token_contexts.sample_contexts(n_train, p.data.sample_tokens, p.data.context)
+    n_train, n_eval = head_contexts(data, train_source)
     if docs is None:
-        docs = corpus.iter_documents(p.data.source)
-    contexts = token_contexts.build_contexts(docs, model.tokenizer, p.data.context, n_train + n_eval)
-    train_idx, eval_idx = token_contexts.split_contexts(n_train + n_eval, n_eval, p.seed)
-    return {
+        docs = open_corpus(data)
+    document_tokens = corpus.resolve_document_tokens(data.source, data.document_tokens)
+    train, evaluation, split = token_contexts.build_splits(
+        docs, model.tokenizer, data.context, n_train, n_eval, data.seed, document_tokens
+    )
+    splits = {
         name: store.SplitData(
-            tokens=contexts.tokens[idx], special=contexts.special[idx], context_index=idx.astype(np.int32)
+            tokens=c.tokens,
+            special=c.special,
+            context_index=np.arange(c.n_contexts, dtype=np.int32),
+            document=c.document,
         )
-        for name, idx in (("train", train_idx), ("eval", eval_idx))
+        for name, c in (("train", train), ("eval", evaluation))
     }
+    return splits, split
 
 
 def open_for_writing(path: str, attrs: dict, splits: dict[str, store.SplitData]) -> tuple[object, bool]:
@@ -102,33 +120,42 @@ def open_for_writing(path: str, attrs: dict, splits: dict[str, store.SplitData])
     return store.create(path, attrs, splits), False
 
 
-def extract(p: Params, out: str, progress: bool = True, stop_after_shards: int | None = None) -> dict:
+def extract(
+    model_name: str,
+    data: DataParams,
+    cfg: ExtractParams,
+    train_source: str,
+    out: str,
+    progress: bool = True,
+    stop_after_shards: int | None = None,
+) -> dict:
     """Run the model over the corpus and fill the store at `out`; returns extract metrics.
 
+    `train_source` is `train.source` (stream mode stores only the sample of the train split).
     `stop_after_shards` simulates an interruption (tests): return after writing that many shards.
     """
-    docs = open_corpus(p.data.source)
-    model = load_model(p.model, p.extract.device)
-    splits = prepare_splits(p, model, docs)
-    attrs = fingerprint_attrs(p, model)
+    docs = open_corpus(data)
+    model = load_model(model_name, cfg.device)
+    splits, split = prepare_splits(data, train_source, model, docs)
+    attrs = {**fingerprint_attrs(model_name, data, cfg.dtype, train_source, model), "split": split.to_json()}
     root, resumed = open_for_writing(out, attrs, splits)
     shard_tokens = int(root.attrs["shard_tokens"])
-    per_shard = shard_tokens // p.data.context
+    per_shard = shard_tokens // data.context
     done = dict(root.attrs["done"])
 
     work = []  # (split, shard index, first context, last context)
-    for name, data in splits.items():
-        n_contexts = data.tokens.shape[0]
+    for name, split_data in splits.items():
+        n_contexts = split_data.tokens.shape[0]
         for s in range(done[name], -(-n_contexts // per_shard)):
             work.append((name, s, s * per_shard, min(n_contexts, (s + 1) * per_shard)))
-    total = sum(hi - lo for _, _, lo, hi in work) * p.data.context
+    total = sum(hi - lo for _, _, lo, hi in work) * data.context
 
     def write(name: str, shard: int, lo: int, resid: np.ndarray) -> None:
-        root[name][RESID][lo * p.data.context : lo * p.data.context + resid.shape[0]] = resid
+        root[name][RESID][lo * data.context : lo * data.context + resid.shape[0]] = resid
         done[name] = shard + 1
         root.attrs["done"] = dict(done)  # only after the shard is on disk
 
-    bar = tqdm(total=total, unit="tok", desc=f"extract {p.model}", disable=not progress)
+    bar = tqdm(total=total, unit="tok", desc=f"extract {model_name}", disable=not progress)
     t0 = time.perf_counter()
     pending: Future | None = None
     written = 0
@@ -137,11 +164,11 @@ def extract(p: Params, out: str, progress: bool = True, stop_after_shards: int |
             for name, shard, lo, hi in work:
                 ids = torch.from_numpy(splits[name].tokens[lo:hi]).long()
                 parts = []
-                for start in range(0, ids.shape[0], p.extract.batch_size):
-                    batch = ids[start : start + p.extract.batch_size]
+                for start in range(0, ids.shape[0], cfg.batch_size):
+                    batch = ids[start : start + cfg.batch_size]
                     resid = model.residuals(batch)  # (B, T, L, d)
                     # refuses non-finite values (a float16 overflow, a model gone NaN)
-                    parts.append(store.to_storage(resid.reshape(-1, model.n_layers, model.d_model), p.extract.dtype))
+                    parts.append(store.to_storage(resid.reshape(-1, model.n_layers, model.d_model), cfg.dtype))
                     bar.update(batch.numel())
                 if pending is not None:
                     pending.result()
@@ -162,15 +189,19 @@ def extract(p: Params, out: str, progress: bool = True, stop_after_shards: int |
     bar.close()
 
     ratio = first_position_norm_ratio(store.ActivationStore(out, allow_incomplete=True))
-    skip = decide_skip_first(p.data.skip_first, ratio)
+    skip = decide_skip_first(data.skip_first, ratio)
     root.attrs["skip_first"] = skip
-    cos = adjacent_cosine(store.ActivationStore(out, allow_incomplete=True))  # over the kept tokens
+    written_store = store.ActivationStore(out, allow_incomplete=True)
+    cos = adjacent_cosine(written_store)  # over the kept tokens
+    documents = {name: len(np.unique(written_store.meta(name, DOCUMENT)[written_store.keep(name)])) for name in splits}
     root.attrs["complete"] = True
     n_tokens = sum(d.n_tokens for d in splits.values())
     return {
         "tokens": n_tokens,
         "train_tokens": splits["train"].n_tokens,
         "eval_tokens": splits["eval"].n_tokens,
+        "train_documents": documents["train"],
+        "eval_documents": documents["eval"],
         "tokens_per_s": total / elapsed if total else None,
         "resumed": resumed,
         "n_layers": model.n_layers,

@@ -5,26 +5,25 @@ mode never stores it: the train stage reads the corpus, runs the model, and fill
 shuffle buffer from the residuals, so disk use does not grow with `data.train_tokens` and memory
 is bounded by the buffer (see Memory below).
 
-Which contexts. The corpus stream is cut into contexts exactly as in store mode
-(:class:`mlsae.data.contexts.ContextStream` gives :func:`~mlsae.data.contexts.build_contexts`'s rows). Its
-first ``n_head = n_eval + n_sample`` contexts (the head) are split by
-``split_contexts(n_head, n_eval, seed)``: extract stores those eval contexts and the other
-`n_sample` (the *sample*, ``ceil(data.sample_tokens / context)`` contexts, at most the train
-count: the lens fit reads it). The train contexts are the sample, then every context after the
-head, `n_train` in all. With ``data.sample_tokens >= data.train_tokens`` the head is the whole
-corpus slice and the split is store mode's exactly.
+Which contexts. Extract splits the corpus's head by document (:class:`mlsae.data.contexts.DocumentSplit`,
+recorded in the store's attrs) into the eval split and the *sample*: the first
+``n_sample = ceil(data.sample_tokens / context)`` contexts of the train documents (at most the
+train count; the lens fit reads it). The train contexts are the train documents' stream cut into
+contexts exactly as in store mode (:class:`mlsae.data.contexts.ContextStream` gives
+:func:`~mlsae.data.contexts.build_contexts`'s rows): the sample, then what follows it, `n_train`
+in all. With ``data.sample_tokens >= data.train_tokens`` the split is store mode's exactly.
 
 Batches. Per epoch the train contexts, in corpus order, fill buffers of
 ``C = shuffle_buffer_tokens // context`` contexts. A buffer's residuals are cast to
 `extract.dtype` (what store mode reads back from its store), its kept tokens (not special; not
-position 0 when the store says `skip_first`) are permuted with ``default_rng([seed, epoch,
+position 0 when the store says `skip_first`) are permuted with ``default_rng([train.seed, epoch,
 buffer, 1])`` and cut into batches of `batch_tokens`, dropping the remainder: BatchPlan's rule,
 with buffers visited in corpus order instead of a seeded chunk order. So on equal splits, store
 mode with ``chunk_order="sequential"`` and one store chunk per buffer gives the same batches
 (tests/test_stream.py checks the weights).
 
 Under torchrun, rank r computes the buffer's contexts r, r+W, r+2W, ... (disjoint slices), permutes
-its own kept tokens with ``default_rng([seed, epoch, buffer, 1, r])`` and yields
+its own kept tokens with ``default_rng([train.seed, epoch, buffer, 1, r])`` and yields
 ``batch_tokens // W`` of them per step; the ranks agree on each buffer's batch count (the
 minimum over ranks), so they always take the same number of steps.
 
@@ -50,7 +49,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from mlsae.core.errors import MlsaeError
-from mlsae.core.params import Params
+from mlsae.core.params import DataParams, ExtractParams, TrainParams
 from mlsae.data import contexts, corpus
 from mlsae.models.registry import LoadedModel
 from mlsae.stores import activations as store
@@ -72,7 +71,10 @@ class StreamBatches:
 
     def __init__(
         self,
-        p: Params,
+        data: DataParams,
+        train: TrainParams,
+        extract: ExtractParams,
+        split: contexts.DocumentSplit,
         model: LoadedModel,
         layers: list[int],
         skip_first: bool,
@@ -80,64 +82,63 @@ class StreamBatches:
         world: int = 1,
         progress: bool = False,
     ):
-        self.p, self.model, self.layers, self.skip_first = p, model, layers, skip_first
+        self.data, self.train, self.extract, self.split = data, train, extract, split
+        self.model, self.layers, self.skip_first = model, layers, skip_first
         self.rank, self.world = rank, world
         self.progress = progress
-        self.n_train, self.n_eval = contexts.plan(p.data.train_tokens, p.data.eval_tokens, p.data.context)
-        self.n_sample = contexts.sample_contexts(self.n_train, p.data.sample_tokens, p.data.context)
-        head_train, _ = contexts.split_contexts(self.n_eval + self.n_sample, self.n_eval, p.seed)
-        self.head_train = head_train
-        self.n_head = self.n_eval + self.n_sample
-        self.buffer_contexts = p.train.shuffle_buffer_tokens // p.data.context
-        if self.buffer_contexts * p.data.context < p.train.batch_tokens:
+        self.n_train, self.n_eval = contexts.plan(data.train_tokens, data.eval_tokens, data.context)
+        self.n_sample = contexts.sample_contexts(self.n_train, data.sample_tokens, data.context)
+        self.buffer_contexts = train.shuffle_buffer_tokens // data.context
+        if self.buffer_contexts * data.context < train.batch_tokens:
             raise MlsaeError(
-                f"train.shuffle_buffer_tokens: {p.train.shuffle_buffer_tokens} holds "
-                f"{self.buffer_contexts} whole contexts of data.context={p.data.context}, fewer tokens than "
-                f"train.batch_tokens={p.train.batch_tokens}; raise it"
+                f"train.shuffle_buffer_tokens: {train.shuffle_buffer_tokens} holds "
+                f"{self.buffer_contexts} whole contexts of data.context={data.context}, fewer tokens than "
+                f"train.batch_tokens={train.batch_tokens}; raise it"
             )
-        if p.train.batch_tokens % world:
+        if train.batch_tokens % world:
             raise MlsaeError(
-                f"train.batch_tokens: {p.train.batch_tokens} is not a multiple of the {world} "
+                f"train.batch_tokens: {train.batch_tokens} is not a multiple of the {world} "
                 "torchrun processes (stream mode gives each the same share)"
             )
-        self.local_batch = p.train.batch_tokens // world
+        self.local_batch = train.batch_tokens // world
         self.buffers_per_epoch = -(-self.n_train // self.buffer_contexts)
         self._memo: dict[tuple[int, int], _Buffer] = {}  # buffers b_pre's sample read, kept for the run
         self._current: _Buffer | None = None
         self.model_tokens = 0  # tokens this rank ran through the model (benchmarks, metrics)
 
-    @property
-    def max_batches(self) -> int:
-        """An upper bound on the run's steps (every token kept); the exact count needs the corpus."""
-        return self.p.train.epochs * (self.n_train * self.p.data.context // self.p.train.batch_tokens)
-
-    def _global(self, t: int) -> int:
-        """Corpus context index of train context `t`."""
-        return int(self.head_train[t]) if t < self.n_sample else self.n_head + t - self.n_sample
+    def expected_batches(self, kept: float) -> int:
+        """The run's steps if a fraction `kept` of every buffer's tokens is usable (the stored sample's
+        fraction, for the learning-rate schedule: the exact count needs the whole corpus)."""
+        per_epoch = 0
+        for b in range(self.buffers_per_epoch):
+            n = min(self.n_train, (b + 1) * self.buffer_contexts) - b * self.buffer_contexts
+            per_epoch += int(n * self.data.context * kept) // self.train.batch_tokens
+        return max(1, self.train.epochs * per_epoch)
 
     def _open(self, position: dict | None) -> contexts.ContextStream:
+        data = self.data
+        documents = corpus.ordered_documents(data.source, data.shuffle_documents, data.seed)
         return contexts.ContextStream(
-            corpus.iter_documents(self.p.data.source),
+            contexts.train_documents(documents, self.split),
             self.model.tokenizer,
-            self.p.data.context,
-            self.n_train + self.n_eval,
+            data.context,
+            self.n_train,
             position,
+            corpus.resolve_document_tokens(data.source, data.document_tokens),
         )
 
     def _load(self, epoch: int, b: int, stream: contexts.ContextStream) -> _Buffer:
         """Read buffer `b`'s contexts from `stream` and compute this rank's share of its batches."""
         lo_t, hi_t = b * self.buffer_contexts, min(self.n_train, (b + 1) * self.buffer_contexts)
-        first = stream.position["context"]
-        ctx = stream.take(self._global(hi_t - 1) + 1 - first)
-        train_rows = np.array([self._global(t) - first for t in range(lo_t, hi_t)])
-        mine = train_rows[self.rank :: self.world]
+        ctx = stream.take(hi_t - lo_t)
+        mine = np.arange(hi_t - lo_t)[self.rank :: self.world]
         tokens, special = ctx.tokens[mine], ctx.special[mine]
         data = self._residuals(tokens)
         keep = ~special
         if self.skip_first:
             keep[:, 0] = False
         ids = np.flatnonzero(keep.reshape(-1))
-        key = [self.p.seed, epoch, b, 1] + ([self.rank] if self.world > 1 else [])
+        key = [self.train.seed, epoch, b, 1] + ([self.rank] if self.world > 1 else [])
         ids = ids[np.random.default_rng(key).permutation(len(ids))]
         n_batches = len(ids) // self.local_batch
         if self.world > 1:
@@ -149,7 +150,7 @@ class StreamBatches:
     def _residuals(self, tokens: np.ndarray) -> torch.Tensor:
         """(contexts x context, layers, d_model) residuals of the selected blocks, in storage dtype."""
         parts = []
-        batch = self.p.extract.batch_size
+        batch = self.extract.batch_size
         bar = tqdm(total=tokens.size, unit="tok", desc="stream", leave=False, disable=not self.progress)
         for lo in range(0, tokens.shape[0], batch):
             ids = torch.from_numpy(tokens[lo : lo + batch]).long()
@@ -157,16 +158,14 @@ class StreamBatches:
             # the store's cast: refuses non-finite values, rounds like a store write and read
             parts.append(
                 store.from_storage(
-                    store.to_storage(resid.reshape(-1, *resid.shape[2:]), self.p.extract.dtype), self.p.extract.dtype
+                    store.to_storage(resid.reshape(-1, *resid.shape[2:]), self.extract.dtype), self.extract.dtype
                 )
             )
             self.model_tokens += ids.numel()
             bar.update(ids.numel())
         bar.close()
         if not parts:  # a last buffer with fewer contexts than ranks
-            return torch.empty(
-                (0, len(self.layers), self.model.d_model), dtype=store.TORCH_DTYPES[self.p.extract.dtype]
-            )
+            return torch.empty((0, len(self.layers), self.model.d_model), dtype=store.TORCH_DTYPES[self.extract.dtype])
         return torch.cat(parts)
 
     def _collective_device(self) -> torch.device:
@@ -202,7 +201,7 @@ class StreamBatches:
         yield from self._run(0, 0, None, memoize=True)
 
     def _run(self, epoch0: int, b0: int, position: dict | None, memoize: bool) -> Iterator[torch.Tensor]:
-        for epoch in range(epoch0, self.p.train.epochs):
+        for epoch in range(epoch0, self.train.epochs):
             stream = None
             for b in range(b0 if epoch == epoch0 else 0, self.buffers_per_epoch):
                 self._current = None  # let the previous buffer go before the next one is built
@@ -247,38 +246,43 @@ class StreamBatches:
         return int(count.item())
 
 
-def check_store(p: Params, attrs: dict) -> None:
-    """Refuse a store whose splits are not the ones `train.source` trains on.
+def check_store(data: DataParams, train_source: str, attrs: dict) -> contexts.DocumentSplit:
+    """The store's document split, after refusing a store whose splits are not the ones
+    `train.source` trains on.
 
-    A stream-mode store holds only the sample of the train split, and its eval split comes from the
-    corpus's head; a store-mode store's eval split is drawn from the whole corpus slice, so stream
-    mode could train on its eval contexts, unless the head is that whole slice (`data.sample_tokens
+    A stream-mode store holds only the sample of the train split, and its eval documents come from
+    the corpus's head; a store-mode store's eval documents are drawn from the whole slice, so stream
+    mode could train on its eval documents, unless the head is that whole slice (`data.sample_tokens
     >= data.train_tokens`: then both modes split alike). DVC keeps them in step (`train.source` is
     an extract param); this catches a stage run by hand.
     """
     stream_store = attrs.get("train_source") == "stream"
-    if p.train.source == "store" and stream_store:
+    if train_source == "store" and stream_store:
         raise MlsaeError(
             "train.source: store, but the activation store was extracted for stream mode (it holds only "
             "a sample of the train split); rerun extract, or set train.source: stream"
         )
-    if p.train.source != "stream":
-        return
-    n_train, n_eval = contexts.plan(p.data.train_tokens, p.data.eval_tokens, p.data.context)
-    n_sample = contexts.sample_contexts(n_train, p.data.sample_tokens, p.data.context)
+    split = contexts.DocumentSplit(**attrs["split"])
+    if train_source != "stream":
+        return split
+    n_train, _ = contexts.plan(data.train_tokens, data.eval_tokens, data.context)
+    n_sample = contexts.sample_contexts(n_train, data.sample_tokens, data.context)
+    same_data = (
+        attrs.get("eval_tokens") == data.eval_tokens
+        and attrs.get("context") == data.context
+        and attrs.get("data_seed") == data.seed
+        and attrs.get("corpus") == data.source
+        and attrs.get("shuffle_documents") == corpus.resolve_shuffle(data.source, data.shuffle_documents)
+        and attrs.get("document_tokens") == corpus.resolve_document_tokens(data.source, data.document_tokens)
+    )
     if stream_store:
-        same = (
-            attrs.get("sample_tokens") == n_sample * p.data.context
-            and attrs.get("eval_tokens") == p.data.eval_tokens
-            and attrs.get("context") == p.data.context
-            and attrs.get("seed") == p.seed
-            and attrs.get("corpus") == p.data.source
-        )
+        same = same_data and attrs.get("sample_tokens") == n_sample * data.context
     else:
-        same = n_sample == n_train
+        same = same_data and n_sample == n_train
     if not same:
         raise MlsaeError(
             "train.source: stream, but the activation store's eval split is not the one stream mode "
             "leaves out of training (it was extracted with other data params or for store mode); "
             "rerun extract"
         )
+    return split

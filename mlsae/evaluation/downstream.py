@@ -1,35 +1,36 @@
-"""The downstream cost of a layer's reconstruction: next-token CE and KL with one block spliced.
+"""The downstream cost of replacing a layer: next-token CE and KL with one block spliced.
 
 For every SAE layer (block ℓ) and every variant, the residual after block ℓ is replaced and the
-model runs on from there (mlsae.models.splice):
+model runs on from there (mlsae.models.splice). The variants:
 
-* ``recon``: the SAE's reconstruction: lens, standardise, TopK encode, decode, de-standardise,
-  inverse lens, so the splice is in the model's own basis;
-* ``zero``: zeros (for scale; in a bias-free model such as Llama a zero residual stays zero, so
-  the output is uniform and this is ln V − CE at every layer: it says nothing about the layer);
-* ``mean``: the mean residual of block ℓ over the eval split's analysed tokens (mean ablation:
-  the information-free baseline that keeps the residual on the data's scale).
+* ``recon`` (the evaluate stage, mlsae/evaluation/reconstruction.py): the SAE's reconstruction:
+  lens, standardise, TopK encode, decode, de-standardise, inverse lens, so the splice is in the
+  model's own basis (this module knows no SAE, so the baseline stage depends on none);
+* ``mean`` (the baseline stage): the mean residual of block ℓ over the eval split's analysed
+  tokens (mean ablation: the information-free baseline that keeps the residual on the data's scale);
+* ``zero`` (the baseline stage, when `evaluate.baselines` asks for it): zeros. In a bias-free model
+  such as Llama a zero residual stays zero up to the next block's input, but the positions that
+  are not analysed (position 0, separators) keep their clean residual, so later blocks still see
+  something: ΔCE_zero is not ln V − CE, and it says little about the layer.
 
 Positions. The replacement applies at the analysed positions only: tokens that are not special
 and, with ``data.skip_first``, not position 0 of a context (an attention sink with outlier norms
 that the SAE never saw); other positions keep their clean residual. A position t counts in the
-loss when t and t+1 are in the same context, neither token is special, and t is analysed.
+loss when t and t+1 are in the same context, t is analysed and t+1 is not special; it belongs to
+the document of token t (token t+1 is then in the same document: every document starts with its
+separator, a special token).
 
-Per eval context c the stage keeps sufficient statistics: ``ce_clean[c]`` and ``count[c]``
-(summed clean CE and loss positions), ``ce[v, c, ℓ]`` (summed CE) and ``kl[v, c, ℓ]`` (summed
-KL(clean ‖ spliced)). Then, with every sum over the evaluated contexts,
-
-    ce_clean        = Σ_c ce_clean[c] / Σ_c count[c]
-    delta_ce_ℓ      = Σ_c ce[recon, c, ℓ] / Σ_c count[c] − ce_clean   (zero, mean: likewise)
-    kl_ℓ            = Σ_c kl[recon, c, ℓ] / Σ_c count[c]
-    delta_ce, kl    = means over the SAE's layers
-
-and each headline figure gets a 95 % bootstrap interval by resampling contexts (mlsae.stats.bootstrap).
+Per document u of the sample the stages keep sufficient statistics (:class:`SpliceSums`):
+``ce_clean[u]`` and ``count[u]`` (summed clean CE and loss positions), ``ce[v, u, ℓ]`` (summed
+CE) and ``kl[v, u, ℓ]`` (summed KL(clean ‖ spliced)). Every downstream figure is a ratio of sums
+over documents of these (mlsae/evaluation/reconstruction.py, mlsae/evaluation/baseline.py).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -37,49 +38,99 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from mlsae.core.errors import MlsaeError
-from mlsae.lens.tuned import Lens
+from mlsae.evaluation.sample import SplicedSample
 from mlsae.models.registry import LoadedModel
 from mlsae.models.splice import Splicer
-from mlsae.sae.model import MLSAE
-from mlsae.stats.bootstrap import interval_json, percentile_interval
 
-VARIANTS = ("recon", "zero", "mean")
-"""Splice variants, in the order of the first axis of :class:`SpliceSums` arrays."""
+Replacement = Callable[[int, int, torch.Tensor], torch.Tensor]
+"""``(layer position j, block, clean residual (B, T, d)) -> replacement (B, T, d)``."""
 
 
 @dataclass
 class SpliceSums:
-    """Per-context sums of the downstream metrics (see the module docstring)."""
+    """Per-document sums of the downstream metrics (see the module docstring)."""
 
-    ce_clean: np.ndarray  # (C,) float64
-    count: np.ndarray  # (C,) int64
-    ce: np.ndarray  # (V, C, L) float64
-    kl: np.ndarray  # (V, C, L) float64
+    units: np.ndarray  # (U,) document ids, ascending
+    variants: tuple[str, ...]
+    layers: list[int]
+    ce_clean: np.ndarray  # (U,) float64
+    count: np.ndarray  # (U,) float64
+    ce: np.ndarray  # (V, U, L) float64
+    kl: np.ndarray  # (V, U, L) float64
+    n_tokens: int
+    """Tokens of the spliced contexts."""
+    sample: str = ""
+    """The spliced sample's fingerprint."""
 
     @property
     def spliced_token_layers(self) -> int:
-        """(token, layer, variant) splices evaluated: tokens of every evaluated context."""
-        return int(self.n_tokens) * self.ce.shape[0] * self.ce.shape[2]
+        """(token, layer, variant) splices evaluated: tokens of every spliced context."""
+        return self.n_tokens * len(self.variants) * len(self.layers)
 
-    n_tokens: int = 0
+    def save(self, path: str | Path) -> None:
+        """Write the sums as one ``.npz`` file (the baseline stage's output)."""
+        with open(path, "wb") as f:
+            np.savez(
+                f,
+                units=self.units,
+                variants=np.array(self.variants),
+                layers=np.array(self.layers),
+                ce_clean=self.ce_clean,
+                count=self.count,
+                ce=self.ce,
+                kl=self.kl,
+                n_tokens=np.array(self.n_tokens),
+                sample=np.array(self.sample),
+            )
+
+    @classmethod
+    def load(cls, path: str | Path) -> SpliceSums:
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                return cls(
+                    units=z["units"],
+                    variants=tuple(str(v) for v in z["variants"]),
+                    layers=[int(b) for b in z["layers"]],
+                    ce_clean=z["ce_clean"],
+                    count=z["count"],
+                    ce=z["ce"],
+                    kl=z["kl"],
+                    n_tokens=int(z["n_tokens"]),
+                    sample=str(z["sample"]),
+                )
+        except FileNotFoundError:
+            raise MlsaeError(f"{path}: not found (run the baseline stage first)") from None
+        except (OSError, ValueError, KeyError) as e:
+            raise MlsaeError(
+                f"{path}: unreadable baseline sums ({type(e).__name__}); rerun the baseline stage"
+            ) from None
+
+    def variant(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(ce, kl)`` of one variant, each (U, L)."""
+        v = self.variants.index(name)
+        return self.ce[v], self.kl[v]
 
 
-def positions(special: np.ndarray, skip_first: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(analysed (C, T), loss (C, T−1)) masks for contexts of tokens with `special` flags."""
-    analysed = ~special.astype(bool)
-    if skip_first:
-        analysed = analysed.copy()
-        analysed[:, 0] = False
+def loss_positions(excluded: np.ndarray, special: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(analysed (C, T), loss (C, T−1)) masks: analysed positions are not `excluded`; position t
+    counts in the loss when it is analysed and token t+1 is not special."""
+    analysed = ~excluded.astype(bool)
     loss = analysed[:, :-1] & ~special[:, 1:].astype(bool)
     return analysed, loss
 
 
-def _reconstruct(sae: MLSAE, lens: Lens, resid: torch.Tensor, block: int) -> torch.Tensor:
-    h = lens(resid.float().unsqueeze(-2), [block]).squeeze(-2)
-    xn, mean, std = sae.normalise(h)
-    values, indices = sae.encode(xn)
-    recon = sae.denormalise(sae.decode(values, indices), mean, std)
-    return lens.inverse(recon.unsqueeze(-2), [block]).squeeze(-2)
+def mean_ablation(layer_means: torch.Tensor) -> Replacement:
+    """The ``mean`` variant: each SAE layer's mean residual (`layer_means` (L, d), model space)."""
+
+    def replace(j: int, block: int, clean: torch.Tensor) -> torch.Tensor:
+        return layer_means[j].to(clean.device, clean.dtype).expand_as(clean)
+
+    return replace
+
+
+def zero_ablation(j: int, block: int, clean: torch.Tensor) -> torch.Tensor:
+    """The ``zero`` variant."""
+    return torch.zeros_like(clean)
 
 
 _ROWS = 16
@@ -114,104 +165,71 @@ def _ce_kl(
 
 @torch.inference_mode()
 def splice_sums(
-    sae: MLSAE,
-    lens: Lens,
     model: LoadedModel,
-    tokens: np.ndarray,
-    special: np.ndarray,
-    layer_means: torch.Tensor,
-    skip_first: bool,
+    sample: SplicedSample,
+    layers: list[int],
+    replacements: dict[str, Replacement],
     batch_size: int,
     progress: bool = True,
 ) -> SpliceSums:
-    """Downstream sums for contexts `tokens` (C, T) int with `special` (C, T) bool flags.
-
-    `layer_means` (L, d): the mean residual of each SAE layer (model space) for the mean variant.
-    """
-    n_ctx, n_pos = tokens.shape
-    layers = sae.cfg.layers
+    """Per-document downstream sums of every variant in `replacements` at every block of `layers`,
+    on the sample's contexts."""
+    n_ctx, n_pos = sample.tokens.shape
     dev = model.device
-    sae, lens = sae.to(dev), lens.to(dev)
     splicer = Splicer(model)
-    analysed, loss = positions(special, skip_first)
-    shape = (len(VARIANTS), n_ctx, len(layers))
+    analysed, loss = loss_positions(sample.excluded, sample.special)
+    units, unit = np.unique(sample.document[:, :-1], return_inverse=True)
+    unit = unit.reshape(n_ctx, n_pos - 1)
+    variants = tuple(replacements)
+    n_units = len(units)
+    shape = (len(variants), n_units, len(layers))
     sums = SpliceSums(
-        np.zeros(n_ctx), loss.sum(1).astype(np.int64), np.zeros(shape), np.zeros(shape), n_tokens=n_ctx * n_pos
+        units=units.astype(np.int64),
+        variants=variants,
+        layers=list(layers),
+        ce_clean=np.zeros(n_units),
+        count=np.bincount(unit[loss], minlength=n_units).astype(np.float64),
+        ce=np.zeros(shape),
+        kl=np.zeros(shape),
+        n_tokens=n_ctx * n_pos,
+        sample=sample.fingerprint(),
     )
-    bar = tqdm(total=n_ctx * len(layers), desc="evaluate: spliced forwards", unit="ctx·layer", disable=not progress)
+    if sums.count.sum() == 0:
+        raise MlsaeError(
+            "evaluate: no position has a next-token target (every position is special or skipped); "
+            "raise data.context or evaluate.tokens"
+        )
+    bar = tqdm(total=n_ctx * len(layers), desc="spliced forwards", unit="ctx·layer", disable=not progress)
     logits_buf: torch.Tensor | None = None
     for start in range(0, n_ctx, batch_size):
         rows = slice(start, min(n_ctx, start + batch_size))
-        ids = torch.from_numpy(tokens[rows].astype(np.int64)).to(dev)
+        ids = torch.from_numpy(sample.tokens[rows].astype(np.int64)).to(dev)
         keep = torch.from_numpy(analysed[rows]).to(dev)[..., None]
-        mask = torch.from_numpy(loss[rows]).to(dev)
+        mask = loss[rows]
+        where = unit[rows][mask]
         targets = ids[:, 1:].reshape(-1)
         run = splicer.clean(ids)
         vocab = run.logits.shape[-1]
         clean_logp = F.log_softmax(run.logits[:, :-1], dim=-1).reshape(-1, vocab)
         clean_p = clean_logp.exp()
         ce_clean = -clean_logp.gather(-1, targets[:, None]).view(mask.shape)
-        sums.ce_clean[rows] = (ce_clean * mask).sum(1).double().cpu().numpy()
+        sums.ce_clean += np.bincount(where, ce_clean.double().cpu().numpy()[mask], minlength=n_units)
         if logits_buf is None or logits_buf.shape[0] != clean_logp.shape[0]:
             logits_buf = torch.empty(clean_logp.shape, device=dev)
         for j, block in enumerate(layers):
             clean = run.resid[block]
-            replacements = {
-                "recon": _reconstruct(sae, lens, clean, block),
-                "zero": torch.zeros_like(clean),
-                "mean": layer_means[j].to(dev, clean.dtype).expand_as(clean),
-            }
-            for v, name in enumerate(VARIANTS):
-                resid = torch.where(keep, replacements[name].to(clean.dtype), clean)
+            for v, name in enumerate(variants):
+                replacement = replacements[name](j, block, clean)
+                resid = torch.where(keep, replacement.to(clean.dtype), clean)
                 h = splicer.hidden_from(run, block, resid)[:, :-1]
                 logits = splicer.head(h, out=logits_buf.view(*h.shape[:-1], vocab)).reshape(-1, vocab)
                 ce, kl = _ce_kl(logits, targets, clean_logp, clean_p)
-                sums.ce[v, rows, j] = (ce.view(mask.shape) * mask).sum(1).double().cpu().numpy()
-                sums.kl[v, rows, j] = (kl.view(mask.shape) * mask).sum(1).double().cpu().numpy()
+                sums.ce[v, :, j] += np.bincount(
+                    where, ce.view(mask.shape).double().cpu().numpy()[mask], minlength=n_units
+                )
+                sums.kl[v, :, j] += np.bincount(
+                    where, kl.view(mask.shape).double().cpu().numpy()[mask], minlength=n_units
+                )
             bar.update(rows.stop - rows.start)
     bar.close()
-    if sums.count.sum() == 0:
-        raise MlsaeError(
-            "evaluate: no position has a next-token target (every position is special or skipped); "
-            "raise data.context or evaluate.tokens"
-        )
     return sums
-
-
-def downstream_metrics(sums: SpliceSums, counts: np.ndarray | None = None) -> dict:
-    """Point estimates (and, given a (C, B) context count matrix, 95 % bootstrap intervals)."""
-    out = _estimates(
-        sums.ce_clean.sum()[None], sums.count.sum()[None], sums.ce.sum(1)[..., None], sums.kl.sum(1)[..., None]
-    )
-    metrics: dict = {"ce_clean": float(out["ce_clean"][0])}
-    for v, name in enumerate(VARIANTS):
-        suffix = "" if name == "recon" else f"_{name}"
-        d_ce = out["delta_ce"][v, :, 0]  # (L,)
-        kl = out["kl"][v, :, 0]
-        metrics[f"delta_ce{suffix}"] = float(d_ce.mean())
-        metrics[f"delta_ce{suffix}_by_layer"] = d_ce.tolist()
-        metrics[f"kl{suffix}"] = float(kl.mean())
-        metrics[f"kl{suffix}_by_layer"] = kl.tolist()
-    metrics["downstream_tokens"] = int(sums.count.sum())
-    metrics["downstream_contexts"] = len(sums.count)
-    metrics["spliced_token_layers"] = sums.spliced_token_layers
-    if counts is not None:
-        reps = _estimates(
-            sums.ce_clean @ counts,
-            sums.count @ counts,
-            np.einsum("vcl,cb->vlb", sums.ce, counts),
-            np.einsum("vcl,cb->vlb", sums.kl, counts),
-        )
-        for v, name in enumerate(VARIANTS):
-            suffix = "" if name == "recon" else f"_{name}"
-            metrics[f"delta_ce{suffix}_ci"] = interval_json(percentile_interval(reps["delta_ce"][v].mean(0)))
-            metrics[f"kl{suffix}_ci"] = interval_json(percentile_interval(reps["kl"][v].mean(0)))
-    return metrics
-
-
-def _estimates(ce_clean: np.ndarray, count: np.ndarray, ce: np.ndarray, kl: np.ndarray) -> dict:
-    """Ratios of sums over contexts: `ce_clean`, `count` (B,), `ce`, `kl` (V, L, B); the last axis
-    indexes resamples (length 1 for the point estimate)."""
-    n = np.where(count > 0, count, np.nan).astype(np.float64)
-    base = ce_clean / n
-    return {"ce_clean": base, "delta_ce": ce / n - base, "kl": kl / n}

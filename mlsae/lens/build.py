@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from mlsae.core.io import atomic_dir, write_json
-from mlsae.core.params import Params
+from mlsae.core.params import LensFitParams
 from mlsae.lens.fit import fit_lens, kl_by_layer
 from mlsae.lens.loading import RECORD
 from mlsae.lens.tuned import load_pretrained
@@ -44,25 +44,34 @@ def train_chunks(reader: ActivationStore):
     return factory
 
 
-def run_lens_stage(p: Params, reader: ActivationStore, out_dir: Path, progress: bool = True) -> dict:
-    """Build the lens for `p.lens`, write `out_dir`, return lens metrics."""
+def run_lens_stage(
+    mode: str,
+    lens_path: str,
+    fit: LensFitParams,
+    model_name: str,
+    reader: ActivationStore,
+    out_dir: Path,
+    progress: bool = True,
+) -> dict:
+    """Build the lens for `mode` (the `lens` param; `lens_path` for `pretrained`, `fit` for `fit`)
+    on `model_name`, write `out_dir`, return lens metrics."""
     record = {
-        "mode": p.lens,
+        "mode": mode,
         "model": reader.attrs.get("model"),
         "n_layers": reader.n_layers,
         "d_model": reader.d_model,
     }
-    if p.lens == "none":
+    if mode == "none":
         with atomic_dir(out_dir) as tmp:
             write_json(tmp / RECORD, record)
         return {"lens": "none"}
 
     from mlsae.models.registry import load_model, resolve_device
 
-    model = load_model(p.model, resolve_device(p.device("lens")))
-    reader.check_model(p.model)
-    if p.lens == "pretrained":
-        lens = load_pretrained(p.lens_path, reader.n_layers, reader.d_model, model_name=_hub_name(p.model))
+    model = load_model(model_name, resolve_device(fit.device))
+    reader.check_model(model_name)
+    if mode == "pretrained":
+        lens = load_pretrained(lens_path, reader.n_layers, reader.d_model, model_name=_hub_name(model_name))
         info: dict = {}
     else:
         lens, info = fit_lens(
@@ -71,23 +80,23 @@ def run_lens_stage(p: Params, reader: ActivationStore, out_dir: Path, progress: 
             model.unembed,
             reader.n_layers,
             reader.d_model,
-            steps=p.lens_fit.steps,
-            lr=p.lens_fit.lr,
-            batch_tokens=p.lens_fit.batch_tokens,
-            seed=p.seed,
-            eval_resid=eval_sample(reader, p.lens_fit.eval_tokens),
-            patience=p.lens_fit.patience,
+            steps=fit.steps,
+            lr=fit.lr,
+            batch_tokens=fit.batch_tokens,
+            seed=fit.seed,
+            eval_resid=eval_sample(reader, fit.eval_tokens),
+            patience=fit.patience,
             progress=progress,
         )
     # early stopping saw the first eval_tokens eval tokens; measure on the next ones (held out)
-    held_out = eval_sample(reader, p.lens_fit.eval_tokens, skip=p.lens_fit.eval_tokens)
+    held_out = eval_sample(reader, fit.eval_tokens, skip=fit.eval_tokens)
     if held_out.shape[0] == 0:
-        held_out = eval_sample(reader, p.lens_fit.eval_tokens)
+        held_out = eval_sample(reader, fit.eval_tokens)
     kl = kl_by_layer(lens, held_out, model.final_norm, model.unembed)
     with atomic_dir(out_dir) as tmp:
-        lens.save(tmp, model_name=p.model, revision=str(reader.attrs.get("revision")))
+        lens.save(tmp, model_name=model_name, revision=str(reader.attrs.get("revision")))
         write_json(tmp / RECORD, record)
-    metrics = {"lens": p.lens, **kl}
+    metrics = {"lens": mode, **kl}
     for key in ("steps", "best_step", "stopped_early"):
         if key in info:
             metrics[f"fit_{key}"] = info[key]

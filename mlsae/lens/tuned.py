@@ -26,6 +26,7 @@ Fitting a lens on stored residuals and its KL metrics are in ``mlsae/lens/fit.py
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -112,6 +113,15 @@ class Lens(nn.Module):
     def is_identity(self) -> bool:
         """True when the lens holds no translators."""
         return self.weight is None
+
+    def fingerprint(self) -> str:
+        """A short hash of the translators (shapes and values): what a checkpoint or a latent store
+        made in this lens's space must match."""
+        h = hashlib.sha256(f"{self.n_layers}x{self.d_model}".encode())
+        for name, t in sorted(self.state_dict().items()):
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()[:16]
 
     def extra_repr(self) -> str:
         """Shape summary for ``repr``."""

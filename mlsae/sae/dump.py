@@ -43,7 +43,7 @@ def _attrs(sae: MLSAE, lens: Lens, reader: store.ActivationStore) -> dict:
         "lens": sae.cfg.lens,
         "source_revision": reader.attrs.get("revision"),
         "n_tokens": reader.n_tokens("eval"),
-        "source": {k: reader.attrs.get(k) for k in ("corpus", "seed", "context", "eval_tokens", "dtype")},
+        "source": {k: reader.attrs.get(k) for k in ("corpus", "data_seed", "split", "context", "eval_tokens", "dtype")},
         "skip_first": reader.skip_first,
         "fingerprint": _fingerprint(sae, lens),
     }

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from mlsae.core.errors import MlsaeError
-from mlsae.core.io import atomic_dir
-from mlsae.core.params import Params
+from mlsae.core.io import atomic_dir, short_hash
+from mlsae.core.params import SAEParams, select_layers
 from mlsae.core.paths import SAE_CONFIG, SAE_WEIGHTS
 from mlsae.sae.model import MLSAE, SAEConfig
 from mlsae.sae.seed import HUB_ID, fetch, is_seed_dir, read_seed
@@ -31,9 +31,10 @@ TRAIN_CURVE_HEADER = "step,loss,fvu,auxk,l0,dead_fraction\n"
 """The train stage's CSV columns; an imported SAE has no steps, so its curve is this header alone."""
 
 
-def import_sae(p: Params, reader: ActivationStore, out_dir: Path) -> dict:
-    """Import `p.sae.source` into `out_dir`; returns the train stage's metrics."""
-    source = p.sae.source
+def import_sae(sae_params: SAEParams, lens_mode: str, reader: ActivationStore, out_dir: Path) -> dict:
+    """Import `sae_params.source` into `out_dir` (checked against the `lens` param, `lens_mode`); returns
+    the train stage's metrics."""
+    source = sae_params.source
     directory = fetch(source)
     if directory.resolve() == Path(out_dir).resolve():
         raise MlsaeError(f"sae.source: {source!r} is this stage's own output {out_dir}; copy it elsewhere first")
@@ -42,7 +43,7 @@ def import_sae(p: Params, reader: ActivationStore, out_dir: Path) -> dict:
         sae, fmt = MLSAE.load(directory), "mlsae"
         _check_model(source, sae.cfg.model, store_model, reader)
     elif is_seed_dir(directory):
-        sae, fmt = _from_seed(p, reader, directory, source, store_model)
+        sae, fmt = _from_seed(sae_params, lens_mode, reader, directory, source, store_model)
     else:
         raise MlsaeError(
             f"sae.source: {directory} holds neither this project's {SAE_WEIGHTS} + {SAE_CONFIG} "
@@ -65,10 +66,10 @@ def import_sae(p: Params, reader: ActivationStore, out_dir: Path) -> dict:
             f"sae.source: {source!r} works in a fitted tuned lens's space (lens=fit), which belongs "
             f"to the run that fitted it; import an SAE with lens none or pretrained"
         )
-    if cfg.lens != p.lens:
+    if cfg.lens != lens_mode:
         raise MlsaeError(
             f"lens: sae.source {source!r} works in lens={cfg.lens} space, but params say "
-            f"lens={p.lens}; set -S lens={cfg.lens}"
+            f"lens={lens_mode}; set -S lens={cfg.lens}"
         )
     with atomic_dir(out_dir) as tmp:
         sae.save(tmp)
@@ -89,7 +90,9 @@ def import_sae(p: Params, reader: ActivationStore, out_dir: Path) -> dict:
     }
 
 
-def _from_seed(p: Params, reader: ActivationStore, directory: Path, source: str, store_model: str) -> tuple[MLSAE, str]:
+def _from_seed(
+    sae_params: SAEParams, lens_mode: str, reader: ActivationStore, directory: Path, source: str, store_model: str
+) -> tuple[MLSAE, str]:
     seed = read_seed(directory, source)
     if seed.model is not None:
         _check_model(source, seed.model, store_model, reader)
@@ -98,7 +101,7 @@ def _from_seed(p: Params, reader: ActivationStore, directory: Path, source: str,
     elif seed.tfm:
         layers = list(range(reader.n_layers))
     else:
-        layers = p.select_layers(reader.n_layers)
+        layers = select_layers(sae_params, reader.n_layers)
     cfg = SAEConfig(
         d_model=seed.w_enc.shape[1],
         n_latents=seed.w_enc.shape[0],
@@ -108,7 +111,7 @@ def _from_seed(p: Params, reader: ActivationStore, directory: Path, source: str,
         normalisation="seed",
         lens="pretrained" if seed.lens else "none",
         model=store_model,
-        params_hash=p.section_hash("sae", "lens"),
+        params_hash=short_hash({"sae": sae_params.model_dump(), "lens": lens_mode}),
     )
     sae = MLSAE(cfg)
     with torch.no_grad():

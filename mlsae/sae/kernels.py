@@ -13,25 +13,37 @@ import math
 import warnings
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 
-def topk_select(
-    z: Tensor, k: int, dead: Tensor | None, n_aux: int, overwrite: bool = False
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def topk_select(z: Tensor, k: int, dead: Tensor | None, n_aux: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """TopK + ReLU of the pre-activations z (N, n), and the top-``n_aux`` among the dead latents.
 
-    ``overwrite``: ``z`` is scratch, so the dead-latent mask may be written into it in place.
+    The dense reference path's AuxK: the sparse path takes the dead latents' pre-activations alone
+    (:func:`dead_topk`).
     """
     values, indices = z.topk(k, dim=-1, sorted=False)
     if dead is None or n_aux == 0:
         aux_values, aux_indices = z.new_zeros(z.shape[0], 0), indices.new_zeros(z.shape[0], 0)
     else:
-        masked = z.masked_fill_(~dead, -math.inf) if overwrite else z.masked_fill(~dead, -math.inf)
+        masked = z.masked_fill(~dead, -math.inf)
         aux_values, aux_indices = masked.topk(n_aux, dim=-1, sorted=False)
     return values.relu(), indices, aux_values.relu(), aux_indices
+
+
+def dead_topk(xc: Tensor, w_enc: Tensor, dead: Tensor, n_aux: int) -> tuple[Tensor, Tensor]:
+    """AuxK's top-``n_aux`` latents among the dead ones, ReLU'd: ``(values, indices)``, each (N, n_aux).
+
+    Only the dead rows of the encoder enter the product (``xc @ W_enc[dead]ᵀ``, N x n_dead), so
+    AuxK costs in proportion to the dead latents rather than a second pass over all of them; it
+    selects what the top-``n_aux`` of the full pre-activations with the live latents masked out
+    selects (:func:`topk_select`, the dense reference), up to the rounding of the two products."""
+    dead_ids = dead.nonzero().squeeze(1)
+    values, local = (xc @ w_enc[dead_ids].T).topk(n_aux, dim=-1, sorted=False)
+    return values.relu(), dead_ids[local]
 
 
 _SCRATCH: dict[tuple, Tensor] = {}
@@ -94,8 +106,10 @@ def sparse_encoder(device_type: str) -> type[torch.autograd.Function]:
         def forward(  # type: ignore[override]
             ctx: Any, xc: Tensor, w_enc: Tensor, k: int, dead: Tensor | None, n_aux: int
         ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-            z, scratch = _preactivations(xc, w_enc)  # the one dense product; lower precision under autocast
-            values, indices, aux_values, aux_indices = topk_select(z, k, dead, n_aux, overwrite=scratch)
+            z, _ = _preactivations(xc, w_enc)  # the one dense product; lower precision under autocast
+            values, indices, aux_values, aux_indices = topk_select(z, k, None, 0)
+            if dead is not None and n_aux:  # AuxK: pre-activations of the dead latents only
+                aux_values, aux_indices = dead_topk(xc, w_enc, dead, n_aux)
             values, aux_values = values.to(xc.dtype), aux_values.to(xc.dtype)
             all_indices, all_values = torch.cat([indices, aux_indices], 1), torch.cat([values, aux_values], 1)
             ctx.save_for_backward(xc, w_enc, all_indices, all_values)
@@ -135,7 +149,18 @@ def geometric_median(points: Tensor, max_iter: int = 200, tol: float = 1e-7) -> 
 
 
 def layer_fvu(x: Tensor, x_hat: Tensor) -> Tensor:
-    """Per-layer Σ‖x − x̂‖² / Σ‖x − mean_batch(x)‖² over the batch: (B, L, d) → (L,)."""
+    """Per-layer FVU of a batch, Σ‖x − x̂‖² / Σ‖x − mean_batch(x)‖²: (B, L, d) → (L,)."""
     err = (x - x_hat).pow(2).sum(dim=(0, 2))
     total = (x - x.mean(0, keepdim=True)).pow(2).sum(dim=(0, 2))
-    return err / total.clamp_min(torch.finfo(total.dtype).eps)
+    return fvu_from_sums(err, total)
+
+
+def fvu_from_sums(err: Any, total: Any) -> Any:
+    """The one FVU formula, from its two sums (elementwise, tensors or numpy arrays): the squared
+    error Σ‖x − x̂‖² over the centred sum of squares Σ‖x − x̄‖² (a zero total counts as the dtype's
+    eps). The training loss takes both over a batch; the evaluate stage over the eval split, and per
+    resampled set of documents."""
+    if isinstance(total, Tensor):
+        return err / total.clamp_min(torch.finfo(total.dtype).eps)
+    total = np.asarray(total, dtype=np.float64)
+    return np.asarray(err, dtype=np.float64) / np.maximum(total, np.finfo(np.float64).eps)

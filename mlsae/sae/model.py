@@ -14,10 +14,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Callable, Mapping
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,99 +25,14 @@ from torch import Tensor, nn
 
 from mlsae.core.errors import MlsaeError
 from mlsae.core.io import file_sha256, write_bytes, write_text
-from mlsae.core.params import LENS_MODES, SAEParams, is_int, is_number
 from mlsae.core.paths import SAE_CONFIG, SAE_WEIGHTS
+from mlsae.sae.config import WEIGHTS_SHA256, SAEConfig
 from mlsae.sae.kernels import geometric_median, layer_fvu, sparse_encoder, topk_select
 
 NORM_EPS = 1e-6
 """``vector``: added to each vector's variance before dividing by its std (a constant vector maps to 0)."""
 SEED_NORM_EPS = 1e-5
 """``seed``: added to each vector's unbiased std, as the seed code (and SAELens's ``layer_norm``) does."""
-NORMALISATIONS = ("vector", "seed")
-WEIGHTS_SHA256 = "weights_sha256"
-_DEFAULTS = SAEParams()
-"""The params' defaults (mlsae.core.params.SAEParams), the config's defaults too: one home."""
-"""Key of ``config.json`` holding the sha256 of ``sae.safetensors`` (not an SAEConfig field)."""
-
-
-@dataclass
-class SAEConfig:
-    """Everything needed to rebuild an MLSAE; stored as ``config.json`` next to the weights."""
-
-    d_model: int
-    """Width of each residual vector."""
-    n_latents: int
-    """Number of dictionary latents (``expansion × d_model``)."""
-    k: int
-    """Latents kept active per vector (TopK)."""
-    layers: list[int]
-    """Block indices of the selected layers, in the order of the input's layer axis (length L)."""
-    auxk: int = _DEFAULTS.auxk
-    """Dead latents per vector used by the AuxK loss (at most the number dead; 0 disables it)."""
-    auxk_coef: float = _DEFAULTS.auxk_coef
-    """Weight of the AuxK loss in the total loss."""
-    dead_tokens: int = _DEFAULTS.dead_tokens
-    """A latent is dead once it has not fired for this many tokens (a token counts once for all layers)."""
-    normalisation: str = _DEFAULTS.normalisation
-    """Input normalisation of each vector x over its own d entries, with m = mean(x):
-    ``vector``: x̂ = (x − m) / s, s = sqrt(Σ(x − m)² / d + 1e-6), reconstruction x̂·s + m;
-    ``seed`` (the seed paper's SAEs, imported): x̂ = (x − m) / (σ + 1e-5) with the unbiased
-    σ = sqrt(Σ(x − m)² / (d − 1)), reconstruction x̂·σ + m (σ without the epsilon, as the seed)."""
-    lens: str = "none"
-    """Space the SAE works in: ``none`` (model basis), ``pretrained`` or ``fit`` (tuned-lens space)."""
-    model: str = ""
-    """Name of the model whose residuals were used (provenance only)."""
-    params_hash: str = ""
-    """Hash of the params that produced this SAE (provenance only)."""
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready copy of the config."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> SAEConfig:
-        """Build and validate a config; unknown or missing keys raise :class:`MlsaeError`."""
-        names = [f.name for f in fields(cls)]
-        for key in data:
-            if key not in names:
-                raise MlsaeError(f"sae config: unknown key {key!r}")
-        for f in fields(cls):
-            if f.default is MISSING and f.default_factory is MISSING and f.name not in data:
-                raise MlsaeError(f"sae config: missing key 'sae.{f.name}'")
-        values = dict(data)
-        if isinstance(values.get("layers"), (list, tuple)):
-            values["layers"] = list(values["layers"])
-        cfg = cls(**values)
-        cfg.validate()
-        return cfg
-
-    def validate(self) -> None:
-        """Raise :class:`MlsaeError` with one line naming the first bad key."""
-        rules: list[tuple[str, Callable[[], bool], str]] = [
-            ("d_model", lambda: is_int(self.d_model) and self.d_model >= 1, "a positive integer"),
-            ("n_latents", lambda: is_int(self.n_latents) and self.n_latents >= 1, "a positive integer"),
-            ("k", lambda: is_int(self.k) and 1 <= self.k <= self.n_latents, "in 1..n_latents"),
-            ("layers", self._layers_ok, "a non-empty list of distinct block indices >= 0"),
-            ("auxk", lambda: is_int(self.auxk) and self.auxk >= 0, "an integer >= 0"),
-            ("auxk_coef", lambda: is_number(self.auxk_coef) and self.auxk_coef >= 0, "a finite number >= 0"),
-            ("dead_tokens", lambda: is_int(self.dead_tokens) and self.dead_tokens >= 1, "an integer >= 1"),
-            ("normalisation", lambda: self.normalisation in NORMALISATIONS, f"one of {NORMALISATIONS}"),
-            ("lens", lambda: self.lens in LENS_MODES, f"one of {LENS_MODES}"),
-            ("model", lambda: isinstance(self.model, str), "a string"),
-            ("params_hash", lambda: isinstance(self.params_hash, str), "a string"),
-        ]
-        for key, ok, rule in rules:
-            if not ok():
-                raise MlsaeError(f"sae.{key} must be {rule} (got {getattr(self, key)!r})")
-
-    def _layers_ok(self) -> bool:
-        layers = self.layers
-        return (
-            isinstance(layers, list)
-            and len(layers) > 0
-            and all(is_int(i) and i >= 0 for i in layers)
-            and len(set(layers)) == len(layers)
-        )
 
 
 @dataclass

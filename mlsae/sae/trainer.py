@@ -23,14 +23,15 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from mlsae.core.errors import MlsaeError
-from mlsae.core.io import atomic_dir, atomic_file
-from mlsae.core.params import Params
+from mlsae.core.io import atomic_dir, atomic_file, short_hash
+from mlsae.core.params import DataParams, ExtractParams, SAEParams, TrainParams, select_layers
 from mlsae.core.paths import CHECKPOINT
 from mlsae.data.shuffle import BatchPlan, iter_batches
 from mlsae.data.stream import StreamBatches, check_store
 from mlsae.lens.tuned import Lens
 from mlsae.models.registry import load_model, resolve_device
-from mlsae.sae.model import MLSAE, SAEConfig
+from mlsae.sae.config import SAEConfig, check_dead_window, resolve_dead_tokens
+from mlsae.sae.model import MLSAE
 from mlsae.stores.activations import ActivationStore
 
 CHECKPOINT_VERSION = 1
@@ -64,47 +65,69 @@ def init_distributed(device_spec: str) -> tuple[Dist, torch.device]:
     return Dist(rank, world, local), device
 
 
-def sae_config(p: Params, reader: ActivationStore, model_name: str) -> SAEConfig:
-    layers = p.select_layers(reader.n_layers)
-    n_latents = p.sae.expansion * reader.d_model
-    if p.sae.k > n_latents:
-        raise MlsaeError(
-            f"sae.k: {p.sae.k} is more than n_latents = sae.expansion x d_model = "
-            f"{p.sae.expansion} x {reader.d_model} = {n_latents}; lower sae.k or raise sae.expansion"
-        )
+@dataclass(frozen=True)
+class StreamSource:
+    """What stream mode (`train.source: stream`) builds its batches from: the model, the corpus
+    and the storage dtype (mlsae/data/stream.py)."""
+
+    model: str
+    data: DataParams
+    extract: ExtractParams
+
+
+def sae_config(
+    sae: SAEParams, train: TrainParams, lens_mode: str, reader: ActivationStore, run_tokens: int
+) -> SAEConfig:
+    """The SAE the train stage builds for these params on this store's model; `run_tokens` (train
+    tokens x epochs) resolves `sae.dead_tokens: auto`."""
     cfg = SAEConfig(
         d_model=reader.d_model,
-        n_latents=n_latents,
-        k=p.sae.k,
-        layers=layers,
-        auxk=p.sae.auxk,
-        auxk_coef=p.sae.auxk_coef,
-        dead_tokens=p.sae.dead_tokens,
-        normalisation=p.sae.normalisation,
-        lens=p.lens,
-        model=model_name,
-        params_hash=p.section_hash("sae", "train", "seed", "lens"),
+        n_latents=sae.expansion * reader.d_model,
+        k=sae.k,
+        layers=select_layers(sae, reader.n_layers),
+        auxk=sae.auxk,
+        auxk_coef=sae.auxk_coef,
+        dead_tokens=resolve_dead_tokens(sae.dead_tokens, run_tokens),
+        normalisation=sae.normalisation,
+        lens=lens_mode,
+        model=str(reader.attrs.get("model")),
+        params_hash=short_hash({"sae": sae.model_dump(), "train": train.model_dump(), "lens": lens_mode}),
     )
-    cfg.validate()
+    cfg.validate(expansion=sae.expansion)
     return cfg
 
 
-def identity_of(p: Params, reader: ActivationStore, world: int = 1) -> dict:
+STORE_IDENTITY = (
+    "model",
+    "revision",
+    "corpus",
+    "context",
+    "train_tokens",
+    "data_seed",
+    "split",
+    "document_tokens",
+    "shuffle_documents",
+    "dtype",
+)
+"""The activation store's attrs a checkpoint must match (what its train split holds)."""
+
+
+def identity_of(
+    sae: SAEParams, train: TrainParams, lens: Lens, reader: ActivationStore, stream: StreamSource | None, world: int = 1
+) -> dict:
     """What a checkpoint must match to be resumed (not where or how often it was saved)."""
-    train = {k: v for k, v in p.to_dict()["train"].items() if k not in ("device", "checkpoint_every")}
     identity = {
-        "params": p.section_hash("sae", "seed", "lens", "lens_fit", "lens_path"),
-        "train": train,
-        "store": {
-            k: reader.attrs.get(k) for k in ("model", "revision", "corpus", "context", "train_tokens", "seed", "dtype")
-        },
+        "sae": sae.model_dump(),
+        "train": train.model_dump(exclude={"device", "checkpoint_every"}),
+        "lens": lens.fingerprint(),
+        "store": {k: reader.attrs.get(k) for k in STORE_IDENTITY},
     }
-    if p.train.source == "stream":  # the batches come from the corpus, the model and this many ranks
+    if stream is not None:  # the batches come from the corpus, the model and this many ranks
         identity["stream"] = {
-            "data": p.to_dict()["data"],
-            "model": p.model,
-            "dtype": p.extract.dtype,
-            "batch_size": p.extract.batch_size,
+            "data": stream.data.model_dump(),
+            "model": stream.model,
+            "dtype": stream.extract.dtype,
+            "batch_size": stream.extract.batch_size,
             "world": world,
         }
     return identity
@@ -137,6 +160,17 @@ def load_checkpoint(path: Path, identity: dict) -> dict | None:
 def save_checkpoint(path: Path, state: dict) -> None:
     with atomic_file(path) as tmp:
         torch.save(state, tmp)
+
+
+def lr_factor(step: int, n_steps: int, schedule: str, warmup_steps: int) -> float:
+    """The learning rate of optimiser step `step` (0-based) of `n_steps`, as a fraction of
+    `train.lr`: ``min(1, (step + 1) / warmup_steps)`` times ``1`` (`constant`), ``1 - t`` (`linear`)
+    or ``(1 + cos(pi t)) / 2`` (`cosine`), with ``t = step / n_steps`` the fraction of the run done,
+    so a decayed rate reaches 0 at the run's end."""
+    warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+    t = min(1.0, step / max(n_steps, 1))
+    decay = {"constant": 1.0, "linear": 1.0 - t, "cosine": 0.5 * (1.0 + math.cos(math.pi * t))}[schedule]
+    return warm * decay
 
 
 def make_optimizer(sae: nn.Module, lr: float) -> torch.optim.Adam:
@@ -191,17 +225,6 @@ def train_step(sae: nn.Module, opt: torch.optim.Optimizer, x: Tensor, grad_clip:
     return metrics
 
 
-def check_dead_window(dead_tokens: int, n_steps: int, batch_tokens: int) -> None:
-    """A dead window at or beyond the run's length means no latent can ever be dead: AuxK never acts."""
-    run = n_steps * batch_tokens
-    if dead_tokens >= run:
-        raise MlsaeError(
-            f"sae.dead_tokens: {dead_tokens} is at or beyond the run's length of {run} tokens ({n_steps} steps x "
-            f"train.batch_tokens {batch_tokens}), so no latent could ever count as dead and AuxK would never act; "
-            f"lower sae.dead_tokens below {run} (or set sae.auxk: 0 to train without AuxK)"
-        )
-
-
 class _StoreBatches:
     """Store mode's batches: the BatchPlan over the stored train split (mlsae/data/shuffle.py)."""
 
@@ -216,7 +239,8 @@ class _StoreBatches:
 
 
 def batch_source(
-    p: Params,
+    train: TrainParams,
+    stream: StreamSource | None,
     reader: ActivationStore,
     layers: list[int],
     ranks: Dist,
@@ -224,41 +248,58 @@ def batch_source(
     chunk_order: str = "shuffled",
     progress: bool = False,
 ) -> tuple[_StoreBatches | StreamBatches, int]:
-    """(this rank's batch source, its step count: exact in store mode, an upper bound in stream mode)."""
-    check_store(p, reader.attrs)
-    if p.train.source == "stream":
-        model = load_model(p.model, device)
+    """(this rank's batch source, its step count: exact in store mode; in stream mode an estimate from
+    the stored sample's share of usable tokens, which the learning-rate schedule and progress use)."""
+    if train.source == "stream" and stream is None:
+        raise ValueError("train.source: stream needs a StreamSource")
+    split = check_store(stream.data if stream else None, train.source, reader.attrs)
+    if stream is not None and train.source == "stream":
+        model = load_model(stream.model, device)
         if (model.n_layers, model.d_model) != (reader.n_layers, reader.d_model):
             raise MlsaeError(
-                f"model {p.model}: {model.n_layers} blocks x d_model {model.d_model}, but the store holds "
+                f"model {stream.model}: {model.n_layers} blocks x d_model {model.d_model}, but the store holds "
                 f"{reader.n_layers} x {reader.d_model}; rerun extract"
             )
-        source = StreamBatches(p, model, layers, reader.skip_first, ranks.rank, ranks.world, progress)
-        return source, source.max_batches
+        source = StreamBatches(
+            stream.data,
+            train,
+            stream.extract,
+            split,
+            model,
+            layers,
+            reader.skip_first,
+            ranks.rank,
+            ranks.world,
+            progress,
+        )
+        return source, source.expected_batches(float(reader.keep("train").mean()))
     excluded = ~reader.keep("train")  # special tokens, and position 0 when the store says skip_first
     plan = BatchPlan(
         excluded,
         reader.chunk_tokens,
-        p.train.shuffle_buffer_tokens,
-        p.train.batch_tokens,
-        p.train.epochs,
-        p.seed,
+        train.shuffle_buffer_tokens,
+        train.batch_tokens,
+        train.epochs,
+        train.seed,
         chunk_order,
     )
     if plan.n_batches == 0:
         raise MlsaeError(
-            f"train.batch_tokens: {p.train.batch_tokens} is more than the train split's usable tokens per "
+            f"train.batch_tokens: {train.batch_tokens} is more than the train split's usable tokens per "
             f"shuffle buffer; lower it or raise data.train_tokens / train.shuffle_buffer_tokens"
         )
     return _StoreBatches(reader, layers, plan, ranks.rank, ranks.world), plan.n_batches
 
 
 def train(
-    p: Params,
+    sae_params: SAEParams,
+    train_params: TrainParams,
+    lens_mode: str,
     reader: ActivationStore,
     lens: Lens,
     out_dir: Path,
     checkpoint_dir: Path,
+    stream: StreamSource | None = None,
     progress: bool = True,
     max_steps: int | None = None,
     snapshots: dict[int, Path] | None = None,
@@ -267,27 +308,34 @@ def train(
     """Train the MLSAE; write `out_dir` (sae.safetensors + config.json). Returns (metrics, history).
 
     Batches come from the store or, with `train.source: stream`, from the corpus through the model
-    (mlsae/data/stream.py). `max_steps` stops early as if killed after that many steps (tests of resume).
+    (`stream`, mlsae/data/stream.py). `lens_mode` is the `lens` param (recorded in the SAE config). `max_steps` stops early as if killed after that many steps (tests of resume).
     `snapshots` maps step numbers to directories where the SAE is also saved after that step (the
     convergence study: with a constant learning rate, the SAE after epoch e of a longer run is the
     SAE of an e-epoch run). `chunk_order="sequential"` visits the store's chunks in order (stream
     mode's order; the equivalence test).
     """
-    ranks, device = init_distributed(p.train.device)
-    cfg = sae_config(p, reader, str(reader.attrs.get("model")))
+    ranks, device = init_distributed(train_params.device)
+    train_tokens = stream.data.train_tokens if stream is not None else reader.n_tokens("train")
+    cfg = sae_config(sae_params, train_params, lens_mode, reader, train_tokens * train_params.epochs)
     layers = cfg.layers
-    source, n_steps = batch_source(p, reader, layers, ranks, device, chunk_order, progress and ranks.main)
-    stream = isinstance(source, StreamBatches)
+    source, n_steps = batch_source(
+        train_params, stream, reader, layers, ranks, device, chunk_order, progress and ranks.main
+    )
+    streaming = isinstance(source, StreamBatches)
     if cfg.auxk > 0 and cfg.auxk_coef > 0:
-        check_dead_window(cfg.dead_tokens, n_steps, p.train.batch_tokens)
-    lens = lens.to(device)
+        check_dead_window(
+            cfg.dead_tokens,
+            n_steps * train_params.batch_tokens,
+            f"{n_steps} steps x train.batch_tokens {train_params.batch_tokens}",
+        )
     ckpt_path = checkpoint_dir / CHECKPOINT
-    identity = identity_of(p, reader, ranks.world)
+    identity = identity_of(sae_params, train_params, lens, reader, stream if streaming else None, ranks.world)
+    lens = lens.to(device)
     ckpt = load_checkpoint(ckpt_path, identity)
 
-    torch.manual_seed(p.seed)
+    torch.manual_seed(train_params.seed)
     sae = MLSAE(cfg).to(device)
-    opt = make_optimizer(sae, p.train.lr)
+    opt = make_optimizer(sae, train_params.lr)
     history: list[dict] = []
     start = 0
     if ckpt is not None:
@@ -295,7 +343,9 @@ def train(
         opt.load_state_dict(ckpt["opt"])
         history, start = ckpt["history"], ckpt["step"]
     else:
-        sample = _sample(source.first_batches(), layers, lens, p.train.geometric_median_sample, p.seed, device)
+        sample = _sample(
+            source.first_batches(), layers, lens, train_params.geometric_median_sample, train_params.seed, device
+        )
         sae.init_b_pre(sae.normalise(sample)[0])
     model: torch.nn.Module = sae
     if ranks.world > 1:
@@ -307,13 +357,13 @@ def train(
     bar = tqdm(
         total=n_steps,
         initial=start,
-        desc="train" + (" (stream; total: at most)" if stream else ""),
+        desc="train" + (" (stream; total: estimated)" if streaming else ""),
         unit="step",
         disable=not (progress and ranks.main),
     )
     t0, vectors = time.perf_counter(), 0
     step, stopped = start, False
-    if stream:
+    if isinstance(source, StreamBatches):
         batches = source.batches(ckpt.get("stream") if ckpt is not None else None)
     else:
         batches = source.batches(start)
@@ -322,9 +372,13 @@ def train(
             stopped = True
             break
         x = lens(x.to(device, non_blocking=True), layers)
+        for group in opt.param_groups:
+            group["lr"] = train_params.lr * lr_factor(
+                step, n_steps, train_params.lr_schedule, train_params.warmup_steps
+            )
         try:
             with autocast:
-                stats = train_step(model, opt, x, p.train.grad_clip)
+                stats = train_step(model, opt, x, train_params.grad_clip)
         except FloatingPointError as e:
             # `step` steps are done: this is step `step + 1` in the history's 1-based numbering
             kept = f"last good checkpoint kept at {ckpt_path}" if ckpt_path.is_file() else "no checkpoint yet"
@@ -343,8 +397,8 @@ def train(
         if ranks.main and snapshots and step in snapshots:
             with atomic_dir(snapshots[step]) as tmp:
                 sae.save(tmp)
-        if step % p.train.checkpoint_every == 0 or step == max_steps or (not stream and step == n_steps):
-            buffer = source.state() if stream else None  # a collective under torchrun: every rank
+        if step % train_params.checkpoint_every == 0 or step == max_steps or (not streaming and step == n_steps):
+            buffer = source.state() if isinstance(source, StreamBatches) else None  # a collective under torchrun
             if ranks.main:
                 save_checkpoint(
                     ckpt_path,
@@ -355,7 +409,7 @@ def train(
                         "sae": sae.state_dict(),
                         "opt": opt.state_dict(),
                         "history": history,
-                        **({"stream": buffer} if stream else {}),
+                        **({"stream": buffer} if streaming else {}),
                     },
                 )
     bar.close()
@@ -369,12 +423,12 @@ def train(
         ckpt_path.unlink(missing_ok=True)
     if ranks.world > 1:
         dist.barrier()
-    model_tokens = source.total_model_tokens() if stream else None  # a collective under torchrun
+    model_tokens = source.total_model_tokens() if isinstance(source, StreamBatches) else None  # a collective
     if not ranks.main:  # only rank 0 reports: the stage writes metrics and plots only when given some
         return {}, history
-    metrics = _metrics(history, cfg, p.train.batch_tokens, vectors / elapsed if elapsed > 0 and vectors else None)
-    metrics["train_source"] = p.train.source
-    if stream:
+    metrics = _metrics(history, cfg, train_params.batch_tokens, vectors / elapsed if elapsed > 0 and vectors else None)
+    metrics["train_source"] = train_params.source
+    if streaming:
         metrics["model_tokens"] = model_tokens
     return metrics, history
 

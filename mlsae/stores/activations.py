@@ -3,9 +3,11 @@
 Layout: one group per split (`train`, `eval`), each with
   resid    (tokens, layers, d_model)  float16 | float32 | bfloat16 (stored as its uint16 bits)
   tokens   (tokens,) int32    context (tokens,) int32    position (tokens,) int16
-  special  (tokens,) bool
-Root attrs: schema, model, revision, n_layers, d_model, hook, corpus, context, dtype, seed,
-fingerprint, shard_tokens, done (shards of `resid` written per split) and `complete`, set last.
+  special  (tokens,) bool     document (tokens,) int64  (the token's document id: the resampling unit)
+Root attrs: schema, model, revision, n_layers, d_model, hook, corpus, context, dtype, data_seed,
+shuffle_documents, document_tokens, split (the document split: seed, share, eval_until; no document
+is in both splits), shard_tokens, done (shards of `resid` written per split) and `complete`, set
+last.
 `resid` is written one whole shard at a time (no read-modify-write of shards), so an interrupted
 extract resumes from the last finished shard. Every chunk of `resid` carries a CRC32C checksum
 (as does every shard index), so a garbled or truncated shard raises on read instead of silently
@@ -27,7 +29,7 @@ import zarr
 from zarr.codecs import Crc32cCodec
 
 from mlsae.core.errors import MlsaeError
-from mlsae.core.paths import CONTEXT, HOOK_NAME, POSITION, RESID, SPECIAL, SPLITS, STORE_SCHEMA, TOKENS
+from mlsae.core.paths import CONTEXT, DOCUMENT, HOOK_NAME, POSITION, RESID, SPECIAL, SPLITS, STORE_SCHEMA, TOKENS
 
 NUMPY_DTYPES = {"float16": np.float16, "float32": np.float32, "bfloat16": np.uint16}
 TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -132,7 +134,8 @@ class SplitData:
 
     tokens: np.ndarray  # (contexts, context) int32
     special: np.ndarray  # (contexts, context) bool
-    context_index: np.ndarray  # (contexts,) int32: index of the context in the corpus stream
+    context_index: np.ndarray  # (contexts,) int32: index of the context in its split's stream
+    document: np.ndarray  # (contexts, context) int64: each token's document id
 
     @property
     def n_tokens(self) -> int:
@@ -167,6 +170,7 @@ def create(path: str, attrs: dict[str, Any], splits: dict[str, SplitData]) -> za
             CONTEXT: np.repeat(data.context_index.astype(np.int32), context),
             POSITION: np.tile(np.arange(context, dtype=np.int16), data.tokens.shape[0]),
             SPECIAL: data.special.reshape(-1).astype(bool),
+            DOCUMENT: data.document.reshape(-1).astype(np.int64),
         }
         for key, values in meta.items():
             g.create_array(key, data=values, chunks=(max(1, min(len(values), 1 << 22)),))

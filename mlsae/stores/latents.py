@@ -4,6 +4,7 @@ Layout (written by the dump stage, read by aggregate and report):
   indices  (tokens, layers, k) int32    latent ids of each eval token's top-k at each SAE layer
   values   (tokens, layers, k) float16  their activations (0: not active)
   tokens (tokens,) int32   context (tokens,) int32   position (tokens,) int16   special (tokens,) bool
+  document (tokens,) int64
            copies of the activation store's eval metadata, so analysis needs only this store
 `indices` and `values` chunks are zstd-compressed and carry a CRC32C checksum, so a garbled shard
 raises on read (one error line, see store.guard) instead of silently changing the statistics.
@@ -27,7 +28,7 @@ from zarr.codecs import ZstdCodec
 from mlsae.core.errors import MlsaeError
 from mlsae.core.io import remove
 from mlsae.core.params import is_int
-from mlsae.core.paths import CONTEXT, INDICES, POSITION, SPECIAL, TOKENS, VALUES
+from mlsae.core.paths import CONTEXT, DOCUMENT, INDICES, POSITION, SPECIAL, TOKENS, VALUES
 from mlsae.stores.activations import CHECKSUM, ActivationStore, exists, open_root
 
 SHARD_TOKENS = 8192
@@ -52,14 +53,33 @@ def open_for_writing(path: str, attrs: dict, reader: ActivationStore) -> tuple[z
     codecs = {"compressors": [ZstdCodec(), CHECKSUM], "fill_value": 0}  # checksummed: garbling raises on read
     root.create_array(INDICES, shape=shape, dtype=np.int32, chunks=chunks, shards=shards, **codecs)
     root.create_array(VALUES, shape=shape, dtype=np.float16, chunks=chunks, shards=shards, **codecs)
-    for key in (TOKENS, CONTEXT, POSITION, SPECIAL):
+    for key in (TOKENS, CONTEXT, POSITION, SPECIAL, DOCUMENT):
         root.create_array(key, data=reader.meta("eval", key), chunks=(SHARD_TOKENS,))
     return root, 0
 
 
+# Entries (tokens x layers x k) read per chunk by default: large enough to amortise per-chunk work,
+# small enough to keep the working set to tens of MiB.
+_TARGET_CHUNK_ENTRIES = 1 << 20
+
+
+@dataclass(frozen=True)
+class LatentChunk:
+    """The analysed tokens of one run of the store (see :meth:`LatentStore.read`)."""
+
+    token: np.ndarray
+    """(c,) int64: store index of each analysed token."""
+    indices: np.ndarray
+    """(c, L, k) latent ids, each in 0..n_latents-1."""
+    values: np.ndarray
+    """(c, L, k) float32 activations, >= 0 (0: not active; float16 stores convert exactly)."""
+
+
 @dataclass(frozen=True)
 class LatentStore:
-    """A validated, complete latent store (arrays are zarr arrays, read lazily)."""
+    """A validated, complete latent store: the one reader of `data/latents.zarr` (aggregate, report
+    and browse all read it here). Arrays are zarr arrays, read lazily; the per-token metadata is
+    read once, on first use."""
 
     path: Path
     indices: Any  # (T, L, k) integer latent ids
@@ -70,6 +90,7 @@ class LatentStore:
     k: int
     position: Any = None  # (T,) int position in its context
     skip_first: bool = False  # position 0 of each context is left out of the analysis
+    group: Any = None  # the zarr group (metadata arrays)
 
     def kept(self, start: int, stop: int) -> np.ndarray:
         """(stop - start,) bool: the tokens analysed: not special, and not position 0 of a context
@@ -78,6 +99,44 @@ class LatentStore:
         if self.skip_first:
             keep &= np.asarray(self.position[start:stop]) != 0
         return keep
+
+    def meta(self, key: str) -> np.ndarray:
+        """A whole per-token metadata array (`tokens`, `context`, `position`, `special`,
+        `document`), read once and cached."""
+        cache = self.__dict__.setdefault("_meta", {})
+        if key not in cache:
+            try:
+                cache[key] = np.asarray(self.group[key][:])
+            except KeyError:
+                raise MlsaeError(f"{self.path}: latent store has no '{key}' array; rerun the dump stage") from None
+        return cache[key]
+
+    def read(self, start: int, stop: int) -> LatentChunk:
+        """The analysed tokens among ``start:stop`` (see :meth:`kept`), their latent ids checked to
+        lie in 0..n_latents-1 and their values to be >= 0 (a garbled store fails with one line)."""
+        keep = self.kept(start, stop)
+        indices = np.asarray(self.indices[start:stop])
+        values = np.asarray(self.values[start:stop])
+        token = np.arange(start, stop, dtype=np.int64)
+        if not keep.all():
+            indices, values, token = indices[keep], values[keep], token[keep]
+        values = np.ascontiguousarray(values, dtype=np.float32)
+        indices = np.ascontiguousarray(indices)
+        if token.size:
+            if not (values >= 0).all():  # also catches NaN
+                raise MlsaeError(f"{self.path}: '{VALUES}' has negative or NaN entries in tokens {start}..{stop - 1}")
+            low, high = int(indices.min()), int(indices.max())
+            if low < 0 or high >= self.n_latents:
+                bad = low if low < 0 else high
+                raise MlsaeError(f"{self.path}: '{INDICES}' holds latent id {bad}, outside 0..{self.n_latents - 1}")
+        return LatentChunk(token, indices, values)
+
+    def chunk_tokens(self) -> int:
+        """Tokens per read by default: whole storage chunks (inner chunks of a shard), about
+        ``_TARGET_CHUNK_ENTRIES`` entries, so memory per step is the same whatever the shard size."""
+        unit = int(self.indices.chunks[0])
+        per_token = self.n_layers * self.k
+        return unit * max(1, _TARGET_CHUNK_ENTRIES // (unit * per_token))
 
     @property
     def n_tokens(self) -> int:
@@ -132,10 +191,4 @@ def open_latents(path: Path) -> LatentStore:
         raise MlsaeError(f"{path}: latent store holds no tokens or no layers (shape {indices.shape})")
     skip_first = bool(attrs.get("skip_first", False))
     position = group[POSITION] if skip_first else None
-    return LatentStore(path, indices, values, special, list(blocks), n_latents, int(k), position, skip_first)
-
-
-def token_meta(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(tokens, context, position) of every eval token in the latent store at `path`."""
-    root = open_root(str(path))
-    return root[TOKENS][:], root[CONTEXT][:], root[POSITION][:]
+    return LatentStore(path, indices, values, special, list(blocks), n_latents, int(k), position, skip_first, group)
