@@ -168,12 +168,13 @@ SAME = {key: (1.0 - 1e-6 if key.endswith("_min") else 1e-5) for key in BF16}
 """The same float32 code path twice on one device (CPU runs, where no CUDA is there to compare):
 deterministic kernels, so equal up to float32 summation order."""
 
-SPLICE_TOL = {"logits_rel_max": 1e-3, "ce_clean_abs_max": 1e-3, "metric_abs_max": 5e-3}
+SPLICE_TOL = {"logits_rel_max": 1e-3, "ce_clean_abs_max": 1e-3, "metric_abs_max": 2e-3}
 """Evaluate's splice, device vs CPU, both float32 (evaluate runs no autocast; TF32 stays off, torch's
 default): logits differ by summation order only (~1e-6 relative; the bound is max|Δ| over std of the
 logits), and a TopK swap at a near-tie of the SAE's float32 pre-activations (about 1e-4 of vectors) moves
 one token's CE at one layer by far less than a nat; so per-token means (ΔCE and KL per layer and
-variant, in nats) agree to well under the bound, which is a small fraction of what they measure."""
+variant, in nats) agree to well under the bound. On the random-init SmolLM2 shape (2 x 256 tokens)
+the recon splice's KL is 0.06-0.12 nats/token per layer (measured on CPU), so the bound is 2-3 % of it."""
 
 DDP_TOL = {"weight_rel_max": 1e-3, "metric_rel_max": 1e-4}
 """DDP with one process all-reduces one gradient (a sum over one rank, divided by one), so only
@@ -463,8 +464,12 @@ def measure(run: Run, sae: MLSAE, opt: torch.optim.Optimizer, tokens: int, dead:
         return out
     except OOM as e:
         failure = "OOM: " + " ".join(str(e).split())[:160]
-    except RuntimeError as e:  # e.g. a kernel's size limit: recorded, and a check fails on it
-        failure = f"error: {type(e).__name__}: " + " ".join(str(e).split())[:300]
+    except RuntimeError as e:
+        message = " ".join(str(e).split())
+        if "can't allocate memory" in message:  # the CPU allocator's OOM (--device cpu at full shapes)
+            failure = "OOM: " + message[:160]
+        else:  # e.g. a kernel's size limit: recorded, and a check fails on it
+            failure = f"error: {type(e).__name__}: " + message[:300]
     x = None
     gc.collect()
     if run.cuda:
