@@ -9,7 +9,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mlsae-setup
 
-.PHONY: setup repro test test-fast bench screenshot
+.PHONY: setup repro test test-fast bench gpu-check screenshot
 
 setup: $(STAMP)
 
@@ -35,6 +35,12 @@ test-fast: setup
 
 bench: setup
 	source $(VENV)/bin/activate && python benchmarks/extract.py && python benchmarks/evaluate.py && python benchmarks/train.py && python benchmarks/train_memory.py && python benchmarks/aggregate.py && python benchmarks/stream.py && python benchmarks/paper.py
+
+# benchmarks/gpu_check.py, the prepared GPU check (docs/gpu.md). By default on CPU at CI scale, where its
+# CUDA-vs-CPU comparisons run the CPU path twice (it says so); on a GPU: make gpu-check GPU_CHECK="--device cuda"
+GPU_CHECK ?= --device cpu --small
+gpu-check: setup
+	source $(VENV)/bin/activate && python benchmarks/gpu_check.py $(GPU_CHECK)
 
 # PNG of the latent browser (reports/browser/index.html, written by the browse stage) for docs/
 screenshot: setup

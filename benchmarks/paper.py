@@ -39,15 +39,23 @@ CONTEXT = 2048
 N_LAYERS, D_MODEL, EXPANSION, K = 6, 512, 64, 32
 
 
-def pythia_70m_shape(device: torch.device) -> LoadedModel:
+PYTHIA_70M = dict(vocab_size=50304, hidden_size=D_MODEL, num_hidden_layers=N_LAYERS, num_attention_heads=8,
+                  intermediate_size=2048, max_position_embeddings=CONTEXT)
+"""Pythia-70m(-deduped)'s GPT-NeoX config fields (with rotary_pct 0.25, parallel residual, untied unembedding)."""
+
+
+def pythia_70m_shape(device: torch.device, **shape: int) -> LoadedModel:
+    """A random-init GPT-NeoX of Pythia-70m's exact shape on `device`; `shape` overrides fields of
+    PYTHIA_70M (benchmarks/gpu_check.py --small builds a scaled-down one)."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    config = GPTNeoXConfig(vocab_size=50304, hidden_size=D_MODEL, num_hidden_layers=N_LAYERS, num_attention_heads=8,
-                           intermediate_size=2048, rotary_pct=0.25, max_position_embeddings=CONTEXT,
-                           use_parallel_residual=True, tie_word_embeddings=False)
+    fields = {**PYTHIA_70M, **shape}
+    config = GPTNeoXConfig(**fields, rotary_pct=0.25, use_parallel_residual=True, tie_word_embeddings=False)
     torch.manual_seed(0)
     model = GPTNeoXForCausalLM(config).eval().requires_grad_(False).to(device)
-    return LoadedModel("pythia-70m-shape", "random", model, None, N_LAYERS, D_MODEL, CONTEXT, 50304, device)
+    name = "pythia-70m-shape" if not shape else "gpt-neox-small"
+    return LoadedModel(name, "random", model, None, fields["num_hidden_layers"], fields["hidden_size"],
+                       fields["max_position_embeddings"], fields["vocab_size"], device)
 
 
 def timed(fn, repeats: int) -> float:
