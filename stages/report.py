@@ -7,13 +7,14 @@ from mlsae.core.stage import params, stage
 from mlsae.models.registry import load_tokenizer
 from mlsae.report import build_report, render_summary
 from mlsae.stores.activations import guard
-from mlsae.stores.latents import token_meta
+from mlsae.stores.latents import open_latents
 
 
 def main(params_file: str = "params.yaml") -> None:
     with stage("report"), guard(C.LATENTS, "dump"):
         p = params(params_file)
-        tokens, context, position = token_meta(C.LATENTS)
+        latents = open_latents(C.LATENTS)
+        tokens, context, position = (latents.meta(k) for k in (C.TOKENS, C.CONTEXT, C.POSITION))
         tokenizer = load_tokenizer(p.model)
         out = build_report(
             C.METRICS_DIR,

@@ -25,6 +25,7 @@ from mlsae.stores.latents import LatentStore
 # work on the n_latents x L tables, small enough to keep the working set to tens of MiB.
 _TARGET_CHUNK_ENTRIES = 1 << 20
 
+
 @dataclass
 class Chunk:
     """The analysed tokens of one chunk of the store (`LatentStore.read`), with its cell sums."""

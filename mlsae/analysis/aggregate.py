@@ -323,7 +323,13 @@ def aggregate(
         with atomic_dir(out_dir) as tmp:
             units, n_units = unit_index(store.meta(DOCUMENT))  # the resampling unit: eval documents
             stats = LayerStats(
-                store.n_latents, store.n_layers, n_units, min_count, multi_layer_threshold, max(int(n_resamples), 1), seed
+                store.n_latents,
+                store.n_layers,
+                n_units,
+                min_count,
+                multi_layer_threshold,
+                max(int(n_resamples), 1),
+                seed,
             )
             acc = Accumulator(store.n_latents, store.n_layers, top_tokens, stats=stats, unit_index=units)
             acc = _stream(store, chunk_tokens, acc, tmp, progress)

@@ -45,13 +45,13 @@ from typing import Any
 import numpy as np
 import polars as pl
 import torch
-import zarr
 from torch import nn
 from tqdm.auto import tqdm
 
 from mlsae.core.errors import MlsaeError
 from mlsae.core.params import BrowseParams
-from mlsae.core.paths import CONTEXT, INDICES, LATENT_STATS, SPECIAL, TOKENS, VALUES
+from mlsae.core.paths import CONTEXT, LATENT_STATS, SPECIAL, TOKENS
+from mlsae.stores.latents import LatentChunk, LatentStore, open_latents
 
 CHUNK_TOKENS = 1024
 
@@ -113,66 +113,69 @@ def select_latents(stats: pl.DataFrame, n: int) -> np.ndarray:
 
 @dataclass
 class Store:
-    """The latent store's arrays (``indices``/``values`` read lazily) and per-token metadata."""
+    """The latent store (`mlsae.stores.latents.LatentStore`, its one reader) and the per-token
+    metadata the page needs. Only analysed tokens (`LatentStore.kept`: not special, not position 0
+    when the run skips it) count in the statistics, top contexts, histograms and heatmaps, as in the
+    aggregate stage."""
 
-    indices: Any
-    values: Any
+    latents: LatentStore
     tokens: np.ndarray
     special: np.ndarray
+    kept: np.ndarray
     run_start: np.ndarray
     """For every token, the first row of its context (a context's rows are contiguous)."""
     run_end: np.ndarray
     """For every token, one past the last row of its context."""
     context: np.ndarray
-    layers: list[int]
-    n_latents: int
-    k: int
+
+    @property
+    def layers(self) -> list[int]:
+        return self.latents.blocks
+
+    @property
+    def n_latents(self) -> int:
+        return self.latents.n_latents
+
+    @property
+    def k(self) -> int:
+        return self.latents.k
 
     @property
     def n_tokens(self) -> int:
         return len(self.tokens)
 
-    def chunks(self, desc: str, progress: bool) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-        """(first row, indices, float32 values) of each block of rows."""
+    def chunks(self, desc: str, progress: bool) -> Iterator[tuple[int, int, LatentChunk]]:
+        """(first row, stop row, the analysed tokens' entries) of each block of rows."""
         for lo in tqdm(range(0, self.n_tokens, CHUNK_TOKENS), desc=desc, unit="chunk", disable=not progress):
             hi = min(self.n_tokens, lo + CHUNK_TOKENS)
-            yield lo, np.asarray(self.indices[lo:hi]), np.asarray(self.values[lo:hi], dtype=np.float32)
+            yield lo, hi, self.latents.read(lo, hi)
 
 
 def open_store(path: str | Path) -> Store:
-    try:
-        root = zarr.open_group(str(path), mode="r")
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
-        raise MlsaeError(f"{path}: no latent store (run the dump stage first)") from None
-    attrs = dict(root.attrs)
-    if not attrs.get("complete"):
-        raise MlsaeError(f"{path}: the latent store is incomplete (rerun the dump stage)")
-    context = np.asarray(root[CONTEXT][:])
+    latents = open_latents(Path(path))
+    context = latents.meta(CONTEXT)
     n = len(context)
     new_run = np.r_[True, context[1:] != context[:-1]] if n else np.zeros(0, bool)
     starts = np.flatnonzero(new_run)
     run = np.cumsum(new_run) - 1
     ends = np.r_[starts[1:], n]
     return Store(
-        indices=root[INDICES],
-        values=root[VALUES],
-        tokens=np.asarray(root[TOKENS][:]),
-        special=np.asarray(root[SPECIAL][:]).astype(bool),
+        latents=latents,
+        tokens=latents.meta(TOKENS),
+        special=latents.meta(SPECIAL).astype(bool),
+        kept=latents.kept(0, n),
         run_start=starts[run],
         run_end=ends[run],
         context=context,
-        layers=[int(x) for x in attrs["layers"]],
-        n_latents=int(attrs["n_latents"]),
-        k=int(attrs["k"]),
     )
 
 
-def _entries(store: Store, lo: int, idx: np.ndarray, val: np.ndarray, lookup: np.ndarray):
+def _entries(chunk: LatentChunk, lookup: np.ndarray) -> tuple[np.ndarray, ...]:
     """(slot, token, layer, value) of the chunk's active entries of the selected latents."""
-    slot = lookup[idx]
-    keep = (slot >= 0) & (val > 0) & ~store.special[lo : lo + len(idx), None, None]
-    t, layer, _ = np.nonzero(keep)
-    return slot[keep], t + lo, layer, val[keep]
+    slot = lookup[chunk.indices]
+    keep = (slot >= 0) & (chunk.values > 0)
+    row, layer, _ = np.nonzero(keep)
+    return slot[keep], chunk.token[row], layer, chunk.values[keep]
 
 
 def _top_contexts(cand: tuple[np.ndarray, ...], n: int) -> tuple[np.ndarray, ...]:
@@ -202,8 +205,8 @@ def scan(store: Store, selected: np.ndarray, p: BrowseParams, progress: bool = F
     vmax = np.zeros(S, dtype=np.float32)
     empty = (np.zeros(0, np.int64),) * 4 + (np.zeros(0, np.float32),)
     best = empty
-    for lo, idx, val in store.chunks("browse: contexts", progress):
-        s, t, layer, v = _entries(store, lo, idx, val, lookup)
+    for _, _, chunk in store.chunks("browse: contexts", progress):
+        s, t, layer, v = _entries(chunk, lookup)
         np.maximum.at(vmax, s, v)
         cand = tuple(np.concatenate([a, b]) for a, b in zip(best, (s, store.context[t].astype(np.int64), t, layer, v)))
         best = _top_contexts(cand, p.contexts)
@@ -218,9 +221,8 @@ def scan(store: Store, selected: np.ndarray, p: BrowseParams, progress: bool = F
     windows.sort()
     heat: dict[tuple[int, int], list[list]] = {(s, r): [] for _, _, s, r in windows}
     hist = np.zeros((S, p.bins), dtype=np.int64)
-    for lo, idx, val in store.chunks("browse: heatmaps", progress):
-        hi = lo + len(idx)
-        s, _, _, v = _entries(store, lo, idx, val, lookup)
+    for lo, hi, chunk in store.chunks("browse: heatmaps", progress):
+        s, _, _, v = _entries(chunk, lookup)
         if len(s):
             b = np.minimum(p.bins - 1, np.floor(v / vmax[s] * p.bins).astype(np.int64))
             np.add.at(hist, (s, b), 1)
@@ -229,10 +231,13 @@ def scan(store: Store, selected: np.ndarray, p: BrowseParams, progress: bool = F
                 break
             if stop <= lo:
                 continue
-            u, w = max(a, lo), min(stop, hi)
-            rows, layer, _ = np.nonzero(idx[u - lo : w - lo] == selected[slot])
-            vals = val[u - lo : w - lo][idx[u - lo : w - lo] == selected[slot]]
-            heat[(slot, rank)].extend([[int(r + u - a), int(l_), float(x)] for r, l_, x in zip(rows, layer, vals)])
+            inside = (chunk.token >= a) & (chunk.token < stop)
+            hit = (chunk.indices[inside] == selected[slot]) & (chunk.values[inside] > 0)
+            rows, layer, _ = np.nonzero(hit)
+            vals = chunk.values[inside][hit]
+            heat[(slot, rank)].extend(
+                [[int(r - a), int(l_), float(x)] for r, l_, x in zip(chunk.token[inside][rows], layer, vals)]
+            )
     return {"contexts": contexts, "hist": hist, "max": vmax, "heat": heat}
 
 
@@ -244,8 +249,9 @@ def prompts(store: Store, p: BrowseParams) -> list[dict[str, Any]]:
     starts = np.unique(store.run_start)[: p.prompts]
     for a in starts.tolist():
         b = int(store.run_end[a])
-        idx = np.asarray(store.indices[a:b])
-        val = np.asarray(store.values[a:b], dtype=np.float32)
+        idx = np.asarray(store.latents.indices[a:b])
+        val = np.asarray(store.latents.values[a:b], dtype=np.float32)
+        val[~store.kept[a:b]] = 0  # tokens the analysis leaves out list no latents
         per_token = []
         layer_of = np.repeat(np.arange(idx.shape[1]), idx.shape[2])
         for i in range(b - a):
