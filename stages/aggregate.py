@@ -11,17 +11,7 @@ from mlsae.stores.activations import guard
 def main(params_file: str = "params.yaml") -> None:
     with stage("aggregate"), guard(C.LATENTS, "dump"):
         p = params(params_file)
-        aggregate(
-            C.LATENTS,
-            C.ANALYSIS_DIR,
-            C.ANALYSIS_METRICS,
-            min_count=p.analysis.min_count,
-            top_tokens=p.analysis.top_tokens,
-            progress=True,
-            multi_layer_threshold=p.analysis.multi_layer_threshold,
-            n_resamples=p.analysis.bootstrap,
-            seed=p.seed,
-        )
+        aggregate(C.LATENTS, C.ANALYSIS_DIR, C.ANALYSIS_METRICS, p.analysis, progress=True)
 
 
 if __name__ == "__main__":

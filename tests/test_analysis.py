@@ -16,9 +16,13 @@ import polars as pl
 import pytest
 import zarr
 from polars.testing import assert_frame_equal
+from test_layer_stats import _batches, _seed_metric, brute_headline, brute_latent
 
-from mlsae.analysis.aggregate import aggregate, paper_variances_dense
+from mlsae.analysis.aggregate import aggregate
+from mlsae.core.errors import MlsaeError
+from mlsae.core.params import AnalysisParams
 from mlsae.core.paths import (
+    DOCUMENT,
     INDICES,
     LATENT_LAYER,
     LATENT_STATS,
@@ -28,8 +32,6 @@ from mlsae.core.paths import (
     TOP_TOKENS,
     VALUES,
 )
-from mlsae.core.errors import MlsaeError
-from test_layer_stats import brute_headline, brute_latent
 
 # --------------------------------------------------------------------------------------------
 # Helpers
@@ -46,10 +48,13 @@ def make_store(
     blocks: list[int] | None = None,
     chunk: int = 4,
     attrs: dict[str, Any] | None = None,
+    document: np.ndarray | None = None,
 ) -> Path:
-    """Write a latent store (Zarr v3 group) from numpy arrays, chunked along tokens."""
+    """Write a latent store (Zarr v3 group) from numpy arrays, chunked along tokens; documents of
+    two tokens each unless `document` says otherwise."""
     n_tokens, n_layers, k = indices.shape
     special = np.zeros(n_tokens, dtype=bool) if special is None else np.asarray(special, dtype=bool)
+    document = np.arange(n_tokens) // 2 if document is None else np.asarray(document)
     group = zarr.create_group(str(path), overwrite=True)
     group.create_array(INDICES, data=np.asarray(indices, dtype=np.int32), chunks=(chunk, n_layers, k))
     group.create_array(VALUES, data=np.asarray(values), chunks=(chunk, n_layers, k))
@@ -57,16 +62,21 @@ def make_store(
     group.create_array("context", data=np.zeros(n_tokens, dtype=np.int32), chunks=(chunk,))
     group.create_array("position", data=np.arange(n_tokens, dtype=np.int16), chunks=(chunk,))
     group.create_array(SPECIAL, data=special, chunks=(chunk,))
+    group.create_array(DOCUMENT, data=document.astype(np.int64), chunks=(chunk,))
     meta = {"layers": blocks or list(range(n_layers)), "n_latents": n_latents, "k": k, "complete": True}
     meta.update(attrs or {})
     group.attrs.update(meta)
     return path
 
 
-def run(store: Path, tmp_path: Path, name: str = "run", **kwargs: Any) -> tuple[dict[str, Any], Path]:
-    """aggregate() into tmp_path/name; returns (metrics, analysis dir)."""
+def run(
+    store: Path, tmp_path: Path, name: str = "run", chunk_tokens: int | None = None, **kwargs: Any
+) -> tuple[dict[str, Any], Path]:
+    """aggregate() into tmp_path/name with `analysis` params `kwargs` (no resampling unless
+    `bootstrap` is given: the figures are then the plug-in values); returns (metrics, analysis dir)."""
     out = tmp_path / name / "analysis"
-    metrics = aggregate(store, out, tmp_path / name / "analysis.json", **kwargs)
+    analysis = AnalysisParams(**{"bootstrap": 0, "min_count": 1, **kwargs})
+    metrics = aggregate(store, out, tmp_path / name / "analysis.json", analysis, chunk_tokens=chunk_tokens)
     return metrics, out
 
 
@@ -89,9 +99,10 @@ def moments(p: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
     return mean, var
 
 
-def expected_metrics(a: np.ndarray, min_count: int, threshold: float = 0.1) -> dict[str, Any]:
-    """Every headline figure from the dense array: the decomposition from the statistics tests'
-    brute force (plain loops over latents and tokens), the rest with plain numpy."""
+def expected_metrics(a: np.ndarray, unit: np.ndarray, min_count: int, threshold: float = 0.1) -> dict[str, Any]:
+    """Every headline figure from the dense array and the analysed tokens' documents: the
+    decomposition from the statistics tests' brute force (plain loops over latents and tokens), the
+    paper's estimator from the seed's formula per batch, the rest with plain numpy."""
     n_tokens, n_layers, n_latents = a.shape
     pair_mass = a.sum(axis=1)  # (T, F)
     active = pair_mass > 0
@@ -99,16 +110,21 @@ def expected_metrics(a: np.ndarray, min_count: int, threshold: float = 0.1) -> d
     dist = a.sum(axis=0) / np.where(mass_f > 0, mass_f, 1.0)  # (L, F)
     _, var_f = moments(dist, axis=0)
     counted = active.sum(axis=0) >= max(min_count, 1)
-    paper = paper_variances_dense(a)
-    head = brute_headline(a, min_count, threshold)
+    settings = {"min_count": min_count, "threshold": threshold, "max_rate": 0.5, "min_documents": 5}
+    head = brute_headline(a, unit, settings=settings)
+    total = a.sum(axis=1, keepdims=True)
+    p = np.divide(a, total, out=np.zeros_like(a), where=total > 0)
+    starts = _batches(unit, 2048)
+    tok, agg = zip(*(_seed_metric(p[(unit >= starts[b]) & (unit < starts[b + 1])]) for b in range(len(starts) - 1)))
     return {
         **head,
         "mean_layer_std": np.sqrt(var_f[counted]).mean() if counted.any() else None,
-        "var_token_paper": paper["var_token_paper"],
-        "var_aggregate_paper": paper["var_aggregate_paper"],
-        "var_ratio_paper": (paper["var_aggregate_paper"] / paper["var_token_paper"]
-                            if paper["var_token_paper"] else None),
+        "var_token_paper": float(np.mean(tok)),
+        "var_aggregate_paper": float(np.mean(agg)),
+        "var_ratio_paper": float(np.mean(agg) / np.mean(tok)) if np.mean(tok) else None,
+        "paper_batches": len(tok),
         "n_tokens": n_tokens,
+        "n_units": len(np.unique(unit)),
         "n_active_pairs": int(active.sum()),
         "n_entries": int((a > 0).sum()),
         "n_latents_active": int(active.any(axis=0).sum()),
@@ -118,16 +134,22 @@ def expected_metrics(a: np.ndarray, min_count: int, threshold: float = 0.1) -> d
 
 
 def assert_metrics(actual: dict[str, Any], expected: dict[str, Any], rel: float = 1e-9) -> None:
-    """Every expected figure; the rest of `actual` are bootstrap intervals of expected figures."""
-    intervals = {k for k in actual if k.endswith("_ci")}
-    assert set(actual) - intervals == {k for k in expected if not k.endswith("_ci")}
-    assert {k[:-3] for k in intervals} <= set(expected)
-    expected = {k: v for k, v in expected.items() if not k.endswith("_ci")}
+    """Every expected figure (plug-in values: `run` does not resample); `actual` may hold more
+    (the paper estimator's two parts)."""
     for key, value in expected.items():
         if value is None or isinstance(value, int):
             assert actual[key] == value, key
         else:
             assert actual[key] == pytest.approx(float(value), rel=rel, abs=1e-12), key
+
+
+def units_of(special: np.ndarray, document: np.ndarray | None = None) -> np.ndarray:
+    """The analysed tokens' unit ids for a store made by make_store: 0..U-1 over the documents
+    that hold an analysed token, in document order."""
+    n = len(special)
+    document = np.arange(n) // 2 if document is None else np.asarray(document)
+    kept = document[~np.asarray(special, dtype=bool)]
+    return np.unique(kept, return_inverse=True)[1]
 
 
 def random_store(
@@ -228,7 +250,7 @@ def test_headline_metrics_match_hand_and_numpy(hand_store: Path, tmp_path: Path)
     assert metrics["n_tokens"] == 5
     assert metrics["n_active_pairs"] == 11
     assert metrics["n_entries"] == 19
-    # the pooled per-pair variance, by hand, is the paper estimator's numerator
+    # the pooled per-pair variance, by hand, is the paper estimator's numerator (one batch here)
     assert metrics["var_token_paper"] == pytest.approx(var_sum / (5 * N_LATENTS))
     # Latent 4 fires only at the special token: never active. Latents 0..3 are active at
     # 4, 3, 2, 2 tokens, so all four count with min_count=2.
@@ -240,21 +262,28 @@ def test_headline_metrics_match_hand_and_numpy(hand_store: Path, tmp_path: Path)
     var3 = 0.375 * mean3**2 + 0.375 * (1 - mean3) ** 2 + 0.25 * (2 - mean3) ** 2
     latents = pl.read_parquet(tmp_path / "run" / "analysis" / LATENT_STATS.name)
     assert latents.filter(pl.col("latent") == 3)["var_layer"].item() == pytest.approx(var3)
-    assert_metrics(metrics, expected_metrics(dense(HAND_INDICES, HAND_VALUES, HAND_SPECIAL, N_LATENTS), 2))
+    a = dense(HAND_INDICES, HAND_VALUES, HAND_SPECIAL, N_LATENTS)
+    assert_metrics(metrics, expected_metrics(a, units_of(HAND_SPECIAL), 2))
 
 
 def test_min_count_filters_the_aggregate_figures(hand_store: Path, tmp_path: Path) -> None:
     metrics, _ = run(hand_store, tmp_path, min_count=3)  # only latents 0 (4 tokens) and 1 (3 tokens)
     a = dense(HAND_INDICES, HAND_VALUES, HAND_SPECIAL, N_LATENTS)
     assert metrics["n_latents_counted"] == 2
-    assert_metrics(metrics, expected_metrics(a, 3))
-    none_counted, _ = run(hand_store, tmp_path, "none", min_count=5)
-    assert none_counted["n_latents_counted"] == 0
-    assert none_counted["var_total"] is None and none_counted["var_ratio"] is None
-    assert none_counted["mean_layer_std"] is None and none_counted["var_ratio_mass"] is None
+    assert_metrics(metrics, expected_metrics(a, units_of(HAND_SPECIAL), 3))
     # pooled over all active pairs: min_count does not filter these
-    assert none_counted["effective_layers"] == pytest.approx(metrics["effective_layers"])
-    assert none_counted["multi_layer_fraction"] == pytest.approx(metrics["multi_layer_fraction"])
+    one, _ = run(hand_store, tmp_path, "one", min_count=4)
+    assert one["n_latents_counted"] == 1
+    assert one["effective_layers"] == pytest.approx(metrics["effective_layers"])
+    assert one["multi_layer_fraction"] == pytest.approx(metrics["multi_layer_fraction"])
+
+
+def test_min_count_leaving_no_latent_is_an_error_naming_the_param(hand_store: Path, tmp_path: Path) -> None:
+    with pytest.raises(
+        MlsaeError, match=r"^analysis.min_count: 5 leaves no latent .* most frequent latent is active on 4"
+    ):
+        run(hand_store, tmp_path, "none", min_count=5)
+    assert not (tmp_path / "none").exists()
 
 
 def test_latent_tables_match_numpy(hand_store: Path, tmp_path: Path) -> None:
@@ -359,16 +388,19 @@ def test_chunking_does_not_change_results(tmp_path: Path) -> None:
     indices, values, special = random_store(store, rng, n_tokens=45, n_layers=5, k=3, n_latents=12, dtype=np.float32)
     results = {c: run(store, tmp_path, f"c{c}", min_count=3, chunk_tokens=c) for c in (1, 3, None)}
     reference, ref_out = results[None]
-    assert_metrics(reference, expected_metrics(dense(indices, values, special, 12), 3))
+    assert_metrics(reference, expected_metrics(dense(indices, values, special, 12), units_of(special), 3))
     for chunk_tokens, (metrics, out) in results.items():
         assert_metrics(metrics, reference, rel=1e-12)
         for name in (TOKEN_STATS.name, LATENT_STATS.name, LATENT_LAYER.name, LAYER_STATS.name, TOP_TOKENS.name):
             actual = pl.read_parquet(out / name)
             expected = pl.read_parquet(ref_out / name)
             keys = [c for c in ("latent", "token", "layer", "rank") if c in actual.columns]
-            assert_frame_equal(actual.sort(keys), expected.sort(keys), check_exact=False, rel_tol=1e-12), (
-                chunk_tokens,
-                name,
+            (
+                assert_frame_equal(actual.sort(keys), expected.sort(keys), check_exact=False, rel_tol=1e-12),
+                (
+                    chunk_tokens,
+                    name,
+                ),
             )
 
 
@@ -383,9 +415,7 @@ def test_single_layer_store_has_zero_variances(tmp_path: Path) -> None:
         assert metrics[key] == 0.0, key
     assert metrics["multi_layer_fraction"] == 0.0 and metrics["effective_layers"] == 1.0
     assert metrics["var_ratio"] is None and metrics["var_ratio_mass"] is None
-    paper = paper_variances_dense(dense(indices, values, np.zeros(20), 8))
-    assert metrics["var_token_paper"] == paper["var_token_paper"] == 0.0
-    assert metrics["var_aggregate_paper"] == paper["var_aggregate_paper"] == 0.0
+    assert metrics["var_token_paper"] == 0.0 and metrics["var_aggregate_paper"] == 0.0
     saved = json.loads((tmp_path / "run" / "analysis.json").read_text())
     assert saved == metrics and saved["var_ratio"] is None
     latents = pl.read_parquet(out / LATENT_STATS.name).filter(pl.col("count") > 0)
@@ -426,16 +456,12 @@ def test_paper_formula_by_hand() -> None:
     # unnormalised q = (0, 1/2) gives 1/2 - 1/4 = r (1 - r) l^2 = 1/4.
     a = np.zeros((2, 2, 1))
     a[0, 1, 0] = 3.0
-    assert paper_variances_dense(a) == {"var_token_paper": 0.0, "var_aggregate_paper": 0.25}
-    # Two latents over 1 token: f0 split evenly over layers 0 and 2 (variance 1), f1 inactive.
-    b = np.zeros((1, 3, 2))
-    b[0, 0, 0] = b[0, 2, 0] = 2.0
-    assert paper_variances_dense(b) == {"var_token_paper": 0.5, "var_aggregate_paper": 0.5}
+    assert _seed_metric(a / np.where(a.sum(1, keepdims=True) > 0, a.sum(1, keepdims=True), 1)) == (0.0, 0.25)
 
 
-def test_streaming_paper_formula_matches_dense_reference(tmp_path: Path) -> None:
+def test_streaming_paper_formula_matches_the_seed_per_batch(tmp_path: Path) -> None:
     rng = np.random.default_rng(11)
-    n_tokens, n_layers, n_latents, k = 30, 6, 9, 4
+    n_tokens, n_layers, n_latents, k = 60, 6, 9, 4
     a = rng.exponential(size=(n_tokens, n_layers, n_latents))
     a[rng.random(a.shape) < 0.4] = 0.0
     # Top-k per (token, layer) of the dense toy tensor; the rest are zeroed (as the SAE does).
@@ -443,13 +469,39 @@ def test_streaming_paper_formula_matches_dense_reference(tmp_path: Path) -> None
     values = np.take_along_axis(a, indices, axis=2).astype(np.float32)
     kept = np.zeros_like(a)
     np.put_along_axis(kept, indices, values.astype(np.float64), axis=2)
-    metrics, out = run(make_store(tmp_path / "s.zarr", indices, values, n_latents=n_latents), tmp_path)
-    reference = paper_variances_dense(kept)
-    assert metrics["var_token_paper"] == pytest.approx(reference["var_token_paper"], rel=1e-9)
-    assert metrics["var_aggregate_paper"] == pytest.approx(reference["var_aggregate_paper"], rel=1e-9)
+    document = np.arange(n_tokens) // 4
+    store = make_store(tmp_path / "s.zarr", indices, values, n_latents=n_latents, document=document)
+    metrics, out = run(store, tmp_path, paper_batch_tokens=12)
+    total = kept.sum(axis=1, keepdims=True)
+    p = np.divide(kept, total, out=np.zeros_like(kept), where=total > 0)
+    starts = _batches(document, 12)
+    tok, agg = zip(
+        *(_seed_metric(p[(document >= starts[b]) & (document < starts[b + 1])]) for b in range(len(starts) - 1))
+    )
+    assert metrics["paper_batches"] == len(tok) == 5
+    assert metrics["var_token_paper"] == pytest.approx(np.mean(tok), rel=1e-9)
+    assert metrics["var_aggregate_paper"] == pytest.approx(np.mean(agg), rel=1e-9)
+    assert metrics["var_ratio_paper"] == pytest.approx(np.mean(agg) / np.mean(tok), rel=1e-9)
     # ...and they differ from ours in the stated way: var_token_paper is diluted by inactive pairs.
     pair_var = pl.read_parquet(out / TOKEN_STATS.name)["var_layer"].cast(pl.Float64).sum()
-    assert metrics["var_token_paper"] == pytest.approx(pair_var / (n_tokens * n_latents), rel=1e-6)
+    assert np.mean(tok) * n_tokens == pytest.approx(pair_var / n_latents, rel=1e-6)
+
+
+def test_intervals_resample_documents(hand_store: Path, tmp_path: Path) -> None:
+    """With resampling on, every headline figure comes with both bias estimates, its standard error
+    and an interval around the reported (jackknife-corrected) value; the unit is the document."""
+    rng = np.random.default_rng(2)
+    indices, values, special = random_store(
+        tmp_path / "s.zarr", rng, n_tokens=60, n_layers=4, k=3, n_latents=10, dtype=np.float32
+    )
+    metrics, _ = run(tmp_path / "s.zarr", tmp_path, min_count=2, bootstrap=30, seed=4)
+    assert metrics["n_units"] == 30  # documents of two tokens
+    for key in ("within_share", "within_share_mass", "effective_layers", "multi_layer_fraction", "var_ratio_paper"):
+        lo, hi = metrics[f"{key}_ci"]
+        assert lo <= metrics[key] <= hi
+        assert metrics[key] == pytest.approx(metrics[f"{key}_plugin"] - metrics[f"{key}_bias_jack"])
+    again, _ = run(tmp_path / "s.zarr", tmp_path, "again", min_count=2, bootstrap=30, seed=4)
+    assert again == metrics
 
 
 @pytest.mark.parametrize("complete", [None, False, "true"])
@@ -484,10 +536,6 @@ def test_bad_entries_are_rejected(tmp_path: Path, change: Any, message: str) -> 
 def test_bad_store_and_params_are_rejected(tmp_path: Path, hand_store: Path) -> None:
     with pytest.raises(MlsaeError, match="not found"):
         run(tmp_path / "missing.zarr", tmp_path)
-    with pytest.raises(MlsaeError, match="min_count"):
-        run(hand_store, tmp_path, min_count=-1)
-    with pytest.raises(MlsaeError, match="top_tokens"):
-        run(hand_store, tmp_path, top_tokens=1.5)
     with pytest.raises(MlsaeError, match="chunk_tokens"):
         run(hand_store, tmp_path, chunk_tokens=0)
     wrong_layers = make_store(tmp_path / "w.zarr", HAND_INDICES, HAND_VALUES, n_latents=5, blocks=[1, 2])
@@ -517,7 +565,7 @@ def test_rerun_replaces_previous_outputs(hand_store: Path, tmp_path: Path) -> No
 def test_group_pairs_matches_dense_per_pair_sums() -> None:
     """The compiled grouping against plain numpy on the dense (token, layer, latent) array: every
     per-pair column, the row order (by token, then first appearance) and the tie rules."""
-    from mlsae.analysis.accumulator import _Pairs
+    from mlsae.analysis.accumulator import Pairs
     from mlsae.analysis.kernels import group_pairs
 
     rng = np.random.default_rng(11)
@@ -526,7 +574,7 @@ def test_group_pairs_matches_dense_per_pair_sums() -> None:
     values = rng.choice(np.array([0.0, 0.5, 1.0, 2.0, 3.5], np.float32), size=indices.shape)  # ties and zeros
     token = np.arange(n_tokens, dtype=np.int64) * 3 + 7
     seen, slot = np.zeros(n_latents, np.bool_), np.empty(n_latents, np.int64)
-    out = _Pairs.empty(int((values > 0).sum()))
+    out = Pairs.empty(int((values > 0).sum()))
     n = group_pairs(indices.astype(np.int32), values, token, seen, slot, *vars(out).values())
     assert not seen.any()  # the scratch is left clean for the next chunk
 
@@ -546,13 +594,26 @@ def test_group_pairs_matches_dense_per_pair_sums() -> None:
             active = a > 0
             nz = p[active]
             ordered = np.sort(a[active])
-            expected.append((token[t], f, active.sum(), m, mu, second,
-                             0.0 if active.sum() == 1 else second - mu**2, a.max(), int(np.argmax(a)),
-                             -(nz * np.log(nz)).sum(), 0.0 if active.sum() == 1 else ordered[-2] / m))
+            expected.append(
+                (
+                    token[t],
+                    f,
+                    active.sum(),
+                    m,
+                    mu,
+                    second,
+                    0.0 if active.sum() == 1 else second - mu**2,
+                    a.max(),
+                    int(np.argmax(a)),
+                    -(nz * np.log(nz)).sum(),
+                    0.0 if active.sum() == 1 else ordered[-2] / m,
+                )
+            )
     assert n == len(expected)
     got = out.slice(0, n)
     columns = list(zip(*expected))
     assert len(columns) == len(vars(got))  # every column is compared
     for name, want in zip(vars(got), columns):
-        np.testing.assert_allclose(getattr(got, name), np.asarray(want, dtype=np.float64), rtol=1e-12, atol=1e-12,
-                                   err_msg=name)
+        np.testing.assert_allclose(
+            getattr(got, name), np.asarray(want, dtype=np.float64), rtol=1e-12, atol=1e-12, err_msg=name
+        )

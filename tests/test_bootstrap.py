@@ -1,127 +1,98 @@
-"""mlsae.stats.bootstrap against explicit resampling of per-token data."""
+"""mlsae.stats: the document count matrix, the resampled sums and the reported figures, each
+against a direct computation (explicit resampling loops, the textbook formulas)."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
+from scipy import stats
 
-from mlsae.stats.bootstrap import (
-    bootstrap,
-    context_counts,
-    fvu,
-    interval_json,
-    mean,
-    mean_difference,
-    percentile_interval,
-    resample_sums,
-)
 from mlsae.core.errors import MlsaeError
+from mlsae.stats.bootstrap import resample_counts, resampled, unit_index
+from mlsae.stats.estimate import bias_flag, figures, summary, t_quantile
 
 
-def test_context_counts_are_seeded_multinomial_columns():
-    w = context_counts(12, 300, seed=3)
-    assert w.shape == (12, 300) and w.dtype == np.int64
-    assert (w.sum(axis=0) == 12).all() and (w >= 0).all()
-    np.testing.assert_array_equal(w, context_counts(12, 300, seed=3))
-    assert not np.array_equal(w, context_counts(12, 300, seed=4))
-    assert abs(w.mean() - 1.0) < 1e-12 and 0.8 < w.var() < 1.0  # Multinomial(12, 1/12): var 11/12
-    with pytest.raises(MlsaeError, match="context"):
-        context_counts(0, 10, 0)
+def test_resample_counts_are_seeded_multinomial_columns():
+    w = resample_counts(7, 50, seed=3)
+    assert w.shape == (7, 50) and w.dtype == np.int64
+    assert (w.sum(axis=0) == 7).all() and (w >= 0).all()
+    np.testing.assert_array_equal(w, resample_counts(7, 50, seed=3))
+    assert not np.array_equal(w, resample_counts(7, 50, seed=4))
+    # each column is a multinomial draw: a unit's count averages 1 over many columns
+    many = resample_counts(5, 20000, seed=0)
+    np.testing.assert_allclose(many.mean(axis=1), 1.0, atol=0.03)
+    with pytest.raises(MlsaeError, match="need >= 1 unit"):
+        resample_counts(0, 5, 0)
 
 
-def test_resample_sums_and_percentiles_match_loops():
-    rng = np.random.default_rng(0)
-    per_context = rng.normal(size=(7, 3, 2))
-    w = context_counts(7, 50, seed=1)
-    got = resample_sums(per_context, w)
-    for r in range(50):
-        want = sum(w[c, r] * per_context[c] for c in range(7))
-        np.testing.assert_allclose(got[r], want, rtol=1e-12)
-    x = rng.normal(size=(50, 4))
-    x[3, 1] = np.nan
-    x[:, 2] = np.inf
-    iv = percentile_interval(x, 0.9)
-    np.testing.assert_allclose(iv[:, 0], np.percentile(x[:, 0], [5, 95]))
-    np.testing.assert_allclose(iv[:, 1], np.percentile(np.delete(x[:, 1], 3), [5, 95]))
-    assert np.isnan(iv[:, 2]).all()
-    assert interval_json(iv) == [[iv[0, 0], iv[1, 0]], [iv[0, 1], iv[1, 1]], [None, None], [iv[0, 3], iv[1, 3]]]
+def test_unit_index_maps_documents_in_order_and_groups_consecutive_ones():
+    unit, n = unit_index(np.array([7, 7, 3, 9, 9, 3]))
+    assert n == 3 and unit.tolist() == [1, 1, 0, 2, 2, 0]
+    unit, n = unit_index(np.arange(10) * 5, max_units=4)
+    assert n == 4 and unit.tolist() == [0, 0, 0, 1, 1, 2, 2, 2, 3, 3]  # consecutive groups, sizes 2-3
+    with pytest.raises(MlsaeError, match="no tokens"):
+        unit_index(np.array([], dtype=np.int64))
 
 
-def _tokens(seed: int, n_contexts: int = 10):
-    """Per-token residuals x, reconstructions, two CE columns, and a context id per token."""
-    rng = np.random.default_rng(seed)
-    sizes = rng.integers(3, 12, n_contexts)
-    context = np.repeat(np.arange(n_contexts), sizes)
-    T, L, d = context.size, 3, 5
-    x = rng.normal(size=(T, L, d)) + rng.normal(size=(1, L, d))
-    x_hat = x + 0.3 * rng.normal(size=(T, L, d))
-    ce_clean = rng.exponential(2.0, T)
-    ce_spliced = ce_clean + rng.exponential(0.5, T)
-    return context, x, x_hat, ce_clean, ce_spliced
+def test_resampled_replicas_equal_explicit_resampling():
+    """A ratio of sums: the bootstrap replica r equals the ratio over units drawn W[:, r] times, the
+    jackknife replica i the ratio with unit i left out."""
+    rng = np.random.default_rng(1)
+    num, den = rng.random((6, 3)), rng.random(6) + 0.5
+    counts = resample_counts(6, 8, seed=2)
+    point, boot, jack = resampled({"num": num, "den": den}, lambda num, den: num / den[:, None], counts)
+    np.testing.assert_allclose(point, num.sum(0) / den.sum())
+    for r in range(8):
+        units = np.repeat(np.arange(6), counts[:, r])
+        np.testing.assert_allclose(boot[r], num[units].sum(0) / den[units].sum())
+    for i in range(6):
+        keep = np.arange(6) != i
+        np.testing.assert_allclose(jack[i], num[keep].sum(0) / den[keep].sum())
+    assert resampled({"num": num, "den": den}, lambda num, den: num / den[:, None], None)[1] is None
 
 
-def _per_context(context, x, x_hat, ce_clean, ce_spliced, n_contexts):
-    sums = {k: [] for k in ("err", "xx", "x", "n", "spliced", "clean")}
-    for c in range(n_contexts):
-        sel = context == c
-        sums["err"].append(((x[sel] - x_hat[sel]) ** 2).sum(axis=(0, 2)))
-        sums["xx"].append((x[sel] ** 2).sum(axis=(0, 2)))
-        sums["x"].append(x[sel].sum(axis=0))
-        sums["n"].append(sel.sum())
-        sums["spliced"].append(ce_spliced[sel].sum())
-        sums["clean"].append(ce_clean[sel].sum())
-    return {k: np.asarray(v, dtype=np.float64) for k, v in sums.items()}
+def test_summary_is_the_textbook_jackknife_with_a_t_interval():
+    rng = np.random.default_rng(5)
+    boot, jack = rng.normal(1.0, 0.1, 200), rng.normal(1.02, 0.01, 30)
+    got = summary("x", 1.01, boot, jack)
+    u = 30
+    bias = (u - 1) * (jack.mean() - 1.01)
+    se_jack = math.sqrt((u - 1) / u * ((jack - jack.mean()) ** 2).sum())
+    se = max(se_jack, boot.std(ddof=1))
+    assert got["x_plugin"] == 1.01
+    assert got["x_bias_boot"] == pytest.approx(boot.mean() - 1.01)
+    assert got["x_bias_jack"] == pytest.approx(bias)
+    assert got["x_se"] == pytest.approx(se)
+    assert got["x"] == pytest.approx(1.01 - bias)
+    half = stats.t.ppf(0.975, u - 1) * se
+    assert got["x_ci"] == pytest.approx([got["x"] - half, got["x"] + half])
+    assert got["x_ci"][0] <= got["x"] <= got["x_ci"][1]
+    assert bias_flag(got, "x") == (abs(bias) / se > 0.25)
 
 
-def _fvu_direct(x, x_hat):
-    """Per layer: squared error over squared deviation from the per-layer mean vector."""
-    centred = x - x.mean(axis=0, keepdims=True)
-    return ((x - x_hat) ** 2).sum(axis=(0, 2)) / (centred**2).sum(axis=(0, 2))
+def test_summary_leaves_out_undefined_replicas_and_handles_no_resampling():
+    jack = np.array([1.0, np.nan, 1.2, 1.1])
+    got = summary("x", 1.0, np.array([0.9, np.inf, 1.1]), jack)
+    assert got["x_bias_boot"] == pytest.approx(0.0)
+    assert got["x_bias_jack"] == pytest.approx(3 * (1.1 - 1.0))  # the defined replicas' mean
+    assert summary("x", float("nan"), np.ones(3), np.ones(3))["x"] is None
+    assert summary("x", 2.0, None, None) == {"x": 2.0}
+    assert t_quantile(2) == pytest.approx(stats.t.ppf(0.975, 1))
+    assert t_quantile(10_000) == pytest.approx(1.96, abs=1e-3)
 
 
-def test_fvu_and_delta_ce_replicas_equal_explicit_resampling():
-    n_contexts, R = 10, 40
-    context, x, x_hat, ce_clean, ce_spliced = _tokens(0, n_contexts)
-    s = _per_context(context, x, x_hat, ce_clean, ce_spliced, n_contexts)
-    w = context_counts(n_contexts, R, seed=2)
-    rs = {k: resample_sums(v, w) for k, v in s.items()}
-    fvu_rep = fvu(rs["err"], rs["xx"], rs["x"], rs["n"])
-    dce_rep = mean_difference(rs["spliced"], rs["clean"], rs["n"])
-    ce_rep = mean(rs["clean"], rs["n"])
-    assert fvu_rep.shape == (R, 3) and dce_rep.shape == (R,)
-    for r in range(R):
-        tokens = np.concatenate([np.repeat(np.flatnonzero(context == c), w[c, r]) for c in range(n_contexts)])
-        np.testing.assert_allclose(fvu_rep[r], _fvu_direct(x[tokens], x_hat[tokens]), rtol=1e-9)
-        assert dce_rep[r] == pytest.approx((ce_spliced[tokens] - ce_clean[tokens]).mean(), rel=1e-12)
-        assert ce_rep[r] == pytest.approx(ce_clean[tokens].mean(), rel=1e-12)
-
-
-def test_bootstrap_helper_point_interval_and_seed():
-    n_contexts = 30
-    context, x, x_hat, ce_clean, ce_spliced = _tokens(1, n_contexts)
-    s = _per_context(context, x, x_hat, ce_clean, ce_spliced, n_contexts)
-    sums = {k: s[k] for k in ("err", "xx", "x", "n")}
-    point, iv = bootstrap(sums, fvu, context_counts(n_contexts, 200, seed=0))
-    np.testing.assert_allclose(point, _fvu_direct(x, x_hat), rtol=1e-10)
-    assert iv.shape == (2, 3) and (iv[0] < point).all() and (point < iv[1]).all()
-    _, iv_same = bootstrap(sums, fvu, context_counts(n_contexts, 200, seed=0))
-    _, iv_other = bootstrap(sums, fvu, context_counts(n_contexts, 200, seed=1))
-    np.testing.assert_array_equal(iv, iv_same)
-    assert not np.array_equal(iv, iv_other)
-
-    dce, dce_iv = bootstrap(
-        {"value": s["spliced"], "reference": s["clean"], "n": s["n"]},
-        mean_difference,
-        context_counts(n_contexts, 200, 0),
-    )
-    assert dce == pytest.approx((ce_spliced - ce_clean).mean(), rel=1e-12)
-    assert dce_iv[0] < dce < dce_iv[1]
-
-
-def test_undefined_statistic_is_nan_not_an_error():
-    # Every context holds the same single vector: the centred total is 0, so fvu is undefined.
-    x = np.ones((4, 1, 2))
-    sums = {"err": np.zeros((4, 1)), "xx": (x**2).sum(axis=2), "x": x, "n": np.ones(4)}
-    point, iv = bootstrap(sums, fvu, context_counts(4, 20, 0))
-    assert np.isnan(point).all() and np.isnan(iv).all()
-    assert interval_json(iv) == [[None, None]]
+def test_figures_by_layer_report_the_mean_over_layers_and_each_layer():
+    rng = np.random.default_rng(2)
+    per_unit = {"a": rng.random((9, 4)), "n": rng.random(9) + 1}
+    counts = resample_counts(9, 20, seed=1)
+    got = figures("m", per_unit, lambda a, n: a / n[:, None], counts, by_layer=True)
+    _, boot, jack = resampled(per_unit, lambda a, n: a / n[:, None], counts)
+    want = summary("m", float((per_unit["a"].sum(0) / per_unit["n"].sum()).mean()), boot.mean(1), jack.mean(1))
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value), key
+    for j in range(4):
+        layer = summary("m", float(per_unit["a"][:, j].sum() / per_unit["n"].sum()), boot[:, j], jack[:, j])
+        assert got["m_by_layer"][j] == pytest.approx(layer["m"])
+        assert got["m_by_layer_ci"][j] == pytest.approx(layer["m_ci"])

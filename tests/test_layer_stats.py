@@ -1,4 +1,9 @@
-"""mlsae.analysis.decomposition against brute-force dense computations on small random dumps a[T, L, F]."""
+"""mlsae.analysis.decomposition against brute-force dense computations on small random dumps a[T, L, F].
+
+The reference recomputes every figure from the dense array with plain numpy: per latent from the
+mixture of its per-token layer distributions, per replica from a dump in which each document's
+tokens are repeated as often as the replica draws it (or dropped, for the jackknife).
+"""
 
 from __future__ import annotations
 
@@ -7,11 +12,11 @@ import math
 import numpy as np
 import pytest
 
-from mlsae.stats.bootstrap import context_counts
-from mlsae.core.errors import MlsaeError
 from mlsae.analysis.decomposition import HEADLINE_KEYS, LATENT_COLUMNS, LayerStats, pair_entropy
+from mlsae.core.errors import MlsaeError
+from mlsae.stats.bootstrap import resample_counts
 
-FLOAT_KEYS = [k for k in HEADLINE_KEYS if k != "n_latents_counted"]
+SETTINGS = {"min_count": 3, "threshold": 0.1, "max_rate": 0.3, "min_documents": 3}
 
 
 # --------------------------------------------------------------------------------------------
@@ -19,23 +24,26 @@ FLOAT_KEYS = [k for k in HEADLINE_KEYS if k != "n_latents_counted"]
 # --------------------------------------------------------------------------------------------
 
 
-def random_dump(seed: int, T: int = 90, L: int = 6, F: int = 14, n_contexts: int = 9, density: float = 0.12):
-    """Non-negative sparse ``a[T, L, F]`` and a context id per token (contiguous, unequal sizes)."""
+def random_dump(seed: int, T: int = 90, L: int = 6, F: int = 14, n_units: int = 9, density: float = 0.12):
+    """Non-negative sparse ``a[T, L, F]`` and a unit (document) id per token (contiguous, unequal
+    sizes), with a dense latent (active on most tokens), a one-layer latent and a rare one."""
     rng = np.random.default_rng(seed)
     a = np.where(rng.random((T, L, F)) < density, rng.exponential(1.0, (T, L, F)), 0.0)
-    # Some pairs at exactly one layer, some latents rare (so min_count bites).
     a[:, :, 0] = 0.0
-    a[rng.random(T) < 0.3, rng.integers(0, L), 0] = 2.0
-    a[:, :, 1] *= rng.random((T, 1)) < 0.1
-    cuts = np.sort(rng.choice(np.arange(1, T), n_contexts - 1, replace=False))
-    context = np.searchsorted(cuts, np.arange(T), side="right")
-    return a, context
+    a[rng.random(T) < 0.3, rng.integers(0, L), 0] = 2.0  # one layer only
+    a[:, :, 1] *= rng.random((T, 1)) < 0.1  # rare
+    late = min(L, 2)
+    a[:, -late:, 2] = np.where(rng.random((T, late)) < 0.8, rng.exponential(1.0, (T, late)), 0.0)  # dense, late
+    cuts = np.sort(rng.choice(np.arange(1, T), n_units - 1, replace=False))
+    unit = np.searchsorted(cuts, np.arange(T), side="right")
+    return a, unit
 
 
-def dense_to_pairs(a: np.ndarray, context: np.ndarray) -> dict[str, np.ndarray]:
+def dense_to_pairs(a: np.ndarray, unit: np.ndarray) -> dict[str, np.ndarray]:
     """Per active pair (token-major, then latent), with plain loops: the inputs LayerStats takes."""
     T, L, F = a.shape
-    rows: dict[str, list[float]] = {k: [] for k in ("latent", "context", "mass", "mean", "second", "entropy", "share2")}
+    keys = ("latent", "unit", "mass", "mean", "second", "entropy", "share2", "peak")
+    rows: dict[str, list[float]] = {k: [] for k in keys}
     for t in range(T):
         for f in range(F):
             col = a[t, :, f]
@@ -46,13 +54,14 @@ def dense_to_pairs(a: np.ndarray, context: np.ndarray) -> dict[str, np.ndarray]:
             ell = np.arange(L)
             nz = p[p > 0]
             rows["latent"].append(f)
-            rows["context"].append(context[t])
+            rows["unit"].append(unit[t])
             rows["mass"].append(m)
             rows["mean"].append(float((ell * p).sum()))
             rows["second"].append(float((ell**2 * p).sum()))
             rows["entropy"].append(float(-(nz * np.log(nz)).sum()))
             rows["share2"].append(float(np.sort(p)[-2]) if L > 1 else 0.0)
-    return {k: np.asarray(v, dtype=np.int64 if k in ("latent", "context") else np.float64) for k, v in rows.items()}
+            rows["peak"].append(float(col.max()))
+    return {k: np.asarray(v, dtype=np.int64 if k in ("latent", "unit") else np.float64) for k, v in rows.items()}
 
 
 def _var(dist: np.ndarray) -> float:
@@ -62,10 +71,10 @@ def _var(dist: np.ndarray) -> float:
     return float(((ell - mu) ** 2 * dist).sum())
 
 
-def brute_latent(a: np.ndarray, f: int) -> dict[str, float]:
-    """Per-latent terms from the dense array; totals computed as mixture variances (independent
-    of within + between)."""
-    T, L, _ = a.shape
+def brute_latent(a: np.ndarray, f: int) -> dict:
+    """Per-latent terms; totals computed as variances of the weighted mixtures (independent of
+    within + between)."""
+    L = a.shape[1]
     ell = np.arange(L)
     col = a[:, :, f]
     m = col.sum(axis=1)
@@ -73,63 +82,127 @@ def brute_latent(a: np.ndarray, f: int) -> dict[str, float]:
     p = col[act] / m[act, None]
     mu = p @ ell
     v = p @ ell**2 - mu**2
-    w = m[act] / m[act].sum()
-    mu_w = (w * mu).sum()
+    out: dict = {"count": int(act.sum()), "mass": float(m.sum())}
+    for sfx, w in (("", np.ones(act.sum())), ("_mass", m[act]), ("_peak", col[act].max(axis=1))):
+        w = w / w.sum()
+        mu_w = (w * mu).sum()
+        out[f"var_within{sfx}"] = float((w * v).sum())
+        out[f"var_between{sfx}"] = float((w * (mu - mu_w) ** 2).sum())
+        out[f"var_total{sfx}"] = _var((w[:, None] * p).sum(axis=0))  # the weighted mixture
+        tot = out[f"var_total{sfx}"]
+        out[f"within_share{sfx}"] = out[f"var_within{sfx}"] / tot if tot > 1e-12 else None  # 0 up to rounding
     nz = np.where(p > 0, p, 1.0)
-    h = -(p * np.log(nz)).sum(axis=1)
-    s2 = np.sort(p, axis=1)[:, -2] if L > 1 else np.zeros(act.sum())
-    out = {
-        "count": int(act.sum()),
-        "mass": float(m.sum()),
-        "var_within": float(v.mean()),
-        "var_between": float(((mu - mu.mean()) ** 2).mean()),
-        "var_total": _var(p.mean(axis=0)),  # the mixture mean_t p_tf
-        "var_within_mass": float((w * v).sum()),
-        "var_between_mass": float((w * (mu - mu_w) ** 2).sum()),
-        "var_total_mass": _var(col.sum(axis=0) / col.sum()),  # P_f
-        "exp_h": np.exp(h),
-        "s2": s2,
-    }
-    out["within_share"] = out["var_within"] / out["var_total"] if out["var_total"] > 0 else None
-    out["within_share_mass"] = out["var_within_mass"] / out["var_total_mass"] if out["var_total_mass"] > 0 else None
+    out["exp_h"] = np.exp(-(p * np.log(nz)).sum(axis=1))
+    out["s2"] = np.sort(p, axis=1)[:, -2] if L > 1 else np.zeros(act.sum())
     return out
 
 
-def brute_headline(a: np.ndarray, min_count: int, threshold: float) -> dict[str, float | None]:
-    """Headline figures from the dense array."""
+def _mean(values: list) -> float | None:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    return float(np.mean(values)) if values else None
+
+
+def _ratio(num: float | None, den: float | None) -> float | None:
+    return num / den if num is not None and den else None
+
+
+def brute_headline(
+    a: np.ndarray, unit: np.ndarray, fixed_k: set[int] | None = None, settings: dict | None = None
+) -> dict:
+    """Every figure of HEADLINE_KEYS from the dense array (`fixed_k`: the plug-in's counted set)."""
+    s = {**SETTINGS, **(settings or {})}
     T, L, F = a.shape
     per = {f: brute_latent(a, f) for f in range(F) if (a[:, :, f].sum(axis=1) > 0).any()}
-    counted = [f for f, d in per.items() if d["count"] >= max(min_count, 1)]
-    out: dict[str, float | None] = {"n_latents_counted": len(counted)}
-    for sfx in ("", "_mass"):
-        for part in ("within", "between", "total"):
-            vals = [per[f][f"var_{part}{sfx}"] for f in counted]
-            out[f"var_{part}{sfx}"] = float(np.mean(vals)) if vals else None
-        w, tot = out[f"var_within{sfx}"], out[f"var_total{sfx}"]
-        out[f"within_share{sfx}"] = w / tot if w is not None and tot else None
-        out[f"var_ratio{sfx}"] = tot / w if w else None
+    docs = {f: len(np.unique(unit[a[:, :, f].sum(axis=1) > 0])) for f in per}
+    rate = {f: per[f]["count"] / T for f in per}
+    counted = {f for f, d in per.items() if d["count"] >= max(s["min_count"], 1)}
+    sparse = {f for f in per if rate[f] < s["max_rate"]}
+    sets = {
+        "": counted,
+        "_sparse": counted & sparse,
+        "_fixed_k": (fixed_k if fixed_k is not None else counted) & set(per),
+        "_min_docs": {f for f in counted if docs[f] >= s["min_documents"]},
+    }
+    out: dict = {}
+    for name, members in sets.items():
+        for sfx in ("", "_mass", "_peak"):
+            within = _mean([per[f][f"var_within{sfx}"] for f in members])
+            total = _mean([per[f][f"var_total{sfx}"] for f in members])
+            if name == "":
+                out[f"var_within{sfx}"] = within
+                out[f"var_between{sfx}"] = _mean([per[f][f"var_between{sfx}"] for f in members])
+                out[f"var_total{sfx}"] = total
+                out[f"var_ratio{sfx}"] = _ratio(total, within)
+            elif sfx == "":
+                out[f"var_ratio{name}"] = _ratio(total, within)
+            out[f"within_share{sfx}{name}"] = _ratio(within, total)
+        n_within = sum(per[f]["count"] * per[f]["var_within"] for f in members)
+        n_total = sum(per[f]["count"] * per[f]["var_total"] for f in members)
+        out[f"within_share_pooled{name}"] = _ratio(n_within, n_total)
+    out["var_ratio_pooled"] = _ratio(1.0, out["within_share_pooled"])
     scale = max(L - 1, 1) ** 2
     out["var_within_norm"] = None if out["var_within"] is None else out["var_within"] / scale
     out["var_total_norm"] = None if out["var_total"] is None else out["var_total"] / scale
-    exp_h = np.concatenate([d["exp_h"] for d in per.values()])
-    s2 = np.concatenate([d["s2"] for d in per.values()])
-    out["effective_layers"] = float(exp_h.mean())
-    out["multi_layer_fraction"] = float((s2 >= threshold).mean())
+    shares = [per[f]["within_share"] for f in counted if per[f]["within_share"] is not None]
+    quartiles = np.percentile(shares, [25, 50, 75]) if shares else [None] * 3
+    out["within_share_q25"], out["within_share_median"], out["within_share_q75"] = quartiles
+    for name, members in (("", set(per)), ("_sparse", sparse)):
+        exp_h = np.concatenate([per[f]["exp_h"] for f in members] or [np.zeros(0)])
+        s2 = np.concatenate([per[f]["s2"] for f in members] or [np.zeros(0)])
+        out[f"effective_layers{name}"] = float(exp_h.mean()) if exp_h.size else None
+        out[f"multi_layer_fraction{name}"] = float((s2 >= s["threshold"]).mean()) if s2.size else None
+    total_mass = sum(d["mass"] for d in per.values())
+    for cut in (50, 90):
+        dense = [f for f in per if rate[f] >= cut / 100]
+        out[f"dense_latents_{cut}"] = len(dense)
+        out[f"dense_mass_share_{cut}"] = sum(per[f]["mass"] for f in dense) / total_mass
+    out["dense_within_share"] = _ratio(
+        sum(per[f]["var_within"] for f in counted - sparse), sum(per[f]["var_within"] for f in counted)
+    )
+    out["n_latents_counted"] = len(counted)
     return out
 
 
-def run(pairs: dict[str, np.ndarray], chunks: list[np.ndarray] | None = None, **kwargs) -> LayerStats:
-    acc = LayerStats(**kwargs)
+def repeat_units(a: np.ndarray, unit: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The dump with unit u's tokens repeated weights[u] times (0: dropped), each copy a new unit."""
+    rows, units = [], []
+    for u, w in enumerate(weights):
+        for _ in range(int(w)):
+            rows.append(a[unit == u])
+            units.append(np.full((unit == u).sum(), len(units)))
+    return np.concatenate(rows), np.concatenate(units)
+
+
+def run(
+    pairs: dict[str, np.ndarray], n_units: int, chunks: list[np.ndarray] | None = None, unit_tokens=None, **kwargs
+) -> LayerStats:
+    kwargs = {
+        "min_count": SETTINGS["min_count"],
+        "multi_layer_threshold": SETTINGS["threshold"],
+        "max_rate": SETTINGS["max_rate"],
+        "min_documents": SETTINGS["min_documents"],
+        **kwargs,
+    }
+    acc = LayerStats(n_units=n_units, **kwargs)
     for idx in chunks if chunks is not None else [np.arange(pairs["latent"].size)]:
-        acc.add(*(pairs[k][idx] for k in ("latent", "context", "mass", "mean", "second", "entropy", "share2")))
+        acc.add(*(pairs[k][idx] for k in ("latent", "unit", "mass", "mean", "second", "entropy", "share2", "peak")))
+    if unit_tokens is not None:
+        acc.add_tokens(unit_tokens)
     return acc
 
 
-def assert_close(got, want, rtol=1e-9, atol=1e-12):
+def assert_close(got, want, rtol=1e-9, atol=1e-12, what=""):
     if want is None:
-        assert got is None
+        assert got is None, what
     else:
-        assert got is not None and math.isclose(got, want, rel_tol=rtol, abs_tol=atol), (got, want)
+        assert got is not None and math.isclose(got, want, rel_tol=rtol, abs_tol=atol), (what, got, want)
+
+
+def _stats(seed: int, **kw):
+    a, unit = random_dump(seed, **kw)
+    pairs = dense_to_pairs(a, unit)
+    n_units = int(unit.max()) + 1
+    return a, unit, pairs, n_units
 
 
 # --------------------------------------------------------------------------------------------
@@ -139,219 +212,120 @@ def assert_close(got, want, rtol=1e-9, atol=1e-12):
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_per_latent_columns_match_brute_force(seed):
-    a, context = random_dump(seed)
-    pairs = dense_to_pairs(a, context)
-    table, _ = run(pairs, n_latents=a.shape[2], n_layers=a.shape[1], n_contexts=9, min_count=3).finish()
-    assert table.schema == LATENT_COLUMNS
-    active = [f for f in range(a.shape[2]) if (a[:, :, f].sum(axis=1) > 0).any()]
-    assert table["latent"].to_list() == active
+    a, unit, pairs, n_units = _stats(seed)
+    acc = run(pairs, n_units, n_latents=a.shape[2], n_layers=a.shape[1], unit_tokens=unit, n_resamples=0)
+    table, _ = acc.finish()
+    assert dict(table.schema) == LATENT_COLUMNS
     for row in table.iter_rows(named=True):
-        ref = brute_latent(a, row["latent"])
-        assert row["count"] == ref["count"]
-        for key in LATENT_COLUMNS:
-            if key in ("latent", "count"):
-                continue
-            if key == "effective_layers":
-                want = float(ref["exp_h"].mean())
-            elif key == "multi_layer_fraction":
-                want = float((ref["s2"] >= 0.1).mean())
-            else:
-                want = ref[key]
-            assert_close(row[key], want)
-        # The law of total variance, both weightings: within + between == the mixture variance.
-        assert math.isclose(row["var_within"] + row["var_between"], ref["var_total"], rel_tol=1e-9, abs_tol=1e-12)
-        assert math.isclose(
-            row["var_within_mass"] + row["var_between_mass"], ref["var_total_mass"], rel_tol=1e-9, abs_tol=1e-12
-        )
+        want = brute_latent(a, row["latent"])
+        assert row["count"] == want["count"]
+        assert row["n_documents"] == len(np.unique(unit[a[:, :, row["latent"]].sum(axis=1) > 0]))
+        assert_close(row["rate"], want["count"] / a.shape[0])
+        assert_close(row["mass"], want["mass"])
+        for sfx in ("", "_mass", "_peak"):
+            for k in ("var_within", "var_between", "var_total", "within_share"):
+                assert_close(row[f"{k}{sfx}"], want[f"{k}{sfx}"], rtol=1e-8, atol=1e-10, what=f"{k}{sfx}")
+        assert_close(row["effective_layers"], float(want["exp_h"].mean()))
+        assert_close(row["multi_layer_fraction"], float((want["s2"] >= SETTINGS["threshold"]).mean()))
 
 
-@pytest.mark.parametrize("min_count", [0, 1, 4, 9, 10_000])
-def test_headline_matches_brute_force_and_min_count_filters(min_count):
-    a, context = random_dump(3)
-    pairs = dense_to_pairs(a, context)
-    _, got = run(pairs, n_latents=a.shape[2], n_layers=a.shape[1], n_contexts=9, min_count=min_count).finish()
-    want = brute_headline(a, min_count, 0.1)
-    assert set(got) == set(HEADLINE_KEYS) | {f"{k}_ci" for k in FLOAT_KEYS}
+@pytest.mark.parametrize("seed", [0, 3])
+def test_headline_plugin_values_match_brute_force(seed):
+    a, unit, pairs, n_units = _stats(seed)
+    acc = run(pairs, n_units, n_latents=a.shape[2], n_layers=a.shape[1], unit_tokens=unit, n_resamples=0)
+    _, got = acc.finish()
+    want = brute_headline(a, unit)
     for key in HEADLINE_KEYS:
-        assert_close(got[key], want[key])
-    counts = [brute_latent(a, f)["count"] for f in range(a.shape[2]) if a[:, :, f].any()]
-    assert got["n_latents_counted"] == sum(c >= max(min_count, 1) for c in counts)
-    if min_count == 9:  # the filter is exercised: some latents in, some out
-        assert 0 < got["n_latents_counted"] < len(counts)
-    if min_count == 10_000:
-        assert got["var_within"] is None and got["within_share"] is None and got["var_ratio_mass"] is None
-        assert got["effective_layers"] is not None  # pooled over all pairs, not only counted latents
+        assert_close(got[key], want[key], rtol=1e-8, atol=1e-10, what=key)
+    for key in ("dense_latents_50", "dense_latents_90", "n_latents_counted"):
+        assert got[key] == want[key], key
+    assert got["n_units"] == n_units
+
+
+def test_bootstrap_and_jackknife_replicas_equal_recomputation():
+    """Each replica of every figure equals the brute force on the resampled dump (documents repeated
+    as drawn; one document dropped), the counted set K recomputed in the replica except for the
+    `_fixed_k` figures."""
+    a, unit, pairs, n_units = _stats(4)
+    acc = run(pairs, n_units, n_latents=a.shape[2], n_layers=a.shape[1], unit_tokens=unit, n_resamples=5, seed=7)
+    fixed = {f for f in range(a.shape[2]) if brute_latent(a, f)["count"] >= SETTINGS["min_count"]}
+    acc._flush()
+    unit_arr, latent, stats = acc._spill.read()
+    documents, documents_boot = acc._documents(np.asarray(unit_arr), np.asarray(latent))
+    fixed_k = acc.sums[0] >= SETTINGS["min_count"]
+    boot = acc._bootstrap(documents_boot, fixed_k)
+    jack = acc._jackknife(np.asarray(unit_arr), np.asarray(latent), stats, documents, fixed_k)
+    counts = resample_counts(n_units, 5, 7)
+    checks = [(boot, r, counts[:, r]) for r in range(5)]
+    checks += [(jack, u, np.ones(n_units) - np.eye(n_units)[u]) for u in (0, 4, n_units - 1)]
+    for replicas, i, weights in checks:
+        want = brute_headline(*repeat_units(a, unit, weights), fixed_k=fixed)
+        for key in HEADLINE_KEYS:
+            got = replicas[key][i]
+            assert_close(None if not math.isfinite(got) else got, want[key], rtol=1e-5, atol=1e-7, what=(key, i))
+    acc._spill.close()
 
 
 def test_chunking_and_order_do_not_matter():
-    a, context = random_dump(4)
-    pairs = dense_to_pairs(a, context)
-    kw = dict(n_latents=a.shape[2], n_layers=a.shape[1], n_contexts=9, min_count=3)
-    table1, head1 = run(pairs, **kw).finish()
-    perm = np.random.default_rng(0).permutation(pairs["latent"].size)
-    chunks = np.array_split(perm, 7)  # each context's pairs spread over several chunks
-    assert max(len(set(pairs["context"][c])) for c in chunks) > 1
-    acc2 = run(pairs, chunks, **kw)
-    table2, head2 = acc2.finish()
-    assert table1["latent"].to_list() == table2["latent"].to_list()
-    for col in LATENT_COLUMNS:
-        x, y = table1[col].to_numpy(), table2[col].to_numpy()
-        np.testing.assert_allclose(x.astype(float), y.astype(float), rtol=1e-10, atol=1e-12)
-    for key in FLOAT_KEYS:
-        assert_close(head2[key], head1[key], rtol=1e-10)
-        np.testing.assert_allclose(head2[f"{key}_ci"], head1[f"{key}_ci"], rtol=1e-9, atol=1e-12)
-    # An empty chunk is a no-op.
-    acc2.add(*(np.empty(0),) * 7)
-    assert acc2.finish()[1] == head2
+    a, unit, pairs, n_units = _stats(5)
+    kw = {"n_latents": a.shape[2], "n_layers": a.shape[1], "n_resamples": 20, "seed": 3}
+    whole = run(pairs, n_units, unit_tokens=unit, **kw).finish()[1]
+    order = np.random.default_rng(0).permutation(pairs["latent"].size)
+    chunks = np.array_split(order, 7)
+    parts = run(pairs, n_units, chunks=chunks, unit_tokens=unit, **kw).finish()[1]
+    for key in HEADLINE_KEYS:
+        for suffix in ("", "_plugin", "_bias_jack", "_se"):
+            assert_close(parts[f"{key}{suffix}"], whole[f"{key}{suffix}"], rtol=1e-5, atol=1e-8, what=key + suffix)
 
 
-def test_bootstrap_replicas_equal_recomputation_on_resampled_dump():
-    a, context = random_dump(5)
-    pairs = dense_to_pairs(a, context)
-    min_count, threshold, R, seed = 5, 0.15, 30, 11
-    acc = run(
-        pairs, n_latents=a.shape[2], n_layers=a.shape[1], n_contexts=9, min_count=min_count,
-        multi_layer_threshold=threshold, n_resamples=R, seed=seed,
-    )
-    replicas = acc.replica_metrics()
-    counts = context_counts(9, R, seed)
-    n_counted_seen = set()
-    for r in range(R):
-        # The resampled dump: every token of context c, repeated counts[c, r] times.
-        tokens = np.concatenate([np.repeat(np.flatnonzero(context == c), counts[c, r]) for c in range(9)])
-        want = brute_headline(a[tokens], min_count, threshold)
-        n_counted_seen.add(want["n_latents_counted"])
-        for key in FLOAT_KEYS:
-            got = replicas[key][r]
-            assert_close(None if np.isnan(got) else float(got), want[key], rtol=1e-8, atol=1e-10)
-    assert len(n_counted_seen) > 1  # the counted set really is recomputed per replica
+def test_small_pending_buffer_gives_the_same_replicas(monkeypatch: pytest.MonkeyPatch):
+    """Units folded into the replicas and the spill 2 at a time (a unit split across flushes) give
+    the figures of one big buffer."""
+    import mlsae.analysis.decomposition as dec
+
+    a, unit, pairs, n_units = _stats(6)
+    kw = {"n_latents": a.shape[2], "n_layers": a.shape[1], "n_resamples": 10, "seed": 1}
+    whole = run(pairs, n_units, unit_tokens=unit, **kw).finish()[1]
+    monkeypatch.setattr(dec, "_PENDING_UNITS", 2)
+    chunks = np.array_split(np.arange(pairs["latent"].size), 11)
+    small = run(pairs, n_units, chunks=chunks, unit_tokens=unit, **kw).finish()[1]
+    for key in ("within_share", "within_share_mass", "effective_layers", "within_share_min_docs", "var_ratio_paper"):
+        for suffix in ("", "_plugin", "_bias_boot", "_bias_jack", "_se"):
+            assert_close(small[f"{key}{suffix}"], whole[f"{key}{suffix}"], rtol=1e-6, atol=1e-9, what=key + suffix)
 
 
-def test_replicas_do_not_depend_on_the_context_buffer(monkeypatch: pytest.MonkeyPatch):
-    """The per-context sums wait in a buffer of _PENDING_CONTEXTS contexts before they are folded
-    into the replicas. With a 2-context buffer (9 contexts, chunks in random order, so contexts
-    come back after their row was flushed and one chunk spans more contexts than the buffer) the
-    replicas equal those of the default buffer, which holds all 9 at once (the brute-force check
-    above)."""
-    import mlsae.analysis.decomposition as ls
-
-    a, context = random_dump(6)
-    pairs = dense_to_pairs(a, context)
-    perm = np.random.default_rng(1).permutation(pairs["latent"].size)
-    chunks = np.array_split(perm, 5)
-    assert max(len(set(pairs["context"][c])) for c in chunks) > 2
-    kw = dict(n_latents=a.shape[2], n_layers=a.shape[1], n_contexts=9, min_count=3, n_resamples=20, seed=3)
-    whole = run(pairs, chunks, **kw)
-    assert whole._pending.shape[0] == 9
-    monkeypatch.setattr(ls, "_PENDING_CONTEXTS", 2)
-    small = run(pairs, chunks, **kw)
-    assert small._pending.shape[0] == 2
-    np.testing.assert_allclose(small.replicas, whole.replicas, rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(small.pair_replicas, whole.pair_replicas, rtol=1e-12)
-
-
-def test_intervals_seeded_and_cover_the_point_estimate():
-    a, context = random_dump(6, T=600, F=10, n_contexts=40, density=0.2)
-    pairs = dense_to_pairs(a, context)
-    kw = dict(n_latents=10, n_layers=a.shape[1], n_contexts=40, min_count=5, n_resamples=200)
-    _, h0 = run(pairs, seed=0, **kw).finish()
-    _, h0b = run(pairs, seed=0, **kw).finish()
-    _, h1 = run(pairs, seed=1, **kw).finish()
-    for key in ("within_share", "within_share_mass", "var_ratio", "effective_layers", "multi_layer_fraction"):
-        lo, hi = h0[f"{key}_ci"]
-        assert lo < h0[key] < hi, key
-        assert h0[f"{key}_ci"] == h0b[f"{key}_ci"]
-        assert h0[f"{key}_ci"] != h1[f"{key}_ci"]
-        assert h0[key] == h1[key]  # the point estimate does not depend on the seed
-
-
-def test_multi_layer_threshold_edges_and_effective_layers():
-    L = 4
-    a = np.zeros((4, L, 1))
-    a[0, :, 0] = [3, 1, 0, 0]  # shares 0.75, 0.25: s2 = 0.25 exactly
-    a[1, :, 0] = [0, 0, 5, 0]  # one layer: s2 = 0, H = 0
-    a[2, :, 0] = [0, 2, 2, 0]  # s2 = 0.5
-    a[3, :, 0] = [1, 1, 1, 1]  # s2 = 0.25, H = ln 4
-    pairs = dense_to_pairs(a, np.zeros(4, dtype=np.int64))
-    for threshold, want in ((0.25, 3 / 4), (0.2500001, 1 / 4), (0.5, 1 / 4), (1e-9, 3 / 4)):
-        table, head = run(pairs, n_latents=1, n_layers=L, n_contexts=1, min_count=0,
-                          multi_layer_threshold=threshold).finish()
-        assert head["multi_layer_fraction"] == pytest.approx(want)
-        assert table["multi_layer_fraction"][0] == pytest.approx(want)
-    h = [-(0.75 * math.log(0.75) + 0.25 * math.log(0.25)), 0.0, math.log(2), math.log(4)]
-    assert head["effective_layers"] == pytest.approx(np.mean(np.exp(h)))
-    assert head["effective_layers_ci"] is not None
-    for bad in (0.0, -0.1, 0.51):
-        with pytest.raises(MlsaeError, match="analysis.multi_layer_threshold"):
-            LayerStats(1, L, 1, 0, multi_layer_threshold=bad)
+def test_reported_value_is_the_jackknife_corrected_plugin_inside_its_interval():
+    a, unit, pairs, n_units = _stats(7)
+    _, got = run(
+        pairs, n_units, n_latents=a.shape[2], n_layers=a.shape[1], unit_tokens=unit, n_resamples=50, seed=2
+    ).finish()
+    for key in ("within_share", "within_share_mass", "effective_layers", "multi_layer_fraction"):
+        assert_close(got[key], got[f"{key}_plugin"] - got[f"{key}_bias_jack"])
+        lo, hi = got[f"{key}_ci"]
+        assert lo <= got[key] <= hi and got[f"{key}_se"] > 0
 
 
 def test_pair_entropy_from_sums():
-    a, _ = random_dump(7)
-    m = a.sum(axis=1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        alog = np.where(a > 0, a * np.log(np.where(a > 0, a, 1.0)), 0.0).sum(axis=1)
-    act = m > 0
-    p = a.transpose(0, 2, 1)[act] / m[act][:, None]
-    want = -(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0)).sum(axis=1)
-    np.testing.assert_allclose(pair_entropy(m[act], alog[act]), want, atol=1e-12)
-    assert pair_entropy(np.array([2.5]), np.array([2.5 * math.log(2.5)]))[0] == 0.0
+    a = np.array([0.5, 1.5, 0.0, 2.0])
+    m = a.sum()
+    nz = a[a > 0]
+    want = -((nz / m) * np.log(nz / m)).sum()
+    assert math.isclose(float(pair_entropy(m, (nz * np.log(nz)).sum())), want, rel_tol=1e-12)
+    assert float(pair_entropy(3.0, 3.0 * math.log(3.0))) == 0.0  # one layer
 
 
 def test_one_layer_model():
-    a = np.zeros((6, 1, 2))
-    a[:4, 0, 0] = 1.0
-    a[5, 0, 1] = 2.0
-    pairs = dense_to_pairs(a, np.array([0, 0, 1, 1, 2, 2]))
-    _, head = run(pairs, n_latents=2, n_layers=1, n_contexts=3, min_count=1).finish()
-    assert head["var_within_norm"] == 0.0 and head["var_total_norm"] == 0.0
-    assert head["within_share"] is None and head["var_ratio"] is None
-    assert head["effective_layers"] == 1.0 and head["multi_layer_fraction"] == 0.0
-    assert head["within_share_ci"] == [None, None]
+    a, unit = random_dump(8, L=1)
+    pairs = dense_to_pairs(a, unit)
+    _, got = run(pairs, int(unit.max()) + 1, n_latents=a.shape[2], n_layers=1, unit_tokens=unit, n_resamples=0).finish()
+    assert got["var_within"] == 0.0 and got["var_total"] == 0.0 and got["within_share"] is None
+    assert got["effective_layers"] == 1.0 and got["multi_layer_fraction"] == 0.0
 
 
-def test_paper_estimator_is_rate_times_variance_plus_depth_term():
-    """The identity docs/statistics.md derives: v(q_f) = r total_f + r (1 - r) mu_f^2 for the seed's
-    q_f = mean over ALL tokens of p_tf, with total_f our equal-weighting total."""
-    a, context = random_dump(8)
-    T, L, F = a.shape
-    table, _ = run(dense_to_pairs(a, context), n_latents=F, n_layers=L, n_contexts=9, min_count=0).finish()
-    ell = np.arange(L)
-    m = a.sum(axis=1, keepdims=True)
-    p = np.divide(a, m, out=np.zeros_like(a), where=m > 0)
-    q = p.mean(axis=0)  # (L, F)
-    v_paper = (ell**2) @ q - (ell @ q) ** 2
-    for row in table.iter_rows(named=True):
-        f = row["latent"]
-        r = row["count"] / T
-        mu = (ell @ p[:, :, f].sum(axis=0)) / row["count"]
-        assert v_paper[f] == pytest.approx(r * row["var_total"] + r * (1 - r) * mu**2, rel=1e-9)
-
-
-def test_bad_inputs_are_one_clear_error():
-    acc = LayerStats(3, 4, 2, 0)
-    ok = dict(latent=[0], context=[0], mass=[1.0], mean=[1.0], second=[1.0], entropy=[0.0], share2=[0.0])
-    for key, value, match in (
-        ("latent", [3], "latent ids"),
-        ("context", [2], "context ids"),
-        ("mass", [0.0], "mass > 0"),
-        ("mean", [np.nan], "finite"),
-        ("share2", [0.0, 0.0], "one length"),
-    ):
-        with pytest.raises(MlsaeError, match=match):
-            acc.add(**{**ok, key: value})
-    with pytest.raises(MlsaeError, match="analysis.min_count"):
-        LayerStats(3, 4, 2, -1)
-    with pytest.raises(MlsaeError, match="n_contexts"):
-        LayerStats(3, 4, 0, 0)
-
-
-def _paper_dense(a: np.ndarray) -> tuple[float, float]:
-    """The seed's formula on a dense array (all T tokens one batch, p = 0 at inactive pairs)."""
-    L = a.shape[1]
-    ell = np.arange(L, dtype=np.float64)[None, :, None]
-    m = a.sum(axis=1, keepdims=True)
-    p = np.divide(a, m, out=np.zeros_like(a), where=m > 0)
+def _seed_metric(p: np.ndarray) -> tuple[float, float]:
+    """The seed's Metric.update on one batch (tokens, layers, latents) of distributions p (0 where
+    inactive): (exp_var_l_tf, exp_var_l_f)."""
+    ell = np.arange(p.shape[1])[None, :, None]
 
     def v(x):
         return (ell**2 * x).sum(axis=1) - ((ell * x).sum(axis=1)) ** 2
@@ -359,41 +333,103 @@ def _paper_dense(a: np.ndarray) -> tuple[float, float]:
     return float(v(p).mean()), float(v(p.mean(axis=0, keepdims=True)).mean())
 
 
-def test_paper_metrics_and_replicas_match_dense_formula():
-    a, context = random_dump(9)
-    a[5] = 0.0  # a token with no active latent still counts in T
-    T, L, F = a.shape
-    R, seed = 12, 4
-    acc = run(dense_to_pairs(a, context), n_latents=F, n_layers=L, n_contexts=9, min_count=0, n_resamples=R, seed=seed)
-    with pytest.raises(MlsaeError, match="add_tokens"):
-        acc.paper_metrics()
-    for part in np.array_split(np.arange(T), 3):
-        acc.add_tokens(context[part])
-    got = acc.paper_metrics()
-    token, aggregate = _paper_dense(a)
-    assert got["var_token_paper"] == pytest.approx(token, rel=1e-10)
-    assert got["var_aggregate_paper"] == pytest.approx(aggregate, rel=1e-10)
-    assert got["var_ratio_paper"] == pytest.approx(aggregate / token, rel=1e-10)
-    counts = context_counts(9, R, seed)
-    ratios = []
-    for r in range(R):
-        tokens = np.concatenate([np.repeat(np.flatnonzero(context == c), counts[c, r]) for c in range(9)])
-        tok_r, agg_r = _paper_dense(a[tokens])
-        ratios.append(agg_r / tok_r)
-    lo, hi = np.percentile(ratios, [2.5, 97.5])  # the basic interval reflects them about the estimate
-    point = aggregate / token
-    np.testing.assert_allclose(got["var_ratio_paper_ci"], [2 * point - hi, 2 * point - lo], rtol=1e-8)
+def test_paper_estimator_per_batch_matches_the_seed_formula():
+    """var_token_paper, var_aggregate_paper and their ratio equal the seed's formula applied to each
+    batch of consecutive documents (>= paper_batch_tokens tokens) and averaged over batches; the
+    aggregate's two parts add up to it."""
+    a, unit, pairs, n_units = _stats(9, T=120, n_units=12)
+    acc = run(
+        pairs,
+        n_units,
+        n_latents=a.shape[2],
+        n_layers=a.shape[1],
+        unit_tokens=unit,
+        n_resamples=0,
+        paper_batch_tokens=25,
+    )
+    _, got = acc.finish()
+    total = a.sum(axis=1, keepdims=True)
+    p = np.divide(a, total, out=np.zeros_like(a), where=total > 0)
+    starts = _batches(unit, 25)
+    tok, agg = [], []
+    for b in range(len(starts) - 1):
+        rows = (unit >= starts[b]) & (unit < starts[b + 1])
+        t, g = _seed_metric(p[rows])
+        tok.append(t), agg.append(g)
+    assert got["paper_batches"] == len(tok) > 2
+    assert_close(got["var_token_paper"], float(np.mean(tok)), rtol=1e-6)
+    assert_close(got["var_aggregate_paper"], float(np.mean(agg)), rtol=1e-6)
+    assert_close(got["var_ratio_paper"], float(np.mean(agg) / np.mean(tok)), rtol=1e-6)
+    assert_close(
+        got["var_aggregate_paper_spread"] + got["var_aggregate_paper_depth"], got["var_aggregate_paper"], rtol=1e-9
+    )
 
 
-def test_intervals_are_basic_bootstrap_intervals_of_the_replicas():
-    """<key>_ci = [2θ̂ − q97.5, 2θ̂ − q2.5] of the replicas (the bias-correcting basic interval),
-    computed here from the replicas with numpy."""
-    a, context = random_dump(7, T=400, F=8, n_contexts=30, density=0.2)
-    stats = run(dense_to_pairs(a, context), n_latents=8, n_layers=a.shape[1], n_contexts=30, min_count=3,
-                n_resamples=200)
-    _, head = stats.finish()
-    replicas = stats.replica_metrics()
-    for key in ("within_share", "var_ratio", "effective_layers"):
-        r = replicas[key][np.isfinite(replicas[key])]
-        lo, hi = np.percentile(r, [2.5, 97.5])
-        assert head[f"{key}_ci"] == pytest.approx([2 * head[key] - hi, 2 * head[key] - lo], rel=1e-9), key
+def _batches(unit: np.ndarray, size: int) -> list[int]:
+    sizes = np.bincount(unit)
+    starts, filled = [0], 0
+    for u, n in enumerate(sizes):
+        filled += n
+        if filled >= size and u + 1 < len(sizes):
+            starts.append(u + 1)
+            filled = 0
+    if len(starts) > 1 and sizes[starts[-1] :].sum() < size:
+        starts.pop()
+    return [*starts, len(sizes)]
+
+
+def test_paper_jackknife_drops_one_document_from_its_batch():
+    """The jackknife bias of var_ratio_paper equals (U - 1)(mean_i theta_(i) - theta) with theta_(i)
+    the seed's formula recomputed with document i removed from its (otherwise fixed) batch."""
+    a, unit, pairs, n_units = _stats(10, T=120, n_units=12)
+    _, got = run(
+        pairs,
+        n_units,
+        n_latents=a.shape[2],
+        n_layers=a.shape[1],
+        unit_tokens=unit,
+        n_resamples=4,
+        seed=5,
+        paper_batch_tokens=25,
+    ).finish()
+    total = a.sum(axis=1, keepdims=True)
+    p = np.divide(a, total, out=np.zeros_like(a), where=total > 0)
+    starts = _batches(unit, 25)
+
+    def ratio(drop: int | None) -> float:
+        tok, agg = [], []
+        for b in range(len(starts) - 1):
+            rows = (unit >= starts[b]) & (unit < starts[b + 1]) & (unit != drop)
+            t, g = _seed_metric(p[rows])
+            tok.append(t), agg.append(g)
+        return float(np.mean(agg) / np.mean(tok))
+
+    theta = ratio(None)
+    jack = np.array([ratio(u) for u in range(n_units)])
+    assert_close(got["var_ratio_paper_plugin"], theta, rtol=1e-6)
+    assert_close(got["var_ratio_paper_bias_jack"], (n_units - 1) * (jack.mean() - theta), rtol=1e-4, atol=1e-8)
+
+
+def test_no_resampling_gives_plugin_values_only():
+    a, unit, pairs, n_units = _stats(11)
+    _, got = run(pairs, n_units, n_latents=a.shape[2], n_layers=a.shape[1], unit_tokens=unit, n_resamples=0).finish()
+    assert "within_share" in got and not any(k.endswith(("_ci", "_se", "_bias_jack")) for k in got)
+
+
+def test_bad_inputs_are_one_clear_error():
+    a, unit, pairs, n_units = _stats(0)
+    with pytest.raises(MlsaeError, match="n_units must be an integer >= 1"):
+        LayerStats(4, 3, 0, 1)
+    with pytest.raises(MlsaeError, match="multi_layer_threshold"):
+        LayerStats(4, 3, 2, 1, multi_layer_threshold=0.7)
+    acc = LayerStats(a.shape[2], a.shape[1], n_units, 1)
+    bad = dict(pairs)
+    bad["unit"] = bad["unit"].copy()
+    bad["unit"][0] = n_units
+    with pytest.raises(MlsaeError, match="unit ids must be in"):
+        acc.add(*(bad[k] for k in ("latent", "unit", "mass", "mean", "second", "entropy", "share2", "peak")))
+    bad = dict(pairs)
+    bad["peak"] = np.zeros_like(bad["peak"])
+    with pytest.raises(MlsaeError, match="mass and peak > 0"):
+        acc.add(*(bad[k] for k in ("latent", "unit", "mass", "mean", "second", "entropy", "share2", "peak")))
+    acc._spill.close()

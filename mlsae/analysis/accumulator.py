@@ -191,6 +191,7 @@ class Accumulator:
                 pairs.second,
                 pairs.entropy,
                 pairs.share2,
+                pairs.peak_value,
             )
         self.pair_count += np.bincount(pairs.latent, minlength=self.n_latents)
         if self.top_n:

@@ -60,68 +60,15 @@ from mlsae.analysis.schemas import (
 from mlsae.core.errors import MlsaeError
 from mlsae.core.io import atomic_dir
 from mlsae.core.metrics import AnalysisMetrics, write_metrics
-from mlsae.core.params import is_int
+from mlsae.core.params import AnalysisParams, is_int
 from mlsae.core.paths import DOCUMENT, LATENT_LAYER, LATENT_STATS, LAYER_STATS, TOKEN_STATS, TOP_TOKENS
 from mlsae.stats.bootstrap import unit_index
 from mlsae.stores.latents import LatentStore, open_latents
 
-__all__ = ["aggregate", "paper_variances_dense"]
+__all__ = ["aggregate"]
 
 # Share of a latent's mass that makes a layer count in ``n_layers_5pct``.
 _LAYER_SHARE = 0.05
-
-# --------------------------------------------------------------------------------------------
-# The paper's formula, dense reference
-# --------------------------------------------------------------------------------------------
-
-
-def paper_variances_dense(a: np.ndarray) -> dict[str, float]:
-    """The seed paper's all-pairs layer variances, on a dense ``(T, L, F)`` activation array.
-
-    Re-implements the definition in tim-lawson/mlsae ``mlsae/analysis/variances.py``
-    (``Metric.update``), for one batch holding all ``T`` tokens:
-
-    * ``p[t, :, f] = a[t, :, f] / sum_l a[t, l, f]``, and ``p[t, :, f] = 0`` where the latent is
-      inactive at every layer (the original turns those 0/0 NaNs into zeros);
-    * ``v(x) = sum_l l^2 x(l) - (sum_l l x(l))^2`` for a vector ``x`` over layer positions;
-    * ``var_token_paper`` (the original's ``exp_var_l_tf``) is the mean of ``v(p[t, :, f])`` over
-      *all* ``T * F`` pairs, inactive pairs counting as 0. It equals our ``var_token`` times
-      ``n_active_pairs / (T * F)``;
-    * ``var_aggregate_paper`` (the original's ``exp_var_l_f``) is the mean over *all* ``F`` latents
-      of ``v(q_f)``, with ``q_f(l) = mean over all T tokens of p[t, l, f]``. ``q_f`` is the average
-      of the per-token distributions, each token weighted equally, and it sums to the fraction of
-      tokens at which ``f`` is active rather than to 1, so ``v(q_f)`` is not the variance of a
-      distribution (for a latent active at a fraction ``r`` of tokens, always at layer ``l``, it is
-      ``r (1 - r) l^2``, not 0); never-active latents count as 0.
-
-    Ours differ: ``var_aggregate`` uses the mass-weighted, normalised ``P_f`` and averages over the
-    latents active at >= ``min_count`` tokens only, and ``var_token`` averages over active pairs
-    only. The original also averaged its per-batch figures over batches of
-    ``batch_size * max_length`` tokens; here (and in :func:`aggregate`) the whole input is one
-    batch, which matters for ``var_aggregate_paper`` because ``v`` is not linear in ``q_f``.
-
-    Args:
-        a: non-negative activations, shape ``(T, L, F)`` with ``T >= 1``.
-
-    Returns:
-        ``{"var_token_paper": float, "var_aggregate_paper": float}``.
-    """
-    a = np.asarray(a, dtype=np.float64)
-    if a.ndim != 3 or a.shape[0] == 0:
-        raise MlsaeError(f"paper_variances_dense: expected a (T, L, F) array with T >= 1, got shape {a.shape}")
-    ell = np.arange(a.shape[1], dtype=np.float64)[None, :, None]
-    total = a.sum(axis=1, keepdims=True)
-    p = np.divide(a, total, out=np.zeros_like(a), where=total > 0)
-
-    def v(x: np.ndarray) -> np.ndarray:
-        """Second moment minus squared first moment over axis 1 (layers), no normalisation."""
-        return (ell**2 * x).sum(axis=1) - (ell * x).sum(axis=1) ** 2
-
-    return {
-        "var_token_paper": float(v(p).mean()),
-        "var_aggregate_paper": float(v(p.mean(axis=0, keepdims=True)).mean()),
-    }
-
 
 # --------------------------------------------------------------------------------------------
 # Final tables and headline figures
@@ -139,7 +86,6 @@ def _finish(acc: Accumulator, blocks: list[int], min_count: int) -> tuple[dict[s
     ell = np.arange(n_layers, dtype=np.float64)
     mass = acc.layer_mass.sum(axis=1)
     active = acc.pair_count > 0
-    np.maximum(acc.pair_count, 1)
     dist = acc.layer_mass / np.where(active, mass, 1.0)[:, None]  # rows of 0 for never-active latents
     mean = dist @ ell
     var = ((ell[None, :] - mean[:, None]) ** 2 * dist).sum(axis=1)
@@ -201,7 +147,6 @@ def _finish(acc: Accumulator, blocks: list[int], min_count: int) -> tuple[dict[s
     metrics: dict[str, Any] = {
         **headline,
         "mean_layer_std": float(std[counted].mean()) if counted.any() else None,
-        **acc.stats.paper_metrics(),
         "n_tokens": acc.n_tokens,
         "n_active_pairs": acc.n_pairs,
         "n_entries": int(acc.layer_count.sum()),
@@ -220,6 +165,17 @@ def _finish(acc: Accumulator, blocks: list[int], min_count: int) -> tuple[dict[s
 # --------------------------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------------------------
+
+
+def _units(store: LatentStore) -> tuple[np.ndarray, int]:
+    """(unit of every token, number of units): the resampling unit is the eval document, counted
+    when it holds an analysed token (others would enter the jackknife as empty units)."""
+    kept = store.kept(0, store.n_tokens)
+    if not kept.any():
+        raise MlsaeError(f"{store.path}: every token is special; nothing to analyse")
+    units = np.zeros(store.n_tokens, dtype=np.int64)
+    units[kept], n_units = unit_index(store.meta(DOCUMENT)[kept])
+    return units, n_units
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
@@ -271,47 +227,40 @@ def aggregate(
     latents_path: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
     metrics_path: str | os.PathLike[str],
-    min_count: int = 10,
-    top_tokens: int = 5,
+    analysis: AnalysisParams,
     chunk_tokens: int | None = None,
     progress: bool = False,
-    multi_layer_threshold: float = 0.1,
-    n_resamples: int = 200,
-    seed: int = 0,
 ) -> dict[str, Any]:
     """Stream the latent store and write the analysis tables and headline metrics.
 
     Args:
         latents_path: the latent store (``data/latents.zarr``); it must carry ``complete: true``.
         out_dir: the analysis directory. Its parquet files (names from :mod:`mlsae.core.paths`,
-            schemas in the ``*_SCHEMA`` dicts) are written to a temporary sibling directory that
-            replaces ``out_dir`` when whole.
+            schemas in mlsae/analysis/schemas.py) are written to a temporary sibling directory
+            that replaces ``out_dir`` when whole.
         metrics_path: JSON file for the headline metrics, written atomically after ``out_dir``.
-        min_count: latents active at fewer tokens (and never-active ones) are left out of the
-            per-latent averages (``var_within`` ... ``var_ratio_mass``) and ``mean_layer_std``.
-        top_tokens: highest-activation tokens kept per latent (0: none).
+        analysis: the `analysis` params: `min_count` (latents active at fewer tokens are left out
+            of the per-latent averages and ``mean_layer_std``; leaving none is an error),
+            `top_tokens`, `multi_layer_threshold`, `bootstrap` (replicas; 0: plug-in values only),
+            `seed`, `max_rate`, `min_documents`, `paper_batch_tokens`.
         chunk_tokens: tokens read per step; default whole storage chunks, about 1M entries.
             The results do not depend on it (up to float rounding in the sums).
-        multi_layer_threshold: second-largest layer share from which a pair is multi-layer.
-        n_resamples: bootstrap resamples of eval contexts for the ``*_ci`` intervals (>= 1).
-        seed: seed of the resampling.
 
     Returns:
-        The headline metrics (also written to ``metrics_path``): the decomposition of
-        mlsae.analysis.decomposition (``var_within``, ``var_between``, ``var_total``, ``within_share``,
-        ``var_ratio``, their ``_mass`` versions, ``var_within_norm``, ``var_total_norm``,
-        ``effective_layers``, ``multi_layer_fraction``, each with a ``_ci``), the seed paper's
-        estimator (``var_token_paper``, ``var_aggregate_paper``, ``var_ratio_paper``, with
-        ``_ci``), ``mean_layer_std`` and the counts ``n_tokens``, ``n_active_pairs``,
-        ``n_entries``, ``n_latents_active``, ``n_latents_counted``, ``n_layers``. Undefined figures
-        (an empty mean, a ratio over 0) are ``None``.
+        The headline metrics (also written to ``metrics_path``): every figure of
+        mlsae.analysis.decomposition (its ``HEADLINE_KEYS``, each with its plug-in value, both bias
+        estimates, the bias-corrected value, its standard error and interval), the seed paper's
+        estimator per batch, ``mean_layer_std`` and the counts ``n_tokens``, ``n_active_pairs``,
+        ``n_entries``, ``n_latents_active``, ``n_latents_counted``, ``n_units`` (eval documents),
+        ``n_layers``. Undefined figures (an empty mean, a ratio over 0) are ``None``.
 
     Raises:
         MlsaeError: a missing, malformed or incomplete store, a store whose tokens are all special,
-            or a bad argument.
+            an `analysis.min_count` that leaves no latent, or a bad argument.
     """
+    min_count, n_resamples = analysis.min_count, analysis.bootstrap
     min_count = _check_int("analysis.min_count", min_count, 0)
-    top_tokens = _check_int("analysis.top_tokens", top_tokens, 0)
+    top_tokens = analysis.top_tokens
     if chunk_tokens is not None:
         chunk_tokens = _check_int("chunk_tokens", chunk_tokens, 1)
     store = open_latents(Path(latents_path))
@@ -321,19 +270,28 @@ def aggregate(
     made = [p for p in (out_dir.parent, *out_dir.parent.parents) if not p.exists()]
     try:
         with atomic_dir(out_dir) as tmp:
-            units, n_units = unit_index(store.meta(DOCUMENT))  # the resampling unit: eval documents
+            units, n_units = _units(store)
             stats = LayerStats(
                 store.n_latents,
                 store.n_layers,
                 n_units,
                 min_count,
-                multi_layer_threshold,
-                max(int(n_resamples), 1),
-                seed,
+                analysis.multi_layer_threshold,
+                n_resamples,
+                analysis.seed,
+                analysis.max_rate,
+                analysis.min_documents,
+                analysis.paper_batch_tokens,
             )
             acc = Accumulator(store.n_latents, store.n_layers, top_tokens, stats=stats, unit_index=units)
             acc = _stream(store, chunk_tokens, acc, tmp, progress)
             tables, metrics = _finish(acc, store.blocks, min_count)
+            if metrics["n_latents_counted"] == 0:
+                most = int(acc.pair_count.max()) if acc.pair_count.size else 0
+                raise MlsaeError(
+                    f"analysis.min_count: {min_count} leaves no latent to average over (the most frequent latent is "
+                    f"active on {most} eval tokens); lower analysis.min_count or raise data.eval_tokens"
+                )
             for name, table in tables.items():
                 table.write_parquet(tmp / name)
     except BaseException:
@@ -341,7 +299,5 @@ def aggregate(
             if path.exists() and not any(path.iterdir()):
                 path.rmdir()
         raise
-    if n_resamples == 0:  # no intervals asked for
-        metrics = {k: v for k, v in metrics.items() if not k.endswith("_ci")}
     write_metrics(metrics_path, AnalysisMetrics.from_dict(metrics, "aggregate"))
     return metrics

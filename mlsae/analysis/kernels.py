@@ -1,13 +1,13 @@
 """Compiled (numba) loops of the aggregate stage: group a chunk's top-k entries into active
-(token, latent) pairs, fold pairs into per-latent and per-(context, latent) sums, and keep each
-latent's top tokens.
+(token, latent) pairs, fold pairs into per-latent and per-(unit, latent) sums, count a latent's
+documents per bootstrap replica, and keep each latent's top tokens.
 
 Why compiled. Each job is a scatter over a small table per element (a token's pair slots; a
 latent's sums; a latent's short top list). In numpy each became a dozen whole-array passes (a sort
 of packed keys per token, one ``bincount`` per sum, a Polars sort per chunk for the top lists):
-3.6-4.6M entries/s on the 2-core benchmark (``benchmarks/aggregate.py``, 4x store), against
-6.2-7.4M with these loops, where each element is read once and every sum it feeds is updated
-while it is in registers. The loops release the GIL, so the stage's reader and writer threads run
+several times slower on the benchmark store (``benchmarks/aggregate.py``; docs/benchmarks.md has the
+rates), where in a loop each element is read once and every sum it feeds is updated while it is in
+registers. The loops release the GIL, so the stage's reader and writer threads run
 alongside.
 
 Definitions are those of :mod:`mlsae.analysis.aggregate` and :mod:`mlsae.analysis.decomposition`; the tests compare
@@ -20,8 +20,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-# Per-(context, latent) sums, in this order along the stats axis (mlsae.analysis.decomposition).
-N_STATS = 8
+# Per-(unit, latent) sums, in this order along the stats axis (mlsae.analysis.decomposition).
+N_STATS = 14
 
 
 @numba.njit(cache=True, nogil=True)
@@ -133,13 +133,13 @@ def group_pairs(
 
 
 @numba.njit(cache=True, nogil=True)
-def check_pairs(latent, context, mass, mean, second, entropy, share2, n_latents, n_contexts):
-    """0 if every pair is valid, else 1 (latent id out of range), 2 (context id out of range) or
-    3 (a non-finite value, or mass <= 0)."""
+def check_pairs(latent, unit, mass, mean, second, entropy, share2, peak, n_latents, n_units):
+    """0 if every pair is valid, else 1 (latent id out of range), 2 (unit id out of range) or
+    3 (a non-finite value, or mass or peak <= 0)."""
     for i in range(latent.size):
         if latent[i] < 0 or latent[i] >= n_latents:
             return 1
-        if context[i] < 0 or context[i] >= n_contexts:
+        if unit[i] < 0 or unit[i] >= n_units:
             return 2
         m = mass[i]
         if not (
@@ -149,6 +149,8 @@ def check_pairs(latent, context, mass, mean, second, entropy, share2, n_latents,
             and np.isfinite(second[i])
             and np.isfinite(entropy[i])
             and np.isfinite(share2[i])
+            and np.isfinite(peak[i])
+            and peak[i] > 0
         ):
             return 3
     return 0
@@ -156,57 +158,59 @@ def check_pairs(latent, context, mass, mean, second, entropy, share2, n_latents,
 
 @numba.njit(cache=True, nogil=True)
 def fold_pairs(
-    latent,
-    context,
-    mass,
-    mean,
-    second,
-    exp_entropy,
-    share2,
-    threshold,
-    shift,
-    point,
-    sums,
-    eff,
-    multi,
-    context_pairs,
-    pending,
-    pending_row,
+    latent, unit, mass, mean, second, exp_entropy, share2, peak, threshold, shift, point, sums, pending, pending_row
 ):
     """Fold valid pairs (see :func:`check_pairs`) into the sums of :class:`mlsae.analysis.decomposition.LayerStats`.
 
-    Per pair, with ``d = mean - shift[f]`` and ``v = max(second - mean^2, 0)``, the eight stats are
-    ``(1, d, d^2, v, m, m d, m d^2, m v)``. When ``point``: ``shift[f]`` is set to the pair's mean
-    where it is NaN (the first time ``f`` is seen), the stats are added to ``sums[f, :]``,
-    ``exp_entropy`` (``exp(H_tf)``, computed vectorised by the caller) to ``eff[f]``,
-    ``[share2 >= threshold]`` to ``multi[f]`` and ``(1, exp_entropy, [share2 >= threshold])`` to
-    ``context_pairs[context]``. Always: the stats
-    are added to ``pending[pending_row[context], f, :]`` where that row is ``>= 0``. Both tables are
-    latent-major, so a pair's eight stats share a cache line.
+    Per pair, with ``d = mean - shift[f]``, ``v = max(second - mean^2, 0)``, ``m`` its mass, ``p`` its
+    peak activation, ``e = exp(H_tf)`` (computed vectorised by the caller) and ``u = [share2 >=
+    threshold]``, the fourteen stats are ``(1, d, d^2, v, m, m d, m d^2, m v, p, p d, p d^2, p v, e,
+    u)``. When ``point``: ``shift[f]`` is set to the pair's mean where it is NaN (the first time
+    ``f`` is seen) and the stats are added to ``sums[f, :]``. Always: they are added to
+    ``pending[pending_row[unit], f, :]`` where that row is ``>= 0``. Both tables are latent-major,
+    so a pair's stats share a cache line or two.
     """
+    stats = np.empty(N_STATS)
     for i in range(latent.size):
-        f, c = latent[i], context[i]
-        m, mu = mass[i], mean[i]
+        f, c = latent[i], unit[i]
+        m, mu, pk = mass[i], mean[i], peak[i]
         if point and np.isnan(shift[f]):
             shift[f] = mu
         d = mu - shift[f]
         v = max(second[i] - mu * mu, 0.0)
-        md = m * d
-        stats = (1.0, d, d * d, v, m, md, md * d, m * v)
+        stats[0], stats[1], stats[2], stats[3] = 1.0, d, d * d, v
+        stats[4], stats[5], stats[6], stats[7] = m, m * d, m * d * d, m * v
+        stats[8], stats[9], stats[10], stats[11] = pk, pk * d, pk * d * d, pk * v
+        stats[12] = exp_entropy[i]
+        stats[13] = 1.0 if share2[i] >= threshold else 0.0
         if point:
             for j in range(N_STATS):
                 sums[f, j] += stats[j]
-            e = exp_entropy[i]
-            is_multi = 1.0 if share2[i] >= threshold else 0.0
-            eff[f] += e
-            multi[f] += is_multi
-            context_pairs[c, 0] += 1.0
-            context_pairs[c, 1] += e
-            context_pairs[c, 2] += is_multi
         r = pending_row[c]
         if r >= 0:
             for j in range(N_STATS):
                 pending[r, f, j] += stats[j]
+
+
+@numba.njit(cache=True, nogil=True)
+def count_documents(unit, latent, counts, out):
+    """For entries ``(unit[i], latent[i])``, each (unit, latent) pair at most once: add
+    ``counts[unit[i], r] > 0`` to ``out[latent[i], r]`` for every replica ``r`` (the number of a
+    replica's documents in which the latent is active)."""
+    for i in range(unit.size):
+        f, u = latent[i], unit[i]
+        for r in range(counts.shape[1]):
+            if counts[u, r] > 0:
+                out[f, r] += 1
+
+
+@numba.njit(cache=True, nogil=True)
+def scatter_stats(unit, latent, stats, columns, out):
+    """``out[unit[i], j, latent[i]] += stats[i, columns[j]]`` for every entry ``i`` and ``j``."""
+    for i in range(unit.size):
+        u, f = unit[i], latent[i]
+        for j in range(columns.size):
+            out[u, j, f] += stats[i, columns[j]]
 
 
 @numba.njit(cache=True, nogil=True)

@@ -241,6 +241,13 @@ class AnalysisParams(Section):
     """Latents in the report's top-latent table."""
     top_tokens: Positive = 5
     """Max-activating contexts kept per latent."""
+    max_rate: Annotated[float, Field(gt=0, le=1)] = 0.5
+    """Firing rate (active tokens / analysed tokens) from which a latent counts as dense: the
+    `_sparse` figures leave such latents out."""
+    min_documents: Positive = 5
+    """Eval documents a latent must be active in to count in the `_min_docs` figures."""
+    paper_batch_tokens: Positive = 2048
+    """Analysed tokens per batch of the seed paper's estimator (batches of consecutive documents)."""
 
 
 class BrowseParams(Section):

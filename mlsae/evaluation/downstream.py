@@ -178,8 +178,11 @@ def splice_sums(
     dev = model.device
     splicer = Splicer(model)
     analysed, loss = loss_positions(sample.excluded, sample.special)
-    units, unit = np.unique(sample.document[:, :-1], return_inverse=True)
-    unit = unit.reshape(n_ctx, n_pos - 1)
+    # the documents holding a loss position are the units (others would be empty units)
+    positions = sample.document[:, :-1]
+    units, inverse = np.unique(positions[loss], return_inverse=True)
+    unit = np.zeros(positions.shape, dtype=np.int64)
+    unit[loss] = inverse
     variants = tuple(replacements)
     n_units = len(units)
     shape = (len(variants), n_units, len(layers))

@@ -66,7 +66,12 @@ def reconstruction_metrics(
     L, d = len(layers), sae.cfg.d_model
     n_total = reader.n_tokens("eval")
     keep = reader.keep("eval")
-    unit_of, n_units = unit_index(reader.meta("eval", DOCUMENT), MAX_UNITS)
+    if not keep.any():
+        raise MlsaeError(
+            f"{reader.path}: no eval token is kept (all special or skipped); nothing to evaluate (use longer documents)"
+        )
+    unit_of = np.zeros(n_total, dtype=np.int64)  # documents with a kept token are the units
+    unit_of[keep], n_units = unit_index(reader.meta("eval", DOCUMENT)[keep], MAX_UNITS)
     s_x = torch.zeros(n_units, L, d, dtype=torch.float64)
     s_xx = torch.zeros(n_units, L, dtype=torch.float64)
     s_err = torch.zeros(n_units, L, dtype=torch.float64)
@@ -89,10 +94,6 @@ def reconstruction_metrics(
         s_l0 += active.sum((0, 2)).double()
         fired[out.indices.cpu()[active]] = True
     n = float(s_n.sum())
-    if n == 0:
-        raise MlsaeError(
-            f"{reader.path}: no eval token is kept (all special or skipped); nothing to evaluate (use longer documents)"
-        )
     mean = s_x.sum(0) / n  # (L, d)
     # Σ_t ‖x − x̄‖² per unit, about the full split's mean: xx − 2 x̄·Σx + n‖x̄‖²
     ss = (s_xx - 2 * (s_x * mean).sum(-1) + s_n[:, None] * mean.pow(2).sum(-1)).numpy()
