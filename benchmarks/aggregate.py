@@ -1,14 +1,18 @@
 """Throughput and memory of the streaming analysis (`mlsae.analysis.aggregate.aggregate`).
 
-Builds two random latent stores of realistic shape (L=30 layers, k=32, 9216 latents) with N and
-4N eval tokens, then runs `aggregate` on each in a fresh subprocess so that each peak RSS is its
-own. Prints rows/s (rows = tokens x layers x k sparse entries), peak RSS and the RSS ratio.
+Builds two random latent stores of realistic shape (L=30 layers, k=32, 9216 latents, documents of
+37 tokens as on the default run) with N and 4N eval tokens, then runs `aggregate` (the stage's
+default analysis params: 200 bootstrap replicas) on each in a fresh subprocess so that each peak
+RSS is its own. Prints rows/s (rows = tokens x layers x k sparse entries), peak RSS and the ratios.
 
-Targets (issue #11): >= 10M rows/s at 4N tokens on 2 cores; peak RSS of the 4N run within 1.5x of
-the N run. The N run is printed too; its rate is lower, since fixed costs (the first touch of the
-bootstrap replicas' 118 MB, loading the compiled kernels, the final tables) weigh more there.
+With ``--reference DIR`` (a checkout of another commit, e.g. ``git worktree add /tmp/ref HEAD~5``)
+the same stores are also analysed by that checkout's code, alternating with this one's (``--repeats``
+rounds), and the ratio of the 4N rates is printed: what "measured side by side" means here.
 
-    .venv/bin/python benchmarks/aggregate.py [--tokens 8192] [--keep DIR]
+Targets: peak RSS of the 4N run within 1.5x of the N run (flat in tokens); with a reference, the 4N
+rate at least 0.7x the reference's (issue #23).
+
+    .venv/bin/python benchmarks/aggregate.py [--tokens 8192] [--keep DIR] [--reference DIR] [--repeats 2]
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ N_LATENTS = 9216
 CONTEXT = 128  # a special (BOS) token opens every context
 SHARD_TOKENS = 8192  # the dump stage's layout (mlsae/sae/dump.py)
 CHUNK_TOKENS = 1024
+DOCUMENT_TOKENS = 37  # the default run's mean tokens per document (64-token cut of the embedded corpus)
 
 
 def build_store(path: Path, n_tokens: int, seed: int = 0) -> None:
@@ -73,6 +78,7 @@ def build_store(path: Path, n_tokens: int, seed: int = 0) -> None:
     group.create_array("context", data=(t // CONTEXT).astype(np.int32), chunks=(SHARD_TOKENS,))
     group.create_array("position", data=(t % CONTEXT).astype(np.int16), chunks=(SHARD_TOKENS,))
     group.create_array("special", data=(t % CONTEXT == 0), chunks=(SHARD_TOKENS,))
+    group.create_array("document", data=(t // DOCUMENT_TOKENS).astype(np.int64), chunks=(SHARD_TOKENS,))
     group.attrs.update({"layers": list(range(N_LAYERS)), "n_latents": N_LATENTS, "k": K, "complete": True})
 
 
@@ -85,14 +91,26 @@ def peak_rss_kib() -> int:
 
 
 def run_one(store: Path, out: Path) -> dict:
-    """Child process: run `aggregate` once and report time and peak RSS as JSON on stdout."""
-    from mlsae.analysis.aggregate import aggregate
-    from mlsae.core.allocator import keep_large_blocks
+    """Child process: run `aggregate` once and report time and peak RSS as JSON on stdout (this
+    checkout's API, or a reference checkout's older one, whichever the import path holds)."""
+    try:
+        from mlsae.analysis.aggregate import aggregate
+        from mlsae.core.allocator import keep_large_blocks
+        from mlsae.core.params import AnalysisParams
+
+        def run() -> dict:
+            return aggregate(store, out / "analysis", out / "analysis.json", AnalysisParams())
+    except ImportError:  # a checkout from before the sub-packages
+        from mlsae.aggregate import aggregate  # type: ignore[no-redef]
+        from mlsae.allocator import keep_large_blocks  # type: ignore[no-redef]
+
+        def run() -> dict:
+            return aggregate(store, out / "analysis", out / "analysis.json")
 
     keep_large_blocks()  # as the aggregate stage runs (mlsae/core/stage.py); MLSAE_MALLOC=default: glibc's
     base_kib = peak_rss_kib()
     t0, c0 = time.perf_counter(), time.process_time()
-    metrics = aggregate(store, out / "analysis", out / "analysis.json")
+    metrics = run()
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     peak_kib = peak_rss_kib()
     return {
@@ -105,34 +123,39 @@ def run_one(store: Path, out: Path) -> dict:
     }
 
 
+def measure(store: Path, out: Path, code: Path) -> dict:
+    """Run the child on `store` with the mlsae package of checkout `code`."""
+    env = {**os.environ, "PYTHONPATH": str(code)}
+    child = subprocess.run(
+        [sys.executable, __file__, "--child", str(store), str(out)], check=True, capture_output=True, text=True, env=env
+    )
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=8192, help="N: the small store's tokens (the large has 4N)")
     parser.add_argument("--keep", type=Path, default=None, help="build the stores here and keep them")
+    parser.add_argument("--reference", type=Path, default=None, help="a checkout to compare with, side by side")
+    parser.add_argument("--repeats", type=int, default=2, help="rounds of the 4N comparison with --reference")
     parser.add_argument("--child", nargs=2, metavar=("STORE", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(run_one(Path(args.child[0]), Path(args.child[1]))))
         return
 
+    here = Path(__file__).resolve().parents[1]
     with tempfile.TemporaryDirectory(dir=args.keep) as tmp_name:
         root = Path(args.keep or tmp_name)
         results = {}
         for scale in (1, 4):
             n_tokens = scale * args.tokens
             store = root / f"latents_{scale}x.zarr"
-            if not store.exists():
+            if not (store / "document").exists():
                 t0 = time.perf_counter()
                 build_store(store, n_tokens, seed=scale)
                 print(f"built {store.name}: {n_tokens} tokens in {time.perf_counter() - t0:.1f}s", flush=True)
-            out = root / f"out_{scale}x"
-            child = subprocess.run(
-                [sys.executable, __file__, "--child", str(store), str(out)],
-                check=True,
-                capture_output=True,
-                text=True,
-            )
-            result = json.loads(child.stdout.strip().splitlines()[-1])
+            result = measure(store, root / f"out_{scale}x", here)
             rows = n_tokens * N_LAYERS * K
             result["rows"] = rows
             results[scale] = result
@@ -141,14 +164,29 @@ def main() -> None:
                 f"rows/s={rows / result['seconds'] / 1e6:.1f}M "
                 f"(cpu {result['cpu_seconds']:.2f}s = {rows / result['cpu_seconds'] / 1e6:.1f}M rows per cpu-s) "
                 f"peak_rss={result['peak_mib']:.0f}MiB (after imports {result['base_mib']:.0f}MiB) "
-                f"pairs={result['metrics']['n_active_pairs']:,} var_ratio={result['metrics']['var_ratio']:.1f} "
+                f"pairs={result['metrics']['n_active_pairs']:,} within_share={result['metrics']['within_share']:.4f} "
                 f"load_avg={result['load']:.1f} on {os.cpu_count()} cpus",
                 flush=True,
             )
         ratio = results[4]["peak_mib"] / results[1]["peak_mib"]
-        speed = results[4]["rows"] / results[4]["seconds"] / 1e6
         print(f"peak RSS ratio 4x/1x = {ratio:.2f} (target <= 1.5): {'OK' if ratio <= 1.5 else 'MISSED'}")
-        print(f"rows/s at 4x = {speed:.1f}M (target >= 10M at 4x tokens): {'OK' if speed >= 10 else 'MISSED'}")
+        if args.reference is None:
+            return
+        store, rows = root / "latents_4x.zarr", 4 * args.tokens * N_LAYERS * K
+        rates: dict[str, list[float]] = {"this": [], "reference": []}
+        peaks: dict[str, list[float]] = {"this": [], "reference": []}
+        for _ in range(args.repeats):
+            for name, code in (("reference", args.reference), ("this", here)):
+                result = measure(store, root / f"out_{name}", code)
+                rates[name].append(rows / result["seconds"] / 1e6)
+                peaks[name].append(result["peak_mib"])
+                print(f"4x {name}: {rates[name][-1]:.2f}M rows/s, peak {result['peak_mib']:.0f}MiB", flush=True)
+        speed = float(np.median(rates["this"]) / np.median(rates["reference"]))
+        print(
+            f"4x rows/s, this / reference (medians of {args.repeats}) = {speed:.2f} (target >= 0.7): "
+            f"{'OK' if speed >= 0.7 else 'MISSED'}; peak RSS this / reference = "
+            f"{np.median(peaks['this']) / np.median(peaks['reference']):.2f}"
+        )
 
 
 if __name__ == "__main__":
