@@ -52,6 +52,7 @@ from tqdm.auto import tqdm
 from mlsae.core.errors import MlsaeError
 from mlsae.core.params import BrowseParams
 from mlsae.core.paths import CONTEXT, INDICES, LATENT_STATS, SPECIAL, TOKENS, VALUES
+from mlsae.stores.activations import verify
 
 CHUNK_TOKENS = 1024
 
@@ -147,6 +148,7 @@ def open_store(path: str | Path) -> Store:
     attrs = dict(root.attrs)
     if not attrs.get("complete"):
         raise MlsaeError(f"{path}: the latent store is incomplete (rerun the dump stage)")
+    verify(root, path, "dump")  # every chunk present (a missing one would read as zeros)
     context = np.asarray(root[CONTEXT][:])
     n = len(context)
     new_run = np.r_[True, context[1:] != context[:-1]] if n else np.zeros(0, bool)

@@ -4,21 +4,29 @@ Everything that can be wrong with the inputs (model, corpus, context length, an 
 from another configuration) is checked before the store is touched. Shards of `resid` are written
 by a background thread while the model computes the next one; the `done` counters in the store's
 attrs make an interrupted run resume from the last finished shard.
+
+Resume identity is by content: the store records the corpus's content hash
+(`corpus.content_sha256`) next to every param that shapes it (`fingerprint_attrs`). An incomplete
+store whose corpus content differs is discarded and started afresh (that content is gone, so it
+could never be finished); one from other params is refused, so that those params can still resume
+it. One process at a time writes a store (a lock next to it).
 """
 
 from __future__ import annotations
 
 import itertools
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from mlsae.core.errors import MlsaeError
-from mlsae.core.io import remove
+from mlsae.core.io import exclusive, named, remove
 from mlsae.core.params import FIRST_POSITION_OUTLIER, Params
 from mlsae.core.paths import POSITION, RESID, SPECIAL
 from mlsae.data import contexts as token_contexts
@@ -35,11 +43,14 @@ def fingerprint_attrs(p: Params, model: LoadedModel) -> dict:
         "n_layers": model.n_layers,
         "d_model": model.d_model,
         "corpus": p.data.source,
+        "corpus_sha256": corpus.content_sha256(p.data.source),
         "context": p.data.context,
         "train_tokens": p.data.train_tokens,
         "eval_tokens": p.data.eval_tokens,
         "dtype": p.extract.dtype,
         "seed": p.seed,
+        "batch_size": p.extract.batch_size,  # batch-mates change the rounding of a context's residuals
+        "device": model.device.type,
     }
     if p.train.source == "stream":  # only the sample is stored, whatever the train budget beyond it
         n_train, _ = token_contexts.plan(p.data.train_tokens, p.data.eval_tokens, p.data.context)
@@ -84,7 +95,8 @@ def prepare_splits(p: Params, model: LoadedModel, docs: Iterator[str] | None = N
 def open_for_writing(path: str, attrs: dict, splits: dict[str, store.SplitData]) -> tuple[object, bool]:
     """(root group, resumed). An incomplete store of the same configuration is resumed; an
     incomplete one of another configuration is refused; a complete one is rebuilt, and so is
-    one without a schema (`store.create` was interrupted before it wrote the attrs)."""
+    one without a schema (`store.create` was interrupted before it wrote the attrs), and so is an
+    incomplete one whose corpus content is not the corpus's content now (it can never be finished)."""
     if store.exists(path):
         old = dict(store.open_root(path).attrs)
         if "schema" not in old:
@@ -94,6 +106,14 @@ def open_for_writing(path: str, attrs: dict, splits: dict[str, store.SplitData])
         if not old.get("complete"):
             if same:
                 return store.open_root(path, mode="r+"), True
+            if old.get("corpus_sha256") != attrs["corpus_sha256"]:
+                print(
+                    f"notice: extract: {path}: the incomplete store was extracted from other corpus content "
+                    f"(data.source {old.get('corpus')!r} has changed since); starting afresh",
+                    file=sys.stderr,
+                )
+                remove(path)
+                return store.create(path, attrs, splits), False
             raise MlsaeError(
                 f"{path}: an incomplete store from another configuration (model {old.get('model')!r}, "
                 f"corpus {old.get('corpus')!r}) is in the way; delete it or rerun with those params to resume it"
@@ -109,8 +129,26 @@ def extract(p: Params, out: str, progress: bool = True, stop_after_shards: int |
     """
     docs = open_corpus(p.data.source)
     model = load_model(p.model, p.extract.device)
-    splits = prepare_splits(p, model, docs)
     attrs = fingerprint_attrs(p, model)
+    splits = prepare_splits(p, model, docs)
+    with exclusive(_lock_path(out), out):
+        return _extract(p, out, model, splits, attrs, progress, stop_after_shards)
+
+
+def _lock_path(out: str) -> str:
+    """The lock file of a store: a hidden sibling (`data/.activations.zarr.lock`)."""
+    return out if "://" in out else str(Path(out).with_name(f".{Path(out).name}.lock"))
+
+
+def _extract(
+    p: Params,
+    out: str,
+    model: LoadedModel,
+    splits: dict[str, store.SplitData],
+    attrs: dict,
+    progress: bool,
+    stop_after_shards: int | None,
+) -> dict:
     root, resumed = open_for_writing(out, attrs, splits)
     shard_tokens = int(root.attrs["shard_tokens"])
     per_shard = shard_tokens // p.data.context
@@ -124,7 +162,10 @@ def extract(p: Params, out: str, progress: bool = True, stop_after_shards: int |
     total = sum(hi - lo for _, _, lo, hi in work) * p.data.context
 
     def write(name: str, shard: int, lo: int, resid: np.ndarray) -> None:
-        root[name][RESID][lo * p.data.context : lo * p.data.context + resid.shape[0]] = resid
+        try:
+            root[name][RESID][lo * p.data.context : lo * p.data.context + resid.shape[0]] = resid
+        except OSError as e:  # e.g. disk full: name the store
+            raise named(e, out) from None
         done[name] = shard + 1
         root.attrs["done"] = dict(done)  # only after the shard is on disk
 
@@ -165,7 +206,7 @@ def extract(p: Params, out: str, progress: bool = True, stop_after_shards: int |
     skip = decide_skip_first(p.data.skip_first, ratio)
     root.attrs["skip_first"] = skip
     cos = adjacent_cosine(store.ActivationStore(out, allow_incomplete=True))  # over the kept tokens
-    root.attrs["complete"] = True
+    store.seal(root, out, "extract")  # every chunk present; the completion record, `complete` last
     n_tokens = sum(d.n_tokens for d in splits.values())
     return {
         "tokens": n_tokens,

@@ -83,5 +83,5 @@ def dump(
             bar.close()
             return {}
     bar.close()
-    root.attrs["complete"] = True
+    store.seal(root, path, "dump")
     return {"tokens": n, "layers": len(layers), "k": sae.cfg.k}

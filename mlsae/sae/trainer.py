@@ -3,6 +3,13 @@
 Single process, or `torchrun --nproc_per_node=N` with DistributedDataParallel (NCCL on GPUs, gloo
 on CPUs): every rank follows the same batch plan and takes its slice of each global batch, so the
 ranks always run the same number of steps. Rank 0 writes checkpoints and outputs.
+
+A checkpoint resumes only the run it belongs to: its identity holds every param that shapes the
+batches and the SAE, and the activation store's whole identity (model, revision, the corpus's
+content hash, sizes, dtype, seed, skip_first, ...); in stream mode also the corpus's content hash
+read now. Rank 0 holds a lock on the checkpoint directory for the whole run, so a second trainer
+refuses at once instead of writing the same checkpoint. SIGINT/SIGTERM during a step are held until
+the step is done, then a single process saves a checkpoint (store mode) and stops.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ import contextlib
 import math
 import os
 import pickle
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,9 +31,10 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from mlsae.core.errors import MlsaeError
-from mlsae.core.io import atomic_dir, atomic_file
+from mlsae.core.io import atomic_dir, atomic_file, exclusive
 from mlsae.core.params import Params
 from mlsae.core.paths import CHECKPOINT
+from mlsae.data import corpus
 from mlsae.data.shuffle import BatchPlan, iter_batches
 from mlsae.data.stream import StreamBatches, check_store
 from mlsae.lens.tuned import Lens
@@ -33,7 +42,11 @@ from mlsae.models.registry import load_model, resolve_device
 from mlsae.sae.model import MLSAE, SAEConfig
 from mlsae.stores.activations import ActivationStore
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: the identity holds the store's whole identity and the corpus content
+LOCK = "lock"
+"""The lock file in the checkpoint directory (held by rank 0 while it trains)."""
+_NOT_IDENTITY = frozenset({"done", "complete", "arrays"})
+"""Store attrs that record progress, not content: left out of a checkpoint's identity."""
 ADAM_EPS = 6.25e-10
 """Adam's eps (the paper's value)."""
 
@@ -95,13 +108,13 @@ def identity_of(p: Params, reader: ActivationStore, world: int = 1) -> dict:
     identity = {
         "params": p.section_hash("sae", "seed", "lens", "lens_fit", "lens_path"),
         "train": train,
-        "store": {
-            k: reader.attrs.get(k) for k in ("model", "revision", "corpus", "context", "train_tokens", "seed", "dtype")
-        },
+        # every attr that identifies the store's content (its corpus content hash included)
+        "store": {k: v for k, v in sorted(reader.attrs.items()) if k not in _NOT_IDENTITY},
     }
     if p.train.source == "stream":  # the batches come from the corpus, the model and this many ranks
         identity["stream"] = {
             "data": p.to_dict()["data"],
+            "corpus_sha256": corpus.content_sha256(p.data.source),
             "model": p.model,
             "dtype": p.extract.dtype,
             "batch_size": p.extract.batch_size,
@@ -129,6 +142,8 @@ def load_checkpoint(path: Path, identity: dict) -> dict | None:
         raise MlsaeError(f"{path}: corrupted checkpoint (UnpicklingError); delete it to start over") from None
     except Exception as e:
         raise MlsaeError(f"{path}: corrupted checkpoint ({type(e).__name__}); delete it to start over") from None
+    if isinstance(ckpt, dict) and type(ckpt.get("version")) is int and 0 < ckpt["version"] < CHECKPOINT_VERSION:
+        return None  # an older layout, whose identity cannot vouch for this run: start afresh
     if not isinstance(ckpt, dict) or ckpt.get("version") != CHECKPOINT_VERSION:
         raise MlsaeError(f"{path}: corrupted checkpoint (unknown layout); delete it to start over")
     return ckpt if ckpt.get("identity") == identity else None
@@ -274,6 +289,64 @@ def train(
     mode's order; the equivalence test).
     """
     ranks, device = init_distributed(p.train.device)
+    lock = exclusive(Path(checkpoint_dir) / LOCK, str(checkpoint_dir)) if ranks.main else contextlib.nullcontext()
+    with lock:
+        return _train(
+            p, reader, lens, out_dir, checkpoint_dir, progress, max_steps, snapshots, chunk_order, ranks, device
+        )
+
+
+class _Steps:
+    """SIGINT and SIGTERM that arrive during a step are held until the step (weights, optimiser,
+    history, periodic checkpoint) is done, so an interrupted run stops between steps; outside a
+    step they interrupt at once. Installed only in the main thread (signals are delivered there)."""
+
+    def __init__(self) -> None:
+        self.inside, self.pending = False, False
+        self.saved: dict[int, object] = {}
+
+    def __enter__(self) -> _Steps:
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.saved[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self.saved.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.inside:
+            self.pending = True
+        else:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def step(self) -> Iterator[None]:
+        self.inside = True
+        try:
+            yield
+        finally:
+            self.inside = False
+        if self.pending:
+            raise KeyboardInterrupt
+
+
+def _train(
+    p: Params,
+    reader: ActivationStore,
+    lens: Lens,
+    out_dir: Path,
+    checkpoint_dir: Path,
+    progress: bool,
+    max_steps: int | None,
+    snapshots: dict[int, Path] | None,
+    chunk_order: str,
+    ranks: Dist,
+    device: torch.device,
+) -> tuple[dict, list[dict]]:
     cfg = sae_config(p, reader, str(reader.attrs.get("model")))
     layers = cfg.layers
     source, n_steps = batch_source(p, reader, layers, ranks, device, chunk_order, progress and ranks.main)
@@ -317,47 +390,70 @@ def train(
         batches = source.batches(ckpt.get("stream") if ckpt is not None else None)
     else:
         batches = source.batches(start)
-    for x in batches:
-        if max_steps is not None and step >= max_steps:
-            stopped = True
-            break
-        x = lens(x.to(device, non_blocking=True), layers)
-        try:
-            with autocast:
-                stats = train_step(model, opt, x, p.train.grad_clip)
-        except FloatingPointError as e:
-            # `step` steps are done: this is step `step + 1` in the history's 1-based numbering
-            kept = f"last good checkpoint kept at {ckpt_path}" if ckpt_path.is_file() else "no checkpoint yet"
-            raise MlsaeError(f"{e} at step {step + 1}; {kept} (lower train.lr or set train.grad_clip)") from None
-        step += 1
-        vectors += x.shape[0] * x.shape[1] * ranks.world
-        history.append(
+    saved = start
+
+    def checkpoint(buffer: object = None) -> None:
+        save_checkpoint(
+            ckpt_path,
             {
+                "version": CHECKPOINT_VERSION,
+                "identity": identity,
                 "step": step,
-                **{k: stats[k] for k in ("loss", "fvu", "auxk", "l0", "dead_fraction")},
-                **{k: v for k, v in stats.items() if k.startswith("fvu_layer_")},
-            }
+                "sae": sae.state_dict(),
+                "opt": opt.state_dict(),
+                "history": history,
+                **({"stream": buffer} if stream else {}),
+            },
         )
-        bar.update(1)
-        bar.set_postfix(loss=f"{stats['loss']:.4f}", fvu=f"{stats['fvu']:.4f}", dead=f"{stats['dead_fraction']:.3f}")
-        if ranks.main and snapshots and step in snapshots:
-            with atomic_dir(snapshots[step]) as tmp:
-                sae.save(tmp)
-        if step % p.train.checkpoint_every == 0 or step == max_steps or (not stream and step == n_steps):
-            buffer = source.state() if stream else None  # a collective under torchrun: every rank
-            if ranks.main:
-                save_checkpoint(
-                    ckpt_path,
-                    {
-                        "version": CHECKPOINT_VERSION,
-                        "identity": identity,
-                        "step": step,
-                        "sae": sae.state_dict(),
-                        "opt": opt.state_dict(),
-                        "history": history,
-                        **({"stream": buffer} if stream else {}),
-                    },
-                )
+
+    with _Steps() as steps:
+        try:
+            for x in batches:
+                if max_steps is not None and step >= max_steps:
+                    stopped = True
+                    break
+                x = lens(x.to(device, non_blocking=True), layers)
+                with steps.step():
+                    try:
+                        with autocast:
+                            stats = train_step(model, opt, x, p.train.grad_clip)
+                    except FloatingPointError as e:
+                        # `step` steps are done: this is step `step + 1` in the history's 1-based numbering
+                        kept = (
+                            f"last good checkpoint kept at {ckpt_path}" if ckpt_path.is_file() else "no checkpoint yet"
+                        )
+                        raise MlsaeError(
+                            f"{e} at step {step + 1}; {kept} (lower train.lr or set train.grad_clip)"
+                        ) from None
+                    step += 1
+                    vectors += x.shape[0] * x.shape[1] * ranks.world
+                    history.append(
+                        {
+                            "step": step,
+                            **{k: stats[k] for k in ("loss", "fvu", "auxk", "l0", "dead_fraction")},
+                            **{k: v for k, v in stats.items() if k.startswith("fvu_layer_")},
+                        }
+                    )
+                    bar.update(1)
+                    bar.set_postfix(
+                        loss=f"{stats['loss']:.4f}", fvu=f"{stats['fvu']:.4f}", dead=f"{stats['dead_fraction']:.3f}"
+                    )
+                    if ranks.main and snapshots and step in snapshots:
+                        with atomic_dir(snapshots[step]) as tmp:
+                            sae.save(tmp)
+                    if step % p.train.checkpoint_every == 0 or step == max_steps or (not stream and step == n_steps):
+                        buffer = source.state() if stream else None  # a collective under torchrun: every rank
+                        if ranks.main:
+                            checkpoint(buffer)
+                            saved = step
+        except KeyboardInterrupt:
+            # between steps (see _Steps): weights, optimiser and history agree on `step`; a stream
+            # buffer may be half filled, and under torchrun a save would need every rank: only a
+            # single store-mode process checkpoints here
+            if ranks.world == 1 and not stream and step > saved:
+                checkpoint()
+            bar.close()
+            raise
     bar.close()
     elapsed = time.perf_counter() - t0
     if stopped:
