@@ -249,6 +249,13 @@ def check_storage_dtype(p: Params) -> None:
 
 
 GIB = 2**30
+
+
+def _bytes(n: float) -> str:
+    """`n` bytes in GiB, or MiB below one GiB."""
+    return f"{n / GIB:.1f} GiB" if n >= GIB else f"{n / 2**20:.1f} MiB"
+
+
 ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
 EXTRACT_BYTES_PER_TOKEN = 24
 """Host memory extract holds per token of both splits before writing: the token stream and the
@@ -294,11 +301,11 @@ def estimate(p: Params, dims: ModelDims) -> Need:
         why_memory = f"extract holds ~{EXTRACT_BYTES_PER_TOKEN} bytes for each of {n_train + n_eval:,} tokens"
     else:
         why_memory = (
-            f"train: shuffle buffer {buffer / GIB:.1f} GiB, SAE state {sae_state / GIB:.1f} GiB, "
-            f"batch {step / GIB:.1f} GiB, plan {plan / GIB:.1f} GiB"
+            f"train: shuffle buffer {_bytes(buffer)}, SAE state {_bytes(sae_state)}, batch {_bytes(step)}, "
+            f"plan {_bytes(plan)}"
         )
     why_disk = (
-        f"activation store {store / GIB:.1f} GiB: {stored_train + n_eval:,} tokens x {dims.n_layers} blocks x "
+        f"activation store {_bytes(store)}: {stored_train + n_eval:,} tokens x {dims.n_layers} blocks x "
         f"d_model {dims.d_model} x {item} bytes"
     )
     return Need(max(extract_memory, train_memory), store + latents + sae, why_memory, why_disk)
@@ -334,14 +341,14 @@ def check_resources(p: Params) -> None:
     keys = "data.train_tokens / data.eval_tokens"
     if need.memory > memory:
         raise MlsaeError(
-            f"{keys}: this run needs at least {need.memory / GIB:.1f} GiB of memory ({need.why_memory}), but this "
-            f"machine has {memory / GIB:.1f} GiB; lower them"
+            f"{keys}: this run needs at least {_bytes(need.memory)} of memory ({need.why_memory}), but this "
+            f"machine has {_bytes(memory)}; lower them"
             + (" or use train.source: stream" if p.train.source == "store" else "")
         )
     if need.disk > disk:
         raise MlsaeError(
-            f"{keys}: this run needs at least {need.disk / GIB:.1f} GiB of disk under {DATA}/ ({need.why_disk}), but "
-            f"{disk / GIB:.1f} GiB are free there; lower them"
+            f"{keys}: this run needs at least {_bytes(need.disk)} of disk under {DATA}/ ({need.why_disk}), but "
+            f"{_bytes(disk)} are free there; lower them"
             + (", use train.source: stream" if p.train.source == "store" else "")
             + " or extract.dtype: float16/bfloat16"
         )

@@ -19,7 +19,6 @@ import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -131,13 +130,8 @@ def extract(p: Params, out: str, progress: bool = True, stop_after_shards: int |
     model = load_model(p.model, p.extract.device)
     attrs = fingerprint_attrs(p, model)
     splits = prepare_splits(p, model, docs)
-    with exclusive(_lock_path(out), out):
+    with exclusive(store.lock_path(out), out):
         return _extract(p, out, model, splits, attrs, progress, stop_after_shards)
-
-
-def _lock_path(out: str) -> str:
-    """The lock file of a store: a hidden sibling (`data/.activations.zarr.lock`)."""
-    return out if "://" in out else str(Path(out).with_name(f".{Path(out).name}.lock"))
 
 
 def _extract(

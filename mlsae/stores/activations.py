@@ -102,6 +102,13 @@ def open_root(path: str, mode: str = "r") -> zarr.Group:
         raise MlsaeError(f"{path}: cannot open store ({type(e).__name__}: {e})") from None
 
 
+def lock_path(path: str | Path) -> str:
+    """The lock file a store's writer holds (`mlsae.core.io.exclusive`): a hidden sibling,
+    `data/.activations.zarr.lock` (URLs are not locked)."""
+    path = str(path)
+    return path if "://" in path else str(Path(path).with_name(f".{Path(path).name}.lock"))
+
+
 def exists(path: str) -> bool:
     try:
         zarr.open_group(str(path), mode="r")
