@@ -211,7 +211,8 @@ def check_run(p: Params, params_path: Path) -> None:
         raise MlsaeError(
             f"{params_path.name} changed since `check` validated it for this run ({'; '.join(changed[:4])}"
             f"{'; ...' if len(changed) > 4 else ''}): another `dvc exp run` or `dvc repro` in this workspace? "
-            f"One run at a time per workspace: {QUEUE_HINT}; or rerun from check with `dvc repro`"
+            f"One run at a time per workspace: {QUEUE_HINT}; to run on the new params, rerun from check "
+            f"(`dvc repro`, or `dvc repro -s check` before a single stage)"
         )
     run, me = record.get("run"), run_process()
     if isinstance(run, dict) and me is not None and run != me and _alive(run):
