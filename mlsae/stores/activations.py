@@ -204,7 +204,11 @@ def verify(root: zarr.Group, path: str | Path, producer: str) -> None:
     record = root.attrs.get(RECORD)
     if not isinstance(record, dict) or not record:
         raise MlsaeError(f"{path}: no completion record (attr {RECORD!r}: written by an older version); {fix}")
-    arrays = _arrays(root)
+    try:
+        arrays = _arrays(root)
+    except Exception as e:  # an array's metadata (zarr.json) that does not parse
+        reason = " ".join(f"{type(e).__name__}: {e}".split())[:160]
+        raise MlsaeError(f"{path}: cannot read its arrays' metadata ({reason}); {fix}") from None
     for name, want in sorted(record.items()):
         arr = arrays.get(name)
         if arr is None:
