@@ -52,9 +52,9 @@ def import_sae(p: Params, reader: ActivationStore, out_dir: Path) -> dict:
         )
     for name, tensor in sae.state_dict().items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            bad = int((~torch.isfinite(tensor)).sum())
+            n_bad = int((~torch.isfinite(tensor)).sum())
             raise MlsaeError(
-                f"sae.source: {source!r}: tensor {name!r} holds {bad} NaN or infinite value(s); refusing to import "
+                f"sae.source: {source!r}: tensor {name!r} holds {n_bad} NaN or infinite value(s); refusing to import "
                 f"it (re-export the SAE from a finite checkpoint, or train one: sae.source: train)"
             )
     cfg = sae.cfg
