@@ -79,6 +79,9 @@ def build_store(path: Path, n_tokens: int, seed: int = 0) -> None:
     group.create_array("position", data=(t % CONTEXT).astype(np.int16), chunks=(SHARD_TOKENS,))
     group.create_array("special", data=(t % CONTEXT == 0), chunks=(SHARD_TOKENS,))
     group.create_array("document", data=(t // DOCUMENT_TOKENS).astype(np.int64), chunks=(SHARD_TOKENS,))
+    from mlsae.stores.activations import seal
+
+    seal(group, "latents", "dump")
     group.attrs.update({"layers": list(range(N_LAYERS)), "n_latents": N_LATENTS, "k": K, "complete": True})
 
 

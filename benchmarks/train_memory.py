@@ -43,7 +43,7 @@ def build_store(path: Path, n_tokens: int) -> None:
         for lo in range(0, n, step):
             hi = min(n, lo + step)
             root[name]["resid"][lo:hi] = rng.standard_normal((hi - lo, LAYERS, D_MODEL), dtype=np.float32).astype(np.float16)
-    root.attrs["complete"] = True
+    store.seal(root, path, "extract")
 
 
 def run_child(path: str) -> None:

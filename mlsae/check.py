@@ -8,13 +8,20 @@
    dimensions (`model_dims`) are read only where that is cheap and offline: the tiny registry
    models' config, a GGUF file's metadata header (the embedded model or a `.gguf` path), a local
    Hugging Face directory's `config.json`, or a hub model's cached `config.json`; otherwise the
-   model-dependent checks are left to extract.
+   model-dependent checks are left to extract. The checks include every device the params name,
+   a batch against the shuffle buffer and the run, a `lens_path` directory's contents, and a
+   memory and disk estimate of the run against what this machine has (`check_resources`): a
+   run that cannot fit fails here, saying how much it needs, not in extract after DVC deleted
+   the old outputs.
 2. Writes the corpus manifest (`data/corpus.json`, which extract depends on): for a local file,
    directory or glob `data.source`, the sorted files with their sha256 and size; for
    `embedded:python-docs`, the Python version, the sha256 of the pydoc topics and of the standard
    library's `.py` file list with sizes; for `hf:` sources, the spec string. No timestamps: the
    bytes are identical while the corpus is, so an unchanged corpus never reruns extract and an
    edited one always does. The file is rewritten only when its content changes.
+3. Records the params it validated and the DVC process running it (`data/checkpoints/run.json`,
+   `mlsae.core.stage.record_run`); every later stage refuses to start on other params, so two
+   runs in one workspace cannot mix their params.yaml (`dvc exp run --queue` runs them apart).
 0. First of all, prints a one-line notice when params.yaml differs from git HEAD's (see
    `params_drift`), so it shows even when a param is then rejected.
 
@@ -25,12 +32,10 @@ param stops `dvc repro` / `dvc exp run` before anything is removed.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import struct
+import shutil
 import subprocess
 import sys
-import sysconfig
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,9 +44,12 @@ from typing import Any
 import yaml
 
 from mlsae.core.errors import MlsaeError
-from mlsae.core.io import file_sha256, write_text
+from mlsae.core.io import write_text
 from mlsae.core.params import Params, load_params
+from mlsae.core.paths import DATA, LENS_CONFIG, LENS_PARAMS
+from mlsae.core.stage import record_run
 from mlsae.data import corpus
+from mlsae.models.gguf_cache import ModelDims, gguf_dims
 from mlsae.sae.config import check_dead_window, check_k, resolve_dead_tokens
 
 RESTORE_PARAMS = "git show HEAD:params.yaml > params.yaml"
@@ -52,70 +60,6 @@ clean to git, so `git checkout -- params.yaml` and `git reset --hard` do not res
 # --------------------------------------------------------------------------------------------
 # Model dimensions, read offline and cheaply
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ModelDims:
-    n_layers: int
-    d_model: int
-    max_context: int | None = None
-
-
-def gguf_dims(path: str | Path) -> ModelDims:
-    """Block count, embedding width and context length from a GGUF file's metadata header.
-
-    Reads the key-value section sequentially and stops once the three keys are found (the
-    tokenizer's large arrays and the tensors are never read)."""
-    from gguf import GGUFValueType as T
-
-    scalar = {
-        T.UINT8: "<B",
-        T.INT8: "<b",
-        T.UINT16: "<H",
-        T.INT16: "<h",
-        T.UINT32: "<I",
-        T.INT32: "<i",
-        T.FLOAT32: "<f",
-        T.BOOL: "<?",
-        T.UINT64: "<Q",
-        T.INT64: "<q",
-        T.FLOAT64: "<d",
-    }
-    with open(path, "rb") as f:
-
-        def read(fmt: str) -> Any:
-            return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
-
-        def string() -> str:
-            return f.read(read("<Q")).decode("utf-8", "replace")
-
-        def value(kind: int) -> Any:
-            kind = T(kind)
-            if kind == T.STRING:
-                return string()
-            if kind == T.ARRAY:
-                item, n = read("<I"), read("<Q")
-                if T(item) in scalar:  # skip without decoding
-                    f.seek(n * struct.calcsize(scalar[T(item)]), 1)
-                else:
-                    for _ in range(n):
-                        value(item)
-                return None
-            return read(scalar[kind])
-
-        if f.read(4) != b"GGUF":
-            raise MlsaeError(f"model: {path} is not a GGUF file")
-        read("<I")  # version
-        read("<Q")  # tensor count
-        found: dict[str, Any] = {}
-        for _ in range(read("<Q")):
-            key = string()
-            found[key] = value(read("<I"))
-            arch = found.get("general.architecture")
-            wanted = [f"{arch}.block_count", f"{arch}.embedding_length", f"{arch}.context_length"]
-            if arch and all(k in found for k in wanted):
-                return ModelDims(int(found[wanted[0]]), int(found[wanted[1]]), int(found[wanted[2]]))
-    raise MlsaeError(f"model: {path}: GGUF metadata lacks the block count or embedding length")
 
 
 def config_dims(path: str | Path) -> ModelDims | None:
@@ -188,9 +132,77 @@ def check_model(p: Params) -> None:
 
 
 def check_lens_path(p: Params) -> None:
-    """A local tuned-lens directory named for `lens: pretrained` must exist."""
-    if p.lens == "pretrained" and p.lens_path and not Path(p.lens_path).is_dir():
+    """A local tuned-lens directory named for `lens: pretrained` must exist and hold a tuned lens:
+    `config.json` (parsing, with the layer count and width, which must be the model's when known)
+    and `params.pt`."""
+    if p.lens != "pretrained" or not p.lens_path:
+        return
+    root = Path(p.lens_path)
+    if not root.is_dir():
         raise MlsaeError(f"lens_path: {p.lens_path} is not a directory (a tuned-lens directory for lens=pretrained)")
+    missing = [name for name in (LENS_CONFIG, LENS_PARAMS) if not (root / name).is_file()]
+    if missing:
+        raise MlsaeError(
+            f"lens_path: {p.lens_path} holds no {' or '.join(missing)} (a tuned-lens directory has "
+            f"{LENS_CONFIG} and {LENS_PARAMS})"
+        )
+    try:
+        config = json.loads((root / LENS_CONFIG).read_text())
+        layers, width = int(config["num_hidden_layers"]), int(config["d_model"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise MlsaeError(
+            f"lens_path: {root / LENS_CONFIG} is not a tuned-lens config ({type(e).__name__}: "
+            f"{' '.join(str(e).split())[:120]})"
+        ) from None
+    dims = model_dims(p.model)
+    if dims is not None and (layers, width) != (dims.n_layers, dims.d_model):
+        raise MlsaeError(
+            f"lens_path: {p.lens_path} is a lens for {layers} layers x d_model {width}, but model {p.model} has "
+            f"{dims.n_layers} x {dims.d_model}"
+        )
+
+
+def check_devices(p: Params) -> None:
+    """Every device the params name exists on this machine (CUDA present, the index in range)."""
+    from mlsae.models.registry import resolve_device
+
+    keys = {
+        "extract.device": p.extract.device,
+        "lens_fit.device": p.lens_fit.device,
+        "train.device": p.train.device,
+        "evaluate.device": p.evaluate.device,
+        "dump.device": p.dump.device,
+    }
+    for key, spec in keys.items():
+        if not spec:
+            continue
+        try:
+            resolve_device(spec)
+        except MlsaeError as e:
+            raise MlsaeError(f"{key}: {str(e).removeprefix('device: ')}") from None
+
+
+def train_split_tokens(p: Params) -> int:
+    """Tokens the train stage can draw batches from: data.train_tokens in whole contexts."""
+    return -(-p.data.train_tokens // p.data.context) * p.data.context
+
+
+def check_batch(p: Params) -> None:
+    """A batch fits in the shuffle buffer and in the run (the stage counts the usable tokens
+    exactly; special tokens and position 0 only make it fewer)."""
+    if p.sae.source != "train":
+        return
+    if p.train.batch_tokens > p.train.shuffle_buffer_tokens:
+        raise MlsaeError(
+            f"train.batch_tokens: {p.train.batch_tokens} exceeds train.shuffle_buffer_tokens "
+            f"{p.train.shuffle_buffer_tokens} (batches are drawn from one buffer); lower it or raise the buffer"
+        )
+    n = train_split_tokens(p)
+    if p.train.batch_tokens > n:
+        raise MlsaeError(
+            f"train.batch_tokens: {p.train.batch_tokens} exceeds the run's {n} train tokens (data.train_tokens="
+            f"{p.data.train_tokens} in contexts of {p.data.context}); lower it or raise data.train_tokens"
+        )
 
 
 def check_corpus(p: Params) -> None:
@@ -229,6 +241,112 @@ def check_storage_dtype(p: Params) -> None:
         )
 
 
+GIB = 2**30
+
+
+def _bytes(n: float) -> str:
+    """`n` bytes in GiB, or MiB below one GiB."""
+    return f"{n / GIB:.1f} GiB" if n >= GIB else f"{n / 2**20:.1f} MiB"
+
+
+ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
+EXTRACT_BYTES_PER_TOKEN = 24
+"""Host memory extract holds per token of both splits before writing: the token stream and the
+contexts cut from it (int32), their split copies, the special mask, and the store's per-token
+arrays (tokens, context, special, position) as they are created."""
+TRAIN_BYTES_PER_TOKEN = 18
+"""Host memory the train stage's batch plan holds per train token (keep mask, row index, ids)."""
+
+
+@dataclass(frozen=True)
+class Need:
+    memory: int
+    disk: int
+    why_memory: str
+    why_disk: str
+
+
+def estimate(p: Params, dims: ModelDims) -> Need:
+    """A lower estimate of the run's peak host memory and of the disk its stores take: the token
+    bookkeeping of extract (or of the train plan), one shard being written, the shuffle buffer and
+    the SAE's training state; the activation store, the latent store and the SAE on disk. The
+    model's own weights are not counted."""
+    n_eval = eval_split_tokens(p)
+    n_train = train_split_tokens(p)
+    stored_train = n_train
+    if p.train.source == "stream":
+        stored_train = min(n_train, -(-p.data.sample_tokens // p.data.context) * p.data.context)
+    layers = len(p.select_layers(dims.n_layers))
+    item = ITEMSIZE[p.extract.dtype]
+    vector = dims.n_layers * dims.d_model * item  # one token's residuals, every block
+    n_latents = p.sae.expansion * dims.d_model
+    shard = min(128 << 20, (stored_train + n_eval) * vector)
+    extract_memory = (n_train + n_eval) * EXTRACT_BYTES_PER_TOKEN + 2 * shard
+    sae_state = 4 * 2 * n_latents * dims.d_model * 4  # W_enc and W_dec: weights, grads, Adam's two moments
+    step = 2 * p.train.batch_tokens * layers * n_latents * 4  # pre-activations, forward and backward
+    buffer = p.train.shuffle_buffer_tokens * layers * dims.d_model * (item + 4)
+    plan = n_train * TRAIN_BYTES_PER_TOKEN if p.train.source == "store" else 0
+    train_memory = plan + buffer + sae_state + step
+    store = (stored_train + n_eval) * (vector + 11)  # + tokens, context, position, special
+    latents = n_eval * (layers * p.sae.k * 6 + 11)
+    sae = 2 * n_latents * dims.d_model * 4
+    if extract_memory >= train_memory:
+        why_memory = f"extract holds ~{EXTRACT_BYTES_PER_TOKEN} bytes for each of {n_train + n_eval:,} tokens"
+    else:
+        why_memory = (
+            f"train: shuffle buffer {_bytes(buffer)}, SAE state {_bytes(sae_state)}, batch {_bytes(step)}, "
+            f"plan {_bytes(plan)}"
+        )
+    why_disk = (
+        f"activation store {_bytes(store)}: {stored_train + n_eval:,} tokens x {dims.n_layers} blocks x "
+        f"d_model {dims.d_model} x {item} bytes"
+    )
+    return Need(max(extract_memory, train_memory), store + latents + sae, why_memory, why_disk)
+
+
+def _size(path: Path) -> int:
+    """Bytes under `path` (0 when absent)."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+
+
+def machine(data_dir: Path = DATA) -> tuple[int, int]:
+    """(physical memory, disk space for the stores): the free space of the disk holding `data/`
+    plus what the stores it would replace take now."""
+    import psutil
+
+    probe = data_dir.absolute()
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free + sum(_size(data_dir / name) for name in ("activations.zarr", "latents.zarr"))
+    return psutil.virtual_memory().total, free
+
+
+def check_resources(p: Params) -> None:
+    """The run fits the machine: memory and disk estimates (`estimate`) against its physical
+    memory and the disk space under `data/`. Needs the model's dimensions (read offline)."""
+    dims = model_dims(p.model)
+    if dims is None:
+        return
+    need = estimate(p, dims)
+    memory, disk = machine()
+    keys = "data.train_tokens / data.eval_tokens"
+    if need.memory > memory:
+        raise MlsaeError(
+            f"{keys}: this run needs at least {_bytes(need.memory)} of memory ({need.why_memory}), but this "
+            f"machine has {_bytes(memory)}; lower them"
+            + (" or use train.source: stream" if p.train.source == "store" else "")
+        )
+    if need.disk > disk:
+        raise MlsaeError(
+            f"{keys}: this run needs at least {_bytes(need.disk)} of disk under {DATA}/ ({need.why_disk}), but "
+            f"{_bytes(disk)} are free there; lower them"
+            + (", use train.source: stream" if p.train.source == "store" else "")
+            + " or extract.dtype: float16/bfloat16"
+        )
+
+
 CHECKS: list[Callable[[Params], None]] = [
     check_evaluate_tokens,
     check_lens_path,
@@ -236,6 +354,9 @@ CHECKS: list[Callable[[Params], None]] = [
     check_model,
     check_auxk_window,
     check_storage_dtype,
+    check_devices,
+    check_batch,
+    check_resources,
 ]
 
 
@@ -249,38 +370,9 @@ def validate(p: Params) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _display(path: Path) -> str:
-    """A path relative to the working directory when inside it (so manifests move with the repo)."""
-    try:
-        return path.resolve().relative_to(Path.cwd().resolve()).as_posix()
-    except ValueError:
-        return path.resolve().as_posix()
-
-
 def corpus_manifest(source: str) -> dict[str, Any]:
     """What decides the corpus's content (see the module docstring); deterministic."""
-    if source.startswith(corpus.HF_PREFIX):
-        return {"source": source}
-    if source == corpus.EMBEDDED_PYTHON_DOCS:
-        from pydoc_data.topics import topics
-
-        root = Path(sysconfig.get_paths()["stdlib"])
-        listing = "".join(
-            f"{p.relative_to(root).as_posix()}\t{p.stat().st_size}\n" for p in corpus.stdlib_source_files(root)
-        )
-        return {
-            "source": source,
-            "python": sys.version.split()[0],
-            "topics_sha256": hashlib.sha256(json.dumps(topics, sort_keys=True).encode()).hexdigest(),
-            "stdlib_files_sha256": hashlib.sha256(listing.encode()).hexdigest(),
-        }
-    if source.startswith(corpus.EMBEDDED_PREFIX):
-        raise MlsaeError(f"data.source {source!r}: unknown embedded corpus (known: {corpus.EMBEDDED_PYTHON_DOCS})")
-    files = corpus._resolve_files(source)
-    return {
-        "source": source,
-        "files": [{"path": _display(f), "size": f.stat().st_size, "sha256": file_sha256(f)} for f in files],
-    }
+    return corpus.manifest(source)
 
 
 def write_manifest(source: str, path: str | Path) -> bool:
@@ -355,13 +447,21 @@ def drift_notice(drift: dict[str, tuple[Any, Any]], name: str = "params.yaml") -
 # --------------------------------------------------------------------------------------------
 
 
-def check(params_path: str | Path, manifest_path: str | Path, notice: Callable[[str], None] | None = None) -> Params:
+def check(
+    params_path: str | Path,
+    manifest_path: str | Path,
+    notice: Callable[[str], None] | None = None,
+    record: bool = False,
+) -> Params:
     """Report params drift (first, so it shows even when a param is rejected), validate params
-    (every check), then write the corpus manifest."""
+    (every check), write the corpus manifest, then, with `record`, record the validated params for
+    the later stages of this run (`mlsae.core.stage.record_run`: one run per workspace)."""
     line = drift_notice(params_drift(params_path), Path(params_path).name)
     if line:
         (notice or (lambda s: print(s, file=sys.stderr)))(line)
     p = load_params(params_path)
     validate(p)
     write_manifest(p.data.source, manifest_path)
+    if record:
+        record_run(p, Path(params_path))
     return p

@@ -5,7 +5,7 @@ import typer
 from mlsae.compare import experiments as _compare
 
 app = typer.Typer(help="mlsae: multi-layer SAEs over a language model's residual stream.", no_args_is_help=True)
-app.command("compare", help="Stack the summary rows of every DVC experiment into reports/tables/experiments.md.")(
+app.command("compare", help="Stack the summary rows of every DVC experiment into reports/compare/experiments.md.")(
     _compare.main
 )
 
@@ -25,7 +25,7 @@ def export(
     format: str = typer.Option("saelens", "--format", help="Output layout; only saelens (SAELens >= 6)."),
     sae: str = typer.Option("data/sae", "--sae", help="The SAE directory to export."),
     model_name: str = typer.Option("", "--model-name", help="metadata.model_name (default: the SAE's model)."),
-    force: bool = typer.Option(False, "--force", help="Replace a non-empty OUT."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT when an earlier `mlsae export` wrote it."),
 ) -> None:
     """Export the SAE to SAELens: one folder per layer hook blocks.{i}.hook_resid_post."""
     from mlsae.core.stage import stage

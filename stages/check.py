@@ -9,7 +9,7 @@ from mlsae.core.stage import stage
 
 def main(params_file: str = "params.yaml") -> None:
     with stage("check"):
-        check(params_file, C.CORPUS_MANIFEST)
+        check(params_file, C.CORPUS_MANIFEST, record=True)
 
 
 if __name__ == "__main__":

@@ -190,6 +190,29 @@ def test_page_escapes_corpus_text(run: dict) -> None:
     assert "http://" not in text.replace("http://www.w3.org/2000/svg", "") and "https://" not in text
 
 
+def test_csp_allows_only_the_pages_own_inline_script_and_style_by_hash(run: dict) -> None:
+    """Issue 28 (14): the CSP allowed 'unsafe-inline' scripts, so escaping was the only wall
+    against an injected handler. Now exactly the page's own script and style are allowed, by the
+    sha256 of their content (the browser test checks that an injected handler does not run)."""
+    import base64
+    import hashlib
+    import re
+
+    text = page.render(run["payload"])
+    csp = re.search(r'<meta http-equiv="Content-Security-Policy" content="([^"]*)">', text).group(1)
+    assert "unsafe-inline" not in csp and "unsafe-eval" not in csp
+    directives = dict(d.strip().split(" ", 1) for d in csp.split(";"))
+    scripts = re.findall(r"<script>(.*?)</script>", text, re.S)  # executable: no type attribute
+    styles = re.findall(r"<style>(.*?)</style>", text, re.S)
+    assert len(scripts) == len(styles) == 1
+
+    def source(body: str) -> str:
+        return "'sha256-" + base64.b64encode(hashlib.sha256(body.encode()).digest()).decode() + "'"
+
+    assert directives["script-src"] == source(scripts[0]) and directives["style-src"] == source(styles[0])
+    assert directives["default-src"] == "'none'"
+
+
 def test_browse_params_are_validated() -> None:
     with pytest.raises(MlsaeError, match=r"^browse\.latents: input should be greater than or equal to 1 \(got 0\)$"):
         parse_params({"browse": {"latents": 0}})

@@ -108,6 +108,37 @@ def test_latent_browser(browser: Any, site: Path) -> None:
     page.close()
 
 
+INJECT = """() => {
+  window.cspViolations = 0;
+  document.addEventListener("securitypolicyviolation", () => { window.cspViolations += 1; });
+  const box = document.createElement("div");
+  // markup that got past the escaping: an inline handler, and an inline script element
+  box.innerHTML = '<img src="data:," onerror="window.pwnedHandler = 1">';
+  document.body.append(box);
+  const s = document.createElement("script");
+  s.textContent = "window.pwnedScript = 1";
+  document.body.append(s);
+}"""
+
+
+def test_csp_stops_an_injected_inline_handler(browser: Any, site: Path) -> None:
+    """Issue 28 (14): the second wall behind the escaping. With the page's own script allowed by
+    hash (no 'unsafe-inline'), an inline handler and an inline script injected into the page do not
+    run; the page's own script did (it drew the table)."""
+    page = browser.new_page()
+    page.goto(site.as_uri())
+    assert page.locator("tr.latent-row").count() > 0  # the page's own (hashed) script ran
+    page.evaluate(INJECT)
+    for _ in range(100):  # polled from here: wait_for_function would evaluate a string, which the CSP forbids
+        if page.evaluate("window.cspViolations") >= 2 or page.evaluate("window.pwnedHandler"):
+            break
+        page.wait_for_timeout(50)
+    assert page.evaluate("window.pwnedHandler") is None
+    assert page.evaluate("window.pwnedScript") is None
+    assert page.evaluate("window.cspViolations") >= 2
+    page.close()
+
+
 def test_dvc_plots_show_offline(browser: Any, tmp_path: Path) -> None:
     """`dvc plots show` in this repository (its .dvc/config names the vendored template) writes a
     page that draws every Vega plot with no request leaving the page."""

@@ -45,7 +45,7 @@ def latent_store(path: Path, n: int = 4096) -> None:
     rng = np.random.default_rng(0)
     root[C.INDICES][:] = rng.integers(0, 32, (n, 2, 4), dtype=np.int32)
     root[C.VALUES][:] = rng.random((n, 2, 4)).astype(np.float16)
-    root.attrs["complete"] = True
+    store.seal(root, path, "dump")
 
 
 def shard_files(array_dir: Path) -> list[Path]:
@@ -91,7 +91,7 @@ def test_damaged_activation_shard_is_reported(tmp_path, damage):
     x = np.random.default_rng(0).standard_normal((n, L, d)).astype(np.float16)
     for name in ("train", "eval"):
         root[name][C.RESID][:] = x
-    root.attrs["complete"] = True
+    store.seal(root, path, "extract")
     reader = store.ActivationStore(str(path))
     assert torch.equal(reader.resid("eval", 0, n, raw=True), torch.from_numpy(x))
     damage(shard_files(path / "eval" / C.RESID)[0])
@@ -132,13 +132,21 @@ def test_sae_with_a_garbage_body_is_refused(tmp_path):
         MLSAE.load(tmp_path)
 
 
-def test_sae_with_non_finite_weights_is_refused_even_without_a_recorded_hash(tmp_path):
+def test_sae_with_non_finite_weights_is_refused(tmp_path):
     sae = MLSAE(SAEConfig(d_model=8, n_latents=32, k=4, layers=[0, 1]))
     with torch.no_grad():
         sae.W_dec[0, 0] = float("nan")
-    sae.save(tmp_path)
-    cfg = json.loads((tmp_path / C.SAE_CONFIG).read_text())
-    del cfg["weights_sha256"]  # e.g. an SAE written before hashes were recorded
-    (tmp_path / C.SAE_CONFIG).write_text(json.dumps(cfg))
+    sae.save(tmp_path)  # the recorded hash is that of the NaN weights: only the finite check catches them
     with pytest.raises(MlsaeError, match=r"tensor 'W_dec' holds NaN or infinite values"):
+        MLSAE.load(tmp_path)
+
+
+def test_sae_config_without_a_weights_hash_fails_closed(tmp_path):
+    """Issue 28 (5): a config.json without weights_sha256 (an older SAE, or an edited one) is refused:
+    nothing vouches for the weights, so they are not read at all."""
+    MLSAE(SAEConfig(d_model=8, n_latents=32, k=4, layers=[0, 1])).save(tmp_path)
+    cfg = json.loads((tmp_path / C.SAE_CONFIG).read_text())
+    del cfg["weights_sha256"]
+    (tmp_path / C.SAE_CONFIG).write_text(json.dumps(cfg))
+    with pytest.raises(MlsaeError, match=r"config.json: no weights_sha256 recorded for sae.safetensors .*dvc repro -f train"):
         MLSAE.load(tmp_path)

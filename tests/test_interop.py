@@ -352,8 +352,13 @@ def test_export_refusals(tmp_path):
     with pytest.raises(MlsaeError, match=r"not empty; pick another folder or pass --force"):
         export_saelens(tmp_path / "sae", tmp_path / "busy")
     assert (tmp_path / "busy" / "keep.txt").exists()
-    export_saelens(tmp_path / "sae", tmp_path / "busy", force=True)
-    assert sorted(p.name for p in (tmp_path / "busy").iterdir()) == ["blocks.0.hook_resid_post"]
+    # --force replaces only an earlier export (issue 28: it used to replace any folder)
+    with pytest.raises(MlsaeError, match=r"not written by `mlsae export` \(no \.mlsae-export in it\)"):
+        export_saelens(tmp_path / "sae", tmp_path / "busy", force=True)
+    assert sorted(p.name for p in (tmp_path / "busy").iterdir()) == ["keep.txt"]
+    export_saelens(tmp_path / "sae", tmp_path / "out")
+    export_saelens(tmp_path / "sae", tmp_path / "out", force=True)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".mlsae-export", "blocks.0.hook_resid_post"]
 
 
 def test_export_cli(tmp_path):

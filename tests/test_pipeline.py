@@ -89,7 +89,7 @@ def test_repro_writes_every_output(repo):
 
 
 def test_editing_a_lens_method_reruns_the_stages_that_run_it(repo):
-    path = repo / "mlsae" / "lens.py"
+    path = repo / "mlsae" / "lens" / "tuned.py"
     source = path.read_text()
     tree = ast.parse(source)
     lens = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Lens")
@@ -150,7 +150,7 @@ def test_queued_sweep_and_compare(repo):
     shown = json.loads(run(repo, "dvc", "exp", "show", "--json").stdout)
     assert len(shown) >= 1
     run(repo, "mlsae", "compare")
-    table = (repo / "reports/tables/experiments.md").read_text()
+    table = (repo / "reports/compare/experiments.md").read_text()
     assert "tiny-llama" in table
 
 

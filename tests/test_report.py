@@ -478,6 +478,7 @@ def test_report_reads_the_aggregate_stage_output(run: dict[str, Path], tmp_path:
     """The real aggregate stage's parquet files go through the report unchanged."""
     zarr = pytest.importorskip("zarr")
     from mlsae.analysis.aggregate import aggregate
+    from mlsae.stores.activations import seal
 
     rng = np.random.default_rng(0)
     k, n_latents = 2, 6
@@ -489,6 +490,7 @@ def test_report_reads_the_aggregate_stage_output(run: dict[str, Path], tmp_path:
     root.create_array("values", data=values, chunks=(16, L, k))
     root.create_array("special", data=np.zeros(N_TOKENS, dtype=bool), chunks=(16,))
     root.create_array("position", data=(np.arange(N_TOKENS) % 8).astype(np.int16), chunks=(16,))
+    seal(root, store, "dump")
     root.attrs.update({"layers": BLOCKS, "n_latents": n_latents, "k": k, "complete": True})
     metrics = aggregate(store, run["analysis_dir"], run["metrics_dir"] / ANALYSIS_METRICS.name, min_count=1)
 

@@ -421,13 +421,14 @@ def test_load_errors_name_the_file(tmp_path) -> None:
         MLSAE.load(tmp_path)
     assert "\n" not in str(err.value)
     sae.save(tmp_path)
+    recorded = {"weights_sha256": json.loads(config.read_text())["weights_sha256"]}  # a config without it fails closed
     config.write_text("{not json")
     with pytest.raises(MlsaeError, match="config.json: unreadable"):
         MLSAE.load(tmp_path)
-    config.write_text(json.dumps({**sae.cfg.to_dict(), "n_latents": 32}))
+    config.write_text(json.dumps({**sae.cfg.to_dict(), "n_latents": 32, **recorded}))
     with pytest.raises(MlsaeError, match="'W_enc' shape"):
         MLSAE.load(tmp_path)
-    config.write_text(json.dumps({**sae.cfg.to_dict(), "k": 0}))
+    config.write_text(json.dumps({**sae.cfg.to_dict(), "k": 0, **recorded}))
     with pytest.raises(MlsaeError, match=r"config.json: sae\.k must be"):
         MLSAE.load(tmp_path)
 

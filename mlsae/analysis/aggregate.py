@@ -81,7 +81,15 @@ def _nullable(x: np.ndarray, defined: np.ndarray) -> pl.Series:
 
 
 def _finish(acc: Accumulator, blocks: list[int], min_count: int) -> tuple[dict[str, pl.DataFrame], dict[str, Any]]:
-    """Build the per-latent, per-layer and top-token tables and the headline metrics."""
+    """Build the per-latent, per-layer and top-token tables and the headline metrics. Raises
+    MlsaeError naming `analysis.min_count` when it leaves no latent in the headline averages."""
+    most = int(acc.pair_count.max()) if acc.pair_count.size else 0
+    if most > 0 and most < max(min_count, 1):
+        raise MlsaeError(
+            f"analysis.min_count: {min_count} leaves no latent in the per-latent averages (the most active latent "
+            f"is active on {most} tokens of {acc.n_tokens}), so every headline figure would be empty; lower "
+            f"analysis.min_count to at most {most}, or raise data.eval_tokens"
+        )
     n_latents, n_layers = acc.n_latents, acc.n_layers
     ell = np.arange(n_layers, dtype=np.float64)
     mass = acc.layer_mass.sum(axis=1)

@@ -17,7 +17,12 @@ so paths relative to a sub-directory also match; list-valued metrics never appea
 A queued, running or failed experiment shows its params but no metrics: DVC reports the files
 left in its workspace, which are not that experiment's.
 
-Run as ``python -m mlsae.compare.experiments [--out reports/tables/experiments.md] [--json-file show.json]``.
+The table goes to ``reports/compare/`` by default: outside every stage's outputs (a file in
+``reports/tables/`` would make DVC see the report stage changed and delete it on the next run), and
+``--out`` may not point into them either. Input that is not DVC's JSON layout (malformed JSON, not
+UTF-8, another structure) is one line naming the file.
+
+Run as ``python -m mlsae.compare.experiments [--out reports/compare/experiments.md] [--json-file show.json]``.
 """
 
 from __future__ import annotations
@@ -37,13 +42,21 @@ import typer
 from mlsae.core.errors import MlsaeError
 from mlsae.core.io import write_text
 from mlsae.core.metrics import STAGE_METRICS
-from mlsae.core.paths import ANALYSIS_METRICS, EVAL_METRICS, EXTRACT_METRICS, LENS_METRICS, TABLES_DIR, TRAIN_METRICS
+from mlsae.core.paths import (
+    ANALYSIS_METRICS,
+    EVAL_METRICS,
+    EXTRACT_METRICS,
+    LENS_METRICS,
+    REPORTS,
+    TRAIN_METRICS,
+    inside_outputs,
+)
 from mlsae.report import SUMMARY_COLUMNS, format_layers, markdown_table, summary_row
 
 __all__ = ["EXPERIMENTS_TABLE", "Experiment", "compare", "experiment_rows", "main", "parse_exp_show"]
 
-EXPERIMENTS_TABLE = TABLES_DIR / "experiments.md"
-"""Default output; the CSV goes beside it (``experiments.csv``)."""
+EXPERIMENTS_TABLE = REPORTS / "compare" / "experiments.md"
+"""Default output, outside every stage's outputs; the CSV goes beside it (``experiments.csv``)."""
 
 PARAM_COLUMNS = ("model", "lens", "sae.layers", "sae.k", "sae.expansion", "seed")
 """Params always shown; any other param whose value differs between rows is added after them."""
@@ -118,20 +131,28 @@ def _entry(raw: Mapping[str, Any], name: str, baseline: str, status: str) -> Exp
     return Experiment(name or short, short, baseline, status, params, metrics, notes)
 
 
-def parse_exp_show(text: str) -> list[Experiment]:
+def parse_exp_show(text: str, source: str = "dvc exp show --json") -> list[Experiment]:
     """Parse ``dvc exp show --json`` output (DVC 3.x layout, see the module docstring).
 
     Returns the workspace, then each baseline commit followed by its experiments, in DVC's order.
 
     Raises:
-        MlsaeError: the text is not JSON or not in the DVC 3.x layout.
+        MlsaeError: the text is not JSON or not in the DVC 3.x layout (naming `source`).
     """
     try:
         entries = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise MlsaeError(f"dvc exp show --json: not valid JSON ({exc})") from None
+        raise MlsaeError(f"{source}: not valid JSON ({exc})") from None
     if not isinstance(entries, list) or not all(isinstance(e, Mapping) and "rev" in e for e in entries):
-        raise MlsaeError("dvc exp show --json: expected DVC 3.x output (a list of entries with 'rev'); upgrade DVC")
+        raise MlsaeError(f"{source}: expected DVC 3.x output (a list of entries with 'rev'); upgrade DVC")
+    try:
+        return _rows(entries)
+    except (AttributeError, TypeError, KeyError, ValueError) as exc:
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:160]
+        raise MlsaeError(f"{source}: not in the DVC 3.x layout ({reason})") from None
+
+
+def _rows(entries: list) -> list[Experiment]:
     rows: list[Experiment] = []
     for entry in entries:
         rev = str(entry["rev"])
@@ -226,6 +247,7 @@ def compare(
     *,
     repo_dir: str | os.PathLike[str] = ".",
     all_commits: bool = False,
+    source: str = "dvc exp show --json",
 ) -> pl.DataFrame:
     """Write the experiments table (Markdown at ``out_path``, CSV beside it) and return it.
 
@@ -239,7 +261,7 @@ def compare(
         MlsaeError: DVC failed or its output is not the DVC 3.x layout.
     """
     text = exp_show_json if exp_show_json is not None else _run_exp_show(repo_dir, all_commits)
-    table = experiment_rows(parse_exp_show(text))
+    table = experiment_rows(parse_exp_show(text, source))
     out_path = Path(out_path)
     intro = (
         "# Experiments\n\n"
@@ -254,7 +276,7 @@ def compare(
 
 def main(
     out: Path | None = typer.Option(
-        None, help="Output Markdown (default reports/tables/experiments.md, or reports/compare/models.md with --run)."
+        None, help="Output Markdown (default reports/compare/experiments.md, or reports/compare/models.md with --run)."
     ),
     json_file: Path | None = typer.Option(
         None, help="Read `dvc exp show --json` output saved in this file instead of running DVC."
@@ -271,6 +293,11 @@ def main(
     from mlsae.core.stage import stage
 
     with stage("compare"):
+        if out is not None and inside_outputs(out) is not None:
+            raise MlsaeError(
+                f"--out {out}: is, lies inside or holds the pipeline output {inside_outputs(out)}, which DVC "
+                f"owns (the next `dvc repro` would delete or flag it); write under reports/compare/ instead"
+            )
         if run:
             from mlsae.compare.models import MODELS_TABLE, compare_models
 
@@ -284,10 +311,14 @@ def main(
         text = None
         if json_file is not None:
             try:
-                text = json_file.read_text()
+                text = json_file.read_text(encoding="utf-8")
             except FileNotFoundError:
                 raise MlsaeError(f"{json_file}: not found") from None
-        table = compare(out, text, all_commits=all_commits)
+            except UnicodeDecodeError as e:
+                raise MlsaeError(
+                    f"{json_file}: not valid JSON (not UTF-8 text: {e.reason} at byte {e.start})"
+                ) from None
+        table = compare(out, text, all_commits=all_commits, source=str(json_file or "dvc exp show --json"))
         print(f"{out}: {table.height} experiment rows (CSV: {out.with_suffix('.csv')})")
 
 

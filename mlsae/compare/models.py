@@ -73,8 +73,15 @@ def load_run(path: str | os.PathLike[str]) -> Run:
     summary = root / "tables" / "summary.csv"
     if not summary.is_file():
         raise MlsaeError(f"{summary}: not found (a run directory holds metrics/ and tables/summary.csv)")
-    model = str(pl.read_csv(summary)["model"][0])
+    try:
+        model = str(pl.read_csv(summary)["model"][0])
+    except Exception as e:  # polars' own error types for a file that is not the summary table
+        reason = " ".join(f"{type(e).__name__}: {e}".split())[:160]
+        raise MlsaeError(f"{summary}: not a summary table with a 'model' column ({reason})") from None
     files = {stage: read_json(root / "metrics" / f"{stage}.json") for stage in set(FIGURES.values())}
+    for stage, data in files.items():
+        if not isinstance(data, dict):
+            raise MlsaeError(f"{root / 'metrics' / (stage + '.json')}: expected a JSON object of metrics")
     values: dict[str, float] = {}
     intervals: dict[str, tuple[float, float]] = {}
     for key, stage in FIGURES.items():

@@ -1,4 +1,6 @@
-"""Atomic output helpers: everything is written to a temporary path and renamed into place."""
+"""Atomic output helpers: everything is written to a temporary path and renamed into place; a disk
+error on the way names the path it was writing. `exclusive` is the one lock a writer of resumable
+state (a checkpoint, a store) holds, so two processes never write one."""
 
 from __future__ import annotations
 
@@ -28,6 +30,17 @@ def _check_finite(value: Any, where: str, key: str = "") -> None:
             _check_finite(v, where, f"{key}[{i}]")
 
 
+def named(error: OSError, path: str | Path) -> OSError:
+    """`error` with a file name: itself when it names one, else a copy naming `path` (a disk-full
+    error raised by a library writing a buffer often names no file, and the user needs to know
+    which disk filled up)."""
+    if error.filename:
+        return error
+    renamed = OSError(error.errno, error.strerror or str(error) or type(error).__name__, str(path))
+    renamed.__cause__ = error
+    return renamed
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling of `path` to write; it replaces `path` only if the block succeeds
@@ -38,6 +51,9 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         tmp.replace(path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise named(e, path) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -67,6 +83,8 @@ def read_json(path: str | Path) -> dict:
         raise MlsaeError(f"{path}: not found (run the stage that writes it first)") from None
     except json.JSONDecodeError as e:
         raise MlsaeError(f"{path}: not valid JSON ({e})") from None
+    except UnicodeDecodeError as e:
+        raise MlsaeError(f"{path}: not valid JSON (not UTF-8 text: {e.reason} at byte {e.start})") from None
 
 
 def short_hash(obj: Any) -> str:
@@ -101,19 +119,68 @@ def remove(path: str | Path) -> None:
 
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield a fresh temporary directory that replaces `path` only if the block succeeds."""
-    path = Path(path)
+    """Yield a fresh temporary directory that replaces `path` only if the block succeeds. On any
+    failure, the swap included, the temporary directory is removed and `path` is left as it was."""
+    path = Path(path).absolute()
+    here = Path.cwd().resolve()
+    if path.name in ("", ".", "..") or path.resolve() in (here, *here.parents):
+        raise MlsaeError(f"{path}: refusing to replace the working directory or a directory above it")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     remove(tmp)
     tmp.mkdir()
     try:
         yield tmp
+    except OSError as e:
+        remove(tmp)
+        raise named(e, path) from None
     except BaseException:
         remove(tmp)
         raise
     old = path.with_name(f".{path.name}.old{os.getpid()}")
-    if path.exists():
-        path.rename(old)
-    tmp.rename(path)
+    moved = False
+    try:
+        if path.exists() or path.is_symlink():
+            path.rename(old)
+            moved = True
+        tmp.rename(path)
+    except BaseException:
+        if moved and not path.exists():
+            old.rename(path)
+        remove(tmp)
+        raise
     remove(old)
+
+
+@contextlib.contextmanager
+def exclusive(path: str | Path, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on the file `path` for the block, or raise MlsaeError at once when
+    another process holds it. `what` names what the lock protects, for the error line.
+
+    An advisory `flock`: the kernel drops it when its holder exits, however it exits (kill -9
+    included), so a stale lock never blocks a rerun. URLs (fsspec stores) are not locked."""
+    if "://" in str(path):
+        yield
+        return
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "?"
+            raise MlsaeError(
+                f"{what}: another process (pid {holder}) is writing it (lock {path}); wait for it to finish or "
+                f"stop it, then rerun (run experiments side by side with `dvc exp run --queue`)"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -39,17 +39,49 @@ LAYER_ACTIVITY_PLOT = PLOTS_DIR / "layer_activity.csv"
 # baseline directory contents
 BASELINE_SUMS = "sums.npz"
 
+PIPELINE_OUTPUTS = (
+    CORPUS_MANIFEST,
+    ACTIVATIONS,
+    LATENTS,
+    SAE_DIR,
+    LENS_DIR,
+    BASELINE_DIR,
+    ANALYSIS_DIR,
+    CHECKPOINTS_DIR,
+    METRICS_DIR,
+    PLOTS_DIR,
+    TABLES_DIR,
+    FIGURES_DIR,
+    BROWSER_DIR,
+)
+"""What the stages write (and their working state): tools outside the pipeline (`mlsae export`,
+`mlsae compare`) never write into, over or around these."""
+
+
+def inside_outputs(path: str | Path, root: str | Path = ".") -> Path | None:
+    """The pipeline output (of the project at `root`) that `path` is, lies inside or contains;
+    None when it touches none."""
+    target = Path(path).absolute().resolve()
+    for out in PIPELINE_OUTPUTS:
+        full = (Path(root) / out).absolute().resolve()
+        if target == full or full in target.parents or target in full.parents:
+            return out
+    return None
+
+
 # SAE directory contents
 SAE_WEIGHTS = "sae.safetensors"
 SAE_CONFIG = "config.json"
 CHECKPOINT = "checkpoint.pt"
+RUN_RECORD = "run.json"  # in CHECKPOINTS_DIR: the params `check` validated for the run in progress
 
 # tuned-lens directory contents (the tuned-lens package's own names)
 LENS_CONFIG = "config.json"
 LENS_PARAMS = "params.pt"
 
 # Activation store arrays and attrs
-STORE_SCHEMA = 3  # 2: CRC32C checksum on every chunk of the large arrays; 3: document ids, document split
+STORE_SCHEMA = 4  # 2: CRC32C on the large arrays; 3: on every array, a completion record, the corpus content
+# hash; 4: document ids and the document split
 HOOK_NAME = "blocks.{i}.hook_resid_post"
 RESID = "resid"
 TOKENS = "tokens"

@@ -18,16 +18,20 @@ from __future__ import annotations
 
 import ast
 import glob
+import hashlib
 import inspect
 import json
 import os
+import sys
 import sysconfig
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from mlsae.core.errors import MlsaeError
+from mlsae.core.io import file_sha256
 
 EMBEDDED_PREFIX = "embedded:"
 EMBEDDED_PYTHON_DOCS = "embedded:python-docs"
@@ -53,6 +57,57 @@ token budget spans some 2,000 documents instead of some 800."""
 
 
 _OFFLINE_HINT = "offline, use data.source=embedded:python-docs or a local path/glob of .txt, .jsonl or .parquet files"
+
+
+# --------------------------------------------------------------------------------------------
+# Content identity
+# --------------------------------------------------------------------------------------------
+
+
+def _display(path: Path) -> str:
+    """A path relative to the working directory when inside it (so manifests move with the repo)."""
+    try:
+        return path.resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return path.resolve().as_posix()
+
+
+def manifest(source: str) -> dict[str, Any]:
+    """What decides the corpus's content, deterministically (the check stage writes it to
+    `data/corpus.json`): for local files the sorted files with their size and sha256; for
+    `embedded:python-docs` the Python version, the sha256 of the pydoc topics and of the standard
+    library's `.py` file list with sizes; for `hf:` sources the spec string alone."""
+    if source.startswith(HF_PREFIX):
+        return {"source": source}
+    if source == EMBEDDED_PYTHON_DOCS:
+        from pydoc_data.topics import topics
+
+        root = Path(sysconfig.get_paths()["stdlib"])
+        listing = "".join(f"{p.relative_to(root).as_posix()}\t{p.stat().st_size}\n" for p in stdlib_source_files(root))
+        return {
+            "source": source,
+            "python": sys.version.split()[0],
+            "topics_sha256": hashlib.sha256(json.dumps(topics, sort_keys=True).encode()).hexdigest(),
+            "stdlib_files_sha256": hashlib.sha256(listing.encode()).hexdigest(),
+        }
+    if source.startswith(EMBEDDED_PREFIX):
+        raise MlsaeError(f"data.source {source!r}: unknown embedded corpus (known: {EMBEDDED_PYTHON_DOCS})")
+    files = _resolve_files(source)
+    return {
+        "source": source,
+        "files": [{"path": _display(f), "size": f.stat().st_size, "sha256": file_sha256(f)} for f in files],
+    }
+
+
+def content_sha256(source: str) -> str:
+    """The sha256 of the corpus's content, as resume identities record it (extract's store, train's
+    checkpoint in stream mode): `manifest(source)` without the file paths, so the bytes of the
+    files, in document order, decide it (a renamed file that keeps its place changes nothing; any
+    edit changes it). `hf:` sources are identified by their spec only."""
+    record = manifest(source)
+    if "files" in record:
+        record = {**record, "files": [[f["size"], f["sha256"]] for f in record["files"]]}
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
 
 # --------------------------------------------------------------------------------------------
@@ -240,7 +295,7 @@ def _hf_texts(dataset: Iterable[dict], source: str) -> Iterator[str]:
             raise MlsaeError(f"data.source {source!r}: rows have no 'text' field (fields: {sorted(row)})")
         text = row["text"]
         if text is not None:
-            yield str(text)
+            yield _unicode(str(text), f"data.source {source!r}")
 
 
 def _one_line(exc: BaseException, limit: int = 200) -> str:
@@ -248,6 +303,19 @@ def _one_line(exc: BaseException, limit: int = 200) -> str:
     message = str(exc).strip().splitlines()
     text = f"{type(exc).__name__}: {message[0]}" if message else type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _unicode(text: str, where: str) -> str:
+    """`text` if it is valid Unicode; a JSON string can hold a lone surrogate (``"\\ud800"``), which
+    no tokenizer can encode: one line naming where it is, instead of the tokenizer's traceback."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise MlsaeError(
+            f"{where}: 'text' holds an unpaired surrogate {text[exc.start]!r} at character {exc.start}, which is not "
+            f"valid Unicode text (fix or drop that document)"
+        ) from None
+    return text
 
 
 # --- local files ----------------------------------------------------------------------------
@@ -322,7 +390,7 @@ def _read_jsonl(path: Path) -> Iterator[str]:
                     continue
                 if not isinstance(text, str):
                     raise MlsaeError(f"{path}:{number}: 'text' must be a string, got {type(text).__name__}")
-                yield text
+                yield _unicode(text, f"{path}:{number}")
     except (OSError, UnicodeDecodeError) as exc:
         raise MlsaeError(f"{path}: cannot read as UTF-8 JSON lines ({_one_line(exc)})") from exc
 
@@ -342,7 +410,14 @@ def _read_parquet(path: Path) -> Iterator[str]:
     text_type = schema.field("text").type
     if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type)):
         raise MlsaeError(f"{path}: column 'text' must hold strings, not {text_type}")
-    for batch in parquet.iter_batches(batch_size=1024, columns=["text"]):
+    batches = parquet.iter_batches(batch_size=1024, columns=["text"])
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except (OSError, pa.ArrowException) as exc:  # a damaged row group or page
+            raise MlsaeError(f"{path}: cannot read as Parquet ({_one_line(exc)})") from exc
         for text in batch.column(0).to_pylist():
             if text is not None:
                 yield text

@@ -4,11 +4,18 @@ Everything that can be wrong with the inputs (model, corpus, context length, an 
 from another configuration) is checked before the store is touched. Shards of `resid` are written
 by a background thread while the model computes the next one; the `done` counters in the store's
 attrs make an interrupted run resume from the last finished shard.
+
+Resume identity is by content: the store records the corpus's content hash
+(`corpus.content_sha256`) next to every param that shapes it (`fingerprint_attrs`). An incomplete
+store whose corpus content differs is discarded and started afresh (that content is gone, so it
+could never be finished); one from other params is refused, so that those params can still resume
+it. One process at a time writes a store (a lock next to it).
 """
 
 from __future__ import annotations
 
 import itertools
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -18,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mlsae.core.errors import MlsaeError
-from mlsae.core.io import remove
+from mlsae.core.io import exclusive, named, remove
 from mlsae.core.params import FIRST_POSITION_OUTLIER, DataParams, ExtractParams
 from mlsae.core.paths import DOCUMENT, POSITION, RESID, SPECIAL
 from mlsae.data import contexts as token_contexts
@@ -27,7 +34,9 @@ from mlsae.models.registry import LoadedModel, load_model
 from mlsae.stores import activations as store
 
 
-def fingerprint_attrs(model_name: str, data: DataParams, dtype: str, train_source: str, model: LoadedModel) -> dict:
+def fingerprint_attrs(
+    model_name: str, data: DataParams, cfg: ExtractParams, train_source: str, model: LoadedModel
+) -> dict:
     """What identifies the store's content: resuming is only allowed when all of it matches."""
     attrs = {
         "model": model_name,
@@ -35,10 +44,13 @@ def fingerprint_attrs(model_name: str, data: DataParams, dtype: str, train_sourc
         "n_layers": model.n_layers,
         "d_model": model.d_model,
         "corpus": data.source,
+        "corpus_sha256": corpus.content_sha256(data.source),
         "context": data.context,
         "train_tokens": data.train_tokens,
         "eval_tokens": data.eval_tokens,
-        "dtype": dtype,
+        "dtype": cfg.dtype,
+        "batch_size": cfg.batch_size,  # batch-mates change the rounding of a context's residuals
+        "device": model.device.type,
         "data_seed": data.seed,
         "shuffle_documents": corpus.resolve_shuffle(data.source, data.shuffle_documents),
         "document_tokens": corpus.resolve_document_tokens(data.source, data.document_tokens),
@@ -102,7 +114,8 @@ def prepare_splits(
 def open_for_writing(path: str, attrs: dict, splits: dict[str, store.SplitData]) -> tuple[object, bool]:
     """(root group, resumed). An incomplete store of the same configuration is resumed; an
     incomplete one of another configuration is refused; a complete one is rebuilt, and so is
-    one without a schema (`store.create` was interrupted before it wrote the attrs)."""
+    one without a schema (`store.create` was interrupted before it wrote the attrs), and so is an
+    incomplete one whose corpus content is not the corpus's content now (it can never be finished)."""
     if store.exists(path):
         old = dict(store.open_root(path).attrs)
         if "schema" not in old:
@@ -112,6 +125,14 @@ def open_for_writing(path: str, attrs: dict, splits: dict[str, store.SplitData])
         if not old.get("complete"):
             if same:
                 return store.open_root(path, mode="r+"), True
+            if old.get("corpus_sha256") != attrs["corpus_sha256"]:
+                print(
+                    f"notice: extract: {path}: the incomplete store was extracted from other corpus content "
+                    f"(data.source {old.get('corpus')!r} has changed since); starting afresh",
+                    file=sys.stderr,
+                )
+                remove(path)
+                return store.create(path, attrs, splits), False
             raise MlsaeError(
                 f"{path}: an incomplete store from another configuration (model {old.get('model')!r}, "
                 f"corpus {old.get('corpus')!r}) is in the way; delete it or rerun with those params to resume it"
@@ -137,7 +158,22 @@ def extract(
     docs = open_corpus(data)
     model = load_model(model_name, cfg.device)
     splits, split = prepare_splits(data, train_source, model, docs)
-    attrs = {**fingerprint_attrs(model_name, data, cfg.dtype, train_source, model), "split": split.to_json()}
+    attrs = {**fingerprint_attrs(model_name, data, cfg, train_source, model), "split": split.to_json()}
+    with exclusive(store.lock_path(out), out):
+        return _extract(data, cfg, model_name, out, model, splits, attrs, progress, stop_after_shards)
+
+
+def _extract(
+    data: DataParams,
+    cfg: ExtractParams,
+    model_name: str,
+    out: str,
+    model: LoadedModel,
+    splits: dict[str, store.SplitData],
+    attrs: dict,
+    progress: bool,
+    stop_after_shards: int | None,
+) -> dict:
     root, resumed = open_for_writing(out, attrs, splits)
     shard_tokens = int(root.attrs["shard_tokens"])
     per_shard = shard_tokens // data.context
@@ -151,7 +187,10 @@ def extract(
     total = sum(hi - lo for _, _, lo, hi in work) * data.context
 
     def write(name: str, shard: int, lo: int, resid: np.ndarray) -> None:
-        root[name][RESID][lo * data.context : lo * data.context + resid.shape[0]] = resid
+        try:
+            root[name][RESID][lo * data.context : lo * data.context + resid.shape[0]] = resid
+        except OSError as e:  # e.g. disk full: name the store
+            raise named(e, out) from None
         done[name] = shard + 1
         root.attrs["done"] = dict(done)  # only after the shard is on disk
 
@@ -194,7 +233,7 @@ def extract(
     written_store = store.ActivationStore(out, allow_incomplete=True)
     cos = adjacent_cosine(written_store)  # over the kept tokens
     documents = {name: len(np.unique(written_store.meta(name, DOCUMENT)[written_store.keep(name)])) for name in splits}
-    root.attrs["complete"] = True
+    store.seal(root, out, "extract")  # every chunk present; the completion record, `complete` last
     n_tokens = sum(d.n_tokens for d in splits.values())
     return {
         "tokens": n_tokens,

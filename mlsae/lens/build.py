@@ -2,8 +2,10 @@
 `mlsae.lens.loading`).
 
 `data/lens/mlsae.json` records the mode, model and shapes; for `pretrained` and `fit` the
-directory also holds the tuned-lens files (config.json + params.pt). `none` writes only the
-small record (the identity needs no weights), so the graph keeps its shape at no cost.
+directory also holds the tuned-lens files (config.json + params.pt), whose sha256 the record
+holds too (`sha256`: file name -> hex digest; checked on every load, see `mlsae.lens.loading`).
+`none` writes only the small record (the identity needs no weights), so the graph keeps its
+shape at no cost.
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mlsae.core.io import atomic_dir, write_json
+from mlsae.core.io import atomic_dir, file_sha256, write_json
 from mlsae.core.params import LensFitParams
+from mlsae.core.paths import LENS_CONFIG, LENS_PARAMS
 from mlsae.lens.fit import fit_lens, kl_by_layer
-from mlsae.lens.loading import RECORD
+from mlsae.lens.loading import RECORD, SHA256
 from mlsae.lens.tuned import load_pretrained
 from mlsae.stores.activations import ActivationStore
 
@@ -95,6 +98,7 @@ def run_lens_stage(
     kl = kl_by_layer(lens, held_out, model.final_norm, model.unembed)
     with atomic_dir(out_dir) as tmp:
         lens.save(tmp, model_name=model_name, revision=str(reader.attrs.get("revision")))
+        record[SHA256] = {name: file_sha256(tmp / name) for name in (LENS_CONFIG, LENS_PARAMS)}
         write_json(tmp / RECORD, record)
     metrics = {"lens": mode, **kl}
     for key in ("steps", "best_step", "stopped_early"):

@@ -79,6 +79,10 @@ def resolve_device(spec: str = "auto") -> torch.device:
         raise MlsaeError(f"device: unknown device {spec!r} ({e})") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise MlsaeError(f"device: {spec!r} requested but CUDA is not available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise MlsaeError(f"device: {spec!r} requested but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise MlsaeError(f"device: {spec!r} requested but MPS is not available")
     return device
 
 

@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mlsae.core.errors import MlsaeError
+from mlsae.core.io import exclusive
 from mlsae.core.paths import INDICES, STORE_SCHEMA, VALUES
 from mlsae.lens.tuned import Lens
 from mlsae.sae.model import MLSAE
@@ -58,9 +59,22 @@ def dump(
     progress: bool = True,
     stop_after_shards: int | None = None,
 ) -> dict:
-    """Encode every eval token at every SAE layer and store its top-k (indices, values)."""
+    """Encode every eval token at every SAE layer and store its top-k (indices, values). One
+    process at a time writes a latent store (a lock beside it)."""
     if reader.n_tokens("eval") == 0:
         raise MlsaeError(f"{reader.path}: the eval split is empty")
+    with exclusive(store.lock_path(path), path):
+        return _dump(sae, lens, reader, path, progress, stop_after_shards)
+
+
+def _dump(
+    sae: MLSAE,
+    lens: Lens,
+    reader: store.ActivationStore,
+    path: str,
+    progress: bool,
+    stop_after_shards: int | None,
+) -> dict:
     attrs = _attrs(sae, lens, reader)
     root, done = latents.open_for_writing(path, attrs, reader)
     n, layers = attrs["n_tokens"], sae.cfg.layers
@@ -83,5 +97,5 @@ def dump(
             bar.close()
             return {}
     bar.close()
-    root.attrs["complete"] = True
+    store.seal(root, path, "dump")
     return {"tokens": n, "layers": len(layers), "k": sae.cfg.k}

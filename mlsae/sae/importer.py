@@ -4,7 +4,9 @@ Sources: a directory in this project's own format (`sae.safetensors` + `config.j
 experiment's `data/sae`), or a local directory or hub id in the seed paper's format
 (:mod:`mlsae.sae.seed`). The SAE is checked against the activation store (d_model, model name,
 layer count) and the params (lens), then written to `data/sae` in this project's format, so
-evaluate, dump, aggregate and report run on it unchanged. The stage's metrics say
+evaluate, dump, aggregate and report run on it unchanged. A weight that is NaN or infinite is
+refused with one line (such an SAE would reach dvc.lock and only fail downstream). The stage's
+metrics say
 `imported: true` with the source, a hash of the imported weights (`sae_sha256`) and no training
 metrics; its training curve has the header and no rows.
 
@@ -49,6 +51,13 @@ def import_sae(sae_params: SAEParams, lens_mode: str, reader: ActivationStore, o
             f"sae.source: {directory} holds neither this project's {SAE_WEIGHTS} + {SAE_CONFIG} "
             f"nor the seed's config.json + model.safetensors"
         )
+    for name, tensor in sae.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            n_bad = int((~torch.isfinite(tensor)).sum())
+            raise MlsaeError(
+                f"sae.source: {source!r}: tensor {name!r} holds {n_bad} NaN or infinite value(s); refusing to import "
+                f"it (re-export the SAE from a finite checkpoint, or train one: sae.source: train)"
+            )
     cfg = sae.cfg
     if cfg.d_model != reader.d_model:
         raise MlsaeError(

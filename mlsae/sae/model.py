@@ -235,8 +235,8 @@ class MLSAE(nn.Module):
 
     @classmethod
     def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> MLSAE:
-        """Rebuild an SAE saved by :meth:`save`; a missing or corrupt file, weights whose sha256
-        differs from the recorded one, or a non-finite weight raise MlsaeError."""
+        """Rebuild an SAE saved by :meth:`save`; a missing or corrupt file, a config without the
+        weights' sha256, weights whose sha256 differs from it, or a non-finite weight raise MlsaeError."""
         directory = Path(directory)
         cfg_path, weights_path = directory / SAE_CONFIG, directory / SAE_WEIGHTS
         for path in (cfg_path, weights_path):
@@ -258,7 +258,12 @@ class MLSAE(nn.Module):
             tensors = load_file(str(weights_path))
         except Exception as e:  # safetensors raises its own error types for corrupt files
             raise MlsaeError(f"{weights_path}: unreadable weights ({_one_line(e)}); {rebuild}") from None
-        if recorded is not None and file_sha256(weights_path) != recorded:
+        if not isinstance(recorded, str):  # fails closed: without the hash nothing vouches for the weights
+            raise MlsaeError(
+                f"{cfg_path}: no {WEIGHTS_SHA256} recorded for {SAE_WEIGHTS} (written by an older version, or "
+                f"edited); {rebuild}"
+            )
+        if file_sha256(weights_path) != recorded:
             raise MlsaeError(
                 f"{weights_path}: sha256 differs from the one recorded in {cfg_path} (corrupted); {rebuild}"
             )

@@ -25,6 +25,12 @@ SAELens's TopK encode and decode (v6, `normalize_activations: layer_norm`), for 
   (‖x̂‖ <= sqrt(d)), i.e. relative 1e-5 / σ_b: negligible for residual streams (σ_b >~ 0.1).
 An SAE in tuned-lens space is refused: SAELens has no per-layer lens, and the standardisation
 between the lens and the encoder keeps it from being folded into the weights.
+
+OUT must be absent or empty. `--force` replaces only a folder that an earlier export wrote (it
+holds the marker file `MARKER`), and never the working directory or one above it, a git
+repository, a DVC project, or a pipeline output (`mlsae.core.paths.PIPELINE_OUTPUTS`: one of
+them, inside one or holding one). The new folder is written beside OUT and renamed into place;
+a failure leaves OUT as it was and no temporary folder behind.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ from safetensors.torch import save_file
 
 from mlsae.core.errors import MlsaeError
 from mlsae.core.io import atomic_dir
-from mlsae.core.paths import HOOK_NAME
+from mlsae.core.paths import HOOK_NAME, inside_outputs
 from mlsae.sae.model import MLSAE
 
 SAELENS_VERSION = "6.0.0"
@@ -49,6 +55,8 @@ CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
 LAYER_NORM_EPS = 1e-5
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+MARKER = ".mlsae-export"
+"""The file an export writes into OUT: only a folder holding it is replaced by `--force`."""
 
 
 def fold_factor(sae: MLSAE) -> float:
@@ -126,15 +134,44 @@ def export_note(sae_dir: str | Path) -> str:
     )
 
 
+def check_replaceable(out: Path, force: bool) -> None:
+    """Raise MlsaeError unless `out` may be written: absent or empty, or with `force` an earlier
+    export; never the working directory or above, a git repository, a DVC project or a pipeline
+    output."""
+    here = Path.cwd().resolve()
+    target = out.absolute().resolve()
+    if target == here or target in here.parents:
+        raise MlsaeError(f"{out}: is the working directory or a directory above it; export into a new folder")
+    touched = inside_outputs(target)
+    if touched is not None:
+        raise MlsaeError(
+            f"{out}: is, lies inside or holds the pipeline output {touched}; export into a folder outside the "
+            f"pipeline's outputs"
+        )
+    if not out.exists() and not out.is_symlink():
+        return
+    if not out.is_dir() or out.is_symlink():
+        raise MlsaeError(f"{out}: exists and is not a directory")
+    for name, what in ((".git", "a git repository"), ("dvc.yaml", "a DVC project"), (".dvc", "a DVC project")):
+        if (out / name).exists():
+            raise MlsaeError(f"{out}: is {what} ({name}); never replaced, even with --force")
+    if not any(out.iterdir()):
+        return
+    if not force:
+        raise MlsaeError(f"{out}: not empty; pick another folder or pass --force to replace an earlier export")
+    if not (out / MARKER).is_file():
+        raise MlsaeError(
+            f"{out}: not written by `mlsae export` (no {MARKER} in it); --force replaces only an earlier export's "
+            f"folder: pick another folder"
+        )
+
+
 def export_saelens(sae_dir: str | Path, out: str | Path, model_name: str = "", force: bool = False) -> list[Path]:
     """Write the SAELens folders of the SAE in `sae_dir` under `out`; returns the folders.
 
-    `out` must be absent or empty unless `force` (then it is replaced as a whole)."""
+    `out` must be absent or empty, or, with `force`, an earlier export (see the module docstring)."""
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise MlsaeError(f"{out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise MlsaeError(f"{out}: not empty; pick another folder or pass --force to replace it")
+    check_replaceable(out, force)
     sae = MLSAE.load(sae_dir)
     if sae.cfg.lens != "none":
         raise MlsaeError(
@@ -145,6 +182,7 @@ def export_saelens(sae_dir: str | Path, out: str | Path, model_name: str = "", f
     name = model_name or saelens_model_name(sae.cfg.model)
     folders = []
     with atomic_dir(out) as tmp:
+        (tmp / MARKER).write_text(json.dumps({"format": "saelens", "sae": str(sae_dir)}) + "\n")
         shared: Path | None = None
         for block in sae.cfg.layers:
             folder = tmp / HOOK_NAME.format(i=block)

@@ -3,6 +3,13 @@
 Single process, or `torchrun --nproc_per_node=N` with DistributedDataParallel (NCCL on GPUs, gloo
 on CPUs): every rank follows the same batch plan and takes its slice of each global batch, so the
 ranks always run the same number of steps. Rank 0 writes checkpoints and outputs.
+
+A checkpoint resumes only the run it belongs to: its identity holds every param that shapes the
+batches and the SAE, and the activation store's whole identity (model, revision, the corpus's
+content hash, sizes, dtype, seed, skip_first, ...); in stream mode also the corpus's content hash
+read now. Rank 0 holds a lock on the checkpoint directory for the whole run, so a second trainer
+refuses at once instead of writing the same checkpoint. SIGINT/SIGTERM during a step are held until
+the step is done, then a single process saves a checkpoint (store mode) and stops.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ import contextlib
 import math
 import os
 import pickle
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,9 +31,10 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from mlsae.core.errors import MlsaeError
-from mlsae.core.io import atomic_dir, atomic_file, short_hash
+from mlsae.core.io import atomic_dir, atomic_file, exclusive, short_hash
 from mlsae.core.params import DataParams, ExtractParams, SAEParams, TrainParams, select_layers
 from mlsae.core.paths import CHECKPOINT
+from mlsae.data import corpus
 from mlsae.data.shuffle import BatchPlan, iter_batches
 from mlsae.data.stream import StreamBatches, check_store
 from mlsae.lens.tuned import Lens
@@ -34,7 +43,11 @@ from mlsae.sae.config import SAEConfig, check_dead_window, resolve_dead_tokens
 from mlsae.sae.model import MLSAE
 from mlsae.stores.activations import ActivationStore
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: the identity holds the store's whole identity and the corpus content
+LOCK = "lock"
+"""The lock file in the checkpoint directory (held by rank 0 while it trains)."""
+_NOT_IDENTITY = frozenset({"done", "complete", "arrays"})
+"""Store attrs that record progress, not content: left out of a checkpoint's identity."""
 ADAM_EPS = 6.25e-10
 """Adam's eps (the paper's value)."""
 
@@ -97,21 +110,6 @@ def sae_config(
     return cfg
 
 
-STORE_IDENTITY = (
-    "model",
-    "revision",
-    "corpus",
-    "context",
-    "train_tokens",
-    "data_seed",
-    "split",
-    "document_tokens",
-    "shuffle_documents",
-    "dtype",
-)
-"""The activation store's attrs a checkpoint must match (what its train split holds)."""
-
-
 def identity_of(
     sae: SAEParams, train: TrainParams, lens: Lens, reader: ActivationStore, stream: StreamSource | None, world: int = 1
 ) -> dict:
@@ -120,11 +118,13 @@ def identity_of(
         "sae": sae.model_dump(),
         "train": train.model_dump(exclude={"device", "checkpoint_every"}),
         "lens": lens.fingerprint(),
-        "store": {k: reader.attrs.get(k) for k in STORE_IDENTITY},
+        # every attr that identifies the store's content (its corpus content hash included)
+        "store": {k: v for k, v in sorted(reader.attrs.items()) if k not in _NOT_IDENTITY},
     }
     if stream is not None:  # the batches come from the corpus, the model and this many ranks
         identity["stream"] = {
             "data": stream.data.model_dump(),
+            "corpus_sha256": corpus.content_sha256(stream.data.source),
             "model": stream.model,
             "dtype": stream.extract.dtype,
             "batch_size": stream.extract.batch_size,
@@ -152,6 +152,8 @@ def load_checkpoint(path: Path, identity: dict) -> dict | None:
         raise MlsaeError(f"{path}: corrupted checkpoint (UnpicklingError); delete it to start over") from None
     except Exception as e:
         raise MlsaeError(f"{path}: corrupted checkpoint ({type(e).__name__}); delete it to start over") from None
+    if isinstance(ckpt, dict) and type(ckpt.get("version")) is int and 0 < ckpt["version"] < CHECKPOINT_VERSION:
+        return None  # an older layout, whose identity cannot vouch for this run: start afresh
     if not isinstance(ckpt, dict) or ckpt.get("version") != CHECKPOINT_VERSION:
         raise MlsaeError(f"{path}: corrupted checkpoint (unknown layout); delete it to start over")
     return ckpt if ckpt.get("identity") == identity else None
@@ -315,6 +317,80 @@ def train(
     mode's order; the equivalence test).
     """
     ranks, device = init_distributed(train_params.device)
+    lock = exclusive(Path(checkpoint_dir) / LOCK, str(checkpoint_dir)) if ranks.main else contextlib.nullcontext()
+    with lock:
+        return _train(
+            sae_params,
+            train_params,
+            lens_mode,
+            reader,
+            lens,
+            out_dir,
+            checkpoint_dir,
+            stream,
+            progress,
+            max_steps,
+            snapshots,
+            chunk_order,
+            ranks,
+            device,
+        )
+
+
+class _Steps:
+    """SIGINT and SIGTERM that arrive during a step are held until the step (weights, optimiser,
+    history, periodic checkpoint) is done, so an interrupted run stops between steps; outside a
+    step they interrupt at once. Installed only in the main thread (signals are delivered there)."""
+
+    def __init__(self) -> None:
+        self.inside, self.pending = False, False
+        self.saved: dict[int, object] = {}
+
+    def __enter__(self) -> _Steps:
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.saved[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self.saved.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.inside:
+            self.pending = True
+        else:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def step(self) -> Iterator[None]:
+        self.inside = True
+        try:
+            yield
+        finally:
+            self.inside = False
+        if self.pending:
+            raise KeyboardInterrupt
+
+
+def _train(
+    sae_params: SAEParams,
+    train_params: TrainParams,
+    lens_mode: str,
+    reader: ActivationStore,
+    lens: Lens,
+    out_dir: Path,
+    checkpoint_dir: Path,
+    stream: StreamSource | None,
+    progress: bool,
+    max_steps: int | None,
+    snapshots: dict[int, Path] | None,
+    chunk_order: str,
+    ranks: Dist,
+    device: torch.device,
+) -> tuple[dict, list[dict]]:
     train_tokens = stream.data.train_tokens if stream is not None else reader.n_tokens("train")
     cfg = sae_config(sae_params, train_params, lens_mode, reader, train_tokens * train_params.epochs)
     layers = cfg.layers
@@ -367,51 +443,79 @@ def train(
         batches = source.batches(ckpt.get("stream") if ckpt is not None else None)
     else:
         batches = source.batches(start)
-    for x in batches:
-        if max_steps is not None and step >= max_steps:
-            stopped = True
-            break
-        x = lens(x.to(device, non_blocking=True), layers)
-        for group in opt.param_groups:
-            group["lr"] = train_params.lr * lr_factor(
-                step, n_steps, train_params.lr_schedule, train_params.warmup_steps
-            )
-        try:
-            with autocast:
-                stats = train_step(model, opt, x, train_params.grad_clip)
-        except FloatingPointError as e:
-            # `step` steps are done: this is step `step + 1` in the history's 1-based numbering
-            kept = f"last good checkpoint kept at {ckpt_path}" if ckpt_path.is_file() else "no checkpoint yet"
-            raise MlsaeError(f"{e} at step {step + 1}; {kept} (lower train.lr or set train.grad_clip)") from None
-        step += 1
-        vectors += x.shape[0] * x.shape[1] * ranks.world
-        history.append(
+    saved = start
+
+    def checkpoint(buffer: object = None) -> None:
+        save_checkpoint(
+            ckpt_path,
             {
+                "version": CHECKPOINT_VERSION,
+                "identity": identity,
                 "step": step,
-                **{k: stats[k] for k in ("loss", "fvu", "auxk", "l0", "dead_fraction")},
-                **{k: v for k, v in stats.items() if k.startswith("fvu_layer_")},
-            }
+                "sae": sae.state_dict(),
+                "opt": opt.state_dict(),
+                "history": history,
+                **({"stream": buffer} if streaming else {}),
+            },
         )
-        bar.update(1)
-        bar.set_postfix(loss=f"{stats['loss']:.4f}", fvu=f"{stats['fvu']:.4f}", dead=f"{stats['dead_fraction']:.3f}")
-        if ranks.main and snapshots and step in snapshots:
-            with atomic_dir(snapshots[step]) as tmp:
-                sae.save(tmp)
-        if step % train_params.checkpoint_every == 0 or step == max_steps or (not streaming and step == n_steps):
-            buffer = source.state() if isinstance(source, StreamBatches) else None  # a collective under torchrun
-            if ranks.main:
-                save_checkpoint(
-                    ckpt_path,
-                    {
-                        "version": CHECKPOINT_VERSION,
-                        "identity": identity,
-                        "step": step,
-                        "sae": sae.state_dict(),
-                        "opt": opt.state_dict(),
-                        "history": history,
-                        **({"stream": buffer} if streaming else {}),
-                    },
-                )
+
+    with _Steps() as steps:
+        try:
+            for x in batches:
+                if max_steps is not None and step >= max_steps:
+                    stopped = True
+                    break
+                x = lens(x.to(device, non_blocking=True), layers)
+                for group in opt.param_groups:
+                    group["lr"] = train_params.lr * lr_factor(
+                        step, n_steps, train_params.lr_schedule, train_params.warmup_steps
+                    )
+                with steps.step():
+                    try:
+                        with autocast:
+                            stats = train_step(model, opt, x, train_params.grad_clip)
+                    except FloatingPointError as e:
+                        # `step` steps are done: this is step `step + 1` in the history's 1-based numbering
+                        kept = (
+                            f"last good checkpoint kept at {ckpt_path}" if ckpt_path.is_file() else "no checkpoint yet"
+                        )
+                        raise MlsaeError(
+                            f"{e} at step {step + 1}; {kept} (lower train.lr or set train.grad_clip)"
+                        ) from None
+                    step += 1
+                    vectors += x.shape[0] * x.shape[1] * ranks.world
+                    history.append(
+                        {
+                            "step": step,
+                            **{k: stats[k] for k in ("loss", "fvu", "auxk", "l0", "dead_fraction")},
+                            **{k: v for k, v in stats.items() if k.startswith("fvu_layer_")},
+                        }
+                    )
+                    bar.update(1)
+                    bar.set_postfix(
+                        loss=f"{stats['loss']:.4f}", fvu=f"{stats['fvu']:.4f}", dead=f"{stats['dead_fraction']:.3f}"
+                    )
+                    if ranks.main and snapshots and step in snapshots:
+                        with atomic_dir(snapshots[step]) as tmp:
+                            sae.save(tmp)
+                    if (
+                        step % train_params.checkpoint_every == 0
+                        or step == max_steps
+                        or (not streaming and step == n_steps)
+                    ):
+                        # a collective under torchrun: every rank
+                        buffer = source.state() if isinstance(source, StreamBatches) else None
+                        if ranks.main:
+                            checkpoint(buffer)
+                            saved = step
+        except KeyboardInterrupt:
+            # between steps (see _Steps): weights, optimiser and history agree on `step`; a stream
+            # buffer may be half filled, and under torchrun a save would need every rank: only a
+            # single store-mode process checkpoints here
+            if ranks.world == 1 and not streaming and step > saved:
+                checkpoint()
+            bar.close()
+            raise
     bar.close()
     elapsed = time.perf_counter() - t0
     if stopped:

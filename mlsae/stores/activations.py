@@ -4,20 +4,27 @@ Layout: one group per split (`train`, `eval`), each with
   resid    (tokens, layers, d_model)  float16 | float32 | bfloat16 (stored as its uint16 bits)
   tokens   (tokens,) int32    context (tokens,) int32    position (tokens,) int16
   special  (tokens,) bool     document (tokens,) int64  (the token's document id: the resampling unit)
-Root attrs: schema, model, revision, n_layers, d_model, hook, corpus, context, dtype, data_seed,
+Root attrs: schema, model, revision, n_layers, d_model, hook, corpus, corpus_sha256 (the
+content of the corpus, `mlsae.data.corpus.content_sha256`), context, dtype, data_seed,
 shuffle_documents, document_tokens, split (the document split: seed, share, eval_until; no document
-is in both splits), shard_tokens, done (shards of `resid` written per split) and `complete`, set
-last.
-`resid` is written one whole shard at a time (no read-modify-write of shards), so an interrupted
-extract resumes from the last finished shard. Every chunk of `resid` carries a CRC32C checksum
-(as does every shard index), so a garbled or truncated shard raises on read instead of silently
-changing numbers; `guard` turns such read errors into one line naming the store and how to
-rebuild it.
+is in both splits), batch_size, device, shard_tokens, done (shards of `resid` written per split),
+`arrays` (the completion record, see `seal`) and `complete`, set last. `resid` is written one whole
+shard at a time (no read-modify-write of shards), so an interrupted extract resumes from the last
+finished shard.
+
+Integrity: every chunk of every array (`resid` and the metadata arrays alike) carries a CRC32C
+checksum (as does every shard index), so a garbled or truncated chunk raises on read instead of
+silently changing numbers; `guard` turns such read errors into one line naming the store and how
+to rebuild it. A chunk that is not there at all would read as the fill value (zeros) with no
+error, so a finished store records, for every array it holds, its shape, dtype and number of
+stored chunks (`seal`), and every reader checks that each of those chunks exists (`verify`) before
+reading anything. Both apply to the latent store too (mlsae/stores/latents.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 import zarr
-from zarr.codecs import Crc32cCodec
+from zarr.codecs import Crc32cCodec, ZstdCodec
+from zarr.core.sync import sync
 
 from mlsae.core.errors import MlsaeError
 from mlsae.core.paths import CONTEXT, DOCUMENT, HOOK_NAME, POSITION, RESID, SPECIAL, SPLITS, STORE_SCHEMA, TOKENS
@@ -36,7 +44,14 @@ TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": 
 SHARD_TARGET_BYTES = 128 << 20
 CHUNKS_PER_SHARD = 8
 CHECKSUM = Crc32cCodec()
-"""Bytes-to-bytes codec appended to the chunk codecs of the large arrays of both stores."""
+"""Bytes-to-bytes codec appended to the chunk codecs of every array of both stores."""
+META_CODECS = [ZstdCodec(), CHECKSUM]
+"""Compressors of the small per-token arrays (tokens, context, position, special, ...)."""
+RECORD = "arrays"
+"""Root attr of a finished store: {array path: {shape, dtype, chunks}}, see `seal`."""
+# Every chunk is written even when it holds only the fill value (zarr skips those by default), so
+# that a finished store has every chunk of its chunk grid on disk and a missing one is damage.
+zarr.config.set({"array.write_empty_chunks": True})
 # Packages whose frames, innermost in a traceback, mean "the store's bytes could not be decoded".
 _READ_PACKAGES = ("zarr", "numcodecs", "crc32c", "google_crc32c")
 
@@ -89,6 +104,13 @@ def open_root(path: str, mode: str = "r") -> zarr.Group:
         raise MlsaeError(f"{path}: cannot open store ({type(e).__name__}: {e})") from None
 
 
+def lock_path(path: str | Path) -> str:
+    """The lock file a store's writer holds (`mlsae.core.io.exclusive`): a hidden sibling,
+    `data/.activations.zarr.lock` (URLs are not locked)."""
+    path = str(path)
+    return path if "://" in path else str(Path(path).with_name(f".{Path(path).name}.lock"))
+
+
 def exists(path: str) -> bool:
     try:
         zarr.open_group(str(path), mode="r")
@@ -126,6 +148,82 @@ def guard(path: str | Path, producer: str) -> Iterator[None]:
             f"{path}: corrupted store, cannot be read ({reason}); restore it with `dvc checkout {path}` "
             f"or rebuild it with `dvc repro -f {producer}`"
         ) from None
+
+
+# --------------------------------------------------------------------------------------------
+# The completion record: every chunk present
+# --------------------------------------------------------------------------------------------
+
+
+def _arrays(root: zarr.Group) -> dict[str, zarr.Array]:
+    """Every array under `root`, at any depth, by its path in the store (e.g. `train/resid`)."""
+    return {name: node for name, node in root.members(max_depth=None) if isinstance(node, zarr.Array)}
+
+
+def _chunk_keys(arr: zarr.Array) -> list[str]:
+    """The store keys of every chunk (every shard, for a sharded array) of `arr`'s chunk grid."""
+    grid = arr.metadata.chunk_grid.chunk_shape  # the shard shape when sharded
+    counts = [-(-n // c) for n, c in zip(arr.shape, grid)]
+    return [arr.metadata.encode_chunk_key(coords) for coords in itertools.product(*map(range, counts))]
+
+
+def _stored_keys(root: zarr.Group, name: str) -> set[str]:
+    """The chunk keys stored under array `name` (relative to the array, e.g. `c/0/0/0`)."""
+    prefix = f"{root.store_path.path}/{name}/".lstrip("/")
+
+    async def listing() -> list[str]:
+        return [key async for key in root.store.list_prefix(prefix)]
+
+    return {key[len(prefix) :] for key in sync(listing())}
+
+
+def _missing(root: zarr.Group, name: str, arr: zarr.Array) -> list[str]:
+    stored = _stored_keys(root, name)
+    return [key for key in _chunk_keys(arr) if key not in stored]
+
+
+def seal(root: zarr.Group, path: str | Path, producer: str, **attrs: Any) -> None:
+    """Mark a store finished: check that every chunk of every array is stored, then write the
+    completion record (`RECORD`: each array's shape, dtype and chunk count) together with
+    `complete: True` and `attrs`, in one metadata write. Raises MlsaeError naming a missing chunk."""
+    record = {}
+    for name, arr in sorted(_arrays(root).items()):
+        missing = _missing(root, name, arr)
+        if missing:
+            raise MlsaeError(
+                f"{path}: array {name} is missing chunk {missing[0]} ({len(missing)} of {len(_chunk_keys(arr))}) "
+                f"after writing it; rebuild it with `dvc repro -f {producer}`"
+            )
+        record[name] = {"shape": list(arr.shape), "dtype": str(arr.dtype), "chunks": len(_chunk_keys(arr))}
+    root.attrs.update({**attrs, RECORD: record, "complete": True})
+
+
+def verify(root: zarr.Group, path: str | Path, producer: str) -> None:
+    """Check a finished store against its completion record: every recorded array exists with its
+    shape and dtype, and every one of its chunks is stored. One MlsaeError line otherwise, naming
+    the array and the fix (a missing chunk would otherwise read back as zeros)."""
+    fix = f"restore it with `dvc checkout {path}` or rebuild it with `dvc repro -f {producer}`"
+    record = root.attrs.get(RECORD)
+    if not isinstance(record, dict) or not record:
+        raise MlsaeError(f"{path}: no completion record (attr {RECORD!r}: written by an older version); {fix}")
+    try:
+        arrays = _arrays(root)
+    except Exception as e:  # an array's metadata (zarr.json) that does not parse
+        reason = " ".join(f"{type(e).__name__}: {e}".split())[:160]
+        raise MlsaeError(f"{path}: cannot read its arrays' metadata ({reason}); {fix}") from None
+    for name, want in sorted(record.items()):
+        arr = arrays.get(name)
+        if arr is None:
+            raise MlsaeError(f"{path}: array {name} is missing; {fix}")
+        if not isinstance(want, dict) or [list(arr.shape), str(arr.dtype)] != [want.get("shape"), want.get("dtype")]:
+            raise MlsaeError(
+                f"{path}: array {name} has shape {list(arr.shape)} {arr.dtype}, its completion record says "
+                f"{want!r}; {fix}"
+            )
+        missing = _missing(root, name, arr)
+        if missing or want.get("chunks") != len(_chunk_keys(arr)):
+            what = f"chunk {missing[0]} ({len(missing)} of {want.get('chunks')})" if missing else "chunks"
+            raise MlsaeError(f"{path}: array {name} is missing {what}; {fix}")
 
 
 @dataclass
@@ -173,7 +271,7 @@ def create(path: str, attrs: dict[str, Any], splits: dict[str, SplitData]) -> za
             DOCUMENT: data.document.reshape(-1).astype(np.int64),
         }
         for key, values in meta.items():
-            g.create_array(key, data=values, chunks=(max(1, min(len(values), 1 << 22)),))
+            g.create_array(key, data=values, chunks=(max(1, min(len(values), 1 << 22)),), compressors=META_CODECS)
     # The identifying attrs go last: a store interrupted while being created has none, so it is
     # never taken for a resumable one.
     root.attrs.update(
@@ -197,9 +295,14 @@ class ActivationStore:
         self.root = open_root(self.path)
         self.attrs = dict(self.root.attrs)
         if self.attrs.get("schema") != STORE_SCHEMA:
-            raise MlsaeError(f"{self.path}: not an activation store of schema {STORE_SCHEMA}")
-        if not allow_incomplete and not self.attrs.get("complete"):
-            raise MlsaeError(f"{self.path}: incomplete store (extract was interrupted); rerun `dvc repro extract`")
+            raise MlsaeError(
+                f"{self.path}: not an activation store of schema {STORE_SCHEMA} (schema "
+                f"{self.attrs.get('schema')!r}); rebuild it with `dvc repro -f extract`"
+            )
+        if not allow_incomplete:
+            if not self.attrs.get("complete"):
+                raise MlsaeError(f"{self.path}: incomplete store (extract was interrupted); rerun `dvc repro extract`")
+            verify(self.root, self.path, "extract")
 
     @property
     def n_layers(self) -> int:

@@ -6,12 +6,14 @@ Layout (written by the dump stage, read by aggregate and report):
   tokens (tokens,) int32   context (tokens,) int32   position (tokens,) int16   special (tokens,) bool
   document (tokens,) int64
            copies of the activation store's eval metadata, so analysis needs only this store
-`indices` and `values` chunks are zstd-compressed and carry a CRC32C checksum, so a garbled shard
-raises on read (one error line, see store.guard) instead of silently changing the statistics.
+Every chunk of every array is zstd-compressed and carries a CRC32C checksum, so a garbled shard
+raises on read (one error line, see store.guard) instead of silently changing the statistics, and
+a finished store records each array's chunk count (`arrays`, see `activations.seal`), checked on
+every open, so a missing chunk is an error instead of zeros.
 Root attrs: schema, layers (SAE block indices, the layer axis's order), n_latents, k, model,
 sae_hash, lens, source_revision, n_tokens, source, skip_first (copied from the activation store:
 position 0 is left out of the analysis), fingerprint (SAE + lens weights), done (shards
-written) and `complete`, set last. `indices`/`values` are written one whole shard
+written), `arrays` (the completion record) and `complete`, set last. `indices`/`values` are written one whole shard
 (``SHARD_TOKENS`` tokens) at a time, so an interrupted dump resumes from its last finished shard.
 """
 
@@ -29,7 +31,7 @@ from mlsae.core.errors import MlsaeError
 from mlsae.core.io import remove
 from mlsae.core.params import is_int
 from mlsae.core.paths import CONTEXT, DOCUMENT, INDICES, POSITION, SPECIAL, TOKENS, VALUES
-from mlsae.stores.activations import CHECKSUM, ActivationStore, exists, open_root
+from mlsae.stores.activations import CHECKSUM, META_CODECS, ActivationStore, exists, open_root, verify
 
 SHARD_TOKENS = 8192
 """Tokens per shard (the unit of writing and resuming)."""
@@ -54,7 +56,7 @@ def open_for_writing(path: str, attrs: dict, reader: ActivationStore) -> tuple[z
     root.create_array(INDICES, shape=shape, dtype=np.int32, chunks=chunks, shards=shards, **codecs)
     root.create_array(VALUES, shape=shape, dtype=np.float16, chunks=chunks, shards=shards, **codecs)
     for key in (TOKENS, CONTEXT, POSITION, SPECIAL, DOCUMENT):
-        root.create_array(key, data=reader.meta("eval", key), chunks=(SHARD_TOKENS,))
+        root.create_array(key, data=reader.meta("eval", key), chunks=(SHARD_TOKENS,), compressors=META_CODECS)
     return root, 0
 
 
@@ -158,6 +160,7 @@ def open_latents(path: Path) -> LatentStore:
     attrs = dict(group.attrs)
     if attrs.get("complete") is not True:
         raise MlsaeError(f"{path}: incomplete latent store (attr 'complete' is not true); rerun the dump stage")
+    verify(group, path, "dump")
     arrays: dict[str, Any] = {}
     for name in (INDICES, VALUES, SPECIAL):
         try:
