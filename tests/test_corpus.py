@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import subprocess
 import sys
@@ -17,15 +18,21 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from conftest import document_runs, route_documents, split_arrays
 from mlsae.data import contexts
-from mlsae.data.contexts import Contexts, build_contexts, plan, split_contexts
+from mlsae.data.contexts import Contexts, DocumentSplit, build_contexts, build_splits, plan, train_documents
 from mlsae.data.corpus import (
+    EMBEDDED_DOCUMENT_TOKENS,
     EMBEDDED_PYTHON_DOCS,
     MIN_DOC_CHARS,
     SKIPPED_STDLIB_DIRS,
+    _shuffled,
     file_docstrings,
     iter_documents,
     iter_python_docs,
+    ordered_documents,
+    resolve_document_tokens,
+    resolve_shuffle,
     stdlib_source_files,
 )
 from mlsae.core.errors import MlsaeError
@@ -377,8 +384,12 @@ def test_contexts_decode_back_to_the_corpus(tokenizer: PreTrainedTokenizerFast) 
     result = build_contexts(iter(DOCS), tokenizer, context, n_contexts)
 
     assert isinstance(result, Contexts)
-    assert result.tokens.shape == (n_contexts, context) == result.special.shape
+    assert result.tokens.shape == (n_contexts, context) == result.special.shape == result.document.shape
     assert result.tokens.dtype == np.int32 and result.special.dtype == np.bool_
+    # every token's document id is its document's index in the corpus order
+    runs = document_runs(tokenizer, DOCS)
+    tokens, document = split_arrays(runs, list(range(len(DOCS))), n_contexts, context)
+    assert np.array_equal(result.tokens, tokens) and np.array_equal(result.document, document)
     runs = split_stream(result.tokens.ravel(), sep)
     texts = [decode(tokenizer, run[1:]) for run in runs]
     assert texts[:-1] == DOCS[: len(texts) - 1]
@@ -515,28 +526,106 @@ def test_build_from_embedded_corpus(tokenizer: PreTrainedTokenizerFast) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def test_split_contexts() -> None:
-    train, evaluation = split_contexts(100, 12, seed=0)
-    again_train, again_eval = split_contexts(100, 12, seed=0)
-    other_train, other_eval = split_contexts(100, 12, seed=1)
-    assert np.array_equal(train, again_train) and np.array_equal(evaluation, again_eval)
-    assert not np.array_equal(evaluation, other_eval)
-    assert len(train) == 88 and len(evaluation) == 12
-    assert np.all(np.diff(train) > 0) and np.all(np.diff(evaluation) > 0)
-    assert np.array_equal(np.union1d(train, evaluation), np.arange(100))
-    assert np.intersect1d(train, evaluation).size == 0
-    assert not np.array_equal(evaluation, np.arange(12))  # a random choice, not the head
+SPLIT_DOCS = [f"Document {i}: {DOCS[i % len(DOCS)]}" for i in range(300)]
 
 
-def test_split_contexts_bounds() -> None:
+def test_build_splits_routes_whole_documents_by_the_seeded_rule(tokenizer: PreTrainedTokenizerFast) -> None:
+    context, n_train, n_eval = 16, 20, 6
+    runs = document_runs(tokenizer, SPLIT_DOCS)
+    train_ids, eval_ids, eval_until = route_documents([len(r) for r in runs], n_train, n_eval, context, seed=0)
+    train, evaluation, split = build_splits(iter(SPLIT_DOCS), tokenizer, context, n_train, n_eval, seed=0)
+    assert split == DocumentSplit(seed=0, share=n_eval / (n_train + n_eval), eval_until=eval_until)
+    assert split.to_json() == {"seed": 0, "share": n_eval / (n_train + n_eval), "eval_until": eval_until}
+    for got, ids, n in ((train, train_ids, n_train), (evaluation, eval_ids, n_eval)):
+        tokens, document = split_arrays(runs, ids, n, context)
+        assert got.tokens.shape == got.document.shape == (n, context) and got.document.dtype == np.int64
+        assert np.array_equal(got.tokens, tokens) and np.array_equal(got.document, document)
+        assert np.array_equal(got.special, tokens == tokenizer.eos_token_id)
+    # whole documents on one side only; each split's documents in corpus order
+    assert not set(train.document.ravel()) & set(evaluation.document.ravel())
+    assert (np.diff(train.document.ravel()) >= 0).all() and (np.diff(evaluation.document.ravel()) >= 0).all()
+    assert split.is_eval(evaluation.document).all() and not split.is_eval(train.document).any()
+    assert len(eval_ids) >= 3 and eval_ids != list(range(len(eval_ids)))  # a random choice, not the head
+    assert max(eval_ids) < eval_until <= max(train_ids)  # after eval_until every document trains
+    # is_eval is the documented rule on its own draws
+    u = np.random.default_rng([0, 1]).random(400)
+    assert np.array_equal(split.is_eval(np.arange(400)), (np.arange(400) < eval_until) & (u < split.share))
+    # train_documents: every document that is not an eval one, in order; build_splits used a prefix
+    listed = list(train_documents(iter(SPLIT_DOCS), split))
+    assert [text for _, text in listed] == [SPLIT_DOCS[i] for i, _ in listed]
+    assert [i for i, _ in listed] == [i for i in range(len(SPLIT_DOCS)) if not split.is_eval(np.array([i]))[0]]
+    assert [i for i, _ in listed][: len(train_ids)] == train_ids
+
+
+def test_build_splits_is_seeded(tokenizer: PreTrainedTokenizerFast) -> None:
+    a = build_splits(iter(SPLIT_DOCS), tokenizer, 16, 20, 6, seed=0)
+    b = build_splits(iter(SPLIT_DOCS), tokenizer, 16, 20, 6, seed=0)
+    c = build_splits(iter(SPLIT_DOCS), tokenizer, 16, 20, 6, seed=1)
+    for x, y in zip(a[:2], b[:2]):
+        assert np.array_equal(x.tokens, y.tokens) and np.array_equal(x.document, y.document)
+    assert a[2] == b[2]
+    assert set(a[1].document.ravel()) != set(c[1].document.ravel())
+    runs = document_runs(tokenizer, SPLIT_DOCS)
+    _, eval_ids, _ = route_documents([len(r) for r in runs], 20, 6, 16, seed=1)
+    assert sorted(set(c[1].document.ravel())) == eval_ids
+
+
+def test_build_splits_cuts_each_document_to_document_tokens(tokenizer: PreTrainedTokenizerFast) -> None:
+    context, n_train, n_eval, cut = 16, 20, 6, 5
+    runs = document_runs(tokenizer, SPLIT_DOCS, cut)
+    assert all(len(r) == cut for r in runs)  # every document is longer than the cut
+    train_ids, eval_ids, eval_until = route_documents([len(r) for r in runs], n_train, n_eval, context, seed=0)
+    train, evaluation, split = build_splits(iter(SPLIT_DOCS), tokenizer, context, n_train, n_eval, 0, cut)
+    assert split.eval_until == eval_until
+    for got, ids, n in ((train, train_ids, n_train), (evaluation, eval_ids, n_eval)):
+        tokens, document = split_arrays(runs, ids, n, context)
+        assert np.array_equal(got.tokens, tokens) and np.array_equal(got.document, document)
+        _, per_document = np.unique(got.document, return_counts=True)
+        assert per_document.max() == cut
+    whole, _, _ = build_splits(iter(SPLIT_DOCS), tokenizer, context, n_train, n_eval, 0)
+    assert len(np.unique(train.document)) > 2 * len(np.unique(whole.document))
+
+
+def test_build_splits_too_little_text_and_bad_sizes(tokenizer: PreTrainedTokenizerFast) -> None:
+    with pytest.raises(MlsaeError) as excinfo:
+        build_splits(iter(SPLIT_DOCS[:10]), tokenizer, 16, 20, 6, seed=0)
+    message = error_line(excinfo)
+    assert "need 416 tokens" in message and "data.train_tokens + data.eval_tokens" in message
     with pytest.raises(MlsaeError, match="data.eval_tokens"):
-        split_contexts(10, 11, seed=0)
-    with pytest.raises(MlsaeError, match="data.eval_tokens"):
-        split_contexts(10, -1, seed=0)
-    with pytest.raises(MlsaeError, match="seed"):
-        split_contexts(10, 2, seed=-1)
-    train, evaluation = split_contexts(10, 0, seed=0)
-    assert np.array_equal(train, np.arange(10)) and evaluation.size == 0
+        build_splits(iter(SPLIT_DOCS), tokenizer, 16, 20, 0, seed=0)
+    with pytest.raises(MlsaeError, match="data.train_tokens"):
+        build_splits(iter(SPLIT_DOCS), tokenizer, 16, 0, 6, seed=0)
+
+
+def test_ordered_documents_shuffles_by_data_seed(tmp_path: Path) -> None:
+    texts = [f"document number {i:02d}, with some words" for i in range(30)]
+    for i, text in enumerate(texts):
+        (tmp_path / f"d{i:02d}.txt").write_text(text)
+    source = str(tmp_path)
+    assert list(ordered_documents(source, False, 0)) == texts
+    assert list(ordered_documents(source, "auto", 0)) == texts  # a user's corpus keeps its order
+    shuffled = list(ordered_documents(source, True, 0))
+    assert shuffled == [texts[i] for i in np.random.default_rng([0, 0]).permutation(30)]
+    assert shuffled != texts and sorted(shuffled) == texts
+    assert list(ordered_documents(source, True, 0)) == shuffled
+    other = list(ordered_documents(source, True, 1))
+    assert other != shuffled and sorted(other) == texts
+    # past the buffer: a seeded sliding shuffle, still a permutation; a document leaves the buffer
+    # only after it entered it
+    slid = list(_shuffled(iter(texts), 0, buffer=8))
+    assert sorted(slid) == texts and slid != texts and slid == list(_shuffled(iter(texts), 0, buffer=8))
+    assert all(slid.index(t) >= i - 8 for i, t in enumerate(texts))
+
+
+def test_auto_shuffle_and_document_tokens() -> None:
+    assert resolve_shuffle(EMBEDDED_PYTHON_DOCS, "auto") is True
+    assert resolve_shuffle("corpus/*.txt", "auto") is False and resolve_shuffle("hf:org/name", "auto") is False
+    assert resolve_shuffle(EMBEDDED_PYTHON_DOCS, False) is False and resolve_shuffle("a.txt", True) is True
+    assert resolve_document_tokens(EMBEDDED_PYTHON_DOCS, "auto") == EMBEDDED_DOCUMENT_TOKENS == 64
+    assert resolve_document_tokens("corpus/*.txt", "auto") == 0
+    assert resolve_document_tokens(EMBEDDED_PYTHON_DOCS, 0) == 0 and resolve_document_tokens("a.txt", 7) == 7
+    head = list(itertools.islice(ordered_documents(EMBEDDED_PYTHON_DOCS, "auto", 0), 3))
+    assert not head[0].startswith('The "assert" statement')  # shuffled: not the topics in key order
 
 
 def test_plan() -> None:
