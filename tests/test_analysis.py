@@ -77,7 +77,7 @@ def run(
     """aggregate() into tmp_path/name with `analysis` params `kwargs` (no resampling unless
     `bootstrap` is given: the figures are then the plug-in values); returns (metrics, analysis dir)."""
     out = tmp_path / name / "analysis"
-    analysis = AnalysisParams(**{"bootstrap": 0, "min_count": 1, **kwargs})
+    analysis = AnalysisParams(**{"bootstrap": 0, "min_count": 1, "min_documents": 1, **kwargs})
     metrics = aggregate(store, out, tmp_path / name / "analysis.json", analysis, chunk_tokens=chunk_tokens)
     return metrics, out
 
@@ -101,7 +101,9 @@ def moments(p: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
     return mean, var
 
 
-def expected_metrics(a: np.ndarray, unit: np.ndarray, min_count: int, threshold: float = 0.1) -> dict[str, Any]:
+def expected_metrics(
+    a: np.ndarray, unit: np.ndarray, min_count: int, threshold: float = 0.1, min_documents: int = 1
+) -> dict[str, Any]:
     """Every headline figure from the dense array and the analysed tokens' documents: the
     decomposition from the statistics tests' brute force (plain loops over latents and tokens), the
     paper's estimator from the seed's formula per batch, the rest with plain numpy."""
@@ -111,8 +113,9 @@ def expected_metrics(a: np.ndarray, unit: np.ndarray, min_count: int, threshold:
     mass_f = a.sum(axis=(0, 1))
     dist = a.sum(axis=0) / np.where(mass_f > 0, mass_f, 1.0)  # (L, F)
     _, var_f = moments(dist, axis=0)
-    counted = active.sum(axis=0) >= max(min_count, 1)
-    settings = {"min_count": min_count, "threshold": threshold, "max_rate": 0.5, "min_documents": 5}
+    docs = np.array([len(np.unique(unit[active[:, f]])) for f in range(n_latents)])
+    counted = (active.sum(axis=0) >= max(min_count, 1)) & (docs >= min_documents)
+    settings = {"min_count": min_count, "threshold": threshold, "max_rate": 0.5, "min_documents": min_documents}
     head = brute_headline(a, unit, settings=settings)
     total = a.sum(axis=1, keepdims=True)
     p = np.divide(a, total, out=np.zeros_like(a), where=total > 0)

@@ -12,7 +12,7 @@ import math
 import numpy as np
 import pytest
 
-from mlsae.analysis.decomposition import HEADLINE_KEYS, LATENT_COLUMNS, LayerStats, pair_entropy
+from mlsae.analysis.decomposition import HEADLINE_KEYS, LATENT_COLUMNS, NO_INTERVAL, LayerStats, _Sets, pair_entropy
 from mlsae.core.errors import MlsaeError
 from mlsae.stats.bootstrap import resample_counts
 
@@ -106,22 +106,38 @@ def _ratio(num: float | None, den: float | None) -> float | None:
     return num / den if num is not None and den else None
 
 
-def brute_headline(
-    a: np.ndarray, unit: np.ndarray, fixed_k: set[int] | None = None, settings: dict | None = None
-) -> dict:
-    """Every figure of HEADLINE_KEYS from the dense array (`fixed_k`: the plug-in's counted set)."""
+def brute_sets(a: np.ndarray, unit: np.ndarray, settings: dict | None = None) -> dict[str, set[int]]:
+    """The plug-in's latent sets (held fixed in replicas): K (min_count tokens and min_documents
+    documents), any_docs (min_count tokens) and dense (rate >= max_rate)."""
     s = {**SETTINGS, **(settings or {})}
+    count = (a.sum(axis=1) > 0).sum(axis=0)
+    docs = [len(np.unique(unit[a[:, :, f].sum(axis=1) > 0])) for f in range(a.shape[2])]
+    any_docs = {f for f in range(a.shape[2]) if count[f] >= max(s["min_count"], 1)}
+    return {
+        "counted": {f for f in any_docs if docs[f] >= s["min_documents"]},
+        "any_docs": any_docs,
+        "dense": {f for f in range(a.shape[2]) if count[f] / a.shape[0] >= s["max_rate"]},
+    }
+
+
+def brute_headline(
+    a: np.ndarray, unit: np.ndarray, fixed: dict[str, set[int]] | None = None, settings: dict | None = None
+) -> dict:
+    """Every figure of HEADLINE_KEYS from the dense array; `fixed`: the plug-in's latent sets
+    (brute_sets of the sample), when `a` is a replica."""
+    s = {**SETTINGS, **(settings or {})}
+    fixed = fixed or brute_sets(a, unit, settings)
     T, L, F = a.shape
     per = {f: brute_latent(a, f) for f in range(F) if (a[:, :, f].sum(axis=1) > 0).any()}
     docs = {f: len(np.unique(unit[a[:, :, f].sum(axis=1) > 0])) for f in per}
     rate = {f: per[f]["count"] / T for f in per}
-    counted = {f for f, d in per.items() if d["count"] >= max(s["min_count"], 1)}
-    sparse = {f for f in per if rate[f] < s["max_rate"]}
+    counted = fixed["counted"] & set(per)
+    sparse = set(per) - fixed["dense"]
     sets = {
         "": counted,
         "_sparse": counted & sparse,
-        "_fixed_k": (fixed_k if fixed_k is not None else counted) & set(per),
-        "_min_docs": {f for f in counted if docs[f] >= s["min_documents"]},
+        "_any_docs": fixed["any_docs"] & set(per),
+        "_k_resampled": {f for f in per if per[f]["count"] >= max(s["min_count"], 1) and docs[f] >= s["min_documents"]},
     }
     out: dict = {}
     for name, members in sets.items():
@@ -159,7 +175,7 @@ def brute_headline(
     out["dense_within_share"] = _ratio(
         sum(per[f]["var_within"] for f in counted - sparse), sum(per[f]["var_within"] for f in counted)
     )
-    out["n_latents_counted"] = len(counted)
+    out["n_latents_counted"] = len(fixed["counted"])
     return out
 
 
@@ -244,22 +260,22 @@ def test_headline_plugin_values_match_brute_force(seed):
 
 def test_bootstrap_and_jackknife_replicas_equal_recomputation():
     """Each replica of every figure equals the brute force on the resampled dump (documents repeated
-    as drawn; one document dropped), the counted set K recomputed in the replica except for the
-    `_fixed_k` figures."""
+    as drawn; one document dropped), the plug-in's latent sets held fixed except for the
+    `_k_resampled` figures, whose K is recomputed in the replica."""
     a, unit, pairs, n_units = _stats(4)
     acc = run(pairs, n_units, n_latents=a.shape[2], n_layers=a.shape[1], unit_tokens=unit, n_resamples=5, seed=7)
-    fixed = {f for f in range(a.shape[2]) if brute_latent(a, f)["count"] >= SETTINGS["min_count"]}
+    fixed = brute_sets(a, unit)
     acc._flush()
     unit_arr, latent, stats = acc._spill.read()
     documents, documents_boot = acc._documents(np.asarray(unit_arr), np.asarray(latent))
-    fixed_k = acc.sums[0] >= SETTINGS["min_count"]
-    boot = acc._bootstrap(documents_boot, fixed_k)
-    jack = acc._jackknife(np.asarray(unit_arr), np.asarray(latent), stats, documents, fixed_k)
+    sets = _Sets(acc.sums[0], float(acc.tokens.sum()), documents, acc.settings)
+    boot = acc._bootstrap(documents_boot, sets)
+    jack = acc._jackknife(np.asarray(unit_arr), np.asarray(latent), stats, documents, sets)
     counts = resample_counts(n_units, 5, 7)
     checks = [(boot, r, counts[:, r]) for r in range(5)]
     checks += [(jack, u, np.ones(n_units) - np.eye(n_units)[u]) for u in (0, 4, n_units - 1)]
     for replicas, i, weights in checks:
-        want = brute_headline(*repeat_units(a, unit, weights), fixed_k=fixed)
+        want = brute_headline(*repeat_units(a, unit, weights), fixed=fixed)
         for key in HEADLINE_KEYS:
             got = replicas[key][i]
             assert_close(None if not math.isfinite(got) else got, want[key], rtol=1e-5, atol=1e-7, what=(key, i))
@@ -289,7 +305,7 @@ def test_small_pending_buffer_gives_the_same_replicas(monkeypatch: pytest.Monkey
     monkeypatch.setattr(dec, "_PENDING_UNITS", 2)
     chunks = np.array_split(np.arange(pairs["latent"].size), 11)
     small = run(pairs, n_units, chunks=chunks, unit_tokens=unit, **kw).finish()[1]
-    for key in ("within_share", "within_share_mass", "effective_layers", "within_share_min_docs", "var_ratio_paper"):
+    for key in ("within_share", "within_share_mass", "effective_layers", "within_share_any_docs", "var_ratio_paper"):
         for suffix in ("", "_plugin", "_bias_boot", "_bias_jack", "_se"):
             assert_close(small[f"{key}{suffix}"], whole[f"{key}{suffix}"], rtol=1e-6, atol=1e-9, what=key + suffix)
 
@@ -303,6 +319,8 @@ def test_reported_value_is_the_jackknife_corrected_plugin_inside_its_interval():
         assert_close(got[key], got[f"{key}_plugin"] - got[f"{key}_bias_jack"])
         lo, hi = got[f"{key}_ci"]
         assert lo <= got[key] <= hi and got[f"{key}_se"] > 0
+    for key in NO_INTERVAL:  # no valid interval in the coverage study: figures without one
+        assert f"{key}_ci" not in got and f"{key}_se" in got
 
 
 def test_pair_entropy_from_sums():

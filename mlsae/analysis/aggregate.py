@@ -80,7 +80,9 @@ def _nullable(x: np.ndarray, defined: np.ndarray) -> pl.Series:
     return pl.Series(np.where(defined, x, np.nan), dtype=pl.Float64).fill_nan(None)
 
 
-def _finish(acc: Accumulator, blocks: list[int], min_count: int) -> tuple[dict[str, pl.DataFrame], dict[str, Any]]:
+def _finish(
+    acc: Accumulator, blocks: list[int], min_count: int, min_documents: int
+) -> tuple[dict[str, pl.DataFrame], dict[str, Any]]:
     """Build the per-latent, per-layer and top-token tables and the headline metrics. Raises
     MlsaeError naming `analysis.min_count` when it leaves no latent in the headline averages."""
     most = int(acc.pair_count.max()) if acc.pair_count.size else 0
@@ -151,7 +153,9 @@ def _finish(acc: Accumulator, blocks: list[int], min_count: int) -> tuple[dict[s
         list(TOP_TOKENS_SCHEMA)
     )
 
-    counted = acc.pair_count >= max(min_count, 1)
+    documents = np.zeros(n_latents, dtype=np.int64)
+    documents[per_latent["latent"].to_numpy()] = per_latent["n_documents"].to_numpy()
+    counted = (acc.pair_count >= max(min_count, 1)) & (documents >= min_documents)  # K, as the headline's
     metrics: dict[str, Any] = {
         **headline,
         "mean_layer_std": float(std[counted].mean()) if counted.any() else None,
@@ -293,12 +297,12 @@ def aggregate(
             )
             acc = Accumulator(store.n_latents, store.n_layers, top_tokens, stats=stats, unit_index=units)
             acc = _stream(store, chunk_tokens, acc, tmp, progress)
-            tables, metrics = _finish(acc, store.blocks, min_count)
+            tables, metrics = _finish(acc, store.blocks, min_count, analysis.min_documents)
             if metrics["n_latents_counted"] == 0:
-                most = int(acc.pair_count.max()) if acc.pair_count.size else 0
                 raise MlsaeError(
-                    f"analysis.min_count: {min_count} leaves no latent to average over (the most frequent latent is "
-                    f"active on {most} eval tokens); lower analysis.min_count or raise data.eval_tokens"
+                    f"analysis.min_documents: {analysis.min_documents} leaves no latent to average over (no latent "
+                    f"with {min_count} active tokens is active in that many of the {metrics['n_units']} eval "
+                    "documents); lower analysis.min_documents or raise data.eval_tokens"
                 )
             for name, table in tables.items():
                 table.write_parquet(tmp / name)

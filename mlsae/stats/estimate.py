@@ -4,19 +4,19 @@ Given the plug-in value ``θ̂`` (every unit once), ``R`` bootstrap replicas ``�
 delete-one-unit jackknife replicas ``θ_(i)`` (:mod:`mlsae.stats.bootstrap`), for a statistic
 defined in a replica (undefined replicas, e.g. a ratio over 0, are left out):
 
-    bias_boot = mean_r θ*_r − θ̂
+    bias_boot = mean_r θ*_r − θ̂                          (reported as a diagnostic)
     bias_jack = (U − 1) (mean_i θ_(i) − θ̂)
-    se_jack   = sqrt((U − 1) / U · Σ_i (θ_(i) − mean_i θ_(i))²)
-    se_boot   = sd_r θ*_r
+    se        = sqrt((U − 1) / U · Σ_i (θ_(i) − mean_i θ_(i))²)      (the jackknife's)
     value     = θ̂ − bias_jack                           (the bias-corrected value, the headline)
-    ci        = value ± t_{0.975, U − 1} · se           (se = max(se_jack, se_boot))
+    ci        = value ± t_{0.975, U − 1} · se
 
 The interval is centred on the reported value, so it always contains it; the t quantile with
-U − 1 degrees of freedom widens it for few units (it is the normal quantile for many). Which bias
-estimate corrects and which standard error is used was chosen by the coverage study
-(benchmarks/coverage.py, docs/statistics.md): the jackknife's bias estimate removes the plug-in
-bias of the between-token variance, which comes from latents seen in few documents, and the
-larger of the two standard errors is the one whose intervals covered a known truth.
+U − 1 degrees of freedom widens it for few units (it is the normal quantile for many). The scheme
+is the one whose intervals covered a known truth in the coverage study (benchmarks/coverage.py,
+docs/statistics.md): the jackknife's bias estimate removed nearly all of the plug-in bias of the
+decomposition's shares, the bootstrap's only part of it, and percentile, basic and BCa intervals,
+which sit around the biased plug-in, almost never covered. Figures the study found no valid
+interval for are reported without one (`interval=False`).
 
 `summary` returns, for a key ``k``: ``k`` (the value), ``k_plugin``, ``k_bias_boot``,
 ``k_bias_jack``, ``k_se`` and ``k_ci = [lo, hi]``; `None` where a figure is undefined.
@@ -51,11 +51,16 @@ def t_quantile(units: int, level: float = LEVEL) -> float:
 
 
 def summary(
-    key: str, plugin: float, boot: np.ndarray | None, jack: np.ndarray | None, level: float = LEVEL
+    key: str,
+    plugin: float,
+    boot: np.ndarray | None,
+    jack: np.ndarray | None,
+    level: float = LEVEL,
+    interval: bool = True,
 ) -> dict[str, Any]:
     """The reported figures of statistic `key` (module docstring): plug-in, both bias estimates,
-    the bias-corrected value, its standard error and its interval. Without replicas (`boot` and
-    `jack` None: resampling switched off) only ``key`` (the plug-in) is returned."""
+    the bias-corrected value, its standard error and (unless not `interval`) its interval. Without
+    replicas (`boot` and `jack` None: resampling switched off) only ``key`` (the plug-in)."""
     if boot is None or jack is None:
         return {key: _scalar(float(plugin))}
     out: dict[str, Any] = {
@@ -64,7 +69,7 @@ def summary(
         f"{key}_bias_boot": None,
         f"{key}_bias_jack": None,
         f"{key}_se": None,
-        f"{key}_ci": None,
+        **({f"{key}_ci": None} if interval else {}),
     }
     if not math.isfinite(plugin):
         return out
@@ -76,19 +81,12 @@ def summary(
         out[key] = float(plugin)
         return out
     bias_jack = (n_units - 1) * (j.mean() - plugin)
-    se_jack = math.sqrt((n_units - 1) / n_units * ((j - j.mean()) ** 2).sum())
-    se_boot = float(b.std(ddof=1)) if b.size >= 2 else 0.0
-    se = max(se_jack, se_boot)
+    se = math.sqrt((n_units - 1) / n_units * ((j - j.mean()) ** 2).sum())
     value = plugin - bias_jack
-    half = t_quantile(n_units, level) * se
-    out.update(
-        {
-            key: float(value),
-            f"{key}_bias_jack": float(bias_jack),
-            f"{key}_se": float(se),
-            f"{key}_ci": [float(value - half), float(value + half)],
-        }
-    )
+    out.update({key: float(value), f"{key}_bias_jack": float(bias_jack), f"{key}_se": float(se)})
+    if interval:
+        half = t_quantile(n_units, level) * se
+        out[f"{key}_ci"] = [float(value - half), float(value + half)]
     return out
 
 
