@@ -17,21 +17,22 @@ import pytest
 import torch
 import yaml
 
-from conftest import ROOT, ascii_docs, stage_command, stage_env, tiny_raw
+from conftest import ROOT, ascii_docs, document_runs, route_documents, split_arrays, stage_command, stage_env, tiny_raw
+from conftest import run_extract as extract_params
 from mlsae.core import paths as C
 from mlsae.data import extract as extract_mod
 from mlsae.stores import activations as store
 from mlsae.core.errors import MlsaeError
-from mlsae.data.extract import extract
 from mlsae.core.params import parse_params
+from mlsae.data.corpus import ordered_documents
 from mlsae.models.tiny import EOS, build_tiny, tiny_tokenizer
 
-ARRAYS = (C.RESID, C.TOKENS, C.CONTEXT, C.POSITION, C.SPECIAL)
+ARRAYS = (C.RESID, C.TOKENS, C.CONTEXT, C.POSITION, C.SPECIAL, C.DOCUMENT)
 SHRINK_SHARDS = "import mlsae.stores.activations as s; s.SHARD_TARGET_BYTES = 1"  # 8 contexts per shard
 
 
 def run_extract(raw: dict, out: Path, **kwargs: Any) -> dict:
-    return extract(parse_params(raw), str(out), progress=False, **kwargs)
+    return extract_params(parse_params(raw), out, **kwargs)
 
 
 def arrays(path: Path) -> dict[tuple[str, str], np.ndarray]:
@@ -110,7 +111,18 @@ def test_reference_store_layout_and_attrs(reference: dict) -> None:
     assert root["train"][C.RESID].dtype == np.float16
     assert root["train"][C.TOKENS].dtype == np.int32 and root["train"][C.CONTEXT].dtype == np.int32
     assert root["train"][C.POSITION].dtype == np.int16 and root["train"][C.SPECIAL].dtype == bool
+    assert root["train"][C.DOCUMENT].dtype == np.int64 and root["eval"][C.DOCUMENT].shape == (4096,)
+    assert a["schema"] == C.STORE_SCHEMA
+    assert (a["data_seed"], a["shuffle_documents"], a["document_tokens"]) == (0, False, 0)  # a local corpus: auto
+    assert set(a["split"]) == {"seed", "share", "eval_until"} and a["split"]["seed"] == 0
+    assert a["split"]["share"] == pytest.approx(64 / 320)
     assert (m["tokens"], m["train_tokens"], m["eval_tokens"]) == (20480, 16384, 4096)
+    # the documents counted in extract.json: those with an analysed token, counted here directly
+    for split in C.SPLITS:
+        g = root[split]
+        kept = ~g[C.SPECIAL][:] & ~((g[C.POSITION][:] == 0) & bool(a["skip_first"]))
+        assert m[f"{split}_documents"] == len(set(g[C.DOCUMENT][:][kept].tolist())) >= 1
+    assert m["train_documents"] > m["eval_documents"]
     assert m["resumed"] is False and m["tokens_per_s"] > 0
     # no residual left at the fill value: every token was written
     for split in C.SPLITS:
@@ -123,38 +135,43 @@ def test_store_has_few_files(reference: dict) -> None:
 
 
 def test_tokens_decode_back_to_the_corpus(reference: dict) -> None:
+    """Each split is its documents' runs (separator + text) joined, cut into contexts, with the
+    documents routed by the documented seeded rule (restated in conftest.route_documents)."""
     root = store.open_root(str(reference["store"]))
-    n_ctx = (16384 + 4096) // 64
-    stream = np.full((n_ctx, 64), -1, dtype=np.int64)
-    for split in C.SPLITS:
-        tokens = root[split][C.TOKENS][:].reshape(-1, 64)
-        stream[root[split][C.CONTEXT][:].reshape(-1, 64)[:, 0]] = tokens
-    assert (stream >= 0).all()  # the two splits together are every context of the stream
     tok = tiny_tokenizer()
-    text = tok.decode(stream.reshape(-1).tolist(), skip_special_tokens=False)
-    expected = "".join(EOS + doc for doc in ascii_docs())
-    assert len(text) > 40_000 and text == expected[: len(text)]
+    docs = ascii_docs()
+    runs = document_runs(tok, docs)
+    train_ids, eval_ids, eval_until = route_documents([len(r) for r in runs], 256, 64, 64, seed=0)
+    assert store.open_root(str(reference["store"])).attrs["split"]["eval_until"] == eval_until
+    for split, ids, n in (("train", train_ids, 256), ("eval", eval_ids, 64)):
+        tokens, document = split_arrays(runs, ids, n, 64)
+        assert np.array_equal(root[split][C.TOKENS][:], tokens.reshape(-1))
+        assert np.array_equal(root[split][C.DOCUMENT][:], document.reshape(-1))
+        text = tok.decode(root[split][C.TOKENS][:].tolist(), skip_special_tokens=False)
+        expected = "".join(EOS + docs[i] for i in ids)
+        assert len(text) > 0.9 * n * 64 and text == expected[: len(text)]
+    assert not set(train_ids) & set(eval_ids) and len(eval_ids) >= 1
 
 
 def test_context_position_and_special(reference: dict) -> None:
     root = store.open_root(str(reference["store"]))
     eos = tiny_tokenizer().convert_tokens_to_ids(EOS)
-    seen = []
-    for split in C.SPLITS:
+    documents = []
+    for split, n in (("train", 256), ("eval", 64)):
         g = root[split]
-        tokens, context, position, special = (g[k][:] for k in (C.TOKENS, C.CONTEXT, C.POSITION, C.SPECIAL))
-        n = tokens.shape[0] // 64
-        ctx = context.reshape(n, 64)
-        assert (ctx == ctx[:, :1]).all() and (np.diff(ctx[:, 0]) > 0).all()
+        tokens, context, position, special, document = (
+            g[k][:] for k in (C.TOKENS, C.CONTEXT, C.POSITION, C.SPECIAL, C.DOCUMENT))
+        assert tokens.shape[0] == n * 64
+        # a context's index is its place in its own split's stream
+        assert np.array_equal(context, np.repeat(np.arange(n, dtype=np.int32), 64))
         assert np.array_equal(position, np.tile(np.arange(64, dtype=np.int16), n))
         assert np.array_equal(special, tokens == eos) and special.any()
-        seen.append(ctx[:, 0])
-    train, ev = seen
-    assert len(ev) == 64 and not set(train) & set(ev)
-    assert sorted([*train, *ev]) == list(range(320))
-    # the stream starts with a separator (the decode test checks one precedes every document)
-    first_split = "train" if 0 in train else "eval"
-    assert root[first_split][C.SPECIAL][0] and root[first_split][C.POSITION][0] == 0
+        # each split's stream starts with a separator; a document id changes only at a separator
+        assert special[0] and position[0] == 0
+        changes = np.flatnonzero(np.diff(document)) + 1
+        assert (np.diff(document) >= 0).all() and special[changes].all()
+        documents.append(set(document.tolist()))
+    assert not documents[0] & documents[1]  # no document in both splits
 
 
 def test_adjacent_cos_metric_matches_numpy(reference: dict) -> None:
@@ -248,23 +265,83 @@ def test_overflowing_extract_fails_in_one_line_and_leaves_no_store(tiny_params: 
 
 
 def test_split_is_seeded_deterministic_and_disjoint(tiny_params: Callable, tmp_path: Path) -> None:
-    sizes = dict(data__context=32, data__train_tokens=1024, data__eval_tokens=256)
+    """data.seed picks the document split: the same seed gives the same store, another seed other
+    eval documents; a document's tokens are the same whichever split it lands in."""
+    sizes = dict(data__context=32, data__train_tokens=1024, data__eval_tokens=256, data__document_tokens=40)
     run_extract(tiny_params(**sizes), tmp_path / "a.zarr")
     run_extract(tiny_params(**sizes), tmp_path / "b.zarr")
-    run_extract(tiny_params(seed=1, **sizes), tmp_path / "c.zarr")
+    run_extract(tiny_params(data__seed=1, **sizes), tmp_path / "c.zarr")
     assert_same_arrays(tmp_path / "a.zarr", tmp_path / "b.zarr")
     a, c = arrays(tmp_path / "a.zarr"), arrays(tmp_path / "c.zarr")
-    eval_a, eval_c = set(a["eval", C.CONTEXT]), set(c["eval", C.CONTEXT])
-    assert len(eval_a) == len(eval_c) == 8 and eval_a != eval_c
-    for x in (a, c):
-        train, ev = set(x["train", C.CONTEXT]), set(x["eval", C.CONTEXT])
-        assert not train & ev and train | ev == set(range(40))
-    # the same contexts hold the same tokens and residuals whatever the split
-    both = sorted(eval_a & set(c["train", C.CONTEXT]))[0]
-    ra = a["eval", C.RESID][a["eval", C.CONTEXT] == both]
-    rc = c["train", C.RESID][c["train", C.CONTEXT] == both]
-    assert np.array_equal(a["eval", C.TOKENS][a["eval", C.CONTEXT] == both], c["train", C.TOKENS][c["train", C.CONTEXT] == both])
-    assert rel(torch.from_numpy(ra), torch.from_numpy(rc)) < 1e-3  # other batch-mates: rounding only
+    assert attrs(tmp_path / "c.zarr")["data_seed"] == 1 and attrs(tmp_path / "c.zarr")["split"]["seed"] == 1
+    eval_a, eval_c = set(a["eval", C.DOCUMENT].tolist()), set(c["eval", C.DOCUMENT].tolist())
+    assert len(eval_a) >= 3 and eval_a != eval_c
+    runs = document_runs(tiny_tokenizer(), ascii_docs(), 40)
+    for seed, x in ((0, a), (1, c)):
+        train_ids, eval_ids, _ = route_documents([len(r) for r in runs], 32, 8, 32, seed)
+        assert sorted(set(x["eval", C.DOCUMENT].tolist())) == eval_ids
+        assert sorted(set(x["train", C.DOCUMENT].tolist())) == train_ids
+        assert not set(x["train", C.DOCUMENT].tolist()) & set(x["eval", C.DOCUMENT].tolist())
+    # a document in a's eval split and c's train split holds the same tokens in both (up to where a
+    # split ends inside it)
+    moved = sorted(eval_a & set(c["train", C.DOCUMENT].tolist()))
+    assert moved
+    for d in moved:
+        ta, tc = a["eval", C.TOKENS][a["eval", C.DOCUMENT] == d], c["train", C.TOKENS][c["train", C.DOCUMENT] == d]
+        n = min(len(ta), len(tc))
+        assert n >= 1 and np.array_equal(ta[:n], tc[:n]) and np.array_equal(ta[:n], runs[d][:n])
+
+
+def test_document_tokens_cuts_each_document(tiny_params: Callable, tmp_path: Path) -> None:
+    """data.document_tokens: each document contributes its separator and first tokens, at most that
+    many, so the same budget spans more documents."""
+    sizes = dict(data__context=16, data__train_tokens=384, data__eval_tokens=96)  # 40 documents of 24: 960
+    cut = run_extract(tiny_params(data__document_tokens=24, **sizes), tmp_path / "cut.zarr")
+    whole = run_extract(tiny_params(**sizes), tmp_path / "whole.zarr")
+    runs = document_runs(tiny_tokenizer(), ascii_docs(), 24)
+    x = arrays(tmp_path / "cut.zarr")
+    assert attrs(tmp_path / "cut.zarr")["document_tokens"] == 24
+    for split in C.SPLITS:
+        ids, counts = np.unique(x[split, C.DOCUMENT], return_counts=True)
+        assert counts.max() == 24 and (counts[:-1] == 24).all()  # only a split's last one can be shorter
+        for d in ids:
+            assert np.array_equal(x[split, C.TOKENS][x[split, C.DOCUMENT] == d], runs[d][: (x[split, C.DOCUMENT] == d).sum()])
+    assert cut["train_documents"] > 2 * whole["train_documents"]
+    assert cut["train_documents"] + cut["eval_documents"] == len(set(x["train", C.DOCUMENT].tolist()) | set(x["eval", C.DOCUMENT].tolist()))
+
+
+def test_shuffle_documents_takes_the_documents_in_a_seeded_order(tiny_params: Callable, tmp_path: Path) -> None:
+    """data.shuffle_documents: document ids number the documents in the seeded shuffled order (a
+    permutation of the corpus drawn from data.seed); another seed, another order."""
+    sizes = dict(data__context=16, data__train_tokens=384, data__eval_tokens=96, data__document_tokens=24,
+                 data__shuffle_documents=True)
+    tok, docs = tiny_tokenizer(), ascii_docs()
+    orders = {}
+    for seed in (0, 1):
+        out = tmp_path / f"s{seed}.zarr"
+        run_extract(tiny_params(data__seed=seed, **sizes), out)
+        assert attrs(out)["shuffle_documents"] is True
+        order = [docs[i] for i in np.random.default_rng([seed, 0]).permutation(len(docs))]
+        assert order == list(ordered_documents(str(tiny_params()["data"]["source"]), True, seed))
+        runs = document_runs(tok, order, 24)
+        x = arrays(out)
+        for split in C.SPLITS:
+            for d in np.unique(x[split, C.DOCUMENT]):
+                got = x[split, C.TOKENS][x[split, C.DOCUMENT] == d]
+                assert np.array_equal(got, runs[d][: len(got)])
+        orders[seed] = order
+    assert orders[0] != orders[1] and orders[0] != docs
+
+
+def test_store_and_stream_mode_make_the_same_split(tiny_params: Callable, tmp_path: Path) -> None:
+    """With data.sample_tokens >= data.train_tokens stream mode splits the same head as store mode:
+    the same eval split, the same stored train split, the same split attrs."""
+    sizes = dict(data__context=32, data__train_tokens=1024, data__eval_tokens=256, data__document_tokens=40)
+    run_extract(tiny_params(**sizes), tmp_path / "store.zarr")
+    run_extract(tiny_params(train__source="stream", data__sample_tokens=1024, **sizes), tmp_path / "stream.zarr")
+    assert_same_arrays(tmp_path / "store.zarr", tmp_path / "stream.zarr")
+    a, b = attrs(tmp_path / "store.zarr"), attrs(tmp_path / "stream.zarr")
+    assert a["split"] == b["split"] and b["train_source"] == "stream" and "train_source" not in a
 
 
 # --- resume ---------------------------------------------------------------------------------
@@ -488,8 +565,8 @@ def test_embedded_model_extract(smollm2: Any, tmp_path: Path, monkeypatch: pytes
 
     assert (smollm2.n_layers, smollm2.d_model, smollm2.max_context) == (30, 576, 8192)
     monkeypatch.setattr(extract_mod, "load_model", lambda name, device: smollm2)  # loaded once
-    raw = {"model": "smollm2-135m", "seed": 0,
-           "data": {"source": "embedded:python-docs", "context": 64, "train_tokens": 256, "eval_tokens": 64},
+    raw = {"model": "smollm2-135m",
+           "data": {"source": "embedded:python-docs", "seed": 0, "context": 64, "train_tokens": 256, "eval_tokens": 64},
            "extract": {"dtype": "float16", "batch_size": 5, "device": "cpu"}}
     out = tmp_path / "a.zarr"
     metrics = run_extract(raw, out)
