@@ -35,7 +35,8 @@ from mlsae.core.params import Params, parse_params
 from mlsae.sae.model import MLSAE
 from mlsae.data.shuffle import BatchPlan, iter_batches
 from mlsae.stores.activations import ActivationStore
-from mlsae.sae.trainer import train
+from mlsae.sae.trainer import CHECKPOINT_VERSION, lr_factor
+from conftest import run_train as train
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_STAGE = ROOT / "stages" / "train.py"
@@ -70,7 +71,7 @@ def identity(reader: ActivationStore) -> Lens:
 def plan_of(p: Params, reader: ActivationStore) -> BatchPlan:
     """The plan train() builds (same store chunks, see mlsae.sae.trainer.train)."""
     return BatchPlan(~reader.keep("train"), reader.chunk_tokens, p.train.shuffle_buffer_tokens,
-                     p.train.batch_tokens, p.train.epochs, p.seed)
+                     p.train.batch_tokens, p.train.epochs, p.train.seed)
 
 
 def state(sae: MLSAE) -> dict[str, torch.Tensor]:
@@ -95,7 +96,8 @@ def stage_dir(tmp: Path, store: tuple[Path, dict], raw: dict, with_store: bool =
     if with_store:
         (tmp / C.ACTIVATIONS).symlink_to(store[0])
     p = parse_params(raw)
-    run_lens_stage(p, ActivationStore(str(store[0])), tmp / C.LENS_DIR, progress=False)
+    run_lens_stage(p.lens, p.lens_path, p.lens_fit, p.model, ActivationStore(str(store[0])), tmp / C.LENS_DIR,
+                   progress=False)
     return tmp
 
 
@@ -380,8 +382,8 @@ def test_torchrun_two_processes_match_single_process(
     single = reference["sae"]
     rows = read_csv(work / C.TRAIN_PLOT)
     assert len(rows) == n and json.loads((work / C.TRAIN_METRICS).read_text())["steps"] == n
-    torch.manual_seed(p.seed)
-    init = MLSAE(ddp.cfg)  # train() seeds the init with p.seed: the start both runs share
+    torch.manual_seed(p.train.seed)
+    init = MLSAE(ddp.cfg)  # train() seeds the init with train.seed: the start both runs share
     for name in ("W_enc", "W_dec"):
         moved = (getattr(single, name) - getattr(init, name)).norm()
         diff = (getattr(ddp, name) - getattr(single, name)).norm()
@@ -448,7 +450,9 @@ def test_nan_loss_before_any_checkpoint_says_so(reference: dict, reader: Activat
 
 
 BAD_INPUTS = {
-    "k_above_n_latents": ({"sae": {"k": 10_000}}, "sae.k: 10000 is more than n_latents = sae.expansion x d_model = 4 x 64 = 256"),
+    "k_above_n_latents": ({"sae": {"k": 10_000}},
+                          "sae.k: 10000 is more than the SAE's n_latents = sae.expansion x d_model = 4 x 64 = 256; "
+                          "lower sae.k or raise sae.expansion"),
     "k_zero": ({"sae": {"k": 0}}, "sae.k"),
     "k_negative": ({"sae": {"k": -4}}, "sae.k"),
     "layer_out_of_range": ({"sae": {"layers": [1, 4]}}, "sae.layers"),
@@ -474,7 +478,7 @@ def write_crafted_checkpoint(path: Path) -> Path:
     """A checkpoint-shaped pickle whose unpickling would create the returned marker file."""
     marker = path.parent / "pwned"
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"version": 1, "identity": {}, "step": 0, "payload": _RunsCode(marker)}, path)
+    torch.save({"version": CHECKPOINT_VERSION, "identity": {}, "step": 0, "payload": _RunsCode(marker)}, path)
     return marker
 
 
@@ -614,3 +618,104 @@ def test_auxk_acts_when_latents_die(store: tuple[Path, dict], reader: Activation
     metrics, history = train(p, reader, identity(reader), tmp_path / "sae", tmp_path / "ckpt", progress=False)
     assert metrics["auxk_steps"] == sum(h["auxk"] > 0 for h in history) > 0
     assert any(h["dead_fraction"] > 0 for h in history)
+
+
+
+# ---------------------------------------------------------------------------------------------
+# seeds, learning-rate schedules, sae.dead_tokens: auto
+
+
+class RecordingInit:
+    """Stands in for MLSAE in the trainer, recording each SAE's config and weights as initialised."""
+
+    def __init__(self) -> None:
+        self.inits: list[tuple[object, dict[str, torch.Tensor]]] = []
+
+    def __call__(self, cfg):
+        sae = MLSAE(cfg)
+        self.inits.append((cfg, state(sae)))
+        return sae
+
+
+def test_train_seed_picks_the_init_and_the_batch_order(
+    store: tuple[Path, dict], reader: ActivationStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mlsae.sae.trainer as train_mod
+
+    recording = RecordingInit()
+    monkeypatch.setattr(train_mod, "MLSAE", recording)
+    seen: dict[str, list[torch.Tensor]] = {}
+    real_step = train_mod.train_step
+
+    def step(name):
+        def run(m, o, x, c=0.0):
+            seen.setdefault(name, []).append(x.clone())
+            return real_step(m, o, x, c)
+        return run
+
+    runs = {"a": {}, "b": {}, "seed1": {"seed": 1}}
+    for name, over in runs.items():
+        monkeypatch.setattr(train_mod, "train_step", step(name))
+        p = parse_params(raw_params(store, train={"epochs": 1, **over}))
+        train(p, reader, identity(reader), tmp_path / name / "sae", tmp_path / name / "ckpt", max_steps=3)
+    init = {name: weights for name, (_, weights) in zip(runs, recording.inits)}
+    for key in ("W_enc", "W_dec"):
+        assert torch.equal(init["a"][key], init["b"][key])
+        assert not torch.equal(init["a"][key], init["seed1"][key])
+    # the init is torch's draw under manual_seed(train.seed)
+    torch.manual_seed(1)
+    assert torch.equal(MLSAE(recording.inits[2][0]).W_enc.detach(), init["seed1"]["W_enc"])
+    assert len(seen["a"]) == len(seen["seed1"]) == 3
+    assert all(torch.equal(x, y) for x, y in zip(seen["a"], seen["b"]))
+    assert not torch.equal(seen["a"][0], seen["seed1"][0])  # another batch order
+
+
+def test_lr_factor_values() -> None:
+    n = 10
+    assert [lr_factor(s, n, "constant", 0) for s in range(n)] == [1.0] * n
+    # warm-up: (step + 1) / warmup_steps, then the schedule alone
+    assert [lr_factor(s, n, "constant", 4) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    for s in range(n + 1):
+        t = s / n
+        assert lr_factor(s, n, "linear", 0) == pytest.approx(1 - t, abs=1e-12)
+        assert lr_factor(s, n, "cosine", 0) == pytest.approx((1 + np.cos(np.pi * t)) / 2, abs=1e-12)
+        assert lr_factor(s, n, "cosine", 3) == pytest.approx(min(1, (s + 1) / 3) * (1 + np.cos(np.pi * t)) / 2)
+    # decayed schedules reach 0 at the run's end, and are decreasing on the way
+    assert lr_factor(n, n, "linear", 0) == 0 and lr_factor(n, n, "cosine", 0) == pytest.approx(0, abs=1e-12)
+    for schedule in ("linear", "cosine"):
+        values = [lr_factor(s, n, schedule, 0) for s in range(n + 1)]
+        assert values[0] == 1 and all(a > b for a, b in zip(values, values[1:]))
+
+
+@pytest.mark.parametrize("schedule,warmup", [("constant", 3), ("linear", 0), ("cosine", 2)])
+def test_trainer_applies_the_lr_schedule(store: tuple[Path, dict], reader: ActivationStore, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch, schedule: str, warmup: int) -> None:
+    import mlsae.sae.trainer as train_mod
+
+    lrs: list[float] = []
+    real_step = train_mod.train_step
+
+    def recording(m, o, x, c=0.0):
+        lrs.append(o.param_groups[0]["lr"])
+        return real_step(m, o, x, c)
+
+    monkeypatch.setattr(train_mod, "train_step", recording)
+    p = parse_params(raw_params(store, train={"epochs": 1, "lr_schedule": schedule, "warmup_steps": warmup}))
+    n = plan_of(p, reader).n_batches
+    metrics, _ = train(p, reader, identity(reader), tmp_path / "sae", tmp_path / "ckpt")
+    assert metrics["steps"] == len(lrs) == n > 5
+    lr = p.train.lr
+    for s, got in enumerate(lrs):
+        warm = min(1.0, (s + 1) / warmup) if warmup else 1.0
+        decay = {"constant": 1.0, "linear": 1 - s / n, "cosine": (1 + np.cos(np.pi * s / n)) / 2}[schedule]
+        assert got == pytest.approx(lr * warm * decay, rel=1e-12, abs=1e-15), s
+    if schedule != "constant":
+        assert lrs[-1] < 0.2 * lr  # decayed most of the way by the last step
+
+
+def test_dead_tokens_auto_is_an_eighth_of_the_run(store: tuple[Path, dict], reader: ActivationStore,
+                                                  tmp_path: Path) -> None:
+    p = parse_params(raw_params(store, sae={"dead_tokens": "auto"}, train={"epochs": 2}))
+    assert p.sae.dead_tokens == "auto"
+    train(p, reader, identity(reader), tmp_path / "sae", tmp_path / "ckpt")
+    assert MLSAE.load(tmp_path / "sae").cfg.dead_tokens == reader.n_tokens("train") * 2 // 8 == 512
