@@ -18,16 +18,16 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import document_runs, route_documents, run_extract, split_arrays
+from conftest import run_train as train
 from mlsae.core import paths as C
 from mlsae.data import contexts
 from mlsae.data import corpus
 from mlsae.core.errors import MlsaeError
-from mlsae.data.extract import extract
 from mlsae.models.registry import load_model
-from mlsae.core.params import parse_params
+from mlsae.core.params import Params, parse_params
 from mlsae.sae.model import MLSAE
 from mlsae.stores.activations import ActivationStore
-from mlsae.sae.trainer import train
 from test_train import (TRAIN_RAW, WRAPPER, assert_same_weights, identity, merge, read_csv, run_stage_in_process,
                         stage_dir, stage_env)
 
@@ -41,6 +41,26 @@ def stream_raw(store: tuple[Path, dict], **over: dict) -> dict:
     raw = merge(merge(store[1], TRAIN_RAW), {"train": {"source": "stream"},
                                              "data": {"sample_tokens": store[1]["data"]["train_tokens"]}})
     return merge(raw, over)
+
+
+def stream_contexts(p: Params, n_sample: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """Independently of mlsae/data: (the train contexts stream mode trains on, the eval contexts,
+    the eval documents) for a store whose head split holds `n_sample` train contexts. The head is
+    split by the documented rule (conftest.route_documents); every document that is not an eval
+    one is a train document, and the train documents' runs, joined, are cut into the n_train
+    train contexts."""
+    tok = load_model(p.model).tokenizer
+    docs = list(corpus.iter_documents(p.data.source))
+    runs = document_runs(tok, docs)
+    n_train, n_eval = contexts.plan(p.data.train_tokens, p.data.eval_tokens, p.data.context)
+    _, eval_ids, eval_until = route_documents([len(r) for r in runs], n_sample, n_eval, p.data.context, p.data.seed)
+    u = np.random.default_rng([p.data.seed, 1]).random(len(docs))
+    share = n_eval / (n_sample + n_eval)
+    train_ids = [i for i in range(len(docs)) if not (i < eval_until and u[i] < share)]
+    assert not set(train_ids) & set(eval_ids) and set(eval_ids) <= set(range(eval_until))
+    train_tokens, _ = split_arrays(runs, train_ids, n_train, p.data.context)
+    eval_tokens, _ = split_arrays(runs, eval_ids, n_eval, p.data.context)
+    return train_tokens, eval_tokens, eval_ids
 
 
 class CountingTokenizer:
@@ -61,7 +81,7 @@ def test_context_stream_gives_build_contexts_rows_and_resumes_where_it_stopped(s
     source, width = store[1]["data"]["source"], 32
     tok = load_model("tiny-llama").tokenizer
     whole = contexts.build_contexts(corpus.iter_documents(source), tok, width, 70)
-    stream = contexts.ContextStream(corpus.iter_documents(source), tok, width, 70)
+    stream = contexts.ContextStream(enumerate(corpus.iter_documents(source)), tok, width, 70)
     parts = [stream.take(n) for n in (1, 5, 3, 11)]
     position = stream.position
     assert position["context"] == 20
@@ -69,9 +89,10 @@ def test_context_stream_gives_build_contexts_rows_and_resumes_where_it_stopped(s
     got = np.concatenate([c.tokens for c in parts])
     np.testing.assert_array_equal(got, whole.tokens)
     np.testing.assert_array_equal(np.concatenate([c.special for c in parts]), whole.special)
+    np.testing.assert_array_equal(np.concatenate([c.document for c in parts]), whole.document)
 
     counting = CountingTokenizer(tok)
-    resumed = contexts.ContextStream(corpus.iter_documents(source), counting, width, 70, position)
+    resumed = contexts.ContextStream(enumerate(corpus.iter_documents(source)), counting, width, 70, position)
     np.testing.assert_array_equal(resumed.take(50).tokens, whole.tokens[20:])
     # the pieces before the position were skipped unread by the tokenizer: the first text it saw
     # is the piece the position points into
@@ -107,20 +128,39 @@ def test_stream_equals_store_mode_with_the_same_token_order(store: tuple[Path, d
     assert [h["loss"] for h in h_shuffled] != [h["loss"] for h in h_store]
 
 
-def test_stream_split_beyond_the_sample(store: tuple[Path, dict], reader: ActivationStore) -> None:
-    """With a smaller sample, train contexts are the head's non-eval ones, then the rest of the
-    corpus: disjoint from eval, each once, in corpus order."""
-    from mlsae.data.stream import StreamBatches
+def test_stream_split_beyond_the_sample(store: tuple[Path, dict], tmp_path: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a smaller sample, stream mode trains on the train documents of the head's split (the
+    stored sample first), then on every later document: never on an eval document, each train
+    context once, in corpus order."""
+    from mlsae.data.stream import StreamBatches, check_store
 
-    p = parse_params(stream_raw(store, data={"sample_tokens": 256}))
-    source = StreamBatches(p, load_model(p.model), list(range(reader.n_layers)), reader.skip_first)
-    n_train, n_eval = source.n_train, source.n_eval
-    assert (source.n_sample, source.n_head) == (8, n_eval + 8)
-    used = [source._global(t) for t in range(n_train)]
-    _, eval_idx = contexts.split_contexts(n_eval + 8, n_eval, p.seed)
-    assert used == sorted(used) and len(set(used)) == n_train
-    assert not set(used) & set(eval_idx.tolist())
-    assert set(used) | set(eval_idx.tolist()) == set(range(n_train + n_eval))
+    p = parse_params(stream_raw(store, data={"sample_tokens": 256}, train={"epochs": 1}))
+    run_extract(p, tmp_path / "s.zarr")
+    sample_store = ActivationStore(str(tmp_path / "s.zarr"))
+    split = check_store(p.data, "stream", sample_store.attrs)
+    expected, expected_eval, eval_ids = stream_contexts(p, n_sample=8)
+    assert sample_store.n_tokens("train") == 8 * 32
+    np.testing.assert_array_equal(sample_store.meta("train", C.TOKENS), expected[:8].reshape(-1))
+    np.testing.assert_array_equal(sample_store.meta("eval", C.TOKENS), expected_eval.reshape(-1))
+    assert sorted(set(sample_store.meta("eval", C.DOCUMENT).tolist())) == eval_ids
+    assert split.eval_until > max(eval_ids)
+
+    seen: list[np.ndarray] = []
+    real = StreamBatches._residuals
+    monkeypatch.setattr(StreamBatches, "_residuals", lambda self, tokens: (seen.append(tokens.copy()), real(self, tokens))[1])
+    source = StreamBatches(p.data, p.train, p.extract, split, load_model(p.model), list(range(sample_store.n_layers)),
+                           sample_store.skip_first)
+    assert (source.n_train, source.n_eval, source.n_sample) == (64, 16, 8)
+    assert sum(1 for _ in source.batches()) > 0
+    np.testing.assert_array_equal(np.concatenate(seen), expected)  # in corpus order, each once
+    # and the documents behind them: the library's own stream of train documents agrees
+    docs = corpus.ordered_documents(p.data.source, p.data.shuffle_documents, p.data.seed)
+    ctx = contexts.ContextStream(contexts.train_documents(docs, split), load_model(p.model).tokenizer, 32, 64).take(64)
+    np.testing.assert_array_equal(ctx.tokens, expected)
+    assert not set(ctx.document.ravel().tolist()) & set(eval_ids)
+    assert not split.is_eval(ctx.document).any()
+    assert ctx.document.max() > split.eval_until  # it reads beyond the head
 
 
 def test_stream_resume_equals_uninterrupted_and_reads_nothing_twice(store: tuple[Path, dict], reader: ActivationStore,
@@ -204,8 +244,7 @@ def test_stream_extract_stores_the_sample_whatever_the_train_budget(store: tuple
     paths = {}
     for train_tokens in (2048, 8192):
         paths[train_tokens] = tmp_path / f"s{train_tokens}.zarr"
-        extract(parse_params(merge(base, {"data": {"train_tokens": train_tokens}})), str(paths[train_tokens]),
-                progress=False)
+        run_extract(parse_params(merge(base, {"data": {"train_tokens": train_tokens}})), paths[train_tokens])
     small, large = (ActivationStore(str(paths[n])) for n in (2048, 8192))
     assert small.n_tokens("train") == large.n_tokens("train") == 256
     assert small.n_tokens("eval") == large.n_tokens("eval") == 512
@@ -216,11 +255,9 @@ def test_stream_extract_stores_the_sample_whatever_the_train_budget(store: tuple
     assert size[2048] == size[8192]
     # the stored sample and eval contexts are the stream's head split
     p = parse_params(merge(base, {"data": {"train_tokens": 8192}}))
-    tok = load_model(p.model).tokenizer
-    head = contexts.build_contexts(corpus.iter_documents(p.data.source), tok, 32, 16 + 8)
-    sample_idx, eval_idx = contexts.split_contexts(24, 16, p.seed)
-    np.testing.assert_array_equal(large.meta("train", "tokens"), head.tokens[sample_idx].reshape(-1))
-    np.testing.assert_array_equal(large.meta("eval", "tokens"), head.tokens[eval_idx].reshape(-1))
+    expected, expected_eval, _ = stream_contexts(p, n_sample=8)
+    np.testing.assert_array_equal(large.meta("train", "tokens"), expected[:8].reshape(-1))
+    np.testing.assert_array_equal(large.meta("eval", "tokens"), expected_eval.reshape(-1))
 
 
 def test_a_store_of_the_other_mode_is_refused(store: tuple[Path, dict], reader: ActivationStore, tmp_path: Path) -> None:
@@ -231,7 +268,7 @@ def test_a_store_of_the_other_mode_is_refused(store: tuple[Path, dict], reader: 
         train(p, reader, identity(reader), tmp_path / "a", tmp_path / "c", progress=False)
     # a stream-mode store holds only the sample: store mode refuses to train on it
     base = merge(store[1], {"train": {"source": "stream"}, "data": {"sample_tokens": 256}})
-    extract(parse_params(base), str(tmp_path / "s.zarr"), progress=False)
+    run_extract(parse_params(base), tmp_path / "s.zarr")
     sample_store = ActivationStore(str(tmp_path / "s.zarr"))
     p = parse_params(merge(stream_raw(store), {"train": {"source": "store"}}))
     with pytest.raises(MlsaeError, match="^train.source: store, but the activation store was extracted for stream"):
@@ -275,11 +312,9 @@ def test_torchrun_stream_ranks_read_disjoint_slices_and_agree(store: tuple[Path,
     # once: b_pre's sample and the first steps share it)
     seen = [tuple(map(tuple, log["contexts"])) for log in logs]
     assert not set(seen[0]) & set(seen[1])
-    tok = load_model(p.model).tokenizer
-    n_train, n_eval = contexts.plan(p.data.train_tokens, p.data.eval_tokens, p.data.context)
-    whole = contexts.build_contexts(corpus.iter_documents(p.data.source), tok, p.data.context, n_train + n_eval)
-    train_idx, _ = contexts.split_contexts(n_train + n_eval, n_eval, p.seed)
-    assert sorted(seen[0] + seen[1]) == sorted(tuple(r) for r in whole.tokens[train_idx].tolist())
+    n_train, _ = contexts.plan(p.data.train_tokens, p.data.eval_tokens, p.data.context)
+    expected, _, _ = stream_contexts(p, n_sample=n_train)  # sample_tokens = train_tokens: store mode's split
+    assert sorted(seen[0] + seen[1]) == sorted(tuple(r) for r in expected.tolist())
     # same number of steps, each rank half the global batch, the same dead counters after every step
     steps = json.loads((work / C.TRAIN_METRICS).read_text())["steps"]
     assert logs[0]["batch"] == logs[1]["batch"] == [p.train.batch_tokens // 2] * steps
