@@ -161,6 +161,10 @@ class SAEParams(Section):
     """A latent is dead after this many tokens without firing (a token counts once for all layers).
     Must be shorter than the run (steps x train.batch_tokens), or AuxK can never act; `auto`: an
     eighth of the run's tokens (`data.train_tokens` x `train.epochs`; paper-scale runs use ~10M)."""
+    center: Literal["none", "layer"] = "none"
+    """`layer`: subtract each block's mean (over the first train batches, in the SAE's space) from
+    its vectors before the SAE standardises them, and add it back on decode, so the dictionary need
+    not spend latents on per-layer mean directions; `none`: no centring."""
     normalisation: Normalisation = "seed"
     """Per-vector standardisation: `seed` (the seed paper's: unbiased std + 1e-5, which is also
     SAELens's `layer_norm`, so imports compute what they computed there and exports are exact) or

@@ -130,7 +130,7 @@ def reconstruction(sae: MLSAE, lens: Lens) -> Replacement:
 
 def _reconstruct(sae: MLSAE, lens: Lens, resid: torch.Tensor, block: int) -> torch.Tensor:
     h = lens(resid.float().unsqueeze(-2), [block]).squeeze(-2)
-    xn, mean, std = sae.normalise(h)
+    xn, mean, std = sae.normalise(h, [sae.cfg.layers.index(block)])
     values, indices = sae.encode(xn)
     recon = sae.denormalise(sae.decode(values, indices), mean, std)
     return lens.inverse(recon.unsqueeze(-2), [block]).squeeze(-2)

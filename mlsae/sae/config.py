@@ -40,6 +40,10 @@ class SAEConfig:
     dead_tokens: int = 8192
     """A latent is dead once it has not fired for this many tokens (a token counts once for all
     layers). The default is what `sae.dead_tokens: auto` gives the default run (65,536 / 8)."""
+    center: str = _DEFAULTS.center
+    """``layer``: a per-layer mean ``c_l`` (buffer ``layer_center``, (L, d)) is subtracted from each
+    vector before normalisation and added back after: ``x̃ = denormalise(decode(encode(x − c_l))) +
+    c_l``; ``none``: no centring (and no buffer)."""
     normalisation: str = _DEFAULTS.normalisation
     """Input normalisation of each vector x over its own d entries, with m = mean(x):
     ``vector``: x̂ = (x − m) / s, s = sqrt(Σ(x − m)² / d + 1e-6), reconstruction x̂·s + m;
@@ -85,6 +89,7 @@ class SAEConfig:
             ("auxk_coef", lambda: is_number(self.auxk_coef) and self.auxk_coef >= 0, "a finite number >= 0"),
             ("dead_tokens", lambda: is_int(self.dead_tokens) and self.dead_tokens >= 1, "an integer >= 1"),
             ("normalisation", lambda: self.normalisation in NORMALISATIONS, f"one of {NORMALISATIONS}"),
+            ("center", lambda: self.center in ("none", "layer"), "one of ('none', 'layer')"),
             ("lens", lambda: self.lens in LENS_MODES, f"one of {LENS_MODES}"),
             ("model", lambda: isinstance(self.model, str), "a string"),
             ("params_hash", lambda: isinstance(self.params_hash, str), "a string"),

@@ -90,21 +90,33 @@ class MLSAE(nn.Module):
         self.W_dec = nn.Parameter(w_enc.clone().T)
         self.b_pre = nn.Parameter(torch.zeros(cfg.d_model))
         self.register_buffer("tokens_since_fired", torch.zeros(cfg.n_latents, dtype=torch.int64))
+        if cfg.center == "layer":
+            self.register_buffer("layer_center", torch.zeros(len(cfg.layers), cfg.d_model))
         self.normalise_decoder()
 
     # -- normalisation -------------------------------------------------------------------------
 
-    def normalise(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def normalise(self, x: Tensor, positions: list[int] | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Standardise each vector over its last axis; returns ``(xn, mean, std)`` such that
-        :meth:`denormalise` is ``xn · std + mean`` (formulas: :attr:`SAEConfig.normalisation`)."""
+        :meth:`denormalise` is ``xn · std + mean`` (formulas: :attr:`SAEConfig.normalisation`).
+
+        With ``center: layer`` the second-last axis of `x` indexes layer positions (all of them,
+        or `positions`): each vector loses its layer's centre first, and ``mean`` carries it back
+        (it is then a (..., d) vector, not a (..., 1) scalar)."""
         x = x.to(self.b_pre.dtype)
+        center = None
+        if self.cfg.center == "layer":
+            center = self.layer_center if positions is None else self.layer_center[positions]
+            x = x - center
         mean = x.mean(-1, keepdim=True)
         centred = x - mean
         if self.cfg.normalisation == "seed":
             std = centred.std(-1, keepdim=True)  # unbiased; the epsilon goes outside the sqrt
-            return centred / (std + SEED_NORM_EPS), mean, std
-        std = (centred.pow(2).mean(-1, keepdim=True) + NORM_EPS).sqrt()  # faster than Tensor.var on CPU
-        return centred / std, mean, std
+            xn = centred / (std + SEED_NORM_EPS)
+        else:
+            std = (centred.pow(2).mean(-1, keepdim=True) + NORM_EPS).sqrt()  # faster than Tensor.var on CPU
+            xn = centred / std
+        return xn, (mean if center is None else mean + center), std
 
     @staticmethod
     def denormalise(xn: Tensor, mean: Tensor, std: Tensor) -> Tensor:
@@ -202,6 +214,13 @@ class MLSAE(nn.Module):
         self.tokens_since_fired.add_(count).masked_fill_(fired > 0, 0)
 
     # -- initialisation and decoder constraints -----------------------------------------------
+
+    @torch.no_grad()
+    def init_center(self, sample: Tensor) -> None:
+        """``center: layer``: set each layer's centre to the mean of a (tokens, L, d) sample of raw
+        (lens-space) inputs."""
+        if self.cfg.center == "layer":
+            self.layer_center.copy_(sample.reshape(-1, len(self.cfg.layers), self.cfg.d_model).double().mean(0))
 
     @torch.no_grad()
     def init_b_pre(self, xn_sample: Tensor) -> None:

@@ -178,6 +178,11 @@ def export_saelens(sae_dir: str | Path, out: str | Path, model_name: str = "", f
             f"{sae_dir}: the SAE works in tuned-lens space (lens={sae.cfg.lens}) and SAELens has no "
             f"lens; export an SAE trained with lens=none"
         )
+    if sae.cfg.center != "none":
+        raise MlsaeError(
+            f"{sae_dir}: the SAE subtracts a centre per layer (center={sae.cfg.center}) before its layer norm, which "
+            f"SAELens cannot express; export an SAE trained with sae.center: none"
+        )
     tensors = saelens_weights(sae)
     name = model_name or saelens_model_name(sae.cfg.model)
     folders = []

@@ -102,6 +102,7 @@ def sae_config(
         auxk_coef=sae.auxk_coef,
         dead_tokens=resolve_dead_tokens(sae.dead_tokens, run_tokens),
         normalisation=sae.normalisation,
+        center=sae.center,
         lens=lens_mode,
         model=str(reader.attrs.get("model")),
         params_hash=short_hash({"sae": sae.model_dump(), "train": train.model_dump(), "lens": lens_mode}),
@@ -419,10 +420,11 @@ def _train(
         opt.load_state_dict(ckpt["opt"])
         history, start = ckpt["history"], ckpt["step"]
     else:
-        sample = _sample(
-            source.first_batches(), layers, lens, train_params.geometric_median_sample, train_params.seed, device
-        )
-        sae.init_b_pre(sae.normalise(sample)[0])
+        tokens = _first_tokens(source.first_batches(), layers, lens, train_params.geometric_median_sample, device)
+        sae.init_center(tokens)
+        vectors = sae.normalise(tokens)[0].reshape(-1, tokens.shape[-1])
+        pick = torch.randperm(vectors.shape[0], generator=torch.Generator().manual_seed(train_params.seed))
+        sae.init_b_pre(vectors[pick[: train_params.geometric_median_sample].to(device)])
     model: torch.nn.Module = sae
     if ranks.world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
@@ -537,10 +539,10 @@ def _train(
     return metrics, history
 
 
-def _sample(
-    batches: Iterator[Tensor], layers: list[int], lens: Lens, n: int, seed: int, device: torch.device
-) -> torch.Tensor:
-    """`n` (token, layer) vectors from the first shuffled batches, in lens space, as (n, 1, d)."""
+def _first_tokens(batches: Iterator[Tensor], layers: list[int], lens: Lens, n: int, device: torch.device) -> Tensor:
+    """The first shuffled batches, at least `n` tokens of them, in lens space: (tokens, L, d). The
+    layer centres (``sae.center: layer``) are their means; ``b_pre``'s geometric median is taken
+    over `n` of their (token, layer) vectors."""
     rows, got = [], 0
     for x in batches:
         rows.append(x)
@@ -553,10 +555,7 @@ def _sample(
             "and position 0 are left out); lower it or raise train.shuffle_buffer_tokens"
         )
     x = torch.cat(rows).to(device)
-    vectors = lens(x, layers).reshape(-1, x.shape[-1])
-    g = torch.Generator().manual_seed(seed)
-    pick = torch.randperm(vectors.shape[0], generator=g)[:n].to(device)
-    return vectors[pick].unsqueeze(1)
+    return lens(x, layers)
 
 
 def _metrics(history: list[dict], cfg: SAEConfig, batch_tokens: int, vectors_per_s: float | None) -> dict:
