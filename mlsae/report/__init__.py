@@ -192,7 +192,14 @@ def build_report(
 
     # Everything is rendered in memory first, so a bad input leaves no partial report.
     summary = summary_row(
-        {"extract": inp.extract, "lens": inp.lens, "train": inp.train, "eval": inp.eval, "analysis": inp.analysis},
+        {
+            "extract": inp.extract,
+            "lens": inp.lens,
+            "train": inp.train,
+            "eval": inp.eval,
+            "baseline": inp.baseline,
+            "analysis": inp.analysis,
+        },
         inp.config,
     )
     layers = _layers_table(inp)

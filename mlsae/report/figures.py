@@ -150,6 +150,10 @@ def _eval_figure(layers: pl.DataFrame) -> bytes:
     left.set_ylim(bottom=0)
     left.legend(fontsize=8)
     right.plot(blocks, layers["delta_ce"].to_list(), marker="o", label="ΔCE (spliced − clean)")
+    if layers["delta_ce_lo"].null_count() < layers.height:
+        right.fill_between(
+            blocks, layers["delta_ce_lo"].to_list(), layers["delta_ce_hi"].to_list(), alpha=0.2, label="95 % interval"
+        )
     if layers["kl"].null_count() < layers.height:
         right.plot(blocks, layers["kl"].to_list(), marker="s", linestyle="--", label="KL(clean ‖ spliced)")
     right.set_xlabel("block")

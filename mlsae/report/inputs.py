@@ -15,6 +15,7 @@ from mlsae.core.io import read_json
 from mlsae.core.metrics import (
     STAGE_METRICS,
     AnalysisMetrics,
+    BaselineMetrics,
     EvalMetrics,
     ExtractMetrics,
     LensMetrics,
@@ -23,6 +24,7 @@ from mlsae.core.metrics import (
 )
 from mlsae.core.paths import (
     ANALYSIS_METRICS,
+    BASELINE_METRICS,
     EVAL_METRICS,
     EXTRACT_METRICS,
     LATENT_STATS,
@@ -49,6 +51,7 @@ class _Inputs:
     lens: LensMetrics
     train: TrainMetrics
     eval: EvalMetrics
+    baseline: BaselineMetrics
     analysis: AnalysisMetrics
     train_curve: pl.DataFrame
     latents: pl.DataFrame
@@ -98,6 +101,7 @@ def _load_inputs(metrics_dir: Path, plots_dir: Path, analysis_dir: Path, sae_con
         "lens": metrics_dir / LENS_METRICS.name,
         "train": metrics_dir / TRAIN_METRICS.name,
         "eval": metrics_dir / EVAL_METRICS.name,
+        "baseline": metrics_dir / BASELINE_METRICS.name,
         "analysis": metrics_dir / ANALYSIS_METRICS.name,
         "train_curve": plots_dir / TRAIN_PLOT.name,
         "latents": analysis_dir / LATENT_STATS.name,
@@ -114,7 +118,7 @@ def _load_inputs(metrics_dir: Path, plots_dir: Path, analysis_dir: Path, sae_con
 
     jsons: dict[str, Any] = {
         name: read_metrics(paths[name], STAGE_METRICS[name], partial=True)
-        for name in ("extract", "lens", "train", "eval", "analysis")
+        for name in ("extract", "lens", "train", "eval", "baseline", "analysis")
     }
     eval_blocks = jsons["eval"].get("layers", blocks)
     if eval_blocks != blocks:
@@ -143,6 +147,7 @@ def _load_inputs(metrics_dir: Path, plots_dir: Path, analysis_dir: Path, sae_con
         lens=jsons["lens"],
         train=jsons["train"],
         eval=jsons["eval"],
+        baseline=jsons["baseline"],
         analysis=jsons["analysis"],
         train_curve=train_curve,
         latents=latents,

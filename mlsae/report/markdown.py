@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -151,7 +152,10 @@ def _layers_table(inp: _Inputs) -> pl.DataFrame:
         "mse": _series(ev, "mse_by_layer", n, path),
         "l0": _series(ev, "l0_by_layer", n, path),
         "delta_ce": _series(ev, "delta_ce_by_layer", n, path, required=True),
-        "delta_ce_zero": _series(ev, "delta_ce_zero_by_layer", n, path),
+        "delta_ce_lo": [ci[0] if ci else None for ci in _intervals(ev, "delta_ce_by_layer_ci", n)],
+        "delta_ce_hi": [ci[1] if ci else None for ci in _intervals(ev, "delta_ce_by_layer_ci", n)],
+        "delta_ce_mean": _layer_series(inp.baseline, "delta_ce_mean", inp.blocks, inp.paths["baseline"]),
+        "loss_recovered": _series(ev, "loss_recovered_by_layer", n, path),
         "kl": _series(ev, "kl_by_layer", n, path),
         "adjacent_cos": [_number(adjacent[b]) if 0 <= b < len(adjacent) else None for b in inp.blocks],
         "n_latents_active": inp.layers["n_latents_active"].to_list(),
@@ -162,6 +166,25 @@ def _layers_table(inp: _Inputs) -> pl.DataFrame:
         for key in ("kl_logit_lens", "kl_tuned_lens"):
             columns[key] = inp.lens_by_layer[key].gather(inp.blocks).to_list()
     return pl.DataFrame(columns, strict=False)
+
+
+def _intervals(data: Any, key: str, n: int) -> list[list[float] | None]:
+    """The per-layer ``[lo, hi]`` list ``data[key]`` (all None when absent: no resampling)."""
+    values = data.get(key)
+    if not isinstance(values, list) or len(values) != n:
+        return [None] * n
+    return [v if isinstance(v, list) and len(v) == 2 and None not in v else None for v in values]
+
+
+def _layer_series(baseline: Any, key: str, blocks: list[int], path: Path) -> list[float | None]:
+    """The baseline stage's per-layer `key` at the SAE's `blocks` (it may cover more blocks)."""
+    values, layers = baseline.get(f"{key}_by_layer"), baseline.get("layers")
+    if not isinstance(values, list) or not isinstance(layers, list):
+        return [None] * len(blocks)
+    by_block = dict(zip(layers, values))
+    if any(b not in by_block for b in blocks):
+        raise MlsaeError(f"{path}: no {key} for some of the SAE's blocks {blocks}; rerun the baseline stage")
+    return [_number(by_block[b]) for b in blocks]
 
 
 @dataclass(frozen=True)
