@@ -14,7 +14,10 @@ import torch
 from mlsae.core.paths import SAE_CONFIG, SAE_WEIGHTS
 from mlsae.core.errors import MlsaeError
 from mlsae.sae.model import MLSAE, SAEConfig, geometric_median
-from mlsae.sae.kernels import sparse_outer
+from mlsae.core.params import SAEParams
+from mlsae.sae import config as sae_config_module
+from mlsae.sae.config import check_dead_window, check_k, resolve_dead_tokens
+from mlsae.sae.kernels import dead_topk, sparse_outer, topk_select
 from mlsae.sae.trainer import make_optimizer, train_step
 
 
@@ -121,6 +124,84 @@ def test_sparse_matches_dense_forward_and_gradients(layers: int) -> None:
     for name in ("W_enc", "W_dec", "b_pre"):
         assert de_grad[name].abs().max() > 1e-4, name  # the comparison is not vacuous
         torch.testing.assert_close(sp_grad[name], de_grad[name], rtol=0, atol=1e-10, msg=name)
+
+
+def numpy_auxk_choice(sae: MLSAE, x: torch.Tensor, n_aux: int) -> tuple[np.ndarray, np.ndarray]:
+    """The dense masked reference in float64 numpy: every latent's pre-activation, the live ones
+    masked out, the top `n_aux` kept, ReLU'd: (values, indices), each row sorted by index."""
+    xn = sae.normalise(x)[0].detach().double().numpy().reshape(-1, sae.cfg.d_model)
+    z = (xn - sae.b_pre.detach().double().numpy()) @ sae.W_enc.detach().double().numpy().T
+    dead = sae.dead_mask().numpy()
+    z[:, ~dead] = -np.inf
+    idx = np.sort(np.argsort(-z, axis=1, kind="stable")[:, :n_aux], axis=1)
+    return np.maximum(np.take_along_axis(z, idx, 1), 0), idx
+
+
+def by_index(values: torch.Tensor, indices: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(values, indices) of each row reordered by latent index (TopK's order is unspecified)."""
+    v, i = values.detach().reshape(-1, values.shape[-1]).numpy(), indices.reshape(-1, indices.shape[-1]).numpy()
+    order = np.argsort(i, axis=1)
+    return np.take_along_axis(v, order, 1), np.take_along_axis(i, order, 1)
+
+
+@pytest.mark.parametrize("n_dead", [3, 40])  # fewer dead latents than auxk = 8, and more
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_auxk_on_dead_rows_equals_the_dense_masked_reference(n_dead: int, dtype: torch.dtype) -> None:
+    """The sparse path's AuxK multiplies by the dead rows of W_enc only; it picks the latents, and
+    gives the values, AuxK loss and gradients, of the dense path's masked full product."""
+    sae = make_sae(auxk=8, dead_tokens=10).to(dtype)
+    dead = torch.randperm(64, generator=torch.Generator().manual_seed(n_dead))[:n_dead]
+    with torch.no_grad():
+        sae.b_pre.normal_(0, 0.1)
+        sae.tokens_since_fired[dead] = 10 + torch.arange(n_dead)  # at or past the window
+        sae.tokens_since_fired[63 if 63 not in dead else 62] = 9  # just short of it: alive
+    assert int(sae.dead_mask().sum()) == n_dead
+    n_aux = min(8, n_dead)
+    x = residuals(24, 3, 16).to(dtype)
+    results = {}
+    for dense in (False, True):
+        sae.zero_grad()
+        out = sae(x, dense=dense, auxk=True)
+        losses = sae.loss(out)
+        losses.loss.backward()
+        results[dense] = (out, losses, {n: p.grad.clone() for n, p in sae.named_parameters()})
+    (sp, sp_loss, sp_grad), (de, de_loss, de_grad) = results[False], results[True]
+    tol = {torch.float64: 1e-10, torch.float32: 2e-5}[dtype]
+    assert sp.aux_recon is not None and sp_loss.auxk > 0
+    ref_values, ref_indices = numpy_auxk_choice(sae, x, n_aux)
+    for out in (sp, de):
+        _, _, aux_values, aux_indices = sae._encode(sae.normalise(x)[0], out is de, n_aux)
+        assert aux_indices.shape == (24, 3, n_aux)
+        values, indices = by_index(aux_values, aux_indices)
+        assert np.array_equal(indices, ref_indices)  # the same latents, all of them dead
+        assert sae.dead_mask()[torch.from_numpy(indices)].all()
+        np.testing.assert_allclose(values, ref_values, rtol=0, atol=tol)
+    torch.testing.assert_close(sp.aux_recon, de.aux_recon, rtol=0, atol=tol)
+    torch.testing.assert_close(sp_loss.auxk, de_loss.auxk, rtol=0, atol=tol)
+    torch.testing.assert_close(sp_loss.loss, de_loss.loss, rtol=0, atol=tol)
+    for name in ("W_enc", "W_dec", "b_pre"):
+        assert de_grad[name].abs().max() > 1e-4, name  # the comparison is not vacuous
+        torch.testing.assert_close(sp_grad[name], de_grad[name], rtol=0, atol=tol, msg=name)
+    # the AuxK gradient reaches the dead rows of W_enc: the dead latents can come back
+    assert sp_grad["W_enc"][torch.from_numpy(np.unique(ref_indices))].abs().max() > 0
+
+
+def test_dead_topk_reads_only_the_dead_rows() -> None:
+    """dead_topk never touches a live latent's encoder row (NaN there changes nothing), and equals
+    topk_select's masked selection on the full product."""
+    g = torch.Generator().manual_seed(0)
+    xc, w_enc = torch.randn(50, 16, generator=g, dtype=torch.float64), torch.randn(64, 16, generator=g, dtype=torch.float64)
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[[2, 5, 11, 17, 30, 31, 47, 60, 63]] = True
+    for n_aux in (1, 4, 9):
+        _, _, ref_values, ref_indices = topk_select(xc @ w_enc.T, 3, dead, n_aux)
+        poisoned = w_enc.clone()
+        poisoned[~dead] = float("nan")
+        values, indices = dead_topk(xc, poisoned, dead, n_aux)
+        assert torch.isfinite(values).all()
+        got, want = by_index(values, indices), by_index(ref_values, ref_indices)
+        assert np.array_equal(got[1], want[1])
+        np.testing.assert_allclose(got[0], want[0], rtol=0, atol=1e-12)
 
 
 def test_gradients_match_independent_autograd() -> None:
@@ -436,8 +517,8 @@ def test_load_errors_name_the_file(tmp_path) -> None:
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"k": 0}, r"sae\.k must be in 1\.\.n_latents \(got 0\)"),
-        ({"k": 65}, r"sae\.k must be in 1\.\.n_latents \(got 65\)"),
+        ({"k": 0}, r"^sae\.k must be a positive integer \(got 0\)$"),
+        ({"k": 65}, r"^sae\.k: 65 is more than the SAE's n_latents = 64; lower sae\.k$"),
         ({"d_model": 0}, r"sae\.d_model "),
         ({"n_latents": 2.5}, r"sae\.n_latents "),
         ({"layers": []}, r"sae\.layers "),
@@ -458,6 +539,32 @@ def test_bad_config_names_the_key(change: dict, message: str) -> None:
     assert "\n" not in str(err.value)
     with pytest.raises(MlsaeError, match=message):
         MLSAE(SAEConfig(**data))
+
+
+def test_config_lives_in_sae_config_and_defaults_to_the_params() -> None:
+    assert SAEConfig is sae_config_module.SAEConfig  # still importable from mlsae.sae.model
+    cfg = SAEConfig(d_model=16, n_latents=64, k=4, layers=[0])
+    defaults = SAEParams()
+    assert cfg.normalisation == "seed" == defaults.normalisation
+    assert (cfg.auxk, cfg.auxk_coef) == (defaults.auxk, defaults.auxk_coef)
+    assert cfg.dead_tokens == 65536 // 8  # what `auto` gives the default run
+
+
+def test_config_rules_k_dead_window_and_auto_dead_tokens() -> None:
+    check_k(64, 64)
+    with pytest.raises(MlsaeError, match=r"^sae\.k: 65 is more than the SAE's n_latents = sae\.expansion x d_model "
+                                         r"= 4 x 16 = 64; lower sae\.k or raise sae\.expansion$"):
+        check_k(65, 64, 4)
+    check_dead_window(99, 100, "how")
+    for dead in (100, 101):
+        with pytest.raises(MlsaeError) as err:
+            check_dead_window(dead, 100, "3 steps x 33")
+        message = str(err.value)
+        assert message.startswith(f"sae.dead_tokens: {dead} is at or beyond the run's length of 100 tokens (3 steps x 33)")
+        assert "\n" not in message and "sae.auxk: 0" in message
+    assert resolve_dead_tokens("auto", 65536) == 8192 and resolve_dead_tokens("auto", 4096 * 3) == 1536
+    assert resolve_dead_tokens("auto", 7) == 1  # at least one token
+    assert resolve_dead_tokens(300, 65536) == 300
 
 
 def test_config_dict_round_trip_and_unknown_keys() -> None:
