@@ -145,7 +145,9 @@ def assert_metrics(actual: dict[str, Any], expected: dict[str, Any], rel: float 
         if value is None or isinstance(value, int):
             assert actual[key] == value, key
         else:
-            assert actual[key] == pytest.approx(float(value), rel=rel, abs=1e-12), key
+            # the seed's estimator is summed from the float32 spill of per-document sums
+            tol = max(rel, 1e-6) if "paper" in key else rel
+            assert actual[key] == pytest.approx(float(value), rel=tol, abs=1e-12), key
 
 
 def units_of(special: np.ndarray, document: np.ndarray | None = None) -> np.ndarray:
@@ -256,7 +258,7 @@ def test_headline_metrics_match_hand_and_numpy(hand_store: Path, tmp_path: Path)
     assert metrics["n_active_pairs"] == 11
     assert metrics["n_entries"] == 19
     # the pooled per-pair variance, by hand, is the paper estimator's numerator (one batch here)
-    assert metrics["var_token_paper"] == pytest.approx(var_sum / (5 * N_LATENTS))
+    assert metrics["var_token_paper"] == pytest.approx(var_sum / (5 * N_LATENTS), rel=1e-6)
     # Latent 4 fires only at the special token: never active. Latents 0..3 are active at
     # 4, 3, 2, 2 tokens, so all four count with min_count=2.
     assert metrics["n_latents_active"] == 4
@@ -483,9 +485,10 @@ def test_streaming_paper_formula_matches_the_seed_per_batch(tmp_path: Path) -> N
         *(_seed_metric(p[(document >= starts[b]) & (document < starts[b + 1])]) for b in range(len(starts) - 1))
     )
     assert metrics["paper_batches"] == len(tok) == 5
-    assert metrics["var_token_paper"] == pytest.approx(np.mean(tok), rel=1e-9)
-    assert metrics["var_aggregate_paper"] == pytest.approx(np.mean(agg), rel=1e-9)
-    assert metrics["var_ratio_paper"] == pytest.approx(np.mean(agg) / np.mean(tok), rel=1e-9)
+    # (summed from the float32 spill of per-document sums: float32 precision)
+    assert metrics["var_token_paper"] == pytest.approx(np.mean(tok), rel=1e-6)
+    assert metrics["var_aggregate_paper"] == pytest.approx(np.mean(agg), rel=1e-6)
+    assert metrics["var_ratio_paper"] == pytest.approx(np.mean(agg) / np.mean(tok), rel=1e-6)
     # ...and they differ from ours in the stated way: var_token_paper is diluted by inactive pairs.
     pair_var = pl.read_parquet(out / TOKEN_STATS.name)["var_layer"].cast(pl.Float64).sum()
     assert np.mean(tok) * n_tokens == pytest.approx(pair_var / n_latents, rel=1e-6)

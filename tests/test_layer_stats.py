@@ -307,7 +307,8 @@ def test_small_pending_buffer_gives_the_same_replicas(monkeypatch: pytest.Monkey
     small = run(pairs, n_units, chunks=chunks, unit_tokens=unit, **kw).finish()[1]
     for key in ("within_share", "within_share_mass", "effective_layers", "within_share_any_docs", "var_ratio_paper"):
         for suffix in ("", "_plugin", "_bias_boot", "_bias_jack", "_se"):
-            assert_close(small[f"{key}{suffix}"], whole[f"{key}{suffix}"], rtol=1e-6, atol=1e-9, what=key + suffix)
+            # the two runs split documents differently between float32 spill entries
+            assert_close(small[f"{key}{suffix}"], whole[f"{key}{suffix}"], rtol=1e-5, atol=1e-9, what=key + suffix)
 
 
 def test_reported_value_is_the_jackknife_corrected_plugin_inside_its_interval():

@@ -193,15 +193,19 @@ def fold_pairs(
 
 
 @numba.njit(cache=True, nogil=True)
-def count_documents(unit, latent, counts, out):
-    """For entries ``(unit[i], latent[i])``, each (unit, latent) pair at most once: add
-    ``counts[unit[i], r] > 0`` to ``out[latent[i], r]`` for every replica ``r`` (the number of a
-    replica's documents in which the latent is active)."""
+def count_documents(unit, latent, counts, last, point, boot):
+    """Documents each latent is active in, from spill entries sorted by unit (a (unit, latent) pair
+    may repeat: a unit split across two buffer flushes): ``point[f]`` += 1 and ``boot[f, r]`` +=
+    ``counts[unit, r] > 0`` the first time ``f`` is met in a unit. ``last`` (F,) must hold -1."""
     for i in range(unit.size):
         f, u = latent[i], unit[i]
+        if last[f] == u:
+            continue
+        last[f] = u
+        point[f] += 1
         for r in range(counts.shape[1]):
             if counts[u, r] > 0:
-                out[f, r] += 1
+                boot[f, r] += 1
 
 
 @numba.njit(cache=True, nogil=True)
