@@ -61,10 +61,43 @@ def test_dead_window_at_or_beyond_the_run_is_refused_up_front(text_corpus):
     chk.validate(parse_params(params(text_corpus, data={"train_tokens": 1000}, sae={"dead_tokens": 5000, "auxk": 0})))
 
 
+def test_auto_values_resolve_as_documented(text_corpus):
+    """sae.dead_tokens: auto is an eighth of the run's tokens, always inside the run;
+    evaluate.tokens: auto is the lesser of 2048 and the eval split, always inside the split."""
+    from mlsae.evaluation.sample import resolve_tokens
+    from mlsae.sae.config import resolve_dead_tokens
+
+    for train_tokens, epochs in ((1000, 1), (1000, 2), (65536, 1), (9, 1)):
+        p = parse_params(params(text_corpus, data={"train_tokens": train_tokens}, train={"epochs": epochs},
+                                sae={"dead_tokens": "auto"}))
+        assert resolve_dead_tokens(p.sae.dead_tokens, train_tokens * epochs) == max(1, train_tokens * epochs // 8)
+        chk.check_auxk_window(p)
+    for eval_tokens, expected in ((200, 256), (1024, 1024), (5000, 2048)):  # the split: whole contexts of 64
+        p = parse_params(params(text_corpus, data={"eval_tokens": eval_tokens}, evaluate={"tokens": "auto"}))
+        assert resolve_tokens(p.evaluate.tokens, chk.eval_split_tokens(p), 64) == expected
+        chk.check_evaluate_tokens(p)
+
+
+def test_a_small_run_needs_no_other_flag(text_corpus):
+    """params.yaml's defaults with only `data.train_tokens=4096 data.eval_tokens=1024` (on the tiny
+    model) pass every check: the auto values follow the smaller run; the old fixed values did not."""
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["model"] = "tiny-llama"
+    raw["data"].update(train_tokens=4096, eval_tokens=1024)
+    p = parse_params(raw)
+    assert (p.sae.dead_tokens, p.evaluate.tokens) == ("auto", "auto")
+    chk.validate(p)
+    # what auto replaced: the default run's fixed values would refuse this run
+    for section, key, value in (("sae", "dead_tokens", 8192), ("evaluate", "tokens", 2048)):
+        fixed = {**raw, section: {**raw[section], key: value}}
+        assert rejected(fixed).startswith(f"{section}.{key}: {value}")
+
+
 def test_model_dimension_checks_for_the_tiny_model(text_corpus):
     # tiny-llama: 4 blocks, d_model 64 (mlsae.models.tiny.SIZES)
     line = rejected(params(text_corpus, sae={"expansion": 1, "k": 65}))
-    assert line.startswith("sae.k: 65 exceeds the SAE's 64 latents")
+    assert line == ("sae.k: 65 is more than the SAE's n_latents = sae.expansion x d_model = 1 x 64 = 64; lower sae.k "
+                    "or raise sae.expansion")
     chk.validate(parse_params(params(text_corpus, sae={"expansion": 1, "k": 64})))
     assert rejected(params(text_corpus, sae={"layers": [4]})).startswith("sae.layers: index 4 out of range")
     assert "maximum context" in rejected(params(text_corpus, data={"context": 257}, evaluate={"tokens": 64}))
@@ -205,19 +238,24 @@ class _Reader:
 
 def test_evaluate_with_every_position_masked_gives_one_line():
     """Every position special (one-token documents): no next-token target, one clear line."""
-    import torch
-
-    from mlsae.evaluation.downstream import splice_sums
+    from mlsae.evaluation.downstream import mean_ablation, splice_sums
+    from mlsae.evaluation.sample import SplicedSample
     from mlsae.lens.tuned import Lens
+    from mlsae.evaluation.reconstruction import reconstruction
     from mlsae.models.registry import load_model
     from mlsae.sae.model import MLSAE, SAEConfig
 
+    import torch
+
     model = load_model("tiny-llama", "cpu")
     sae = MLSAE(SAEConfig(d_model=64, n_latents=128, k=2, layers=[0]))
-    tokens = np.ones((2, 4), dtype=np.int64)
-    excluded = np.ones((2, 4), dtype=bool)
-    with pytest.raises(MlsaeError, match=r"no position has a next-token target"):
-        splice_sums(sae, Lens.identity(4, 64), model, tokens, excluded, torch.zeros(1, 64), False, 2, progress=False)
+    masked = np.ones((2, 4), dtype=bool)
+    sample = SplicedSample(contexts=np.arange(2), tokens=np.ones((2, 4), dtype=np.int32), special=masked,
+                           excluded=masked, document=np.zeros((2, 4), dtype=np.int64))
+    for replacements in ({"recon": reconstruction(sae, Lens.identity(4, 64))}, {"mean": mean_ablation(torch.zeros(1, 64))}):
+        with pytest.raises(MlsaeError, match=r"^evaluate: no position has a next-token target") as e:
+            splice_sums(model, sample, [0], replacements, 2, progress=False)
+        assert "\n" not in str(e.value)
 
 
 # --- offline hub -------------------------------------------------------------------------------

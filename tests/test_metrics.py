@@ -61,7 +61,7 @@ def test_analysis_keeps_keys_it_does_not_know() -> None:
 
 
 def test_one_record_per_metrics_file() -> None:
-    assert set(STAGE_METRICS) == {"extract", "lens", "train", "eval", "analysis"}
+    assert set(STAGE_METRICS) == {"extract", "lens", "train", "baseline", "eval", "analysis"}
 
 
 def test_device_per_stage_from_params() -> None:
