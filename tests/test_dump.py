@@ -21,7 +21,7 @@ from mlsae.lens.build import run_lens_stage
 from mlsae.core.params import parse_params
 from mlsae.sae.model import MLSAE
 from mlsae.stores.activations import ActivationStore
-from mlsae.sae.trainer import train
+from conftest import run_train as train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,7 +59,7 @@ def dumped(sae: MLSAE, reader: ActivationStore, tmp_path_factory: pytest.TempPat
 
 def arrays(path: Path) -> dict[str, np.ndarray]:
     root = zarr.open_group(str(path), mode="r")
-    return {k: root[k][:] for k in (C.INDICES, C.VALUES, C.TOKENS, C.CONTEXT, C.POSITION, C.SPECIAL)}
+    return {k: root[k][:] for k in (C.INDICES, C.VALUES, C.TOKENS, C.CONTEXT, C.POSITION, C.SPECIAL, C.DOCUMENT)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,13 +101,15 @@ def test_dumped_latents_decode_to_the_sae_reconstruction(sae: MLSAE, reader: Act
 
 def test_dump_is_aligned_with_the_eval_split(sae: MLSAE, reader: ActivationStore, dumped: Path) -> None:
     got = arrays(dumped)
-    for key in (C.TOKENS, C.CONTEXT, C.POSITION, C.SPECIAL):
+    for key in (C.TOKENS, C.CONTEXT, C.POSITION, C.SPECIAL, C.DOCUMENT):
         want = reader.meta("eval", key)
         assert got[key].dtype == want.dtype and np.array_equal(got[key], want), key
     assert got[C.SPECIAL].any()
     attrs = dict(zarr.open_group(str(dumped), mode="r").attrs)
     assert attrs["complete"] is True and attrs["layers"] == [0, 2, 3] and attrs["k"] == 8
     assert attrs["n_latents"] == sae.cfg.n_latents and attrs["model"] == "tiny-llama"
+    # the eval split's identity, its document split included, travels with the latents
+    assert attrs["source"]["split"] == reader.attrs["split"] and attrs["source"]["data_seed"] == 0
     # row t encodes eval token t: encode a few tokens on their own and find them at their rows
     lens = tuned_lens()
     for t in (0, 1, 37, 200, reader.n_tokens("eval") - 1):
@@ -210,7 +212,7 @@ def test_dump_stage(store: tuple[Path, dict], reader: ActivationStore, tmp_path:
     (tmp_path / "data").mkdir()
     (tmp_path / C.ACTIVATIONS).symlink_to(store[0])
     p = parse_params(raw)
-    run_lens_stage(p, reader, tmp_path / C.LENS_DIR, progress=False)
+    run_lens_stage(p.lens, p.lens_path, p.lens_fit, p.model, reader, tmp_path / C.LENS_DIR, progress=False)
     train(p, reader, Lens.identity(4, 64), tmp_path / C.SAE_DIR, tmp_path / "ckpt", progress=False)
     monkeypatch.chdir(tmp_path)
     runpy.run_path(str(ROOT / "stages" / "dump.py"))["main"]()
