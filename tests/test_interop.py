@@ -29,7 +29,8 @@ from mlsae.lens.tuned import Lens
 from mlsae.core.params import parse_params
 from mlsae.report.inputs import _read_csv
 from mlsae.sae.model import MLSAE, SAEConfig
-from mlsae.sae.importer import TRAIN_CURVE_HEADER, import_sae
+from mlsae.sae.importer import TRAIN_CURVE_HEADER
+from mlsae.sae.importer import import_sae as import_sae_narrow
 from mlsae.sae.saelens import export_saelens
 from mlsae.stores.activations import ActivationStore
 
@@ -122,6 +123,11 @@ def dump_arrays(sae: MLSAE, reader: ActivationStore, path: Path) -> tuple[np.nda
     dump(sae, Lens.identity(reader.n_layers, reader.d_model), reader, str(path), progress=False)
     root = zarr.open_group(str(path), mode="r")
     return by_index(root[C.VALUES][:].astype(np.float64), root[C.INDICES][:].astype(np.int64))
+
+
+def import_sae(p, reader: ActivationStore, out_dir: Path) -> dict:
+    """The train stage's import, with its narrow arguments taken from `p`."""
+    return import_sae_narrow(p.sae, p.lens, reader, out_dir)
 
 
 def random_sae(layers: list[int], normalisation: str = "vector", lens: str = "none", seed: int = 0) -> MLSAE:
@@ -382,7 +388,10 @@ def test_train_can_use_the_seed_normalisation(store, reader):
     from mlsae.sae.trainer import sae_config
 
     p = params_with(store, normalisation="seed")
-    assert sae_config(p, reader, "tiny-llama").normalisation == "seed"
+    cfg = sae_config(p.sae, p.train, p.lens, reader, 2048)
+    assert cfg.normalisation == "seed" and cfg.model == "tiny-llama"
+    p = params_with(store, normalisation="vector")
+    assert sae_config(p.sae, p.train, p.lens, reader, 2048).normalisation == "vector"
     with pytest.raises(MlsaeError, match=r"^sae.normalisation: input should be 'vector' or 'seed' \(got 'layer'\)$"):
         params_with(store, normalisation="layer")
 
