@@ -67,13 +67,14 @@ def truncate(path: Path) -> None:
 @pytest.mark.parametrize("array", [C.VALUES, C.INDICES])
 def test_damaged_latent_shard_raises_one_line_naming_store_and_fix(tmp_path, damage, array):
     from mlsae.analysis.aggregate import aggregate
+    from mlsae.core.params import AnalysisParams
 
     path = tmp_path / "latents.zarr"
     latent_store(path)
     damage(shard_files(path / array)[0])
     with pytest.raises(MlsaeError) as e:
         with store.guard(path, "dump"):
-            aggregate(path, tmp_path / "analysis", tmp_path / "analysis.json")
+            aggregate(path, tmp_path / "analysis", tmp_path / "analysis.json", AnalysisParams())
     line = str(e.value)
     assert "\n" not in line and line.startswith(f"{path}: corrupted store")
     assert f"dvc checkout {path}" in line and "dvc repro -f dump" in line
@@ -85,7 +86,8 @@ def test_damaged_activation_shard_is_reported(tmp_path, damage):
     path = tmp_path / "activations.zarr"
     n, L, d, ctx = 512, 2, 16, 32
     split = store.SplitData(tokens=np.zeros((n // ctx, ctx), np.int32), special=np.zeros((n // ctx, ctx), bool),
-                            context_index=np.arange(n // ctx, dtype=np.int32))
+                            context_index=np.arange(n // ctx, dtype=np.int32),
+                            document=np.repeat(np.arange(n // ctx, dtype=np.int64), ctx).reshape(n // ctx, ctx))
     root = store.create(str(path), {"n_layers": L, "d_model": d, "context": ctx, "dtype": "float16"},
                         {"train": split, "eval": split})
     x = np.random.default_rng(0).standard_normal((n, L, d)).astype(np.float16)

@@ -5,13 +5,13 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from conftest import run_extract as extract
+from conftest import run_train as train
 from mlsae.sae.dump import dump
-from mlsae.data.extract import extract
 from mlsae.lens.tuned import Lens
 from mlsae.core.params import parse_params
 from mlsae.sae.model import MLSAE
 from mlsae.stores.activations import ActivationStore
-from mlsae.sae.trainer import train
 
 
 def test_memory_url_store_round_trip(tmp_path: Path, text_corpus: Path):
@@ -20,15 +20,15 @@ def test_memory_url_store_round_trip(tmp_path: Path, text_corpus: Path):
            "sae": {"expansion": 2, "k": 4, "dead_tokens": 256}, "train": {"batch_tokens": 128, "shuffle_buffer_tokens": 512}}
     p = parse_params(raw)
     url = "memory://mlsae-test/activations.zarr"
-    extract(p, url, progress=False)
+    extract(p, url)
     reader = ActivationStore(url)
     assert reader.n_tokens("train") == 1024 and reader.n_tokens("eval") == 256
     # the same bytes as a local store of the same params
     local = tmp_path / "act.zarr"
-    extract(p, str(local), progress=False)
+    extract(p, local)
     np.testing.assert_array_equal(zarr.open_group(url)["eval/resid"][:], zarr.open_group(str(local))["eval/resid"][:])
     # a second extract replaces the complete store at the URL
-    extract(p, url, progress=False)
+    extract(p, url)
     metrics, _ = train(p, reader, Lens.identity(4, 64), tmp_path / "sae", tmp_path / "ckpt", progress=False)
     assert metrics["steps"] > 0
     out = "memory://mlsae-test/latents.zarr"
