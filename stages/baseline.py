@@ -18,7 +18,7 @@ def main(params_file: str = "params.yaml") -> None:
         p = params(params_file)
         reader = ActivationStore(str(C.ACTIVATIONS))
         reader.check_model(p.model)
-        model = load_model(p.model, resolve_device(p.device("evaluate")))
+        model = load_model(p.model, resolve_device(p.device("baseline")))
         sample = spliced_sample(reader, p.evaluate.tokens, p.data.seed)
         layers = select_layers(p.sae, reader.n_layers)
         ev = p.evaluate

@@ -305,15 +305,13 @@ class Params(Section):
         return raw
 
     def device(self, stage: str) -> str:
-        """The device spec a stage runs on (resolve it once, with `models.registry.resolve_device`)."""
-        specs = {
-            "extract": self.extract.device,
-            "lens": self.lens_fit.device,
-            "train": self.train.device,
-            "evaluate": self.evaluate.device or self.extract.device,
-            "dump": self.dump.device,
-        }
-        return specs[stage]
+        """The device spec a stage runs on (resolve it once, with `models.registry.resolve_device`);
+        only that stage's key is read (`evaluate.device`, and `extract.device` when it is empty:
+        the baseline and evaluate stages)."""
+        if stage in ("evaluate", "baseline"):
+            return self.evaluate.device or self.extract.device
+        section = {"extract": self.extract, "lens": self.lens_fit, "train": self.train, "dump": self.dump}[stage]
+        return section.device
 
     def select_layers(self, n_layers: int) -> list[int]:
         """The block indices the SAE uses, checked against the model's layer count."""
