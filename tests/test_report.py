@@ -23,6 +23,7 @@ from mlsae.compare.experiments import compare, experiment_rows, parse_exp_show
 from mlsae.core.paths import (
     ADJ_COS_PLOT,
     ANALYSIS_METRICS,
+    BASELINE_METRICS,
     EVAL_METRICS,
     EXTRACT_METRICS,
     LATENT_STATS,
@@ -106,11 +107,23 @@ EVAL = {
     "dead_fraction": 1 / 6,
     "ce_clean": 3.5,
     "delta_ce": 0.12,
+    "delta_ce_ci": [0.1, 0.14],
     "delta_ce_by_layer": [0.05, 0.1, 0.15, 0.18],
-    "delta_ce_zero": 4.0,
-    "delta_ce_zero_by_layer": [5.0, 4.0, 3.5, 3.5],
+    "delta_ce_by_layer_ci": [[0.04, 0.06], [0.08, 0.12], [0.13, 0.17], [0.16, 0.2]],
+    "loss_recovered": 0.95,
+    "loss_recovered_ci": [0.93, 0.97],
+    "loss_recovered_by_layer": [0.975, 0.95, 0.94, 0.935],
     "kl": 0.11,
     "kl_by_layer": [0.04, 0.09, 0.14, 0.17],
+    "layers": BLOCKS,
+}
+BASELINE = {
+    "ce_clean": 3.5,
+    "delta_ce_mean": 2.4,
+    "delta_ce_mean_by_layer": [2.0, 2.0, 2.5, 3.1],
+    "kl_mean": 2.2,
+    "kl_mean_by_layer": [1.9, 2.0, 2.3, 2.6],
+    "baselines": ["mean"],
     "layers": BLOCKS,
 }
 ANALYSIS = {
@@ -209,6 +222,7 @@ def run(tmp_path: Path) -> dict[str, Path]:
     _write_json(metrics / LENS_METRICS.name, {"lens": "none"})
     _write_json(metrics / TRAIN_METRICS.name, TRAIN)
     _write_json(metrics / EVAL_METRICS.name, EVAL)
+    _write_json(metrics / BASELINE_METRICS.name, BASELINE)
     _write_json(metrics / ANALYSIS_METRICS.name, ANALYSIS)
     _write_json(config, CONFIG)
     steps = np.arange(1, 31)
@@ -290,6 +304,8 @@ def test_summary_row_matches_inputs(run: dict[str, Path]) -> None:
         "k": 2,
         "fvu": EVAL["fvu"],
         "delta_ce": EVAL["delta_ce"],
+        "delta_ce_mean": BASELINE["delta_ce_mean"],
+        "loss_recovered": EVAL["loss_recovered"],
         "kl": EVAL["kl"],
         "l0": EVAL["l0"],
         "dead_fraction": EVAL["dead_fraction"],
@@ -304,6 +320,7 @@ def test_summary_row_matches_inputs(run: dict[str, Path]) -> None:
     for key, value in expected.items():
         assert float(row[key]) == pytest.approx(value), key
         assert out["summary"][key] == pytest.approx(value), key
+    assert row["delta_ce_ci"] == "0.1–0.14" and row["loss_recovered_ci"] == "0.93–0.97"
     md = (run["tables_dir"] / "summary.md").read_text()
     assert "| var_ratio | 125 |" in md and "| model | tiny-llama |" in md
 
@@ -313,8 +330,11 @@ def test_layers_table_one_row_per_layer(run: dict[str, Path]) -> None:
     rows = _read_csv(run["tables_dir"] / "layers.csv")
     assert [int(r["block"]) for r in rows] == BLOCKS
     for j, r in enumerate(rows):
-        for key in ("fvu", "mse", "l0", "delta_ce", "delta_ce_zero", "kl"):
+        for key in ("fvu", "mse", "l0", "delta_ce", "loss_recovered", "kl"):
             assert float(r[key]) == pytest.approx(EVAL[f"{key}_by_layer"][j]), (key, j)
+        assert float(r["delta_ce_mean"]) == pytest.approx(BASELINE["delta_ce_mean_by_layer"][j])
+        assert [float(r["delta_ce_lo"]), float(r["delta_ce_hi"])] == pytest.approx(EVAL["delta_ce_by_layer_ci"][j])
+        assert "delta_ce_zero" not in r  # the ablations are the baseline stage's
         assert float(r["fvu_train"]) == pytest.approx(TRAIN["fvu_by_layer"][j])
     assert [r["adjacent_cos"] for r in rows] == ["0.9", "0.8", "0.7", ""]  # last block has no next block
     assert [int(r["n_latents_active"]) for r in rows] == [3, 4, 3, 2]
@@ -433,10 +453,21 @@ def test_subset_of_layers_maps_blocks(run: dict[str, Path]) -> None:
     assert [int(r["block"]) for r in rows] == blocks
     assert [r["adjacent_cos"] for r in rows] == ["0.8", ""]
     assert [float(r["kl_logit_lens"]) for r in rows] == [3.0, 0.0]
+    # the baseline covers every block: the SAE's are looked up by block
+    assert [float(r["delta_ce_mean"]) for r in rows] == [2.0, 3.1]
     assert out["summary"]["layers"] == "1,3"
+    # a baseline without one of the SAE's blocks is refused, naming the fix
+    _write_json(run["metrics_dir"] / BASELINE_METRICS.name, {**BASELINE, "layers": [0, 1], "delta_ce_mean_by_layer": [1.0, 2.0]})
+    with pytest.raises(MlsaeError, match=r"baseline\.json: no delta_ce_mean for some of the SAE's blocks \[1, 3\]; "
+                                         r"rerun the baseline stage"):
+        _build(run)
 
 
 def test_bad_inputs_raise_one_line_naming_the_file(run: dict[str, Path]) -> None:
+    (run["metrics_dir"] / BASELINE_METRICS.name).rename(run["metrics_dir"] / "kept.json")
+    with pytest.raises(MlsaeError, match=r"baseline\.json: not found \(run the stage that writes it first\)"):
+        _build(run)
+    (run["metrics_dir"] / "kept.json").rename(run["metrics_dir"] / BASELINE_METRICS.name)
     (run["analysis_dir"] / TOP_TOKENS.name).unlink()
     with pytest.raises(MlsaeError, match="top_tokens.parquet: not found"):
         _build(run)
@@ -478,6 +509,7 @@ def test_report_reads_the_aggregate_stage_output(run: dict[str, Path], tmp_path:
     """The real aggregate stage's parquet files go through the report unchanged."""
     zarr = pytest.importorskip("zarr")
     from mlsae.analysis.aggregate import aggregate
+    from mlsae.core.params import AnalysisParams
     from mlsae.stores.activations import seal
 
     rng = np.random.default_rng(0)
@@ -490,9 +522,11 @@ def test_report_reads_the_aggregate_stage_output(run: dict[str, Path], tmp_path:
     root.create_array("values", data=values, chunks=(16, L, k))
     root.create_array("special", data=np.zeros(N_TOKENS, dtype=bool), chunks=(16,))
     root.create_array("position", data=(np.arange(N_TOKENS) % 8).astype(np.int16), chunks=(16,))
+    root.create_array("document", data=np.arange(N_TOKENS, dtype=np.int64) // 10, chunks=(16,))  # 6 documents
     seal(root, store, "dump")
     root.attrs.update({"layers": BLOCKS, "n_latents": n_latents, "k": k, "complete": True})
-    metrics = aggregate(store, run["analysis_dir"], run["metrics_dir"] / ANALYSIS_METRICS.name, min_count=1)
+    metrics = aggregate(store, run["analysis_dir"], run["metrics_dir"] / ANALYSIS_METRICS.name,
+                        AnalysisParams(min_count=1, min_documents=1))
 
     out = _build(run, top_latents=4, min_count=1)
     rows = _read_csv(run["tables_dir"] / "top_latents.csv")
