@@ -209,8 +209,20 @@ def _valid(directory: Path, gguf_sha: str) -> bool:
 
 def load_gguf(path: Path) -> tuple[nn.Module, object, str]:
     """(float32 model, tokenizer, GGUF sha256) for a GGUF file, through the cache."""
-    from transformers import AutoTokenizer
+    target, gguf_sha = _converted(path)
+    return _load_converted(target), _cached_tokenizer(target), gguf_sha
 
+
+def load_gguf_tokenizer(path: Path) -> object:
+    """The tokenizer of a GGUF file, from the cache beside the converted weights (converting once if
+    the cache lacks it): parsing a GGUF's tokenizer reads the whole file (240 MB for Gemma 3), so
+    the stages that only decode tokens (report, check) read the small cached files instead."""
+    target, _ = _converted(path)
+    return _cached_tokenizer(target)
+
+
+def _converted(path: Path) -> tuple[Path, str]:
+    """(the valid cache directory of `path`, its sha256), converting or rebuilding it first."""
     gguf_sha = file_sha256(path)
     target = cache_root() / "converted" / gguf_sha
     if target.exists() and not _valid(target, gguf_sha):
@@ -218,7 +230,13 @@ def load_gguf(path: Path) -> tuple[nn.Module, object, str]:
         shutil.rmtree(target, ignore_errors=True)
     if not target.exists():
         _convert(path, gguf_sha, target)
-    return _load_converted(target), AutoTokenizer.from_pretrained(str(target)), gguf_sha
+    return target, gguf_sha
+
+
+def _cached_tokenizer(target: Path) -> object:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(target))
 
 
 def _load_converted(target: Path) -> nn.Module:

@@ -375,8 +375,9 @@ def load_tokenizer(name: str) -> object:
         from transformers import AutoTokenizer
 
         if kind in (EMBEDDED, "gguf"):
-            path = embedded_gguf(target) if kind == EMBEDDED else Path(target)
-            return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            from mlsae.models.gguf_cache import load_gguf_tokenizer
+
+            return load_gguf_tokenizer(embedded_gguf(target) if kind == EMBEDDED else Path(target))
         try:
             return AutoTokenizer.from_pretrained(target, **({} if kind == "local" else _hub_kwargs(target)))
         except (OSError, ValueError) as e:
