@@ -28,15 +28,15 @@ import pytest
 import torch
 import yaml
 
-from conftest import stage_command, stage_env, tiny_raw
+from conftest import run_extract as extract_params
+from conftest import run_train, stage_command, stage_env, tiny_raw
 from mlsae import check as chk
 from mlsae.core import paths as C
 from mlsae.core.errors import MlsaeError
 from mlsae.core.io import write_json
-from mlsae.core.params import parse_params
+from mlsae.core.params import AnalysisParams, parse_params
 from mlsae.core.stage import stage
 from mlsae.data import corpus
-from mlsae.data.extract import extract
 from mlsae.lens.tuned import Lens
 from mlsae.sae.model import MLSAE, SAEConfig
 from mlsae.stores import activations as store
@@ -57,12 +57,13 @@ TRAIN = dict(sae={"expansion": 2, "k": 4, "auxk": 16, "dead_tokens": 256},
 
 
 def run_extract(raw: dict, out: Path, **kwargs: Any) -> dict:
-    return extract(parse_params(raw), str(out), progress=False, **kwargs)
+    return extract_params(parse_params(raw), out, **kwargs)
 
 
 def arrays(path: Path) -> dict[str, np.ndarray]:
     root = store.open_root(str(path))
-    return {f"{s}/{k}": root[s][k][:] for s in C.SPLITS for k in (C.RESID, C.TOKENS, C.CONTEXT, C.POSITION, C.SPECIAL)}
+    return {f"{s}/{k}": root[s][k][:] for s in C.SPLITS
+            for k in (C.RESID, C.TOKENS, C.CONTEXT, C.POSITION, C.SPECIAL, C.DOCUMENT)}
 
 
 def assert_same_arrays(a: Path, b: Path) -> None:
@@ -172,17 +173,16 @@ def test_train_never_resumes_a_checkpoint_of_other_corpus_content(corpus_copy: P
     acts = tmp_path / "act.zarr"
     run_extract(raw, acts)
     lens = Lens.identity(4, 64)
-    trainer.train(p, ActivationStore(str(acts)), lens, tmp_path / "sae", tmp_path / "ckpt", progress=False, max_steps=3)
+    run_train(p, ActivationStore(str(acts)), lens, tmp_path / "sae", tmp_path / "ckpt", max_steps=3)
     assert (tmp_path / "ckpt" / C.CHECKPOINT).is_file()
     edit(corpus_copy)
     run_extract(raw, acts)  # the complete store of the old text is rebuilt
     counting = CountingStep(trainer.train_step)
     monkeypatch.setattr(trainer, "train_step", counting)
-    metrics, _ = trainer.train(p, ActivationStore(str(acts)), lens, tmp_path / "sae", tmp_path / "ckpt",
-                               progress=False)
+    metrics, _ = run_train(p, ActivationStore(str(acts)), lens, tmp_path / "sae", tmp_path / "ckpt")
     assert counting.calls == metrics["steps"] > 3  # started afresh
     monkeypatch.undo()
-    trainer.train(p, ActivationStore(str(acts)), lens, tmp_path / "ref", tmp_path / "ref-ckpt", progress=False)
+    run_train(p, ActivationStore(str(acts)), lens, tmp_path / "ref", tmp_path / "ref-ckpt")
     for name, ref in MLSAE.load(tmp_path / "ref").state_dict().items():
         torch.testing.assert_close(MLSAE.load(tmp_path / "sae").state_dict()[name], ref, rtol=0, atol=0)
 
@@ -259,10 +259,8 @@ def test_kill_9_mid_extract_and_mid_train_then_corpus_edit_equals_a_fresh_run(co
     ref = tmp_path / "ref"
     run_extract(raw, ref / "act.zarr")
     assert_same_arrays(acts, ref / "act.zarr")
-    import mlsae.sae.trainer as trainer
-
     reader = ActivationStore(str(acts))
-    trainer.train(parse_params(raw), reader, Lens.identity(4, 64), ref / "sae", ref / "ckpt", progress=False)
+    run_train(parse_params(raw), reader, Lens.identity(4, 64), ref / "sae", ref / "ckpt")
     got, want = MLSAE.load(work / C.SAE_DIR).state_dict(), MLSAE.load(ref / "sae").state_dict()
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-6)
@@ -320,14 +318,21 @@ def latents_copy(store: tuple[Path, dict], tmp_path: Path) -> Path:
 def test_missing_latent_chunk_fails_naming_the_array(latents_copy: Path, tmp_path: Path, array: str) -> None:
     """Issue 28 (3): a deleted latents chunk gave every headline null with exit 0."""
     from mlsae.analysis.aggregate import aggregate
-    from mlsae.stores.latents import token_meta
 
     chunk_file(latents_copy, array).unlink()
     with pytest.raises(MlsaeError, match=rf"array {array} is missing chunk c/0.*dvc repro -f dump"):
-        aggregate(latents_copy, tmp_path / "analysis", tmp_path / "analysis.json", min_count=1)
+        aggregate(latents_copy, tmp_path / "analysis", tmp_path / "analysis.json", AnalysisParams(min_count=1))
     with pytest.raises(MlsaeError, match=rf"array {array} is missing chunk"):
         token_meta(latents_copy)
     assert not (tmp_path / "analysis.json").exists()
+
+
+def token_meta(path: Path) -> list[np.ndarray]:
+    """The latent store's per-token metadata, read as the report stage reads it (the one reader)."""
+    from mlsae.stores.latents import open_latents
+
+    latents = open_latents(path)
+    return [latents.meta(k) for k in (C.TOKENS, C.CONTEXT, C.POSITION, C.DOCUMENT)]
 
 
 def flip(path: Path) -> None:
@@ -336,7 +341,8 @@ def flip(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("array", ["eval/tokens", "eval/special", "eval/position", "eval/context", "train/tokens"])
+@pytest.mark.parametrize("array", ["eval/tokens", "eval/special", "eval/position", "eval/context", "eval/document",
+                                   "train/tokens"])
 def test_flipped_byte_in_a_metadata_array_is_reported(store_copy: Path, array: str) -> None:
     """Issue 28 (4): the metadata arrays carried no checksum; one flipped byte in eval/tokens
     changed delta_ce silently (exit 0) and dump copied the bad tokens on."""
@@ -348,8 +354,6 @@ def test_flipped_byte_in_a_metadata_array_is_reported(store_copy: Path, array: s
 
 
 def test_flipped_byte_in_the_latent_stores_token_copy_is_reported(latents_copy: Path) -> None:
-    from mlsae.stores.latents import token_meta
-
     flip(chunk_file(latents_copy, C.TOKENS))
     with pytest.raises(MlsaeError, match=r"corrupted store.*dvc repro -f dump"):
         with store.guard(latents_copy, "dump"):
@@ -387,7 +391,7 @@ def tuned_lens_dir(reader: ActivationStore, tmp_path: Path) -> Path:
     weight[1, 0, 0] = 1.2345  # found in params.pt below
     Lens(L, d, weight, 0.01 * torch.randn(L, d, generator=g)).save(tmp_path / "pretrained")
     p = parse_params({**reader_params(reader), "lens": "pretrained", "lens_path": str(tmp_path / "pretrained")})
-    run_lens_stage(p, reader, tmp_path / "lens", progress=False)
+    run_lens_stage(p.lens, p.lens_path, p.lens_fit, p.model, reader, tmp_path / "lens", progress=False)
     return tmp_path / "lens"
 
 
@@ -564,17 +568,15 @@ def test_second_trainer_on_one_checkpoint_refuses(store: tuple[Path, dict], read
                                                   tmp_path: Path) -> None:
     """Issue 28 (8): an orphaned train process went on writing while a rerun resumed its checkpoint.
     The trainer holds a lock on its checkpoint directory: the second refuses at once."""
-    from mlsae.sae.trainer import train
-
     p = parse_params({**store[1], **TRAIN})
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     with open(ckpt / "lock", "w") as held:  # another process's lock, as flock sees it
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         with pytest.raises(MlsaeError, match=r"another process .* is writing it \(lock .*lock\)"):
-            train(p, reader, Lens.identity(4, 64), tmp_path / "sae", ckpt, progress=False)
+            run_train(p, reader, Lens.identity(4, 64), tmp_path / "sae", ckpt)
     assert not (tmp_path / "sae").exists()
-    metrics, _ = train(p, reader, Lens.identity(4, 64), tmp_path / "sae", ckpt, progress=False, max_steps=1)
+    metrics, _ = run_train(p, reader, Lens.identity(4, 64), tmp_path / "sae", ckpt, max_steps=1)
 
 
 def test_second_extract_on_one_store_refuses(tiny_params: Any, tmp_path: Path) -> None:
@@ -665,7 +667,9 @@ def test_sigterm_stops_train_between_steps_with_a_checkpoint(store: tuple[Path, 
     (work / "data").mkdir(parents=True)
     (work / "params.yaml").write_text(yaml.safe_dump(raw))
     (work / C.ACTIVATIONS).symlink_to(store[0])
-    run_lens_stage(parse_params(raw), ActivationStore(str(store[0])), work / C.LENS_DIR, progress=False)
+    p = parse_params(raw)
+    run_lens_stage(p.lens, p.lens_path, p.lens_fit, p.model, ActivationStore(str(store[0])), work / C.LENS_DIR,
+                   progress=False)
     steps = tmp_path / "steps"
     prelude = (f"import pathlib, time, mlsae.sae.trainer as t; _st = t.train_step; _n = [0]\n"
                f"def _step(*a, **k):\n    out = _st(*a, **k); _n[0] += 1; pathlib.Path({str(steps)!r}).write_text(str(_n[0]))"
@@ -699,7 +703,7 @@ def test_import_of_a_seed_sae_with_nan_weights_is_refused(store: tuple[Path, dic
     write_seed(tmp_path / "seed", tensor_extra={"encoder.weight": nan})
     p = parse_params({**store[1], "sae": {"source": str(tmp_path / "seed")}})
     with pytest.raises(MlsaeError, match=r"tensor 'W_enc' holds 1 NaN or infinite value\(s\); refusing to import"):
-        import_sae(p, reader, tmp_path / "out")
+        import_sae(p.sae, p.lens, reader, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
@@ -997,6 +1001,9 @@ def test_min_count_above_every_latents_count_is_an_error_naming_it(tmp_path: Pat
 
     path = make_store(tmp_path / "s.zarr", HAND_INDICES, HAND_VALUES, HAND_SPECIAL, n_latents=N_LATENTS)
     with pytest.raises(MlsaeError, match=r"^analysis.min_count: 10 leaves no latent .*lower analysis.min_count to at most 4"):
-        aggregate(path, tmp_path / "analysis", tmp_path / "analysis.json", min_count=10)
+        aggregate(path, tmp_path / "analysis", tmp_path / "analysis.json", AnalysisParams(min_count=10))
     assert not (tmp_path / "analysis").exists() and not (tmp_path / "analysis.json").exists()
-    assert aggregate(path, tmp_path / "analysis", tmp_path / "analysis.json", min_count=4)["n_latents_counted"] == 1
+    # (the store holds 3 documents: min_documents at most that, so that min_count alone decides)
+    counted = aggregate(path, tmp_path / "analysis", tmp_path / "analysis.json",
+                        AnalysisParams(min_count=4, min_documents=1))
+    assert counted["n_latents_counted"] == 1
