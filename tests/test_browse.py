@@ -13,7 +13,7 @@ import polars as pl
 import pytest
 import torch
 import zarr
-from browse_run import NASTY, tiny_run  # noqa: F401  (session fixture)
+from browse_run import NASTY, tiny_run, tiny_run_skip_first  # noqa: F401  (session fixtures)
 from torch import nn
 
 from mlsae.browse import page
@@ -36,8 +36,11 @@ class _Tok:
         return f"T{ids[0]}"
 
 
-@pytest.fixture(scope="module")
-def run(tiny_run: dict) -> dict:  # noqa: F811
+@pytest.fixture(scope="module", params=["skip_first_auto", "skip_first_true"])
+def run(request: pytest.FixtureRequest) -> dict:
+    """The payload of the tiny run (skip_first auto: off for this model) and of the same run with
+    position 0 left out (skip_first true), with dense copies of the latent store to check it by."""
+    tiny_run = request.getfixturevalue("tiny_run" if request.param == "skip_first_auto" else "tiny_run_skip_first")
     sae = MLSAE.load(tiny_run["sae"])
     torch.manual_seed(1)
     norm = nn.LayerNorm(sae.cfg.d_model)
@@ -47,15 +50,19 @@ def run(tiny_run: dict) -> dict:  # noqa: F811
     payload = collect(tiny_run["latents"], tiny_run["analysis"], sae, norm, w_u, lambda t: f"T{t}", 50, P,
                       model="tiny")
     root = zarr.open_group(str(tiny_run["latents"]), mode="r")
-    dense = {k: np.asarray(root[k][:]) for k in ("indices", "values", "tokens", "context", "special")}
+    dense = {k: np.asarray(root[k][:]) for k in ("indices", "values", "tokens", "context", "special", "position")}
+    # the analysed tokens: not special, and not position 0 of a context when the run skips it
+    assert bool(root.attrs["skip_first"]) == (request.param == "skip_first_true")
+    dense["kept"] = ~dense["special"].astype(bool) & ~((dense["position"] == 0) & bool(root.attrs["skip_first"]))
     stats = pl.read_parquet(Path(tiny_run["analysis"]) / LATENT_STATS.name)
     return {"payload": payload, "dense": dense, "stats": stats, "sae": sae, "norm": norm, "w_u": w_u}
 
 
 def _activation(dense: dict, f: int) -> np.ndarray:
-    """Dense a[t, l] of latent f (0 where it is not among the top k), special tokens zeroed."""
+    """Dense a[t, l] of latent f (0 where it is not among the top k), tokens left out of the
+    analysis (special ones, a skipped position 0) zeroed."""
     a = np.where(dense["indices"] == f, dense["values"].astype(np.float32), 0.0).max(axis=2)
-    a[dense["special"].astype(bool)] = 0
+    a[~dense["kept"]] = 0
     return a
 
 
@@ -105,8 +112,7 @@ def test_contexts_heatmaps_and_histograms_match_dense(run: dict) -> None:
             assert c["tokens"] == dense["tokens"][first : first + len(c["tokens"])].tolist()
             assert (dense["context"][first : first + len(c["tokens"])] == dense["context"][t]).all()
             assert c["peak"] <= P.before and len(c["tokens"]) - c["peak"] - 1 <= P.after
-            window = np.where(dense["indices"][first : first + len(c["tokens"])] == r["id"],
-                              dense["values"][first : first + len(c["tokens"])].astype(np.float32), 0).max(axis=2)
+            window = _activation(dense, r["id"])[first : first + len(c["tokens"])]
             cells = {(p, l_): v for p, l_, v in c["heat"]}
             assert set(cells) == {(int(p), int(l_)) for p, l_ in zip(*np.nonzero(window))}
             for (p, l_), v in cells.items():
@@ -165,8 +171,10 @@ def test_prompt_tokens_list_their_strongest_latents(run: dict) -> None:
     pr = run["payload"]["prompts"][0]
     n = len(pr["tokens"])
     assert pr["tokens"] == dense["tokens"][:n].tolist()
-    for i in (0, n // 2, n - 1):
+    assert not dense["kept"][0] and pr["latents"][0] == []  # the stream's separator: no latents listed
+    for i in (0, 1, n // 2, n - 1):
         idx, val = dense["indices"][i].reshape(-1), dense["values"][i].astype(np.float32).reshape(-1)
+        val = val * dense["kept"][i]
         peaks: dict[int, float] = {}
         for f, v in zip(idx.tolist(), val.tolist()):
             if v > 0:
@@ -176,6 +184,16 @@ def test_prompt_tokens_list_their_strongest_latents(run: dict) -> None:
         for f, _, entries in pr["latents"][i]:
             layers = np.nonzero((dense["indices"][i] == f).any(axis=1))[0].tolist()
             assert [l_ for l_, _ in entries] == layers
+    # every prompt: the tokens the analysis leaves out (separators; position 0 when skipped) list none
+    starts = np.flatnonzero(dense["position"] == 0)[: P.prompts]
+    assert len(run["payload"]["prompts"]) == len(starts) == P.prompts
+    left_out_starts = 0
+    for pr, a in zip(run["payload"]["prompts"], starts):
+        assert pr["tokens"] == dense["tokens"][a : a + len(pr["tokens"])].tolist()
+        for i, listed in enumerate(pr["latents"]):
+            assert (listed == []) == (not dense["kept"][a + i] or not (dense["values"][a + i] > 0).any()), (a, i)
+        left_out_starts += int(not dense["kept"][a] and not dense["special"][a])
+    assert left_out_starts == (0 if dense["kept"][dense["position"] == 0].any() else P.prompts - 1)
 
 
 def test_page_escapes_corpus_text(run: dict) -> None:
@@ -236,5 +254,5 @@ def test_missing_inputs_fail_in_one_line(run: dict, tiny_run: dict, tmp_path: Pa
     args = (run["sae"], run["norm"], run["w_u"], str, 50, P)
     with pytest.raises(MlsaeError, match="latents.parquet: not found"):
         collect(tiny_run["latents"], tmp_path, *args)
-    with pytest.raises(MlsaeError, match="no latent store"):
+    with pytest.raises(MlsaeError, match=r"none\.zarr: latent store not found \(run the dump stage first\)"):
         collect(tmp_path / "none.zarr", tiny_run["analysis"], *args)
