@@ -1,36 +1,29 @@
 """The experiments table: one row per DVC experiment, its key params and its summary metrics.
 
-:func:`compare` runs ``dvc exp show --json`` (or parses text captured from it) and writes a
-Markdown table with a CSV beside it. The JSON layout of DVC 3.x is a list of baseline entries::
-
-    [{"rev": "workspace" | <sha>, "name": <branch or null>,
-      "data": {"params": {"params.yaml": {"data": {...}}},
-               "metrics": {"reports/metrics/eval.json": {"data": {...}} | {"error": {...}}, ...}},
-      "error": null | {"msg": ..., "type": ...},
-      "experiments": null | [{"name": ..., "executor": null | {"state": "queued" | "running" |
-                                                                   "success" | "failed", ...},
-                             "revs": [<an entry like the baseline's, with "experiments": null>]}]}]
-
-The first entry is the workspace, the others are baseline commits (one without ``-A``), each with
-its experiments. Metrics files are recognised by file name (``extract.json`` ... ``analysis.json``),
-so paths relative to a sub-directory also match; list-valued metrics never appear in this output.
-A queued, running or failed experiment shows its params but no metrics: DVC reports the files
-left in its workspace, which are not that experiment's.
+:func:`compare` takes the rows of :func:`dvc.api.exp_show` (the workspace, the baseline commit(s)
+and their experiments, each a flat mapping) and writes a Markdown table with a CSV beside it. In a
+row, a param or metric is keyed by its name, prefixed by its file (``params.yaml:`` or
+``reports/metrics/eval.json:``) only where two files share that name; a bare name is a param when
+it is a params.yaml leaf (``sae.k``), else a metric of whichever metrics file holds it. Metrics
+files are recognised by file name (``extract.json`` ... ``analysis.json``); list-valued metrics
+(intervals) do not appear in these rows. A queued, running or failed experiment shows its params
+but no metrics.
 
 The table goes to ``reports/compare/`` by default: outside every stage's outputs (a file in
 ``reports/tables/`` would make DVC see the report stage changed and delete it on the next run), and
-``--out`` may not point into them either. Input that is not DVC's JSON layout (malformed JSON, not
-UTF-8, another structure) is one line naming the file.
+``--out`` may not point into them either. Rows read from a file (``--json-file``, a JSON list of
+such mappings) that are not in that form are one line naming the file.
 
-Run as ``python -m mlsae.compare.experiments [--out reports/compare/experiments.md] [--json-file show.json]``.
+Run as ``mlsae compare [--out reports/compare/experiments.md] [--json-file rows.json]``; ``mlsae
+seeds`` (:mod:`mlsae.compare.seeds`) summarises experiments that differ only in ``train.seed``.
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import os
-import subprocess
-import sys
+from collections import ChainMap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,134 +34,123 @@ import typer
 
 from mlsae.core.errors import MlsaeError
 from mlsae.core.io import write_text
-from mlsae.core.metrics import STAGE_METRICS
-from mlsae.core.paths import (
-    ANALYSIS_METRICS,
-    EVAL_METRICS,
-    EXTRACT_METRICS,
-    LENS_METRICS,
-    REPORTS,
-    TRAIN_METRICS,
-    inside_outputs,
-)
+from mlsae.core.params import Params
+from mlsae.core.paths import METRICS_DIR, REPORTS, inside_outputs
 from mlsae.report import SUMMARY_COLUMNS, format_layers, markdown_table, summary_row
 
-__all__ = ["EXPERIMENTS_TABLE", "Experiment", "compare", "experiment_rows", "main", "parse_exp_show"]
+__all__ = [
+    "EXPERIMENTS_TABLE",
+    "Experiment",
+    "compare",
+    "exp_show_rows",
+    "experiment_rows",
+    "experiments_from_rows",
+    "main",
+    "read_rows",
+]
 
 EXPERIMENTS_TABLE = REPORTS / "compare" / "experiments.md"
 """Default output, outside every stage's outputs; the CSV goes beside it (``experiments.csv``)."""
 
-PARAM_COLUMNS = ("model", "lens", "sae.layers", "sae.k", "sae.expansion", "seed")
+PARAM_COLUMNS = ("model", "lens", "sae.layers", "sae.k", "sae.expansion", "train.seed")
 """Params always shown; any other param whose value differs between rows is added after them."""
 
-METRICS_FILES = {
-    path.name: path.stem for path in (EXTRACT_METRICS, LENS_METRICS, TRAIN_METRICS, EVAL_METRICS, ANALYSIS_METRICS)
-}
-"""Metrics file name -> stage key of :func:`mlsae.report.summary_row`."""
-
+_STATES = {None: "done", "Success": "done", "Queued": "queued", "Running": "running", "Failed": "failed"}
 _NO_METRICS = {"queued", "running", "failed"}
+
+
+def _param_leaves(model: type = Params, prefix: str = "") -> set[str]:
+    out: set[str] = set()
+    for name, info in model.model_fields.items():
+        ann = info.annotation
+        if isinstance(ann, type) and hasattr(ann, "model_fields"):
+            out |= _param_leaves(ann, f"{prefix}{name}.")
+        else:
+            out.add(f"{prefix}{name}")
+    return out
+
+
+PARAM_LEAVES = _param_leaves()
 
 
 @dataclass
 class Experiment:
-    """One row of ``dvc exp show``: the workspace, a baseline commit or an experiment."""
+    """One row of the table: the workspace, a baseline commit or an experiment."""
 
     name: str
     rev: str
     baseline: str
     status: str  # workspace | baseline | done | queued | running | failed
     params: dict[str, Any]
-    metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
+    metrics: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
 
-def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"sae": {"k": 32}}`` -> ``{"sae.k": 32}``."""
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
+def _value(value: Any) -> Any:
+    """A value as dvc.api.exp_show gives it, back to its type: it renders None, booleans and lists
+    as Python text ("None", "True", "['mean']")."""
+    if not isinstance(value, str):
+        return value
+    if value in ("None", "True", "False") or value[:1] in "[{":
+        try:
+            return ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            return value
+    return value
 
 
-def _entry(raw: Mapping[str, Any], name: str, baseline: str, status: str) -> Experiment:
-    """Build an :class:`Experiment` from one rev entry (its ``data`` and ``error``)."""
-    data = raw.get("data") or {}
-    rev = str(raw.get("rev") or data.get("rev") or "")
-    params: dict[str, Any] = {}
-    for file_params in (data.get("params") or {}).values():  # params.yaml and any other params file
-        params.update(_flatten((file_params or {}).get("data") or {}))
-    notes = []
-    if raw.get("error"):
-        error = raw["error"]
-        notes.append(str(error.get("msg") if isinstance(error, Mapping) else error))
-        if status not in ("workspace", "baseline"):
-            status = "failed"
-    metrics: dict[str, dict[str, Any]] = {}
-    if status in _NO_METRICS:
-        if status == "failed":
-            notes.append("no metrics (failed)")
+def _experiment(row: Mapping[str, Any], baseline: str) -> Experiment:
+    rev = str(row.get("rev") or "")
+    typ = row.get("typ")
+    state = row.get("State")
+    if rev == "workspace":
+        status = "workspace"
+    elif typ in ("baseline", "branch_base", "branch_commit"):
+        status = "baseline"
     else:
-        for path, content in (data.get("metrics") or {}).items():
-            stage = METRICS_FILES.get(Path(path).name)
-            if stage is None:
-                continue
-            if isinstance(content, Mapping) and content.get("error"):
-                error = content["error"]
-                kind = error.get("type") if isinstance(error, Mapping) else None
-                notes.append(f"{Path(path).name}: {kind or 'unreadable'}")
-            elif isinstance(content, Mapping):
-                try:
-                    record = STAGE_METRICS[stage].from_dict(dict(content.get("data") or {}), path, partial=True)
-                except MlsaeError as e:
-                    notes.append(str(e))
-                    continue
-                metrics[stage] = record.to_dict()
-    short = rev if rev == "workspace" else rev[:7]
-    return Experiment(name or short, short, baseline, status, params, metrics, notes)
+        status = _STATES.get(state, str(state).lower())
+    params: dict[str, Any] = {}
+    by_stage: dict[str, dict[str, Any]] = {}
+    shared: dict[str, Any] = {}  # metrics no two files share: DVC shows them without a file prefix
+    for key, value in row.items():
+        if key in ("Experiment", "rev", "typ", "Created", "parent", "State", "Executor"):
+            continue
+        value = _value(value)
+        file, sep, name = key.rpartition(":")
+        if not sep:  # a bare name: a params.yaml leaf, a dependency's path (skipped) or a metric
+            if key in PARAM_LEAVES:
+                params[key] = value
+            elif "/" not in key:
+                shared[key] = value
+        elif Path(file).name == "params.yaml":
+            params[name] = value
+        elif Path(file).parent.as_posix().endswith(METRICS_DIR.as_posix()) or file.endswith(".json"):
+            by_stage.setdefault(Path(file).stem, {})[name] = value
+    metrics: dict[str, Mapping[str, Any]] = {}
+    if status not in _NO_METRICS and (by_stage or shared):
+        for stage in ("extract", "lens", "train", "baseline", "eval", "analysis"):
+            metrics[stage] = ChainMap(by_stage.get(stage, {}), shared)
+    notes = ["no metrics (failed)"] if status == "failed" else []
+    name = row.get("Experiment") or (rev if rev == "workspace" else rev[:7])
+    return Experiment(str(name), rev if rev == "workspace" else rev[:7], baseline, status, params, metrics, notes)
 
 
-def parse_exp_show(text: str, source: str = "dvc exp show --json") -> list[Experiment]:
-    """Parse ``dvc exp show --json`` output (DVC 3.x layout, see the module docstring).
-
-    Returns the workspace, then each baseline commit followed by its experiments, in DVC's order.
+def experiments_from_rows(rows: Sequence[Mapping[str, Any]], source: str = "dvc.api.exp_show") -> list[Experiment]:
+    """The experiments of :func:`dvc.api.exp_show` rows, in its order (each experiment after its
+    baseline).
 
     Raises:
-        MlsaeError: the text is not JSON or not in the DVC 3.x layout (naming `source`).
+        MlsaeError: the rows are not mappings holding a ``rev`` (naming `source`).
     """
-    try:
-        entries = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise MlsaeError(f"{source}: not valid JSON ({exc})") from None
-    if not isinstance(entries, list) or not all(isinstance(e, Mapping) and "rev" in e for e in entries):
-        raise MlsaeError(f"{source}: expected DVC 3.x output (a list of entries with 'rev'); upgrade DVC")
-    try:
-        return _rows(entries)
-    except (AttributeError, TypeError, KeyError, ValueError) as exc:
-        reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:160]
-        raise MlsaeError(f"{source}: not in the DVC 3.x layout ({reason})") from None
-
-
-def _rows(entries: list) -> list[Experiment]:
-    rows: list[Experiment] = []
-    for entry in entries:
-        rev = str(entry["rev"])
-        if rev == "workspace":
-            rows.append(_entry(entry, "workspace", "", "workspace"))
-            continue
-        baseline = entry.get("name") or rev[:7]
-        rows.append(_entry(entry, baseline, baseline, "baseline"))
-        for group in entry.get("experiments") or []:
-            executor = group.get("executor") or {}
-            state = executor.get("state") if isinstance(executor, Mapping) else None
-            status = {"success": "done", None: "done"}.get(state, str(state))
-            for rev_entry in group.get("revs") or []:
-                name = rev_entry.get("name") or group.get("name") or str(rev_entry.get("rev", ""))[:7]
-                rows.append(_entry(rev_entry, name, baseline, status))
-    return rows
+    if not isinstance(rows, list) or not all(isinstance(r, Mapping) and "rev" in r for r in rows):
+        raise MlsaeError(f"{source}: expected the rows of dvc.api.exp_show (a list of mappings with 'rev')")
+    out: list[Experiment] = []
+    baseline = ""
+    for row in rows:
+        if row.get("rev") != "workspace" and row.get("typ") in ("baseline", "branch_base", "branch_commit"):
+            baseline = str(row.get("Experiment") or str(row.get("rev"))[:7])
+        out.append(_experiment(row, baseline))
+    return out
 
 
 def _param_value(key: str, value: Any) -> Any:
@@ -226,42 +208,38 @@ def experiment_rows(experiments: Sequence[Experiment]) -> pl.DataFrame:
     return pl.DataFrame({c: _column([r[c] for r in rows]) for c in columns})
 
 
-def _run_exp_show(repo_dir: str | os.PathLike[str], all_commits: bool) -> str:
-    """Run ``dvc exp show --json`` with this interpreter's DVC and return its stdout."""
-    command = [sys.executable, "-m", "dvc", "exp", "show", "--json"]
-    if all_commits:
-        command.append("--all-commits")
+def exp_show_rows(repo_dir: str | os.PathLike[str], all_commits: bool) -> list[dict[str, Any]]:
+    """The rows of :func:`dvc.api.exp_show` for the repository at `repo_dir`."""
+    import dvc.api
+    from dvc.exceptions import DvcException
+
     try:
-        done = subprocess.run(command, cwd=repo_dir, capture_output=True, text=True, check=False)
-    except OSError as exc:
-        raise MlsaeError(f"dvc exp show: cannot run ({exc})") from None
-    if done.returncode != 0:
-        reason = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
-        raise MlsaeError(f"dvc exp show: {reason}")
-    return done.stdout
+        return list(dvc.api.exp_show(repo=str(repo_dir), num=1_000_000 if all_commits else 1))
+    except (DvcException, OSError) as exc:
+        raise MlsaeError(f"dvc exp show: {' '.join(str(exc).split()) or type(exc).__name__}") from None
 
 
 def compare(
     out_path: str | os.PathLike[str] = EXPERIMENTS_TABLE,
-    exp_show_json: str | None = None,
+    rows: Sequence[Mapping[str, Any]] | None = None,
     *,
     repo_dir: str | os.PathLike[str] = ".",
     all_commits: bool = False,
-    source: str = "dvc exp show --json",
+    source: str = "dvc.api.exp_show",
 ) -> pl.DataFrame:
     """Write the experiments table (Markdown at ``out_path``, CSV beside it) and return it.
 
     Args:
         out_path: the Markdown file; the CSV is ``out_path`` with suffix ``.csv``.
-        exp_show_json: text captured from ``dvc exp show --json``; ``None`` runs it in ``repo_dir``.
-        repo_dir: the DVC repository (only when running DVC).
-        all_commits: pass ``--all-commits`` (every commit and its experiments, not just HEAD's).
+        rows: rows as :func:`dvc.api.exp_show` returns them; ``None`` asks DVC in ``repo_dir``.
+        repo_dir: the DVC repository (only when asking DVC).
+        all_commits: every ancestor commit of HEAD and its experiments, not just HEAD's.
 
     Raises:
-        MlsaeError: DVC failed or its output is not the DVC 3.x layout.
+        MlsaeError: DVC failed or the rows are not in its form.
     """
-    text = exp_show_json if exp_show_json is not None else _run_exp_show(repo_dir, all_commits)
-    table = experiment_rows(parse_exp_show(text, source))
+    rows = list(rows) if rows is not None else exp_show_rows(repo_dir, all_commits)
+    table = experiment_rows(experiments_from_rows(rows, source))
     out_path = Path(out_path)
     intro = (
         "# Experiments\n\n"
@@ -274,12 +252,25 @@ def compare(
     return table
 
 
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """Rows saved as JSON (a list of dvc.api.exp_show mappings), or one line naming the file."""
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise MlsaeError(f"{path}: not found") from None
+    except UnicodeDecodeError as e:
+        raise MlsaeError(f"{path}: not valid JSON (not UTF-8 text: {e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise MlsaeError(f"{path}: not valid JSON ({e})") from None
+    return rows
+
+
 def main(
     out: Path | None = typer.Option(
         None, help="Output Markdown (default reports/compare/experiments.md, or reports/compare/models.md with --run)."
     ),
     json_file: Path | None = typer.Option(
-        None, help="Read `dvc exp show --json` output saved in this file instead of running DVC."
+        None, help="Read dvc.api.exp_show rows saved in this file (a JSON list) instead of asking DVC."
     ),
     all_commits: bool = typer.Option(False, help="Every commit's experiments, not only HEAD's."),
     run: list[Path] | None = typer.Option(
@@ -288,7 +279,7 @@ def main(
         help="A finished run's reports directory (metrics/ and tables/summary.csv); twice or more for the model table and figure.",
     ),
 ) -> None:
-    """Write the experiments table from `dvc exp show --json`, or with --run the model comparison
+    """Write the experiments table from the DVC experiments, or with --run the model comparison
     (table, CSV and the figure of multi-layer activity against adjacent-layer cosine)."""
     from mlsae.core.stage import stage
 
@@ -308,17 +299,8 @@ def main(
             )
             return
         out = out or EXPERIMENTS_TABLE
-        text = None
-        if json_file is not None:
-            try:
-                text = json_file.read_text(encoding="utf-8")
-            except FileNotFoundError:
-                raise MlsaeError(f"{json_file}: not found") from None
-            except UnicodeDecodeError as e:
-                raise MlsaeError(
-                    f"{json_file}: not valid JSON (not UTF-8 text: {e.reason} at byte {e.start})"
-                ) from None
-        table = compare(out, text, all_commits=all_commits, source=str(json_file or "dvc exp show --json"))
+        rows = read_rows(json_file) if json_file is not None else None
+        table = compare(out, rows, all_commits=all_commits, source=str(json_file or "dvc.api.exp_show"))
         print(f"{out}: {table.height} experiment rows (CSV: {out.with_suffix('.csv')})")
 
 
