@@ -246,15 +246,16 @@ class StreamBatches:
         return int(count.item())
 
 
-def check_store(data: DataParams, train_source: str, attrs: dict) -> contexts.DocumentSplit:
-    """The store's document split, after refusing a store whose splits are not the ones
-    `train.source` trains on.
+def check_store(data: DataParams | None, train_source: str, attrs: dict) -> contexts.DocumentSplit:
+    """The store's document split, after refusing a store that `train.source` cannot train with.
 
-    A stream-mode store holds only the sample of the train split, and its eval documents come from
-    the corpus's head; a store-mode store's eval documents are drawn from the whole slice, so stream
-    mode could train on its eval documents, unless the head is that whole slice (`data.sample_tokens
-    >= data.train_tokens`: then both modes split alike). DVC keeps them in step (`train.source` is
-    an extract param); this catches a stage run by hand.
+    Store mode needs the stored train split: a stream-mode store holds only a sample of it, and is
+    refused. Stream mode trains on the train documents of the store's own split
+    (:func:`~mlsae.data.contexts.train_documents`), so it never sees one of the store's eval
+    documents whatever its budget; it needs a store cut from the same documents (corpus, seeds,
+    shuffle, per-document cut, context, eval size), or the split would name other documents. DVC
+    keeps the two in step (`train.source` and `data` are extract params); this catches a stage run
+    by hand, or a study that trains several budgets on one store.
     """
     stream_store = attrs.get("train_source") == "stream"
     if train_source == "store" and stream_store:
@@ -263,11 +264,9 @@ def check_store(data: DataParams, train_source: str, attrs: dict) -> contexts.Do
             "a sample of the train split); rerun extract, or set train.source: stream"
         )
     split = contexts.DocumentSplit(**attrs["split"])
-    if train_source != "stream":
+    if train_source != "stream" or data is None:
         return split
-    n_train, _ = contexts.plan(data.train_tokens, data.eval_tokens, data.context)
-    n_sample = contexts.sample_contexts(n_train, data.sample_tokens, data.context)
-    same_data = (
+    same = (
         attrs.get("eval_tokens") == data.eval_tokens
         and attrs.get("context") == data.context
         and attrs.get("data_seed") == data.seed
@@ -275,14 +274,10 @@ def check_store(data: DataParams, train_source: str, attrs: dict) -> contexts.Do
         and attrs.get("shuffle_documents") == corpus.resolve_shuffle(data.source, data.shuffle_documents)
         and attrs.get("document_tokens") == corpus.resolve_document_tokens(data.source, data.document_tokens)
     )
-    if stream_store:
-        same = same_data and attrs.get("sample_tokens") == n_sample * data.context
-    else:
-        same = same_data and n_sample == n_train
     if not same:
         raise MlsaeError(
-            "train.source: stream, but the activation store's eval split is not the one stream mode "
-            "leaves out of training (it was extracted with other data params or for store mode); "
+            "train.source: stream, but the activation store was cut from other documents (other data.source, "
+            "data.seed, data.shuffle_documents, data.document_tokens, data.context or data.eval_tokens); "
             "rerun extract"
         )
     return split
