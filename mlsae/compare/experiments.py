@@ -31,6 +31,7 @@ from typing import Any
 
 import polars as pl
 import typer
+from pydantic import BaseModel
 
 from mlsae.core.errors import MlsaeError
 from mlsae.core.io import write_text
@@ -59,7 +60,7 @@ _STATES = {None: "done", "Success": "done", "Queued": "queued", "Running": "runn
 _NO_METRICS = {"queued", "running", "failed"}
 
 
-def _param_leaves(model: type = Params, prefix: str = "") -> set[str]:
+def _param_leaves(model: type[BaseModel] = Params, prefix: str = "") -> set[str]:
     out: set[str] = set()
     for name, info in model.model_fields.items():
         ann = info.annotation

@@ -95,8 +95,8 @@ def seed_table(experiments: Sequence[Experiment]) -> pl.DataFrame:
         first = group[0]
         units = _number(first.metrics.get("extract", {}).get("eval_documents"))
         for key, stage in FIGURES.items():
-            values = [_number(e.metrics.get(stage, {}).get(key)) for e in group]
-            values = [v for v in values if v is not None]
+            found = [_number(e.metrics.get(stage, {}).get(key)) for e in group]
+            values = [v for v in found if v is not None]
             if len(values) < 2:
                 continue
             mean = sum(values) / len(values)

@@ -21,6 +21,7 @@ positions by its mean over the eval split's analysed tokens (model space).
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -49,7 +50,7 @@ def baseline(
     reader: ActivationStore,
     layers: list[int],
     sample: SplicedSample,
-    baselines: list[str],
+    baselines: Sequence[str],
     batch_size: int,
     progress: bool = True,
 ) -> SpliceSums:

@@ -274,7 +274,7 @@ def decompose(a: pl.DataFrame, b: pl.DataFrame, key: str, min_count: int, min_do
 
     def theta(t: pl.DataFrame, ids: set[int]) -> float:
         rows = t.filter(pl.col("latent").is_in(sorted(ids)))
-        return float(rows[within].sum() / rows[total].sum())
+        return float(rows[within].sum()) / float(rows[total].sum())
 
     ka, kb = set(counted(a)["latent"].to_list()), set(counted(b)["latent"].to_list())
     fixed = ka & kb
@@ -402,8 +402,8 @@ def _figure(rows: list[dict]) -> bytes:
                 x = [r["budget"] for r in chain]
                 y = [np.nan if r.get(key) is None else r[key] for r in chain]
                 line = ax.plot(x, y, marker="o", label=f"{schedule}, seed {seed}")[0]
-                cis = [r.get(f"{key}_ci") for r in chain]
-                if all(cis):
+                cis = [r[f"{key}_ci"] for r in chain if r.get(f"{key}_ci")]
+                if len(cis) == len(chain):
                     ax.fill_between(x, [c[0] for c in cis], [c[1] for c in cis], alpha=0.15, color=line.get_color())
         ax.set_xscale("log", base=2)
         ax.set_title(key)
