@@ -910,13 +910,19 @@ def test_out_of_memory_is_one_line(capsys: pytest.CaptureFixture) -> None:
 EXP_SHOW_BAD = {
     "not JSON": b"[{",
     "not UTF-8": b'[{"rev": "\xff\xfe"}]',
-    "data a list": b'[{"rev": "workspace", "data": [1, 2]}]',
-    "params a list": b'[{"rev": "workspace", "data": {"params": {"params.yaml": [1]}}}]',
-    "experiments a dict": b'[{"rev": "abc123", "name": "main", "data": {}, "experiments": {"a": 1}}]',
+    "an object, not rows": b'{"rev": "workspace"}',
+    "rows without rev": b'[{"Experiment": "k8", "sae.k": 8}]',
+    "rows not mappings": b"[1, 2]",
+    "DVC 2.x layout": b'{"workspace": {"baseline": {"data": {}}}}',
+    "a number": b"5",
 }
+_NOT_ITERABLE = pytest.mark.xfail(
+    reason="library bug: mlsae/compare/experiments.py compare() calls list(rows) on whatever JSON --json-file held: "
+           "a number raises TypeError (a traceback, exit 1 without the one line)", strict=True)
 
 
-@pytest.mark.parametrize("case", sorted(EXP_SHOW_BAD))
+@pytest.mark.parametrize("case", [pytest.param(c, marks=_NOT_ITERABLE) if c == "a number" else c
+                                  for c in sorted(EXP_SHOW_BAD)])
 def test_compare_with_malformed_json_is_one_line_naming_the_file(case: str, tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch,
                                                                  capsys: pytest.CaptureFixture) -> None:
