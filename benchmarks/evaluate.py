@@ -1,12 +1,14 @@
-"""Cost of the evaluate stage's splices against a clean forward, on the same tokens.
+"""Cost of the baseline and evaluate stages' splices against a clean forward, on the same tokens.
 
 Arms, interleaved in every repeat (so that load from other processes hits all of them alike):
 
   clean       one clean forward per batch (LoadedModel.residuals: the blocks only, as extract runs
               them) -> seconds per token: the unit of the ratio.
-  from-block  mlsae.evaluation.downstream.splice_sums on the same batch: one clean forward that records every
-              block's call, then for each SAE layer and each variant (recon, zero, mean) a rerun of
-              the blocks after the spliced one, the final norm, the unembedding, CE and KL.
+  from-block  mlsae.evaluation.downstream.splice_sums on the same contexts (a SplicedSample of them):
+              one clean forward that records every block's call, then for each SAE layer and each
+              variant (--variants: evaluate's recon, the baseline stage's mean and, opt-in, zero) a
+              rerun of the blocks after the spliced one, the final norm, the unembedding, CE and KL,
+              summed per document.
   full        (--with-full) the previous path: a whole forward through the transformer-lens bridge
               per (layer, variant), with a hook replacing the block's output.
 
@@ -33,9 +35,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mlsae.core.allocator import keep_large_blocks  # noqa: E402
-from mlsae.data import contexts
+from mlsae.data import contexts  # noqa: E402
 from mlsae.data import corpus  # noqa: E402
-from mlsae.evaluation.downstream import VARIANTS, splice_sums  # noqa: E402
+from mlsae.evaluation.downstream import Replacement, mean_ablation, splice_sums, zero_ablation  # noqa: E402
+from mlsae.evaluation.reconstruction import reconstruction  # noqa: E402
+from mlsae.evaluation.sample import SplicedSample  # noqa: E402
 from mlsae.lens.tuned import Lens  # noqa: E402
 from mlsae.models.registry import load_model  # noqa: E402
 from mlsae.sae.model import MLSAE, SAEConfig  # noqa: E402
@@ -50,7 +54,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--with-full", action="store_true")
+    ap.add_argument("--variants", default="recon,mean,zero", help="comma-separated: recon, mean, zero")
     args = ap.parse_args()
+    variants = args.variants.split(",")
     allocator = "the stages' (mlsae/core/allocator.py)" if keep_large_blocks() else "glibc's defaults"
     print(f"allocator: {allocator}; MLSAE_MALLOC=default for glibc's")
 
@@ -58,12 +64,20 @@ def main() -> None:
     ctx = contexts.build_contexts(corpus.iter_documents("embedded:python-docs"), model.tokenizer, args.context,
                                 args.contexts)
     tokens, special = ctx.tokens, ctx.special
+    sample = SplicedSample(contexts=np.arange(args.contexts), tokens=tokens, special=special, excluded=special,
+                           document=ctx.document)
     ids = torch.from_numpy(tokens.astype(np.int64))
     layers = list(range(model.n_layers))
     torch.manual_seed(0)
     sae = MLSAE(SAEConfig(d_model=model.d_model, n_latents=args.expansion * model.d_model, k=32, layers=layers)).eval()
     lens = Lens.identity(model.n_layers, model.d_model)
     means = torch.zeros(len(layers), model.d_model)
+    every: dict[str, Replacement] = {
+        "recon": reconstruction(sae, lens),
+        "mean": mean_ablation(means),
+        "zero": zero_ablation,
+    }
+    replacements = {name: every[name] for name in variants}
     n_tok = tokens.size
 
     def clean() -> float:
@@ -73,13 +87,13 @@ def main() -> None:
 
     def from_block() -> float:
         t = time.perf_counter()
-        splice_sums(sae, lens, model, tokens, special, means, True, args.contexts, progress=False)
+        splice_sums(model, sample, layers, replacements, args.contexts, progress=False)
         return time.perf_counter() - t
 
     def full() -> float:
         t = time.perf_counter()
         for block in layers:
-            for _ in VARIANTS:
+            for _ in variants:
                 model.logits(ids, {block: torch.zeros_like})
         return time.perf_counter() - t
 
@@ -93,8 +107,8 @@ def main() -> None:
             if repeat:  # the first repeat warms up
                 times[name].append(elapsed)
     per_clean = {k: statistics.median(v) / n_tok for k, v in (("median", times["clean"]),)}
-    splices = n_tok * len(layers) * len(VARIANTS)
-    print(f"{args.model}: {args.contexts} x {args.context} tokens, {len(layers)} layers, {len(VARIANTS)} variants, "
+    splices = n_tok * len(layers) * len(variants)
+    print(f"{args.model}: {args.contexts} x {args.context} tokens, {len(layers)} layers, variants {variants}, "
           f"device {args.device}, torch threads {torch.get_num_threads()}")
     print(f"clean forward: {1e3 * per_clean['median']:.3f} ms/token (median), "
           f"{1e3 * min(times['clean']) / n_tok:.3f} ms/token (fastest)")

@@ -92,8 +92,8 @@ def main() -> None:
 
     tokens = args.contexts * args.context
     p = parse_params({
-        "model": args.model, "seed": 0,
-        "data": {"source": "embedded:python-docs", "context": args.context,
+        "model": args.model,
+        "data": {"source": "embedded:python-docs", "seed": 0, "context": args.context,
                  "train_tokens": tokens - args.context, "eval_tokens": args.context},
         "extract": {"dtype": args.dtype, "batch_size": args.batch_size, "device": "cpu"},
     })
@@ -104,7 +104,7 @@ def main() -> None:
     def run_extract() -> torch.Tensor:
         out = tmp / f"run{next(run_no)}.zarr"
         with mock.patch.object(extract_mod, "load_model", lambda *a, **k: model):
-            extract_mod.extract(p, str(out), progress=False)
+            extract_mod.extract(p.model, p.data, p.extract, p.train.source, str(out), progress=False)
         root = store.open_root(str(out))
         return torch.from_numpy(
             __import__("numpy").concatenate([root[s][TOKENS][:] for s in ("train", "eval")])

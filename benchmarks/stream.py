@@ -13,7 +13,7 @@ extraction, training. Prints vectors/s (trained token-layer vectors per second o
 stages), the stream/store ratio, each stage's peak RSS and the bytes left on disk (the store plus
 the SAE), and the 4x/1x ratios of train's peak RSS and of the disk: stream mode's should be flat, store mode's disk grows with the
 train tokens. AuxK acts from the first steps at both scales (`sae.dead_tokens` one step), so that
-its dense top-k over dead latents is in both peaks.
+its product over the dead latents' encoder rows and its top-k are in both peaks.
 
     .venv/bin/python benchmarks/stream.py [--tokens 2048] [--device cpu]
 """
@@ -38,7 +38,7 @@ def raw_params(arm: str, tokens: int, device: str) -> dict:
         "model": "smollm2-135m",
         "data": {"context": 128, "train_tokens": tokens, "eval_tokens": 512, "sample_tokens": 512},
         "extract": {"dtype": "float16", "batch_size": 8, "device": device},
-        # dead after one step without firing: AuxK (and its dense top-k over dead latents) acts from
+        # dead after one step without firing: AuxK (its product over the dead rows, its top-k) acts from
         # the first steps at both scales, so that peak memory compares like with like
         "sae": {"expansion": 16, "k": 32, "dead_tokens": 256},
         "train": {"source": arm, "batch_tokens": 256, "shuffle_buffer_tokens": 1024, "checkpoint_every": 10**6,
@@ -52,17 +52,18 @@ def child(stage: str, arm: str, tokens: int, device: str, work: Path) -> None:
     from mlsae.lens.tuned import Lens
     from mlsae.core.params import parse_params
     from mlsae.stores.activations import ActivationStore
-    from mlsae.sae.trainer import train
+    from mlsae.sae.trainer import StreamSource, train
 
     p = parse_params(raw_params(arm, tokens, device))
     t0 = time.perf_counter()
     out: dict = {}
     if stage == "extract":
-        extract(p, str(work / "activations.zarr"), progress=False)
+        extract(p.model, p.data, p.extract, p.train.source, str(work / "activations.zarr"), progress=False)
     else:
         reader = ActivationStore(str(work / "activations.zarr"))
-        metrics, _ = train(p, reader, Lens.identity(reader.n_layers, reader.d_model), work / "sae", work / "ckpt",
-                           progress=False)
+        stream = StreamSource(p.model, p.data, p.extract) if p.train.source == "stream" else None
+        metrics, _ = train(p.sae, p.train, p.lens, reader, Lens.identity(reader.n_layers, reader.d_model),
+                           work / "sae", work / "ckpt", stream=stream, progress=False)
         out = {"vectors": metrics["steps"] * p.train.batch_tokens * reader.n_layers, "fvu": metrics["fvu"]}
     out.update(wall=time.perf_counter() - t0, rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     print(json.dumps(out))

@@ -32,10 +32,14 @@ def build_store(path: Path, n_tokens: int) -> None:
     n_ctx = n_tokens // CONTEXT
     tokens = rng.integers(10, 1000, size=(n_ctx + 1, CONTEXT), dtype=np.int32)
     special = np.zeros_like(tokens, dtype=bool)
-    splits = {"train": store.SplitData(tokens[:n_ctx], special[:n_ctx], np.arange(n_ctx, dtype=np.int32)),
-              "eval": store.SplitData(tokens[n_ctx:], special[n_ctx:], np.array([n_ctx], dtype=np.int32))}
+    # one document per context: train documents 1.., the eval document 0
+    document = np.arange(n_ctx + 1, dtype=np.int64)[:, None].repeat(CONTEXT, 1)
+    splits = {"train": store.SplitData(tokens[:n_ctx], special[:n_ctx], np.arange(n_ctx, dtype=np.int32),
+                                       document[1:]),
+              "eval": store.SplitData(tokens[n_ctx:], special[n_ctx:], np.array([0], dtype=np.int32), document[:1])}
     attrs = {"model": "synthetic", "revision": "0", "n_layers": LAYERS, "d_model": D_MODEL, "corpus": "random",
-             "context": CONTEXT, "train_tokens": n_tokens, "eval_tokens": CONTEXT, "dtype": "float16", "seed": 0}
+             "context": CONTEXT, "train_tokens": n_tokens, "eval_tokens": CONTEXT, "dtype": "float16",
+             "data_seed": 0, "split": {"seed": 0, "share": 1 / (n_ctx + 1), "eval_until": 1}}
     root = store.create(str(path), attrs, splits)
     step = int(root.attrs["shard_tokens"])
     for name, data in splits.items():
@@ -58,7 +62,8 @@ def run_child(path: str) -> None:
                       "train": {"batch_tokens": 512, "shuffle_buffer_tokens": 8192, "checkpoint_every": 10_000}})
     out = Path(path).parent
     t0 = time.perf_counter()
-    metrics, _ = train(p, reader, Lens.identity(LAYERS, D_MODEL), out / "sae", out / "ckpt", progress=False)
+    metrics, _ = train(p.sae, p.train, p.lens, reader, Lens.identity(LAYERS, D_MODEL), out / "sae", out / "ckpt",
+                       progress=False)
     hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
     print(json.dumps({"steps": metrics["steps"], "seconds": time.perf_counter() - t0, "peak_rss_mib": hwm / 1024}))
 
