@@ -34,15 +34,15 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mlsae.core.allocator import keep_large_blocks  # noqa: E402
-from mlsae.data import contexts  # noqa: E402
-from mlsae.data import corpus  # noqa: E402
-from mlsae.evaluation.downstream import Replacement, mean_ablation, splice_sums, zero_ablation  # noqa: E402
-from mlsae.evaluation.reconstruction import reconstruction  # noqa: E402
-from mlsae.evaluation.sample import SplicedSample  # noqa: E402
-from mlsae.lens.tuned import Lens  # noqa: E402
-from mlsae.models.registry import load_model  # noqa: E402
-from mlsae.sae.model import MLSAE, SAEConfig  # noqa: E402
+from mlsae.core.allocator import keep_large_blocks
+from mlsae.data import contexts
+from mlsae.data import corpus
+from mlsae.evaluation.downstream import Replacement, mean_ablation, splice_sums, zero_ablation
+from mlsae.evaluation.reconstruction import reconstruction
+from mlsae.evaluation.sample import SplicedSample
+from mlsae.lens.tuned import Lens
+from mlsae.models.registry import load_model
+from mlsae.sae.model import MLSAE, SAEConfig
 
 
 def main() -> None:

@@ -40,21 +40,21 @@ class _Tok:
 def run(request: pytest.FixtureRequest) -> dict:
     """The payload of the tiny run (skip_first auto: off for this model) and of the same run with
     position 0 left out (skip_first true), with dense copies of the latent store to check it by."""
-    tiny_run = request.getfixturevalue("tiny_run" if request.param == "skip_first_auto" else "tiny_run_skip_first")
-    sae = MLSAE.load(tiny_run["sae"])
+    built = request.getfixturevalue("tiny_run" if request.param == "skip_first_auto" else "tiny_run_skip_first")
+    sae = MLSAE.load(built["sae"])
     torch.manual_seed(1)
     norm = nn.LayerNorm(sae.cfg.d_model)
     with torch.no_grad():
         norm.weight.uniform_(0.5, 1.5)
     w_u = torch.randn(50, sae.cfg.d_model)
-    payload = collect(tiny_run["latents"], tiny_run["analysis"], sae, norm, w_u, lambda t: f"T{t}", 50, P,
+    payload = collect(built["latents"], built["analysis"], sae, norm, w_u, lambda t: f"T{t}", 50, P,
                       model="tiny")
-    root = zarr.open_group(str(tiny_run["latents"]), mode="r")
+    root = zarr.open_group(str(built["latents"]), mode="r")
     dense = {k: np.asarray(root[k][:]) for k in ("indices", "values", "tokens", "context", "special", "position")}
     # the analysed tokens: not special, and not position 0 of a context when the run skips it
     assert bool(root.attrs["skip_first"]) == (request.param == "skip_first_true")
     dense["kept"] = ~dense["special"].astype(bool) & ~((dense["position"] == 0) & bool(root.attrs["skip_first"]))
-    stats = pl.read_parquet(Path(tiny_run["analysis"]) / LATENT_STATS.name)
+    stats = pl.read_parquet(Path(built["analysis"]) / LATENT_STATS.name)
     return {"payload": payload, "dense": dense, "stats": stats, "sae": sae, "norm": norm, "w_u": w_u}
 
 

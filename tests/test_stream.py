@@ -260,23 +260,44 @@ def test_stream_extract_stores_the_sample_whatever_the_train_budget(store: tuple
     np.testing.assert_array_equal(large.meta("eval", "tokens"), expected_eval.reshape(-1))
 
 
-def test_a_store_of_the_other_mode_is_refused(store: tuple[Path, dict], reader: ActivationStore, tmp_path: Path) -> None:
-    # a store-mode store: its eval split is drawn from the whole corpus slice, so stream mode
-    # would train on eval contexts, unless the head is that whole slice
-    p = parse_params(stream_raw(store, data={"sample_tokens": 256}))
-    with pytest.raises(MlsaeError, match="^train.source: stream, but the activation store's eval split"):
-        train(p, reader, identity(reader), tmp_path / "a", tmp_path / "c", progress=False)
+def test_stream_mode_trains_on_any_store_cut_from_the_same_documents(store: tuple[Path, dict], reader: ActivationStore,
+                                                                    tmp_path: Path) -> None:
+    """Stream mode trains on the train documents of the store's own split, whatever the store's
+    mode and budget: a store-mode store is fine, and no eval document is ever trained on; a store
+    cut from other documents is refused, and store mode refuses a stream-mode store."""
+    from mlsae.data.stream import check_store
+
+    # a store-mode store, a larger stream budget and another sample size
+    p = parse_params(stream_raw(store, data={"sample_tokens": 256, "train_tokens": 4096}))
+    split = check_store(p.data, "stream", reader.attrs)
+    assert split == contexts.DocumentSplit(**reader.attrs["split"])
+    n_train, _ = contexts.plan(p.data.train_tokens, p.data.eval_tokens, p.data.context)
+    docs = corpus.ordered_documents(p.data.source, p.data.shuffle_documents, p.data.seed)
+    ctx = contexts.ContextStream(contexts.train_documents(docs, split), load_model(p.model).tokenizer,
+                                 p.data.context, n_train).take(n_train)
+    eval_docs = set(reader.meta("eval", C.DOCUMENT).tolist())
+    assert eval_docs and not set(ctx.document.ravel().tolist()) & eval_docs
+    stored = sorted(set(reader.meta("train", C.DOCUMENT).tolist()))
+    streamed = list(dict.fromkeys(ctx.document.ravel().tolist()))
+    assert streamed[: len(stored)] == stored and len(streamed) > len(stored)  # the store's, then more
+    metrics, history = train(p, reader, identity(reader), tmp_path / "a", tmp_path / "c", max_steps=2)
+    assert metrics == {} and len(history) == 2
     # a stream-mode store holds only the sample: store mode refuses to train on it
     base = merge(store[1], {"train": {"source": "stream"}, "data": {"sample_tokens": 256}})
     run_extract(parse_params(base), tmp_path / "s.zarr")
     sample_store = ActivationStore(str(tmp_path / "s.zarr"))
     p = parse_params(merge(stream_raw(store), {"train": {"source": "store"}}))
     with pytest.raises(MlsaeError, match="^train.source: store, but the activation store was extracted for stream"):
-        train(p, sample_store, identity(sample_store), tmp_path / "b", tmp_path / "c", progress=False)
-    # ... and stream mode with other data params than the store's
-    p = parse_params(stream_raw(store, data={"sample_tokens": 512}))
+        train(p, sample_store, identity(sample_store), tmp_path / "b", tmp_path / "c")
+    # ... and stream mode refuses a store cut from other documents
+    for over in ({"seed": 1}, {"document_tokens": 16}, {"eval_tokens": 256}, {"context": 16}):
+        p = parse_params(stream_raw(store, data=over))
+        with pytest.raises(MlsaeError, match="^train.source: stream, but the activation store was cut from other "
+                                             "documents .*; rerun extract$"):
+            check_store(p.data, "stream", sample_store.attrs)
+    p = parse_params(stream_raw(store, data={"seed": 1}))
     with pytest.raises(MlsaeError, match="rerun extract"):
-        train(p, sample_store, identity(sample_store), tmp_path / "b", tmp_path / "c", progress=False)
+        train(p, sample_store, identity(sample_store), tmp_path / "b", tmp_path / "c")
 
 
 def test_stream_sample_reads_past_a_buffer_without_batches(store: tuple[Path, dict], reader: ActivationStore,

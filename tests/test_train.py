@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import itertools
 import json
 import os
 import runpy
@@ -684,7 +685,7 @@ def test_lr_factor_values() -> None:
     assert lr_factor(n, n, "linear", 0) == 0 and lr_factor(n, n, "cosine", 0) == pytest.approx(0, abs=1e-12)
     for schedule in ("linear", "cosine"):
         values = [lr_factor(s, n, schedule, 0) for s in range(n + 1)]
-        assert values[0] == 1 and all(a > b for a, b in zip(values, values[1:]))
+        assert values[0] == 1 and all(a > b for a, b in itertools.pairwise(values))
 
 
 @pytest.mark.parametrize("schedule,warmup", [("constant", 3), ("linear", 0), ("cosine", 2)])
