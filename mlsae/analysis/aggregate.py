@@ -118,6 +118,7 @@ def _finish(
         },
         schema=LATENTS_SCHEMA,
     ).with_columns(layer_dist=pl.when(pl.col("count") > 0).then(pl.col("layer_dist")))
+    assert acc.stats is not None  # aggregate always gives its Accumulator a LayerStats
     per_latent, headline = acc.stats.finish()
     latents = latents.join(per_latent.drop("count", "mass"), on="latent", how="left")
 

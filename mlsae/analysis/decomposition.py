@@ -124,7 +124,7 @@ def pair_entropy(mass: np.ndarray, a_log_a: np.ndarray) -> np.ndarray:
     return np.maximum(np.log(mass) - np.asarray(a_log_a, dtype=np.float64) / mass, 0.0)
 
 
-def _div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+def _div(num: np.ndarray | float, den: np.ndarray | float) -> np.ndarray:
     """``num / den``, NaN where ``den == 0``."""
     num, den = np.broadcast_arrays(np.asarray(num, np.float64), np.asarray(den, np.float64))
     return np.divide(num, den, out=np.full(num.shape, np.nan), where=den != 0)
@@ -604,6 +604,7 @@ def paper_batches(
     n_batches = len(starts) - 1
     bounds = np.searchsorted(unit, starts)
     c = np.nan_to_num(shift)
+    parts: dict[str, list[tuple[float, np.ndarray, np.ndarray]]]
     parts = {"token": [], "aggregate": [], "spread": [], "depth": []}  # per batch: (point, boot (R,), jack (n_b,))
     for b in range(n_batches):
         u0, u1 = starts[b], starts[b + 1]
@@ -612,22 +613,22 @@ def paper_batches(
         scatter_stats(unit[lo:hi] - u0, latent[lo:hi], stats[lo:hi], np.array([_N, _D, _D2, _V]), own)
         flat = own.reshape(u1 - u0, -1)
         t = tokens[u0:u1]
-        point = _paper_values(flat.sum(axis=0)[None], np.array([t.sum()]), c, n_latents)
+        batch_point = _paper_values(flat.sum(axis=0)[None], np.array([t.sum()]), c, n_latents)
         w = (counts if counts is not None else np.zeros((len(tokens), 0)))[u0:u1].T.astype(np.float64)  # (R, n_b)
-        boot = _paper_values(w @ flat, w @ t, c, n_latents)
-        jack = _paper_values(flat.sum(axis=0)[None] - flat, t.sum() - t, c, n_latents)
+        batch_boot = _paper_values(w @ flat, w @ t, c, n_latents)
+        batch_jack = _paper_values(flat.sum(axis=0)[None] - flat, t.sum() - t, c, n_latents)
         for key in parts:
-            parts[key].append((point[key][0], boot[key], jack[key]))
+            parts[key].append((batch_point[key][0], batch_boot[key], batch_jack[key]))
     if n_batches == 0:
         return {}
     out: dict[str, Any] = {"paper_batches": n_batches}
     means: dict[str, tuple[float, np.ndarray, np.ndarray]] = {}
     for key, per_batch in parts.items():
-        point = np.mean([p for p, _, _ in per_batch])
+        mean_point = np.mean([p for p, _, _ in per_batch])
         boot = np.nanmean(np.stack([b for _, b, _ in per_batch]), axis=0)
         total = np.sum([p for p, _, _ in per_batch])
         jack = np.concatenate([(total - p + j) / n_batches for p, _, j in per_batch])
-        means[key] = (float(point), boot, jack)
+        means[key] = (float(mean_point), boot, jack)
     names = {
         "token": "var_token_paper",
         "aggregate": "var_aggregate_paper",

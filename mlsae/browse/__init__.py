@@ -12,10 +12,14 @@ more cached stage output, readable offline, with no model server.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 from mlsae.browse import page
 from mlsae.browse.data import collect
 from mlsae.core.params import BrowseParams
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 __all__ = ["build_browser"]
 
@@ -42,7 +46,7 @@ def build_browser(
         analysis_dir,
         sae,
         loaded.final_norm,
-        loaded.unembed.weight,
+        cast("Tensor", loaded.unembed.weight),  # the output embedding's weight parameter
         lambda t: tok.decode([t]),
         vocab,
         p,

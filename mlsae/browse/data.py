@@ -204,7 +204,7 @@ def scan(store: Store, selected: np.ndarray, p: BrowseParams, progress: bool = F
     lookup[selected] = np.arange(S)
     vmax = np.zeros(S, dtype=np.float32)
     empty = (np.zeros(0, np.int64),) * 4 + (np.zeros(0, np.float32),)
-    best = empty
+    best: tuple[np.ndarray, ...] = empty
     for _, _, chunk in store.chunks("browse: contexts", progress):
         s, t, layer, v = _entries(chunk, lookup)
         np.maximum.at(vmax, s, v)
@@ -213,11 +213,11 @@ def scan(store: Store, selected: np.ndarray, p: BrowseParams, progress: bool = F
     s_b, _, t_b, l_b, v_b = best
     windows = []  # (first row, stop row, slot, rank)
     contexts: list[list[dict]] = [[] for _ in range(S)]
-    for s, t, layer, v in zip(s_b.tolist(), t_b.tolist(), l_b.tolist(), v_b.tolist()):
-        a = max(int(store.run_start[t]), t - p.before)
-        b = min(int(store.run_end[t]), t + p.after + 1)
-        contexts[s].append({"first": a, "stop": b, "peak": t, "value": v, "layer": layer})
-        windows.append((a, b, s, len(contexts[s]) - 1))
+    for slot, peak, block, value in zip(s_b.tolist(), t_b.tolist(), l_b.tolist(), v_b.tolist()):
+        first = max(int(store.run_start[peak]), peak - p.before)
+        stop = min(int(store.run_end[peak]), peak + p.after + 1)
+        contexts[slot].append({"first": first, "stop": stop, "peak": peak, "value": value, "layer": block})
+        windows.append((first, stop, slot, len(contexts[slot]) - 1))
     windows.sort()
     heat: dict[tuple[int, int], list[list]] = {(s, r): [] for _, _, s, r in windows}
     hist = np.zeros((S, p.bins), dtype=np.int64)
@@ -304,7 +304,10 @@ def decoder_logit_lens(
         logits = w_u @ d  # (vocab, batch)
         hi = logits.topk(n, dim=0)
         lo = logits.topk(n, dim=0, largest=False)
-        tops.append(hi.indices.T), topv.append(hi.values.T), bots.append(lo.indices.T), botv.append(lo.values.T)
+        tops.append(hi.indices.T)
+        topv.append(hi.values.T)
+        bots.append(lo.indices.T)
+        botv.append(lo.values.T)
     cat = lambda xs: torch.cat(xs).numpy() if xs else np.zeros((0, n))  # noqa: E731
     return cat(tops), cat(topv), cat(bots), cat(botv)
 
@@ -327,7 +330,8 @@ def nearest_latents(
         c[:, ~allowed] = -math.inf
         c[torch.arange(len(sel)), sel] = -math.inf
         top = c.topk(n, dim=1)
-        ids.append(top.indices), cos.append(top.values)
+        ids.append(top.indices)
+        cos.append(top.values)
     if not ids:
         return np.zeros((0, n), np.int64), np.zeros((0, n))
     return torch.cat(ids).numpy(), torch.cat(cos).numpy()

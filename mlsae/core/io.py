@@ -30,7 +30,7 @@ def _check_finite(value: Any, where: str, key: str = "") -> None:
             _check_finite(v, where, f"{key}[{i}]")
 
 
-def named(error: OSError, path: str | Path) -> OSError:
+def named(error: OSError, path: str | os.PathLike[str]) -> OSError:
     """`error` with a file name: itself when it names one, else a copy naming `path` (a disk-full
     error raised by a library writing a buffer often names no file, and the user needs to know
     which disk filled up)."""
@@ -42,7 +42,7 @@ def named(error: OSError, path: str | Path) -> OSError:
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | Path) -> Iterator[Path]:
+def atomic_file(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary sibling of `path` to write; it replaces `path` only if the block succeeds
     (the project's one atomic-write helper: readers never see half a file)."""
     path = Path(path)
@@ -59,17 +59,17 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
         raise
 
 
-def write_bytes(path: str | Path, data: bytes) -> None:
+def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     """Write `data` to `path` atomically (a temporary sibling, then rename)."""
     with atomic_file(path) as tmp:
         tmp.write_bytes(data)
 
 
-def write_text(path: str | Path, text: str) -> None:
+def write_text(path: str | os.PathLike[str], text: str) -> None:
     write_bytes(path, text.encode())
 
 
-def write_json(path: str | Path, obj: Any) -> None:
+def write_json(path: str | os.PathLike[str], obj: Any) -> None:
     """Write `obj` as JSON atomically; a NaN or infinity anywhere raises MlsaeError naming its key."""
     _check_finite(obj, str(path))
     write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")

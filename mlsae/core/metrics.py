@@ -13,14 +13,29 @@ Definitions of the figures: docs/design.md, "Metrics".
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Protocol, TypeVar, overload
 
 from mlsae.core.errors import MlsaeError
 from mlsae.core.io import read_json, write_json
 
 M = TypeVar("M", bound="StageMetrics")
+
+
+class Figures(Protocol):
+    """Read access to a stage's figures by JSON key: a :class:`StageMetrics` record or a plain
+    dict (a parsed metrics file, a `dvc exp show` row)."""
+
+    @overload
+    def get(self, key: str, /) -> Any: ...
+    @overload
+    def get(self, key: str, default: Any, /) -> Any: ...
+
+    def __getitem__(self, key: str, /) -> Any: ...
+
+    def __contains__(self, key: object, /) -> bool: ...
 
 
 @dataclass
@@ -288,7 +303,7 @@ STAGE_METRICS: dict[str, type[StageMetrics]] = {
 """Metrics file stem -> its record type."""
 
 
-def write_metrics(path: str | Path, metrics: StageMetrics) -> None:
+def write_metrics(path: str | os.PathLike[str], metrics: StageMetrics) -> None:
     """Write a stage's record as its metrics JSON, atomically."""
     write_json(path, metrics.to_dict())
 

@@ -43,6 +43,7 @@ Dtype = Literal["float16", "bfloat16", "float32"]
 LensMode = Literal["none", "pretrained", "fit"]
 Normalisation = Literal["vector", "seed"]
 TrainSource = Literal["store", "stream"]
+Ablation = Literal["mean", "zero"]
 
 
 def is_int(value: object) -> bool:
@@ -215,7 +216,7 @@ class EvaluateParams(Section):
     """Eval tokens of the spliced sample (whole contexts drawn at random, seeded by `data.seed`)
     for the downstream delta CE and KL, in the baseline and evaluate stages; at most the eval split;
     `auto`: the lesser of 2,048 and the eval split."""
-    baselines: list[Literal["mean", "zero"]] = Field(default_factory=lambda: ["mean"])
+    baselines: list[Ablation] = Field(default_factory=lambda: list[Ablation](["mean"]))
     """Ablations the baseline stage splices at every layer: `mean` (the layer's eval mean: the
     denominator of the loss recovered) and, opt-in, `zero`."""
     bootstrap: NonNegative = 200
@@ -310,8 +311,9 @@ class Params(Section):
         the baseline and evaluate stages)."""
         if stage in ("evaluate", "baseline"):
             return self.evaluate.device or self.extract.device
-        section = {"extract": self.extract, "lens": self.lens_fit, "train": self.train, "dump": self.dump}[stage]
-        return section.device
+        sections: dict[str, ExtractParams | LensFitParams | TrainParams | DumpParams]
+        sections = {"extract": self.extract, "lens": self.lens_fit, "train": self.train, "dump": self.dump}
+        return sections[stage].device
 
     def select_layers(self, n_layers: int) -> list[int]:
         """The block indices the SAE uses, checked against the model's layer count."""

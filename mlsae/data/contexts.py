@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
@@ -436,5 +436,5 @@ def sample_contexts(n_train: int, sample_tokens: int, context: int) -> int:
 
 def _check_positive_int(key: str, value: object) -> None:
     """Raise :class:`MlsaeError` naming `key` unless `value` is an integer > 0."""
-    if not is_int(value) or value <= 0:
+    if not is_int(value) or cast(int, value) <= 0:  # is_int: an int or a numpy integer
         raise MlsaeError(f"{key} must be a positive integer, got {value!r}")

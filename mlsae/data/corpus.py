@@ -173,7 +173,7 @@ def _shuffled(docs: Iterator[str], seed: int, buffer: int = SHUFFLE_BUFFER) -> I
         i = int(rng.integers(buffer))
         yield pool[i]
         pool[i] = doc
-    rng.shuffle(pool)  # type: ignore[arg-type]
+    rng.shuffle(pool)
     yield from pool
 
 

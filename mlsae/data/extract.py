@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -32,6 +33,9 @@ from mlsae.data import contexts as token_contexts
 from mlsae.data import corpus
 from mlsae.models.registry import LoadedModel, load_model
 from mlsae.stores import activations as store
+
+if TYPE_CHECKING:
+    import zarr
 
 
 def fingerprint_attrs(
@@ -111,7 +115,7 @@ def prepare_splits(
     return splits, split
 
 
-def open_for_writing(path: str, attrs: dict, splits: dict[str, store.SplitData]) -> tuple[object, bool]:
+def open_for_writing(path: str, attrs: dict, splits: dict[str, store.SplitData]) -> tuple[zarr.Group, bool]:
     """(root group, resumed). An incomplete store of the same configuration is resumed; an
     incomplete one of another configuration is refused; a complete one is rebuilt, and so is
     one without a schema (`store.create` was interrupted before it wrote the attrs), and so is an

@@ -84,15 +84,15 @@ def reconstruction_metrics(
         if x.shape[0] == 0:
             continue
         unit = torch.from_numpy(unit_of[lo:hi][keep[lo:hi]])
-        out = sae(lens(x.to(sae.b_pre.device), layers))
-        xn, xh = out.xn.double().cpu(), out.xn_hat.double().cpu()
+        batch = sae(lens(x.to(sae.b_pre.device), layers))
+        xn, xh = batch.xn.double().cpu(), batch.xn_hat.double().cpu()
         s_x.index_add_(0, unit, xn)
         s_xx.index_add_(0, unit, xn.pow(2).sum(2))
         s_err.index_add_(0, unit, (xn - xh).pow(2).sum(2))
         s_n.index_add_(0, unit, torch.ones(len(unit), dtype=torch.float64))
-        active = (out.values > 0).cpu()
+        active = (batch.values > 0).cpu()
         s_l0 += active.sum((0, 2)).double()
-        fired[out.indices.cpu()[active]] = True
+        fired[batch.indices.cpu()[active]] = True
     n = float(s_n.sum())
     mean = s_x.sum(0) / n  # (L, d)
     # Σ_t ‖x − x̄‖² per unit, about the full split's mean: xx − 2 x̄·Σx + n‖x̄‖²

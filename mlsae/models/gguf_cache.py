@@ -35,13 +35,16 @@ import struct
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import torch
 from torch import nn
 
 from mlsae.core.errors import MlsaeError
 from mlsae.core.io import file_sha256
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
@@ -207,13 +210,13 @@ def _valid(directory: Path, gguf_sha: str) -> bool:
         return False
 
 
-def load_gguf(path: Path) -> tuple[nn.Module, object, str]:
+def load_gguf(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
     """(float32 model, tokenizer, GGUF sha256) for a GGUF file, through the cache."""
     target, gguf_sha = _converted(path)
     return _load_converted(target), _cached_tokenizer(target), gguf_sha
 
 
-def load_gguf_tokenizer(path: Path) -> object:
+def load_gguf_tokenizer(path: Path) -> PreTrainedTokenizerBase:
     """The tokenizer of a GGUF file, from the cache beside the converted weights (converting once if
     the cache lacks it): parsing a GGUF's tokenizer reads the whole file (240 MB for Gemma 3), so
     the stages that only decode tokens (report, check) read the small cached files instead."""
@@ -233,19 +236,19 @@ def _converted(path: Path) -> tuple[Path, str]:
     return target, gguf_sha
 
 
-def _cached_tokenizer(target: Path) -> object:
+def _cached_tokenizer(target: Path) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(target))
 
 
-def _load_converted(target: Path) -> nn.Module:
+def _load_converted(target: Path) -> PreTrainedModel:
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(str(target), dtype=torch.float32)
 
 
-def dequantise(path: Path) -> tuple[nn.Module, object]:
+def dequantise(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The float32 model and tokenizer of a GGUF file, converted by transformers (slow). A file the
     converter cannot read (damaged tensor data, an architecture it does not know) raises MlsaeError."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -22,12 +22,17 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from mlsae.core.errors import MlsaeError
 from mlsae.core.paths import HOOK_NAME
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 EMBEDDED = "embedded"
 TINY = "tiny"
@@ -98,9 +103,9 @@ class LoadedModel:
     """The `model` param as given."""
     revision: str
     """What exactly was loaded (hub commit, package version, file hash or seed)."""
-    hf_model: nn.Module
+    hf_model: PreTrainedModel
     """The plain HF model (never wrapped by the bridge)."""
-    tokenizer: object
+    tokenizer: PreTrainedTokenizerBase
     n_layers: int
     d_model: int
     max_context: int
@@ -124,7 +129,7 @@ class LoadedModel:
         return HOOK_NAME.format(i=block)
 
     @cached_property
-    def bridge(self) -> nn.Module:
+    def bridge(self) -> TransformerBridge:
         """The transformer-lens `TransformerBridge`, built on first use around a twin of
         `hf_model` that shares its parameters (no weight is copied)."""
         with _quiet():
@@ -144,8 +149,8 @@ class LoadedModel:
         last = self.n_layers - 1
 
         def grab(i: int) -> Callable:
-            def fn(module: nn.Module, args: object, output: object) -> None:
-                out[i] = output[0] if isinstance(output, tuple) else output  # type: ignore[index]
+            def fn(module: nn.Module, args: object, output: torch.Tensor | tuple[torch.Tensor, ...]) -> None:
+                out[i] = output[0] if isinstance(output, tuple) else output
                 if i == last:
                     raise _StopForward
 
@@ -163,7 +168,9 @@ class LoadedModel:
     @torch.inference_mode()
     def logits(self, ids: torch.Tensor, splice: dict[int, Callable] | None = None) -> torch.Tensor:
         """Full forward; `splice` maps a block index to `fn(resid) -> new resid` for that block."""
-        hooks = [(self.hook(b), _replace(fn)) for b, fn in (splice or {}).items()]
+        hooks: list[tuple[str | Callable, Callable]] = [
+            (self.hook(b), _replace(fn)) for b, fn in (splice or {}).items()
+        ]
         return self.bridge.run_with_hooks(ids.to(self.device), fwd_hooks=hooks).float()
 
 
@@ -174,7 +181,7 @@ def _replace(fn: Callable) -> Callable:
     return hook
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
+def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
     """The list of transformer blocks of an HF causal LM (`layers`, `h`, ...)."""
     n = int(model.config.num_hidden_layers)
     for module in model.base_model.children():
@@ -257,7 +264,7 @@ def _quiet() -> contextlib.ExitStack:
     return stack
 
 
-def _load_gguf(path: Path) -> tuple[nn.Module, object, str]:
+def _load_gguf(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
     """A GGUF model, de-quantised once and then loaded from the converted-model cache."""
     from mlsae.models.gguf_cache import load_gguf
 
@@ -280,7 +287,7 @@ def _hub_kwargs(target: str) -> dict:
     return {"local_files_only": True}
 
 
-def _load_hf(target: str, local: bool) -> tuple[nn.Module, object, str]:
+def _load_hf(target: str, local: bool) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
     kwargs = {} if local else _hub_kwargs(target)  # before importing transformers (seconds)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -298,7 +305,7 @@ def _load_hf(target: str, local: bool) -> tuple[nn.Module, object, str]:
     return model, tok, str(revision)
 
 
-def _boot(name: str, model: nn.Module, tok: object, device: torch.device) -> nn.Module:
+def _boot(name: str, model: PreTrainedModel, tok: PreTrainedTokenizerBase, device: torch.device) -> TransformerBridge:
     """Wrap an HF model in a TransformerBridge offline (the tokenizer must come from a dir)."""
     from transformer_lens.model_bridge import TransformerBridge
     from transformers import AutoTokenizer
@@ -307,7 +314,7 @@ def _boot(name: str, model: nn.Module, tok: object, device: torch.device) -> nn.
     boot_dir = cache_dir() / "boot" / slug
     if not (boot_dir / "config.json").is_file():
         tmp = boot_dir.with_name(boot_dir.name + f".tmp{os.getpid()}")
-        tok.save_pretrained(tmp)  # type: ignore[attr-defined]
+        tok.save_pretrained(tmp)
         model.config.save_pretrained(tmp)
         try:
             tmp.rename(boot_dir)
@@ -345,7 +352,7 @@ def load_model(name: str, device: str | torch.device = "cpu") -> LoadedModel:
             model, tok, revision = _load_hf(target, local=kind == "local")
         model.to(dev).eval().requires_grad_(False)
     cfg = model.config
-    max_ctx = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", 0)
+    max_ctx = getattr(cfg, "max_position_embeddings", 0) or getattr(cfg, "n_positions", 0)
     return LoadedModel(
         name=name,
         revision=revision,
@@ -364,7 +371,7 @@ def batches(ids: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
         yield ids[start : start + batch_size]
 
 
-def load_tokenizer(name: str) -> object:
+def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     """Only the tokenizer of a model (the report decodes token ids with it)."""
     kind, target = classify(name)
     with _quiet():

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -105,7 +105,7 @@ class Splicer:
         unembed = self.model.unembed
         plain = isinstance(unembed, nn.Linear) and unembed.bias is None and unembed.weight.dtype == torch.float32
         if out is not None and plain and h.dtype == torch.float32:
-            logits = torch.matmul(h, unembed.weight.T, out=out)
+            logits = torch.matmul(h, cast(nn.Linear, unembed).weight.T, out=out)  # `plain`: a Linear
         else:
             logits = unembed(h).float()
         if self.softcap:

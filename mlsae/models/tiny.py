@@ -7,9 +7,12 @@ Python docs topics, so they need no network and are identical on every machine.
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 SEED = 0
 VOCAB = 512
@@ -38,7 +41,7 @@ def tiny_tokenizer_json() -> str:
     return tok.to_str()
 
 
-def tiny_tokenizer() -> object:
+def tiny_tokenizer() -> PreTrainedTokenizerBase:
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
@@ -51,7 +54,7 @@ def tiny_tokenizer() -> object:
     )
 
 
-def build_tiny(name: str) -> tuple[nn.Module, object, str]:
+def build_tiny(name: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
     """(model, tokenizer, revision) for `tiny-neox` or `tiny-llama`."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
 

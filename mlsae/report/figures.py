@@ -172,7 +172,8 @@ def _adjacent_figure(adjacent: Sequence[float | None]) -> bytes:
     if not adjacent:
         _empty(ax, "fewer than two blocks: no adjacent pairs")
     else:
-        ax.plot(range(len(adjacent)), adjacent, marker="o")
+        # matplotlib draws a None as a gap (it converts y to float, None to NaN); its ArrayLike stub omits None
+        ax.plot(range(len(adjacent)), adjacent, marker="o")  # type: ignore[arg-type]
         ax.set_xlabel("block i")
         ax.set_ylabel("cosine similarity, blocks i and i+1")
         ax.grid(alpha=0.3)

@@ -18,6 +18,7 @@ from mlsae.core.metrics import (
     BaselineMetrics,
     EvalMetrics,
     ExtractMetrics,
+    Figures,
     LensMetrics,
     TrainMetrics,
     read_metrics,
@@ -66,7 +67,7 @@ def _require(data: Mapping[str, Any], key: str, path: Path) -> Any:
     return data[key]
 
 
-def _series(data: Mapping[str, Any], key: str, length: int, path: Path, required: bool = False) -> list[float | None]:
+def _series(data: Figures, key: str, length: int, path: Path, required: bool = False) -> list[float | None]:
     """The list ``data[key]`` with ``length`` numbers (``None`` for null), or all ``None`` if absent."""
     if key not in data or data[key] is None:
         if required:

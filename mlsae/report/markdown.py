@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import polars as pl
@@ -212,7 +212,8 @@ def _top_latents_table(
         ["latent", "rank"]
     )
     if contexts.height:
-        lo, hi = int(contexts["token"].min()), int(contexts["token"].max())
+        # a non-empty integer column: its min and max are ints
+        lo, hi = int(cast(int, contexts["token"].min())), int(cast(int, contexts["token"].max()))
         if lo < 0 or hi >= len(tokens):
             raise MlsaeError(f"{path}: token index {hi if hi >= 0 else lo} outside the {len(tokens)} eval tokens")
         bad = contexts.filter((pl.col("layer") < 0) | (pl.col("layer") >= len(inp.blocks)))

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from mlsae.stats.estimate import bias_flag
+
+if TYPE_CHECKING:
+    from mlsae.core.metrics import Figures
 
 # --------------------------------------------------------------------------------------------
 # The summary row
@@ -95,7 +98,7 @@ def _number(value: Any) -> float | int | None:
     return float(value) if math.isfinite(value) else None
 
 
-def summary_row(metrics: Mapping[str, Mapping[str, Any]], config: Mapping[str, Any]) -> dict[str, Any]:
+def summary_row(metrics: Mapping[str, Figures], config: Mapping[str, Any]) -> dict[str, Any]:
     """The one-row run summary (keys and order: :data:`SUMMARY_COLUMNS`).
 
     Args:

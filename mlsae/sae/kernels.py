@@ -103,7 +103,7 @@ def sparse_encoder(device_type: str) -> type[torch.autograd.Function]:
     class SparseTopKEncode(torch.autograd.Function):
         @staticmethod
         @torch.amp.custom_fwd(device_type=device_type)
-        def forward(  # type: ignore[override]
+        def forward(
             ctx: Any, xc: Tensor, w_enc: Tensor, k: int, dead: Tensor | None, n_aux: int
         ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
             z, _ = _preactivations(xc, w_enc)  # the one dense product; lower precision under autocast
@@ -118,7 +118,7 @@ def sparse_encoder(device_type: str) -> type[torch.autograd.Function]:
 
         @staticmethod
         @torch.amp.custom_bwd(device_type=device_type)
-        def backward(  # type: ignore[override]
+        def backward(
             ctx: Any, g_values: Tensor, _g_indices: Any, g_aux: Tensor, _g_aux_indices: Any
         ) -> tuple[Tensor | None, Tensor | None, None, None, None]:
             xc, w_enc, indices, values = ctx.saved_tensors

@@ -79,6 +79,9 @@ class MLSAE(nn.Module):
     Computation runs in the parameters' dtype (float32 by default) unless under autocast.
     """
 
+    tokens_since_fired: Tensor  # buffers (register_buffer), declared for the type checker
+    layer_center: Tensor
+
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__()
         cfg.validate()

@@ -141,7 +141,7 @@ def read_seed(directory: Path, name: str = "") -> SeedSAE:
     tensors = _read_tensors(weights_path, prefix)
     w_enc, w_dec, b_pre = (tensors[prefix + key] for key in TENSORS)
     n_latents, d_model = w_enc.shape if w_enc.ndim == 2 else (0, 0)
-    expected = {
+    expected: dict[str, tuple[int | None, ...]] = {  # None: a key the config lacks
         "encoder.weight": (n_latents, d_model),
         "decoder.weight": (d_model, n_latents),
         "pre_encoder_bias": (d_model,),

@@ -23,6 +23,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -191,7 +192,7 @@ def train_step(sae: nn.Module, opt: torch.optim.Optimizer, x: Tensor, grad_clip:
     the device and may wrap the call in ``torch.autocast``. Raises ``FloatingPointError`` before
     touching the weights if the loss (or, with clipping, the gradient norm) is not finite.
     """
-    core: MLSAE = getattr(sae, "module", sae)
+    core = cast(MLSAE, getattr(sae, "module", sae))
     sae.train()
     out = sae(x, auxk=True)
     losses = core.loss(out)
@@ -422,9 +423,9 @@ def _train(
     else:
         tokens = _first_tokens(source.first_batches(), layers, lens, train_params.geometric_median_sample, device)
         sae.init_center(tokens)
-        vectors = sae.normalise(tokens)[0].reshape(-1, tokens.shape[-1])
-        pick = torch.randperm(vectors.shape[0], generator=torch.Generator().manual_seed(train_params.seed))
-        sae.init_b_pre(vectors[pick[: train_params.geometric_median_sample].to(device)])
+        normalised = sae.normalise(tokens)[0].reshape(-1, tokens.shape[-1])
+        pick = torch.randperm(normalised.shape[0], generator=torch.Generator().manual_seed(train_params.seed))
+        sae.init_b_pre(normalised[pick[: train_params.geometric_median_sample].to(device)])
     model: torch.nn.Module = sae
     if ranks.world > 1:
         model = torch.nn.parallel.DistributedDataParallel(

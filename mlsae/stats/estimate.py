@@ -26,12 +26,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from scipy import stats
 
 from mlsae.stats.bootstrap import resampled
+
+if TYPE_CHECKING:
+    from mlsae.core.metrics import Figures
 
 LEVEL = 0.95
 
@@ -90,7 +93,7 @@ def summary(
     return out
 
 
-def bias_flag(figures: dict[str, Any], key: str, threshold: float = 0.25) -> bool:
+def bias_flag(figures: Figures, key: str, threshold: float = 0.25) -> bool:
     """Whether the bias correction of `key` is large against its standard error
     (``|bias_jack| / se > threshold``): the reports flag such figures."""
     bias, se = figures.get(f"{key}_bias_jack"), figures.get(f"{key}_se")

@@ -97,7 +97,7 @@ def shard_contexts(context: int, n_layers: int, d_model: int, dtype: str) -> int
 
 def open_root(path: str, mode: str = "r") -> zarr.Group:
     try:
-        return zarr.open_group(str(path), mode=mode)  # type: ignore[arg-type]
+        return zarr.open_group(str(path), mode=mode)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError):
         raise MlsaeError(f"{path}: store not found (run `dvc repro extract` first)") from None
     except Exception as e:  # corrupted metadata
@@ -328,7 +328,7 @@ class ActivationStore:
     def split(self, name: str) -> zarr.Group:
         if name not in SPLITS:
             raise ValueError(name)
-        return self.root[name]  # type: ignore[return-value]
+        return self.root[name]
 
     def n_tokens(self, split: str) -> int:
         return int(self.split(split)[TOKENS].shape[0])

@@ -184,7 +184,7 @@ def open_latents(path: Path) -> LatentStore:
         raise MlsaeError(
             f"{path}: attr 'layers' must list the {indices.shape[1]} selected block indices, got {blocks!r}"
         )
-    n_latents = attrs.get("n_latents")
+    n_latents: Any = attrs.get("n_latents")  # a JSON attr, checked here
     if not is_int(n_latents) or n_latents < 1:
         raise MlsaeError(f"{path}: attr 'n_latents' must be a positive integer, got {n_latents!r}")
     k = attrs.get("k")
