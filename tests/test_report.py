@@ -578,10 +578,6 @@ def test_compare_rows_from_captured_exp_show(tmp_path: Path) -> None:
     assert table_lines[3].startswith("| single3 | e7a90d1 |")
 
 
-@pytest.mark.xfail(reason="library bug: mlsae/compare/experiments.py (_experiment, experiments_from_rows) takes the "
-                          "typ of every experiment row of dvc.api.exp_show (branch_commit, branch_base) for a baseline "
-                          "commit: each experiment is its own baseline with status 'baseline', queued and failed ones "
-                          "are not marked, and a failed one keeps (stale) metrics", strict=True)
 def test_compare_statuses_and_baselines_from_captured_exp_show(tmp_path: Path) -> None:
     got = compare(tmp_path / "experiments.md", EXP_SHOW_ROWS).to_dicts()
     assert [r["status"] for r in got] == ["workspace", "baseline", "done", "done", "queued", "failed"]

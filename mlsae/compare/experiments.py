@@ -106,7 +106,7 @@ def _experiment(row: Mapping[str, Any], baseline: str) -> Experiment:
     state = row.get("State")
     if rev == "workspace":
         status = "workspace"
-    elif typ in ("baseline", "branch_base", "branch_commit"):
+    elif typ == "baseline":  # experiments are "branch_commit" / "branch_base" (their place in DVC's tree)
         status = "baseline"
     else:
         status = _STATES.get(state, str(state).lower())
@@ -148,7 +148,7 @@ def experiments_from_rows(rows: Sequence[Mapping[str, Any]], source: str = "dvc.
     out: list[Experiment] = []
     baseline = ""
     for row in rows:
-        if row.get("rev") != "workspace" and row.get("typ") in ("baseline", "branch_base", "branch_commit"):
+        if row.get("rev") != "workspace" and row.get("typ") == "baseline":
             baseline = str(row.get("Experiment") or str(row.get("rev"))[:7])
         out.append(_experiment(row, baseline))
     return out
@@ -239,6 +239,8 @@ def compare(
     Raises:
         MlsaeError: DVC failed or the rows are not in its form.
     """
+    if rows is not None and not isinstance(rows, Sequence):
+        raise MlsaeError(f"{source}: expected the rows of dvc.api.exp_show (a list of mappings with 'rev')")
     rows = list(rows) if rows is not None else exp_show_rows(repo_dir, all_commits)
     table = experiment_rows(experiments_from_rows(rows, source))
     out_path = Path(out_path)
