@@ -162,6 +162,23 @@ def test_paths_an_entry_point_names_are_declared(name):
         assert _covered(path, declared) or inside_declared, f"{name}: uses C.{const} = {path}, not declared"
 
 
+def test_baseline_stage_sits_between_extract_and_evaluate_and_knows_no_sae():
+    """The baseline stage reads the store only: an SAE experiment (sae.k, sae.expansion, train.*,
+    lens) never reruns it, and evaluate reads its sums."""
+    pipeline = _pipeline()
+    names = list(pipeline)
+    assert names.index("extract") < names.index("baseline") < names.index("evaluate")
+    base = pipeline["baseline"]
+    data_deps = {d for d in _paths(base["deps"]) if not d.startswith(SOURCES)}
+    assert data_deps == {"data/activations.zarr"}
+    assert _outputs(base) == {"data/baseline", "reports/metrics/baseline.json"}
+    params = set(base["params"])
+    assert {"data.seed", "evaluate.tokens", "evaluate.baselines", "sae.layers"} <= params
+    assert not {p for p in params if p.startswith(("train", "lens")) or (p.startswith("sae") and p != "sae.layers")}
+    assert "data/baseline" in _paths(pipeline["evaluate"]["deps"])
+    assert not any(_is_code(d) and d.startswith(PACKAGE + "/sae/") for d in _paths(base["deps"]))
+
+
 def test_constants_outputs_match_dvc_outputs():
     """Each output path in mlsae/core/paths.py is written by exactly one stage, and every declared
     output is a constants path (so code and dvc.yaml cannot drift apart)."""

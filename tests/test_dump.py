@@ -119,6 +119,46 @@ def test_dump_is_aligned_with_the_eval_split(sae: MLSAE, reader: ActivationStore
         assert np.array_equal(np.sort(got[C.INDICES][t], -1), np.sort(idx[0].numpy(), -1)), t
 
 
+def test_latent_store_reads_the_analysed_tokens_only(reader: ActivationStore, dumped: Path) -> None:
+    """LatentStore.read, the one reader of the latent store (aggregate, report, browse): the
+    analysed tokens of a range (not special; not position 0 when the run skips it), with their
+    store indices, float32 values, and a one-line refusal of garbled entries."""
+    import dataclasses
+
+    from mlsae.core.errors import MlsaeError
+    from mlsae.stores.latents import open_latents
+
+    latents = open_latents(dumped)
+    got = arrays(dumped)
+    n = reader.n_tokens("eval")
+    assert latents.skip_first == reader.skip_first
+    kept = ~got[C.SPECIAL] & ~((got[C.POSITION] == 0) & reader.skip_first)
+    assert np.array_equal(latents.kept(0, n), kept) and (~kept).any()
+    for key in (C.TOKENS, C.CONTEXT, C.POSITION, C.SPECIAL, C.DOCUMENT):
+        assert np.array_equal(latents.meta(key), got[key]), key
+    step = latents.chunk_tokens()
+    assert step >= 1 and step % int(latents.indices.chunks[0]) == 0
+    for start, stop in ((0, n), (37, 200), (n - 5, n)):
+        chunk = latents.read(start, stop)
+        rows = start + np.flatnonzero(kept[start:stop])
+        assert np.array_equal(chunk.token, rows) and chunk.token.dtype == np.int64
+        assert np.array_equal(chunk.indices, got[C.INDICES][rows])
+        assert chunk.values.dtype == np.float32 and np.array_equal(chunk.values, got[C.VALUES][rows].astype(np.float32))
+    t = int(np.flatnonzero(kept)[0])
+    values = got[C.VALUES].copy()
+    values[t, 0, 0] = -1
+    with pytest.raises(MlsaeError, match=rf"'values' has negative or NaN entries in tokens 0\.\.{n - 1}$"):
+        dataclasses.replace(latents, values=values).read(0, n)
+    indices = got[C.INDICES].copy()
+    indices[t, 1, 2] = latents.n_latents
+    with pytest.raises(MlsaeError, match=rf"'indices' holds latent id {latents.n_latents}, outside 0\.\.{latents.n_latents - 1}$"):
+        dataclasses.replace(latents, indices=indices).read(0, n)
+    # a garbled entry at a token the analysis leaves out is never read
+    values = got[C.VALUES].copy()
+    values[int(np.flatnonzero(~kept)[0]), 0, 0] = -1
+    dataclasses.replace(latents, values=values).read(0, n)
+
+
 class RecordingReader:
     """An ActivationStore proxy that records the eval tokens whose residuals are read."""
 

@@ -141,6 +141,26 @@ def test_inverse_cache_follows_parameter_changes() -> None:
     torch.testing.assert_close(lens.inverse(lens(h)), h, rtol=1e-5, atol=1e-4)
 
 
+def test_fingerprint_follows_the_translators(tmp_path: Path) -> None:
+    """Lens.fingerprint (what a train checkpoint records of its lens): equal for equal translators,
+    also after a save and load, and changed by one changed weight, a changed bias or another shape."""
+    lens = random_lens(seed=3)
+    assert lens.fingerprint() == random_lens(seed=3).fingerprint() and len(lens.fingerprint()) == 16
+    lens.save(tmp_path / "lens")
+    assert load_pretrained(str(tmp_path / "lens"), L, D, "tiny").fingerprint() == lens.fingerprint()
+    assert random_lens(seed=4).fingerprint() != lens.fingerprint()
+    nudged = copy.deepcopy(lens)
+    with torch.no_grad():
+        nudged.weight[2, 5, 7] += 1e-3
+    assert nudged.fingerprint() != lens.fingerprint()
+    shifted = copy.deepcopy(lens)
+    with torch.no_grad():
+        shifted.bias[1, 0] -= 1e-3
+    assert shifted.fingerprint() != lens.fingerprint()
+    assert Lens.identity(L, D).fingerprint() == Lens.identity(L, D).fingerprint()
+    assert Lens.identity(L, D).fingerprint() != Lens.identity(L + 1, D).fingerprint() != lens.fingerprint()
+
+
 def test_identity_lens_is_a_no_op(model: transformers.LlamaForCausalLM, run: dict, tmp_path: Path) -> None:
     """Identity forward/inverse return the input; its tuned KL equals the logit-lens KL; saved, it is all zeros."""
     lens = Lens.identity(L, D)
