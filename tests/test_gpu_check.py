@@ -24,15 +24,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
 SECTIONS = ["train_step", "throughput", "splice", "stream", "ddp"]
 
-# benchmarks/gpu_check.py is not the test author's to edit: until it follows the baseline/evaluate
-# split, every test here fails at its import, and says so
-pytestmark = pytest.mark.xfail(
-    reason="benchmarks/gpu_check.py (line 66, and its splice section at line 595) imports and calls "
-    "mlsae.evaluation.downstream.downstream_metrics, removed with the baseline/evaluate split; splice_sums "
-    "now takes (model, sample, layers, replacements, batch_size)",
-    strict=True,
-)
-
 
 @pytest.fixture()
 def gpu_check(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
