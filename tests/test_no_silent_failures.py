@@ -677,7 +677,8 @@ def test_sigterm_stops_train_between_steps_with_a_checkpoint(store: tuple[Path, 
     proc = subprocess.Popen(stage_command("train", prelude), cwd=work, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, env=stage_env())
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None and int(steps.read_text() if steps.exists() else 0) < 3:
+    # (the file may be caught empty between its truncation and its write: that reads as 0)
+    while time.monotonic() < deadline and proc.poll() is None and int((steps.read_text() if steps.exists() else "") or 0) < 3:
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
