@@ -253,7 +253,7 @@ def test_evaluate_with_every_position_masked_gives_one_line():
     sample = SplicedSample(contexts=np.arange(2), tokens=np.ones((2, 4), dtype=np.int32), special=masked,
                            excluded=masked, document=np.zeros((2, 4), dtype=np.int64))
     for replacements in ({"recon": reconstruction(sae, Lens.identity(4, 64))}, {"mean": mean_ablation(torch.zeros(1, 64))}):
-        with pytest.raises(MlsaeError, match=r"^evaluate: no position has a next-token target") as e:
+        with pytest.raises(MlsaeError, match=r"^no position has a next-token target") as e:
             splice_sums(model, sample, [0], replacements, 2, progress=False)
         assert "\n" not in str(e.value)
 

@@ -392,7 +392,7 @@ def test_evaluate_refuses_baseline_sums_of_another_sample(sae: MLSAE, model: Loa
     assert not np.array_equal(sample.contexts, other.contexts)
     base = baseline(model, reader, layers, other, ["mean"], 4, progress=False)
     recon = splice_sums(model, sample, layers, {"recon": reconstruction(sae, lens)}, 4, progress=False)
-    message = ("^evaluate: the baseline stage's sums are for another spliced sample \\(other eval split, "
+    message = ("^the baseline stage's sums are for another spliced sample \\(other eval split, "
                "evaluate.tokens or data.seed\\); rerun the baseline stage$")
     with pytest.raises(MlsaeError, match=message):
         splice_figures(recon, base, 0, 0)
@@ -400,7 +400,7 @@ def test_evaluate_refuses_baseline_sums_of_another_sample(sae: MLSAE, model: Loa
         evaluate(sae, lens, model, reader, sample, base, 4, 0, 0, progress=False)
     # blocks the baseline has no sums for are named
     only_1 = baseline(model, reader, [1], sample, ["mean"], 4, progress=False)
-    with pytest.raises(MlsaeError, match=r"^evaluate: the baseline stage has no sums for blocks \[3\] of the SAE"):
+    with pytest.raises(MlsaeError, match=r"^the baseline stage has no sums for blocks \[3\] of the SAE"):
         evaluate(sae, lens, model, reader, sample, only_1, 4, 0, 0, progress=False)
 
 

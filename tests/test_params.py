@@ -40,8 +40,6 @@ def params_knobs() -> dict:
             for name, f in Params.model_fields.items()}
 
 
-@pytest.mark.xfail(reason="params.yaml bug: it lists neither train.lr_schedule nor train.warmup_steps (both in "
-                          "mlsae/core/params.py), though it is 'every knob of the pipeline'", strict=True)
 def test_params_yaml_lists_every_knob():
     assert knobs(yaml.safe_load((ROOT / "params.yaml").read_text())) == params_knobs()
 
@@ -146,9 +144,6 @@ def test_paper_preset_is_the_papers_main_run() -> None:
     assert (p.train.batch_tokens, p.train.lr, p.train.source) == (131072, 1e-4, "stream")
 
 
-@pytest.mark.xfail(reason="presets/paper.yaml bug: it lacks evaluate.baselines, analysis.max_rate, "
-                          "analysis.min_documents, analysis.paper_batch_tokens (in params.yaml), and train.lr_schedule, "
-                          "train.warmup_steps (in mlsae/core/params.py)", strict=True)
 def test_paper_preset_is_a_whole_params_file() -> None:
     """Every key of params.yaml, and every knob, is in the preset (a preset is a whole params file)."""
     path = ROOT / "presets" / "paper.yaml"

@@ -296,7 +296,7 @@ class LayerStats:
         seed: seed of the ``(U, R)`` count matrix (:func:`mlsae.stats.bootstrap.resample_counts`).
         max_rate: firing rate from which a latent counts as dense (the ``_sparse`` figures leave
             them out).
-        min_documents: documents a latent must be active in for the ``_min_docs`` figures.
+        min_documents: documents a latent must be active in to count in K (besides `min_count` tokens).
         paper_batch_tokens: analysed tokens per batch of the paper's estimator (:func:`paper_batches`).
     """
 

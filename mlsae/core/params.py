@@ -220,7 +220,9 @@ class EvaluateParams(Section):
     """Ablations the baseline stage splices at every layer: `mean` (the layer's eval mean: the
     denominator of the loss recovered) and, opt-in, `zero`."""
     bootstrap: NonNegative = 200
-    """Bootstrap resamples of eval documents for the 95 % intervals (`*_ci`); 0 disables them."""
+    """Bootstrap resamples of eval documents, for each figure's bootstrap bias (`*_bias_boot`, a
+    check on the jackknife's, which gives the value and the 95 % interval); 0 turns resampling off
+    (plug-in values, no intervals)."""
     batch_size: Positive = 8
     """Contexts per spliced forward pass."""
     device: Literal[""] | Device = ""
@@ -241,7 +243,9 @@ class AnalysisParams(Section):
     """An active (token, latent) pair is multi-layer when its second-largest layer share is at
     least this (multi_layer_fraction); in (0, 0.5], since a second-largest share is at most 1/2."""
     bootstrap: NonNegative = 200
-    """Bootstrap resamples of eval contexts for the 95 % intervals (`*_ci`); 0 disables them."""
+    """Bootstrap resamples of eval documents, for each figure's bootstrap bias (`*_bias_boot`, a
+    check on the jackknife's, which gives the value and the 95 % interval); 0 turns resampling off
+    (plug-in values, no intervals)."""
     top_latents: NonNegative = 20
     """Latents in the report's top-latent table."""
     top_tokens: Positive = 5
@@ -250,7 +254,8 @@ class AnalysisParams(Section):
     """Firing rate (active tokens / analysed tokens) from which a latent counts as dense: the
     `_sparse` figures leave such latents out."""
     min_documents: Positive = 5
-    """Eval documents a latent must be active in to count in the `_min_docs` figures."""
+    """Eval documents a latent must be active in (besides `min_count` tokens) to count in the
+    per-latent averages (K); the `_any_docs` figures drop this condition."""
     paper_batch_tokens: Positive = 2048
     """Analysed tokens per batch of the seed paper's estimator (batches of consecutive documents)."""
 

@@ -199,7 +199,7 @@ def splice_sums(
     )
     if sums.count.sum() == 0:
         raise MlsaeError(
-            "evaluate: no position has a next-token target (every position is special or skipped); "
+            "no position has a next-token target (every position is special or skipped); "
             "raise data.context or evaluate.tokens"
         )
     bar = tqdm(total=n_ctx * len(layers), desc="spliced forwards", unit="ctx·layer", disable=not progress)

@@ -142,7 +142,7 @@ def splice_figures(recon: SpliceSums, base: SpliceSums, n_resamples: int, seed: 
     sample (module docstring)."""
     if recon.sample != base.sample or not np.array_equal(recon.units, base.units):
         raise MlsaeError(
-            "evaluate: the baseline stage's sums are for another spliced sample (other eval split, "
+            "the baseline stage's sums are for another spliced sample (other eval split, "
             "evaluate.tokens or data.seed); rerun the baseline stage"
         )
     counts = resample_counts(len(recon.units), n_resamples, seed) if n_resamples else None
@@ -189,7 +189,7 @@ def evaluate(
     missing = sorted(set(sae.cfg.layers) - set(base.layers))
     if missing:
         raise MlsaeError(
-            f"evaluate: the baseline stage has no sums for blocks {missing} of the SAE; set sae.layers to cover "
+            f"the baseline stage has no sums for blocks {missing} of the SAE; set sae.layers to cover "
             "them and rerun the baseline stage"
         )
     base = _select_layers(base, sae.cfg.layers)
