@@ -64,7 +64,7 @@ def repo(tmp_path_factory) -> Path:
     run(repo, "git", "config", "user.name", "ci")
     run(repo, "dvc", "init", "-q")
     out = run(repo, "dvc", "repro").stdout
-    assert ran_stages(out) == {"extract", "lens", "train", "evaluate", "dump", "aggregate", "report", "browse"}
+    assert ran_stages(out) == {"extract", "lens", "baseline", "train", "evaluate", "dump", "aggregate", "report", "browse"}
     run(repo, "git", "add", "-A")
     run(repo, "git", "commit", "-qm", "baseline")
     return repo
@@ -106,10 +106,15 @@ def test_editing_a_lens_method_reruns_the_stages_that_run_it(repo):
     assert ran_stages(run(repo, "dvc", "repro").stdout) == set()
 
 
-def test_changing_k_reruns_train_and_what_follows_not_extract(repo):
-    out = run(repo, "dvc", "exp", "run", "-S", "sae.k=8").stdout
+def test_changing_k_reruns_train_and_what_follows_not_extract_or_baseline(repo):
+    """An SAE experiment reruns what reads the SAE, never the model-only baseline stage."""
+    out = run(repo, "dvc", "exp", "run", "-S", "sae.k=16").stdout
     assert ran_stages(out) == {"train", "evaluate", "dump", "aggregate", "report", "browse"}
     assert "Stage 'extract' didn't change, skipping" in out
+    assert "Stage 'baseline' didn't change, skipping" in out
+    assert metrics(repo, "eval")["l0"] <= 16
+    out = run(repo, "dvc", "exp", "run", "-S", "sae.k=8").stdout
+    assert "baseline" not in ran_stages(out)
     assert metrics(repo, "eval")["l0"] <= 8
     diff = json.loads(run(repo, "dvc", "metrics", "diff", "--json").stdout)
     changed = {key for file in diff.values() for key in file}
@@ -127,6 +132,15 @@ def test_single_layer_baseline_and_another_model(repo):
     assert json.loads((repo / "data/sae/config.json").read_text())["model"] == "tiny-neox"
 
 
+def test_a_training_seed_reruns_neither_the_data_nor_the_lens_nor_the_baseline(repo):
+    run(repo, "dvc", "exp", "run", "-S", "train.seed=0")  # the committed params, whatever ran before
+    before = metrics(repo, "extract"), (repo / "data/sae/sae.safetensors").read_bytes()
+    out = run(repo, "dvc", "exp", "run", "-S", "train.seed=7").stdout
+    assert ran_stages(out) == {"train", "evaluate", "dump", "aggregate", "report", "browse"}
+    assert metrics(repo, "extract") == before[0]
+    assert (repo / "data/sae/sae.safetensors").read_bytes() != before[1]  # another init and batch order
+
+
 def test_lens_fit_experiment(repo):
     out = run(repo, "dvc", "exp", "run", "-S", "lens=fit").stdout
     assert {"lens", "train", "evaluate"} <= ran_stages(out) and "extract" not in ran_stages(out)
@@ -136,7 +150,7 @@ def test_lens_fit_experiment(repo):
 
 
 def test_queued_sweep_and_compare(repo):
-    run(repo, "dvc", "exp", "run", "--queue", "-S", "seed=1")
+    run(repo, "dvc", "exp", "run", "--queue", "-S", "train.seed=1")
     run(repo, "dvc", "queue", "start", "-j", "1")
     import time
 
