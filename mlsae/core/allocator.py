@@ -9,17 +9,15 @@ per step; evaluate's clean logits are 200 MB per batch.
 
 :func:`keep_large_blocks` raises the mmap threshold to 1 GiB, so those arrays come from the heap,
 and the trim threshold likewise, so that freeing the block at the top of the heap does not hand
-the memory back at once. Measured here (one process per setting, runs interleaved): 60 elementwise
-ops on 35 MB tensors took 0.32 s instead of 1.08 s (121k page faults instead of 519k), and a train
-step at the default shape about 2.0 s instead of 2.3 s. The numbers a stage computes do not change.
+the memory back at once. The page faults go, and with them a share of every op's time on such
+arrays (`MLSAE_MALLOC=default python benchmarks/train.py` against a plain run measures the step
+time under each setting). The numbers a stage computes do not change.
 
 Cost: memory the process frees stays mapped until it exits instead of being returned at once. A
 freed block is reused by the next request that fits; the first few requests of a new size can
 still grow the heap (an aligned request is a little larger than the block just freed) until freed
 neighbours coalesce, after which a loop of same-sized arrays faults nothing in. That growth is
-the price. Eight train steps at the default shape peaked at 1,729-1,790 MiB against 1,408-1,409
-MiB under glibc's defaults (about +25 %); a probe of three live 35 MB arrays per iteration at
-359-528 MiB over five runs (the heap's layout at start varies) against 360 MiB.
+the price: a higher peak RSS (`benchmarks/train_memory.py` under each setting measures it).
 Elsewhere than glibc (macOS, musl) it does nothing. ``MLSAE_MALLOC=default`` leaves glibc alone.
 """
 

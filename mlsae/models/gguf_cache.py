@@ -10,9 +10,9 @@ Layout, one directory per GGUF file content under ``<cache>/converted/<sha256 of
 ``<cache>`` is ``$MLSAE_CACHE``, else ``$XDG_CACHE_HOME/mlsae``, else ``~/.cache/mlsae``: outside
 the repository, shared by every stage and every experiment.
 
-Why: transformers de-quantises a GGUF tensor by tensor in Python (16–30 s for the 93 MB SmolLM2
-file), and extract, lens fit, evaluate and browse each load the model. Loading the converted
-safetensors takes a second or two.
+Why: transformers de-quantises a GGUF tensor by tensor in Python, which takes tens of seconds,
+and extract, lens fit, baseline, evaluate and browse each load the model; loading the converted
+safetensors is a plain read.
 
 Safety: a directory is built under a temporary name and renamed into place when whole, so a
 reader never sees half of one. Before use, every file listed in the manifest is checked against

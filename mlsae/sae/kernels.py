@@ -54,8 +54,7 @@ def _preactivations(xc: Tensor, w_enc: Tensor) -> tuple[Tensor, bool]:
 
     On CPU (outside autocast) the product is written into one buffer per (dtype, inference mode),
     grown as needed and never freed: a fresh array of this size (75 MB for 2,048 vectors × 9,216
-    latents) is page-faulted in anew on every call, which measured a quarter of the product's own
-    time. The caller must be done with the result before the next call. Elsewhere (CUDA's caching
+    latents) is page-faulted in anew on every call, a cost of the order of the product's own. The caller must be done with the result before the next call. Elsewhere (CUDA's caching
     allocator has no such cost; autocast picks the product's dtype) it is a plain product.
     """
     if xc.device.type != "cpu" or torch.is_autocast_enabled("cpu") or xc.dtype != w_enc.dtype:
