@@ -6,9 +6,11 @@ from mlsae.compare import experiments as _compare
 from mlsae.compare import seeds as _seeds
 
 app = typer.Typer(help="mlsae: multi-layer SAEs over a language model's residual stream.", no_args_is_help=True)
-app.command("compare", help="Stack the summary rows of every DVC experiment into reports/compare/experiments.md.")(
-    _compare.main
-)
+app.command(
+    "compare",
+    help="Stack the summary rows of every DVC experiment into reports/compare/experiments.md; with --run A "
+    "--run B, compare models (and their training seeds) in reports/compare/models.md.",
+)(_compare.main)
 
 
 app.command("seeds", help="Experiments differing only in train.seed: spread over seeds beside the document interval.")(

@@ -279,11 +279,13 @@ def main(
     run: list[Path] | None = typer.Option(
         None,
         "--run",
-        help="A finished run's reports directory (metrics/ and tables/summary.csv); twice or more for the model table and figure.",
+        help="A finished run's reports directory (metrics/, tables/summary.csv, optionally params.yaml); twice or "
+        "more for the model table and figure (runs of one model are its training seeds).",
     ),
 ) -> None:
     """Write the experiments table from the DVC experiments, or with --run the model comparison
-    (table, CSV and the figure of multi-layer activity against adjacent-layer cosine)."""
+    (table, CSV and the figure of multi-layer activity against adjacent-layer cosine; several runs of
+    one model are summarised over their training seeds)."""
     from mlsae.core.stage import stage
 
     with stage("compare"):
@@ -298,7 +300,8 @@ def main(
             target = out or MODELS_TABLE
             models = compare_models(list(run), target)
             print(
-                f"{target}: {models.height} models (CSV, PNG: {target.with_suffix('.csv')}, {target.with_suffix('.png')})"
+                f"{target}: {models.width - 1} model{'s' * (models.width != 2)} from {len(run)} runs "
+                f"(CSV, PNG: {target.with_suffix('.csv')}, {target.with_suffix('.png')})"
             )
             return
         out = out or EXPERIMENTS_TABLE
