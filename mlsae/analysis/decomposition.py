@@ -79,9 +79,13 @@ _DENSE_RATES = (0.5, 0.9)
 _VAR_KEYS = ("var_within", "var_between", "var_total", "within_share", "var_ratio")
 _MAIN_KEYS = ("within_share", "within_share_mass", "within_share_peak", "var_ratio", "within_share_pooled")
 _VARIANTS = ("_sparse", "_any_docs", "_k_resampled")
-NO_INTERVAL: frozenset[str] = frozenset(f"{k}{v}" for v in ("_any_docs", "_k_resampled") for k in _MAIN_KEYS)
-"""Figures whose intervals did not cover a known truth in the coverage study (docs/statistics.md):
-their bias-corrected value and standard error are reported, no interval."""
+NO_INTERVAL: frozenset[str] = frozenset(
+    {f"{k}{v}" for v in ("_any_docs", "_k_resampled") for k in _MAIN_KEYS}
+    | {"within_share_median", "within_share_q25", "within_share_q75", "var_total_mass"}
+)
+"""Figures whose intervals did not cover a known truth in the coverage study (docs/statistics.md;
+below 90 % at 64 or 256 documents): their bias-corrected value and standard error are reported, no
+interval. A quantile's jackknife SE is known to be inconsistent; ``var_total_mass``'s fell just short."""
 HEADLINE_KEYS: tuple[str, ...] = (
     *(f"{k}{w}" for w in _WEIGHTINGS for k in _VAR_KEYS),
     "var_within_norm",
