@@ -92,9 +92,11 @@ def test_disk_full_during_json_write_keeps_old_file(tmp_path, monkeypatch):
 @pytest.mark.slow  # starts stage processes (a new interpreter each)
 def test_unwritable_output_path_is_reported(tmp_path):
     (tmp_path / "reports").write_text("a file where the reports directory should be")
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("The quick brown fox jumps over the lazy dog. " * 400)
-    params = {"model": "tiny-llama", "data": {"source": str(corpus), "context": 32, "train_tokens": 256,
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(20):  # whole documents go to one split: several are needed
+        (corpus / f"{i:02d}.txt").write_text(f"Document {i}: the quick brown fox jumps over the lazy dog. " * 20)
+    params = {"model": "tiny-llama", "data": {"source": str(corpus / "*.txt"), "context": 32, "train_tokens": 256,
                                               "eval_tokens": 64}}
     line = one_error_line(run_stage(tmp_path, "extract", params), "extract")
     assert "reports/metrics: Not a directory" in line

@@ -145,7 +145,7 @@ def test_every_stage_runs_on_gemma(gemma: Any, tmp_path: Path) -> None:
         proc = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=840)
         assert proc.returncode == 0, f"{args}: {proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
     ran = {line.split("'")[1] for line in proc.stdout.splitlines() if line.startswith("Running stage '")}
-    assert ran == {"check", "extract", "lens", "train", "evaluate", "dump", "aggregate", "report", "browse"}
+    assert ran == {"check", "extract", "lens", "baseline", "train", "evaluate", "dump", "aggregate", "report", "browse"}
 
     metrics = {n: json.loads((repo / "reports" / "metrics" / f"{n}.json").read_text())
                for n in ("extract", "eval", "analysis")}
