@@ -1,6 +1,6 @@
 """Streaming analysis of the latent store: each latent's distribution over layers.
 
-Notation (docs/design.md, "Analysis"): ``a[t, l, f] >= 0`` is latent ``f``'s activation at eval token
+Notation (docs/statistics.md): ``a[t, l, f] >= 0`` is latent ``f``'s activation at eval token
 ``t`` and layer *position* ``l = 0 .. L-1`` (the position in the store's ``layers`` attr, not the
 block index). A top-k entry whose value is 0 is not active. Special tokens are left out of every
 statistic (and of ``n_tokens``).
@@ -31,8 +31,9 @@ fetches the next chunk meanwhile, a writer thread appends the previous chunk's r
 Nothing of size ``tokens x layers x latents`` (or ``tokens x latents``) is built and no per-token
 table outlives its chunk, so memory is bounded by the chunk size and ``n_latents x L``.
 
-The chunk reader, the grouping kernel, the accumulator and the tables' schemas are in
-``mlsae/analysis/accumulator.py``; the latent store's format is ``mlsae/stores/latents.py``.
+The chunk reader and the accumulator are in ``mlsae/analysis/accumulator.py``, the compiled loops
+in ``mlsae/analysis/kernels.py``, the tables' schemas in ``mlsae/analysis/schemas.py``; the latent
+store's format is ``mlsae/stores/latents.py``.
 """
 
 from __future__ import annotations

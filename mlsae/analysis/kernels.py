@@ -5,8 +5,7 @@ documents per bootstrap replica, and keep each latent's top tokens.
 Why compiled. Each job is a scatter over a small table per element (a token's pair slots; a
 latent's sums; a latent's short top list). In numpy each became a dozen whole-array passes (a sort
 of packed keys per token, one ``bincount`` per sum, a Polars sort per chunk for the top lists):
-several times slower on the benchmark store (``benchmarks/aggregate.py``; docs/benchmarks.md has the
-rates), where in a loop each element is read once and every sum it feeds is updated while it is in
+several times slower on the benchmark store (``benchmarks/aggregate.py`` measures the rates), where in a loop each element is read once and every sum it feeds is updated while it is in
 registers. The loops release the GIL, so the stage's reader and writer threads run
 alongside.
 

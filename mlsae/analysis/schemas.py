@@ -25,9 +25,9 @@ LATENTS_SCHEMA: dict[str, pl.DataType] = {
     "n_layers_5pct": pl.Int32(),
     "layer_dist": pl.List(pl.Float64()),
 }
-"""Then the per-latent decomposition columns of mlsae.analysis.decomposition.LATENT_COLUMNS (null for latents
-never active): var_within, var_between, var_total, within_share, their _mass versions,
-effective_layers, multi_layer_fraction."""
+"""Then the per-latent columns of mlsae.analysis.decomposition.LATENT_COLUMNS (null for latents never
+active): rate, n_documents, var_within, var_between, var_total, within_share and their _mass and
+_peak versions, effective_layers, multi_layer_fraction."""
 LATENT_LAYER_SCHEMA: dict[str, pl.DataType] = {
     "latent": pl.Int32(),
     "layer": pl.Int32(),

@@ -132,7 +132,7 @@ class LensFitParams(Section):
     """Where `lens: fit` trains and the lens KL is measured: auto (CUDA when present), cpu, cuda
     or cuda:N."""
     seed: NonNegative = 0
-    """Seed of the lens fit (its init and batch order)."""
+    """Seed of the lens fit's batch order (the translators start at zero, the identity)."""
 
 
 def _unique_layers(layers: str | list[int]) -> str | list[int]:
@@ -194,7 +194,8 @@ class TrainParams(Section):
     experiments section has the measurements); long runs want 1e-4 to 3e-4."""
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
     """Learning rate over the run: `constant`, or decayed to 0 at the run's last step, `linear` or
-    `cosine` (after the warm-up)."""
+    `cosine` (after the warm-up). Stream mode knows its step count only as an estimate (the
+    corpus's tokens per context vary), so there the decay ends near, not exactly at, the last step."""
     warmup_steps: NonNegative = 0
     """Steps over which the learning rate rises linearly from lr / warmup_steps to lr."""
     epochs: Positive = 1
@@ -236,7 +237,9 @@ class DumpParams(Section):
 
 class AnalysisParams(Section):
     seed: NonNegative = 0
-    """Seed of every bootstrap (evaluate's and aggregate's resampling of eval documents)."""
+    """Seed of every bootstrap (the baseline, evaluate and aggregate stages' resampling of eval
+    documents): only the `_bias_boot` diagnostics depend on it (values, SEs and intervals come from
+    the jackknife)."""
     min_count: NonNegative = 10
     """Latents active on fewer tokens are left out of the per-latent variance averages."""
     multi_layer_threshold: Annotated[float, Field(gt=0, le=0.5)] = 0.1

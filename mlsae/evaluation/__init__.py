@@ -1,1 +1,2 @@
-"""The evaluate stage: reconstruction metrics and the spliced downstream loss."""
+"""The baseline and evaluate stages: the model-only ablations, the SAE's reconstruction metrics, and
+the spliced downstream loss."""

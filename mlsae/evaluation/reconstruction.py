@@ -10,8 +10,9 @@ plus ``dead_fraction`` (latents never active on the split). This is the training
 (:func:`mlsae.sae.kernels.fvu_from_sums` for both) over the whole split instead of one batch.
 
 Downstream, on the spliced sample (mlsae/evaluation/sample.py), only the reconstruction is spliced
-(``recon``, mlsae/evaluation/downstream.py); the clean CE and the ablations come from the baseline
-stage's sums of the same sample (mlsae/evaluation/baseline.py), paired by document:
+(``recon``, mlsae/evaluation/downstream.py). The clean CE comes from the clean forward the splice
+runs anyway (the baseline stage's, on the same sample, is the same number); the mean ablation's
+ΔCE comes from the baseline stage's sums (mlsae/evaluation/baseline.py), paired by document:
 
     delta_ce_ℓ       = Σ ce[recon, ℓ] / Σ n − Σ ce_clean / Σ n       kl_ℓ = Σ kl[recon, ℓ] / Σ n
     loss_recovered_ℓ = 1 − delta_ce_ℓ / delta_ce_mean_ℓ    (the fraction of the mean-ablation loss recovered)

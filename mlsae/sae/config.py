@@ -16,9 +16,9 @@ from mlsae.core.params import LENS_MODES, SAEParams, is_int, is_number
 
 NORMALISATIONS = ("vector", "seed")
 WEIGHTS_SHA256 = "weights_sha256"
+"""Key of ``config.json`` holding the sha256 of ``sae.safetensors`` (not an SAEConfig field)."""
 _DEFAULTS = SAEParams()
 """The params' defaults (mlsae.core.params.SAEParams), the config's defaults too: one home."""
-"""Key of ``config.json`` holding the sha256 of ``sae.safetensors`` (not an SAEConfig field)."""
 
 
 @dataclass

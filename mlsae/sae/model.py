@@ -1,4 +1,4 @@
-"""The multi-layer TopK sparse autoencoder (MLSAE): config, model, loss and I/O.
+"""The multi-layer TopK sparse autoencoder (MLSAE): model, loss and I/O (its config: mlsae/sae/config.py).
 
 One SAE reads the residual vector of every selected layer of a token as a separate example
 (Lawson et al. 2024). Each vector is standardised over its own entries, encoded with
