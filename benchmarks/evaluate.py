@@ -35,8 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mlsae.core.allocator import keep_large_blocks
-from mlsae.data import contexts
-from mlsae.data import corpus
+from mlsae.data import contexts, corpus
 from mlsae.evaluation.downstream import Replacement, mean_ablation, splice_sums, zero_ablation
 from mlsae.evaluation.reconstruction import reconstruction
 from mlsae.evaluation.sample import SplicedSample
@@ -61,11 +60,13 @@ def main() -> None:
     print(f"allocator: {allocator}; MLSAE_MALLOC=default for glibc's")
 
     model = load_model(args.model, args.device)
-    ctx = contexts.build_contexts(corpus.iter_documents("embedded:python-docs"), model.tokenizer, args.context,
-                                args.contexts)
+    ctx = contexts.build_contexts(
+        corpus.iter_documents("embedded:python-docs"), model.tokenizer, args.context, args.contexts
+    )
     tokens, special = ctx.tokens, ctx.special
-    sample = SplicedSample(contexts=np.arange(args.contexts), tokens=tokens, special=special, excluded=special,
-                           document=ctx.document)
+    sample = SplicedSample(
+        contexts=np.arange(args.contexts), tokens=tokens, special=special, excluded=special, document=ctx.document
+    )
     ids = torch.from_numpy(tokens.astype(np.int64))
     layers = list(range(model.n_layers))
     torch.manual_seed(0)
@@ -108,17 +109,23 @@ def main() -> None:
                 times[name].append(elapsed)
     per_clean = {k: statistics.median(v) / n_tok for k, v in (("median", times["clean"]),)}
     splices = n_tok * len(layers) * len(variants)
-    print(f"{args.model}: {args.contexts} x {args.context} tokens, {len(layers)} layers, variants {variants}, "
-          f"device {args.device}, torch threads {torch.get_num_threads()}")
-    print(f"clean forward: {1e3 * per_clean['median']:.3f} ms/token (median), "
-          f"{1e3 * min(times['clean']) / n_tok:.3f} ms/token (fastest)")
+    print(
+        f"{args.model}: {args.contexts} x {args.context} tokens, {len(layers)} layers, variants {variants}, "
+        f"device {args.device}, torch threads {torch.get_num_threads()}"
+    )
+    print(
+        f"clean forward: {1e3 * per_clean['median']:.3f} ms/token (median), "
+        f"{1e3 * min(times['clean']) / n_tok:.3f} ms/token (fastest)"
+    )
     for name in arms:
         if name == "clean":
             continue
         med = statistics.median(times[name]) / splices / per_clean["median"]
         best = min(times[name]) / splices / (min(times["clean"]) / n_tok)
-        print(f"{name:>10}: {1e3 * statistics.median(times[name]) / splices:.3f} ms per spliced token-layer-variant; "
-              f"ratio to a clean forward token: {med:.2f} (median), {best:.2f} (fastest)")
+        print(
+            f"{name:>10}: {1e3 * statistics.median(times[name]) / splices:.3f} ms per spliced token-layer-variant; "
+            f"ratio to a clean forward token: {med:.2f} (median), {best:.2f} (fastest)"
+        )
 
 
 if __name__ == "__main__":

@@ -36,11 +36,11 @@ from unittest import mock
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mlsae.data import extract as extract_mod  # noqa: E402
-from mlsae.stores import activations as store  # noqa: E402
-from mlsae.core.paths import TOKENS  # noqa: E402
-from mlsae.models.registry import LoadedModel, _load_gguf, _load_hf, classify, embedded_gguf, load_model  # noqa: E402
-from mlsae.core.params import parse_params  # noqa: E402
+from mlsae.core.params import parse_params
+from mlsae.core.paths import TOKENS
+from mlsae.data import extract as extract_mod
+from mlsae.models.registry import LoadedModel, _load_gguf, _load_hf, classify, embedded_gguf, load_model
+from mlsae.stores import activations as store
 
 
 def plain_copy(name: str) -> torch.nn.Module:
@@ -87,16 +87,25 @@ def main() -> None:
     t0 = time.perf_counter()
     model = load_model(args.model, "cpu")
     hf = plain_copy(args.model)
-    print(f"model {args.model}: {model.n_layers} layers, d_model {model.d_model}; "
-          f"both copies loaded in {time.perf_counter() - t0:.1f} s; torch threads {torch.get_num_threads()}")
+    print(
+        f"model {args.model}: {model.n_layers} layers, d_model {model.d_model}; "
+        f"both copies loaded in {time.perf_counter() - t0:.1f} s; torch threads {torch.get_num_threads()}"
+    )
 
     tokens = args.contexts * args.context
-    p = parse_params({
-        "model": args.model,
-        "data": {"source": "embedded:python-docs", "seed": 0, "context": args.context,
-                 "train_tokens": tokens - args.context, "eval_tokens": args.context},
-        "extract": {"dtype": args.dtype, "batch_size": args.batch_size, "device": "cpu"},
-    })
+    p = parse_params(
+        {
+            "model": args.model,
+            "data": {
+                "source": "embedded:python-docs",
+                "seed": 0,
+                "context": args.context,
+                "train_tokens": tokens - args.context,
+                "eval_tokens": args.context,
+            },
+            "extract": {"dtype": args.dtype, "batch_size": args.batch_size, "device": "cpu"},
+        }
+    )
 
     tmp = Path(tempfile.mkdtemp(prefix="mlsae-bench-"))
     run_no = iter(range(1 << 30))
@@ -106,9 +115,11 @@ def main() -> None:
         with mock.patch.object(extract_mod, "load_model", lambda *a, **k: model):
             extract_mod.extract(p.model, p.data, p.extract, p.train.source, str(out), progress=False)
         root = store.open_root(str(out))
-        return torch.from_numpy(
-            __import__("numpy").concatenate([root[s][TOKENS][:] for s in ("train", "eval")])
-        ).long().reshape(-1, args.context)
+        return (
+            torch.from_numpy(__import__("numpy").concatenate([root[s][TOKENS][:] for s in ("train", "eval")]))
+            .long()
+            .reshape(-1, args.context)
+        )
 
     ids = run_extract()  # the exact tokens extract stores; also a first warm-up
     assert ids.shape == (args.contexts, args.context), ids.shape
@@ -142,17 +153,23 @@ def main() -> None:
         import shutil
 
         shutil.rmtree(tmp)
-    print(f"{tokens} tokens ({args.contexts} contexts x {args.context}, batch {args.batch_size}), "
-          f"median of {args.repeats} repeats after a warm-up, arms interleaved")
+    print(
+        f"{tokens} tokens ({args.contexts} contexts x {args.context}, batch {args.batch_size}), "
+        f"median of {args.repeats} repeats after a warm-up, arms interleaved"
+    )
     rate = {name: tokens / statistics.median(ts) for name, ts in times.items()}
     best = {name: tokens / min(ts) for name, ts in times.items()}
     for name, ts in times.items():
-        print(f"  {name:13s} {rate[name]:9.1f} tok/s median, {best[name]:9.1f} best"
-              f"   (times: {', '.join(f'{t:.2f}' for t in ts)} s)")
+        print(
+            f"  {name:13s} {rate[name]:9.1f} tok/s median, {best[name]:9.1f} best"
+            f"   (times: {', '.join(f'{t:.2f}' for t in ts)} s)"
+        )
     for name in arms:
         if name != "plain HF":
-            print(f"ratio {name} / plain HF: {rate[name] / rate['plain HF']:.2f} median, "
-                  f"{best[name] / best['plain HF']:.2f} best  (target >= 1.0)")
+            print(
+                f"ratio {name} / plain HF: {rate[name] / rate['plain HF']:.2f} median, "
+                f"{best[name] / best['plain HF']:.2f} best  (target >= 1.0)"
+            )
 
 
 if __name__ == "__main__":

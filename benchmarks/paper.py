@@ -29,18 +29,24 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mlsae.core.allocator import keep_large_blocks  # noqa: E402
-from mlsae.models.registry import LoadedModel  # noqa: E402
-from mlsae.sae.model import MLSAE, SAEConfig  # noqa: E402
-from mlsae.sae.trainer import make_optimizer, train_step  # noqa: E402
+from mlsae.core.allocator import keep_large_blocks
+from mlsae.models.registry import LoadedModel
+from mlsae.sae.model import MLSAE, SAEConfig
+from mlsae.sae.trainer import make_optimizer, train_step
 
 TOKENS = 1_000_000_000
 CONTEXT = 2048
 N_LAYERS, D_MODEL, EXPANSION, K = 6, 512, 64, 32
 
 
-PYTHIA_70M = dict(vocab_size=50304, hidden_size=D_MODEL, num_hidden_layers=N_LAYERS, num_attention_heads=8,
-                  intermediate_size=2048, max_position_embeddings=CONTEXT)
+PYTHIA_70M = dict(
+    vocab_size=50304,
+    hidden_size=D_MODEL,
+    num_hidden_layers=N_LAYERS,
+    num_attention_heads=8,
+    intermediate_size=2048,
+    max_position_embeddings=CONTEXT,
+)
 """Pythia-70m(-deduped)'s GPT-NeoX config fields (with rotary_pct 0.25, parallel residual, untied unembedding)."""
 
 
@@ -54,8 +60,17 @@ def pythia_70m_shape(device: torch.device, **shape: int) -> LoadedModel:
     torch.manual_seed(0)
     model = GPTNeoXForCausalLM(config).eval().requires_grad_(False).to(device)
     name = "pythia-70m-shape" if not shape else "gpt-neox-small"
-    return LoadedModel(name, "random", model, None, fields["num_hidden_layers"], fields["hidden_size"],
-                       fields["max_position_embeddings"], fields["vocab_size"], device)
+    return LoadedModel(
+        name,
+        "random",
+        model,
+        None,
+        fields["num_hidden_layers"],
+        fields["hidden_size"],
+        fields["max_position_embeddings"],
+        fields["vocab_size"],
+        device,
+    )
 
 
 def timed(fn, repeats: int) -> float:
@@ -87,19 +102,32 @@ def main() -> None:
     ids = torch.randint(0, 50304, (args.contexts, CONTEXT))
     t_model = timed(lambda: model.residuals(ids), args.repeats)
     model_tps = ids.numel() / t_model
-    del model
+    model = None  # free its memory before the SAE's
 
     sae_tps = {}
     for case, dead_tokens in (("no dead latents", 10**12), ("every latent dead (AuxK on all)", 1)):
-        cfg = SAEConfig(d_model=D_MODEL, n_latents=EXPANSION * D_MODEL, k=K, layers=list(range(N_LAYERS)), auxk=256,
-                        auxk_coef=1 / 32, dead_tokens=dead_tokens, normalisation="seed", lens="none",
-                        model="pythia-70m-deduped", params_hash="")
+        cfg = SAEConfig(
+            d_model=D_MODEL,
+            n_latents=EXPANSION * D_MODEL,
+            k=K,
+            layers=list(range(N_LAYERS)),
+            auxk=256,
+            auxk_coef=1 / 32,
+            dead_tokens=dead_tokens,
+            normalisation="seed",
+            lens="none",
+            model="pythia-70m-deduped",
+            params_hash="",
+        )
         torch.manual_seed(0)
         sae = MLSAE(cfg).to(device)
         opt = make_optimizer(sae, 1e-4)
         x = torch.randn(args.sae_tokens, N_LAYERS, D_MODEL, device=device)
-        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                    else torch.autocast("cpu", enabled=False))
+        autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16)
+            if device.type == "cuda"
+            else torch.autocast("cpu", enabled=False)
+        )
 
         def step() -> None:
             with autocast:
@@ -107,16 +135,19 @@ def main() -> None:
 
         step()  # after one step the dead counters say which latents are dead
         sae_tps[case] = args.sae_tokens / timed(step, args.repeats)
-        del sae, opt
 
     print(f"device {device}: model forward {model_tps:,.0f} tokens/s ({CONTEXT}-token contexts)")
     for case, tps in sae_tps.items():
         total = TOKENS * (1 / model_tps + 1 / tps)
-        print(f"SAE step, {case}: {tps * N_LAYERS:,.0f} vectors/s = {tps:,.0f} tokens/s "
-              f"(the paper's 131,072-token step: {131072 / tps:,.1f} s)")
-        print(f"  stream mode, 1B tokens, one process: {total / 3600:,.1f} h ({total / 86400:,.2f} days) = "
-              f"model {TOKENS / model_tps / 3600:,.1f} h + SAE {TOKENS / tps / 3600:,.1f} h; "
-              f"{args.ranks} data-parallel ranks like this one: {total / args.ranks / 3600:,.1f} h")
+        print(
+            f"SAE step, {case}: {tps * N_LAYERS:,.0f} vectors/s = {tps:,.0f} tokens/s "
+            f"(the paper's 131,072-token step: {131072 / tps:,.1f} s)"
+        )
+        print(
+            f"  stream mode, 1B tokens, one process: {total / 3600:,.1f} h ({total / 86400:,.2f} days) = "
+            f"model {TOKENS / model_tps / 3600:,.1f} h + SAE {TOKENS / tps / 3600:,.1f} h; "
+            f"{args.ranks} data-parallel ranks like this one: {total / args.ranks / 3600:,.1f} h"
+        )
 
 
 if __name__ == "__main__":

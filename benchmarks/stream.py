@@ -41,18 +41,24 @@ def raw_params(arm: str, tokens: int, device: str) -> dict:
         # dead after one step without firing: AuxK (its product over the dead rows, its top-k) acts from
         # the first steps at both scales, so that peak memory compares like with like
         "sae": {"expansion": 16, "k": 32, "dead_tokens": 256},
-        "train": {"source": arm, "batch_tokens": 256, "shuffle_buffer_tokens": 1024, "checkpoint_every": 10**6,
-                  "geometric_median_sample": 1024, "device": device},
+        "train": {
+            "source": arm,
+            "batch_tokens": 256,
+            "shuffle_buffer_tokens": 1024,
+            "checkpoint_every": 10**6,
+            "geometric_median_sample": 1024,
+            "device": device,
+        },
     }
 
 
 def child(stage: str, arm: str, tokens: int, device: str, work: Path) -> None:
     """One stage of one arm in this process (a pipeline runs each stage in its own); prints one JSON line."""
+    from mlsae.core.params import parse_params
     from mlsae.data.extract import extract
     from mlsae.lens.tuned import Lens
-    from mlsae.core.params import parse_params
-    from mlsae.stores.activations import ActivationStore
     from mlsae.sae.trainer import StreamSource, train
+    from mlsae.stores.activations import ActivationStore
 
     p = parse_params(raw_params(arm, tokens, device))
     t0 = time.perf_counter()
@@ -62,8 +68,17 @@ def child(stage: str, arm: str, tokens: int, device: str, work: Path) -> None:
     else:
         reader = ActivationStore(str(work / "activations.zarr"))
         stream = StreamSource(p.model, p.data, p.extract) if p.train.source == "stream" else None
-        metrics, _ = train(p.sae, p.train, p.lens, reader, Lens.identity(reader.n_layers, reader.d_model),
-                           work / "sae", work / "ckpt", stream=stream, progress=False)
+        metrics, _ = train(
+            p.sae,
+            p.train,
+            p.lens,
+            reader,
+            Lens.identity(reader.n_layers, reader.d_model),
+            work / "sae",
+            work / "ckpt",
+            stream=stream,
+            progress=False,
+        )
         out = {"vectors": metrics["steps"] * p.train.batch_tokens * reader.n_layers, "fvu": metrics["fvu"]}
     out.update(wall=time.perf_counter() - t0, rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     print(json.dumps(out))
@@ -74,15 +89,39 @@ def run_arm(arm: str, tokens: int, device: str) -> dict:
     result = {}
     with tempfile.TemporaryDirectory() as tmp:
         for stage in ("extract", "train"):
-            out = subprocess.run([sys.executable, __file__, "--child", stage, "--arm", arm, "--tokens", str(tokens),
-                                  "--device", device, "--work", tmp], capture_output=True, text=True, check=False)
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    stage,
+                    "--arm",
+                    arm,
+                    "--tokens",
+                    str(tokens),
+                    "--device",
+                    device,
+                    "--work",
+                    tmp,
+                ],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
             if out.returncode != 0:
                 raise SystemExit(f"{arm} arm, {stage} failed:\n{out.stderr[-3000:]}")
             result[stage] = json.loads(out.stdout.strip().splitlines()[-1])
         disk = sum(f.stat().st_size for f in Path(tmp).rglob("*") if f.is_file())
     e, t = result["extract"], result["train"]
-    return {"wall": e["wall"] + t["wall"], "extract": e["wall"], "vectors": t["vectors"], "fvu": t["fvu"],
-            "rss": t["rss"], "rss_extract": e["rss"], "disk": disk}
+    return {
+        "wall": e["wall"] + t["wall"],
+        "extract": e["wall"],
+        "vectors": t["vectors"],
+        "fvu": t["fvu"],
+        "rss": t["rss"],
+        "rss_extract": e["rss"],
+        "disk": disk,
+    }
 
 
 def main() -> None:
@@ -100,14 +139,18 @@ def main() -> None:
     for scale in (1, 4):
         for arm in ("store", "stream"):
             r = results[arm, scale] = run_arm(arm, scale * args.tokens, args.device)
-            print(f"{arm:6s} {scale}x ({scale * args.tokens:,} train tokens): {r['wall']:6.1f} s "
-                  f"({r['extract']:.1f} s extract), {r['vectors'] / r['wall']:,.0f} vectors/s, "
-                  f"peak RSS train {r['rss'] / 2**30:.2f} GiB (extract {r['rss_extract'] / 2**30:.2f}), disk {r['disk'] / 2**20:.1f} MiB, train FVU {r['fvu']:.3f}",
-                  flush=True)
+            print(
+                f"{arm:6s} {scale}x ({scale * args.tokens:,} train tokens): {r['wall']:6.1f} s "
+                f"({r['extract']:.1f} s extract), {r['vectors'] / r['wall']:,.0f} vectors/s, "
+                f"peak RSS train {r['rss'] / 2**30:.2f} GiB (extract {r['rss_extract'] / 2**30:.2f}), disk {r['disk'] / 2**20:.1f} MiB, train FVU {r['fvu']:.3f}",
+                flush=True,
+            )
     for scale in (1, 4):
         s, t = results["store", scale], results["stream", scale]
-        print(f"{scale}x: stream / (extract + store-mode train) throughput: "
-              f"{(t['vectors'] / t['wall']) / (s['vectors'] / s['wall']):.2f}x")
+        print(
+            f"{scale}x: stream / (extract + store-mode train) throughput: "
+            f"{(t['vectors'] / t['wall']) / (s['vectors'] / s['wall']):.2f}x"
+        )
     for arm in ("store", "stream"):
         a, b = results[arm, 1], results[arm, 4]
         print(f"{arm}: 4x/1x peak RSS of train {b['rss'] / a['rss']:.2f}, 4x/1x disk {b['disk'] / a['disk']:.2f}")

@@ -53,9 +53,9 @@ import torch
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mlsae.core.allocator import keep_large_blocks  # noqa: E402
-from mlsae.sae.model import MLSAE, SAEConfig  # noqa: E402
-from mlsae.sae.trainer import make_optimizer, train_step  # noqa: E402
+from mlsae.core.allocator import keep_large_blocks
+from mlsae.sae.model import MLSAE, SAEConfig
+from mlsae.sae.trainer import make_optimizer, train_step
 
 
 class DenseTopKSAE(nn.Module):
@@ -152,8 +152,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: leave the default)")
     ap.add_argument("--dead", type=float, default=0.05, help="share of latents dead in the AuxK arm")
     ap.add_argument("--auxk", type=int, default=256, help="sae.auxk of every sparse arm")
-    ap.add_argument("--min-ratio", type=float, default=3.7,
-                    help="exit 1 below this sparse/dense speed ratio (median step)")
+    ap.add_argument(
+        "--min-ratio", type=float, default=3.7, help="exit 1 below this sparse/dense speed ratio (median step)"
+    )
     args = ap.parse_args()
     allocator = "the stages' (mlsae/core/allocator.py)" if keep_large_blocks() else "glibc's defaults"
     print(f"allocator: {allocator}; MLSAE_MALLOC=default for glibc's")
@@ -177,8 +178,15 @@ def main() -> None:
     # dead_tokens beyond any run: no latent dies by itself; the dead arm's are set dead by hand
     dead_tokens = 10**12
     torch.manual_seed(args.seed)
-    cfg = SAEConfig(d_model=d, n_latents=n, k=args.k, layers=list(range(args.layers)), auxk=args.auxk,
-                    dead_tokens=dead_tokens, normalisation="vector")
+    cfg = SAEConfig(
+        d_model=d,
+        n_latents=n,
+        k=args.k,
+        layers=list(range(args.layers)),
+        auxk=args.auxk,
+        dead_tokens=dead_tokens,
+        normalisation="vector",
+    )
     sae = MLSAE(cfg).to(device)
     sae.init_b_pre(sae.normalise(torch.cat(train[:2]).float())[0])
     sae_dead = copy.deepcopy(sae)
@@ -260,26 +268,36 @@ def main() -> None:
         ("GFLOP/s achieved (median)", {k: v / 1e9 for k, v in achieved.items()}, ".1f"),
         ("fraction of matmul FLOP/s", {k: v / peak_flops for k, v in achieved.items()}, ".2f"),
     ]
-    columns = {"sparse": "sparse (mlsae)", "sparse_dead": f"sparse {100 * n_dead / n:.0f}% dead", "dense": "dense autograd"}
+    columns = {
+        "sparse": "sparse (mlsae)",
+        "sparse_dead": f"sparse {100 * n_dead / n:.0f}% dead",
+        "dense": "dense autograd",
+    }
     print(f"{'':26}" + "".join(f"{title:>18}" for title in columns.values()))
     for label, value, fmt in rows:
         print(f"{label:26}" + "".join(f"{value[name]:18{fmt}}" for name in columns))
     ratio, ratio_all = median["sparse"] / median["dense"], overall["sparse"] / overall["dense"]
     print(f"measured matmul ({vectors} x {d}) @ ({d} x {n}): {peak_flops / 1e9:.1f} GFLOP/s")
-    print(f"speed ratio sparse/dense: {ratio:.2f}x median step, {ratio_all:.2f}x all steps (guard >= "
-          f"{args.min_ratio}x); FLOP floor of the ratio: {step_flops['dense'] / step_flops['sparse']:.2f}x")
+    print(
+        f"speed ratio sparse/dense: {ratio:.2f}x median step, {ratio_all:.2f}x all steps (guard >= "
+        f"{args.min_ratio}x); FLOP floor of the ratio: {step_flops['dense'] / step_flops['sparse']:.2f}x"
+    )
     dead_ratio = step_time["sparse_dead"] / step_time["sparse"]
     floor = step_flops["sparse_dead"] / step_flops["sparse"]
-    print(f"AuxK ({n_dead} dead latents, {n_aux} used): step time {1e3 * step_time['sparse_dead']:.1f} ms vs "
-          f"{1e3 * step_time['sparse']:.1f} ms without dead latents, ratio {dead_ratio:.2f}x; its FLOP floor "
-          f"{floor:.3f}x (the measured ratio is {dead_ratio / floor:.2f}x the floor); fraction of matmul FLOP/s "
-          f"{achieved['sparse_dead'] / peak_flops:.2f} dead vs {achieved['sparse'] / peak_flops:.2f} no-dead")
+    print(
+        f"AuxK ({n_dead} dead latents, {n_aux} used): step time {1e3 * step_time['sparse_dead']:.1f} ms vs "
+        f"{1e3 * step_time['sparse']:.1f} ms without dead latents, ratio {dead_ratio:.2f}x; its FLOP floor "
+        f"{floor:.3f}x (the measured ratio is {dead_ratio / floor:.2f}x the floor); fraction of matmul FLOP/s "
+        f"{achieved['sparse_dead'] / peak_flops:.2f} dead vs {achieved['sparse'] / peak_flops:.2f} no-dead"
+    )
     rel = abs(sparse_eval - dense_eval) / dense_eval
     print(f"held-out FVU relative difference: {100 * rel:.2f}% (target within 2%)")
     if device.type == "cuda":
         print(f"peak CUDA memory: {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
-    print(f"(peak RSS is the process's high-water mark after each arm's warm-up, in the order of the"
-          f" columns; current RSS {psutil.Process().memory_info().rss / 2**20:.0f} MiB)")
+    print(
+        f"(peak RSS is the process's high-water mark after each arm's warm-up, in the order of the"
+        f" columns; current RSS {psutil.Process().memory_info().rss / 2**20:.0f} MiB)"
+    )
     if not math.isfinite(rel) or not math.isfinite(dead_eval):
         sys.exit(1)
     if ratio < args.min_ratio:

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from conftest import run_extract
-from mlsae.sae.dump import dump
-from mlsae.lens.tuned import Lens
 from mlsae.core.params import AnalysisParams, parse_params
+from mlsae.lens.tuned import Lens
+from mlsae.sae.dump import dump
 from mlsae.sae.model import MLSAE, SAEConfig
 from mlsae.stores.activations import ActivationStore
 
@@ -35,17 +35,32 @@ def build_run(root: Path, n_docs: int = 60, skip_first: bool | str = "auto") -> 
     paras = [p.strip() for key in sorted(topics) for p in topics[key].split("\n\n") if 80 < len(p.strip()) < 300]
     docs = [f"{NASTY} {p}" for p in paras[:n_docs]]
     (root / "corpus.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
-    raw = {"model": MODEL,
-           "data": {"source": str(root / "corpus.jsonl"), "seed": 0, "context": 32, "train_tokens": 256,
-                    "eval_tokens": 512, "skip_first": skip_first},
-           "extract": {"dtype": "float32", "batch_size": 16, "device": "cpu"}}
-    acts, latents, sae_dir, analysis = (root / "activations.zarr", root / "latents.zarr", root / "sae",
-                                        root / "analysis")
+    raw = {
+        "model": MODEL,
+        "data": {
+            "source": str(root / "corpus.jsonl"),
+            "seed": 0,
+            "context": 32,
+            "train_tokens": 256,
+            "eval_tokens": 512,
+            "skip_first": skip_first,
+        },
+        "extract": {"dtype": "float32", "batch_size": 16, "device": "cpu"},
+    }
+    acts, latents, sae_dir, analysis = (
+        root / "activations.zarr",
+        root / "latents.zarr",
+        root / "sae",
+        root / "analysis",
+    )
     run_extract(parse_params(raw), acts)
     reader = ActivationStore(str(acts))
     torch.manual_seed(0)
-    sae = MLSAE(SAEConfig(d_model=reader.d_model, n_latents=4 * reader.d_model, k=8,
-                          layers=list(range(reader.n_layers)), model=MODEL))
+    sae = MLSAE(
+        SAEConfig(
+            d_model=reader.d_model, n_latents=4 * reader.d_model, k=8, layers=list(range(reader.n_layers)), model=MODEL
+        )
+    )
     sae.save(sae_dir)
     dump(sae, Lens.identity(reader.n_layers, reader.d_model), reader, str(latents), progress=False)
     aggregate(latents, analysis, root / "analysis.json", AnalysisParams(min_count=1, top_tokens=3, min_documents=1))

@@ -7,16 +7,17 @@ import functools
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
 from mlsae.core.errors import MlsaeError
-from mlsae.data.extract import extract
 from mlsae.core.params import Params, parse_params
+from mlsae.data.extract import extract
 from mlsae.stores.activations import ActivationStore
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,8 +99,9 @@ def document_runs(tokenizer: Any, docs: list[str], document_tokens: int = 0) -> 
     return runs
 
 
-def route_documents(lengths: list[int], n_train: int, n_eval: int, context: int,
-                    seed: int) -> tuple[list[int], list[int], int]:
+def route_documents(
+    lengths: list[int], n_train: int, n_eval: int, context: int, seed: int
+) -> tuple[list[int], list[int], int]:
     """(train documents, eval documents, eval_until) by the documented rule: document i goes to
     eval while the eval split is not full and u_i < n_eval / (n_train + n_eval), u the draws of
     default_rng([seed, 1]); a document routed to a full split is dropped; eval_until is one past the
@@ -124,7 +126,9 @@ def route_documents(lengths: list[int], n_train: int, n_eval: int, context: int,
     return docs["train"], docs["eval"], eval_until
 
 
-def split_arrays(runs: list[np.ndarray], ids: list[int], n_contexts: int, context: int) -> tuple[np.ndarray, np.ndarray]:
+def split_arrays(
+    runs: list[np.ndarray], ids: list[int], n_contexts: int, context: int
+) -> tuple[np.ndarray, np.ndarray]:
     """(tokens, document) of one split: the runs of `ids` joined, cut into `n_contexts` rows."""
     tokens = np.concatenate([runs[i] for i in ids])[: n_contexts * context]
     document = np.concatenate([np.full(len(runs[i]), i) for i in ids])[: n_contexts * context]
@@ -160,8 +164,11 @@ def stage_command(stage: str, prelude: str = "") -> list[str]:
     script = str(ROOT / "stages" / f"{stage}.py")
     if not prelude:
         return [sys.executable, script]
-    return [sys.executable, "-c", f"{prelude}\nimport runpy, sys\nsys.argv = [{script!r}]\n"
-                                  f"runpy.run_path({script!r}, run_name='__main__')"]
+    return [
+        sys.executable,
+        "-c",
+        f"{prelude}\nimport runpy, sys\nsys.argv = [{script!r}]\nrunpy.run_path({script!r}, run_name='__main__')",
+    ]
 
 
 def stage_env(**extra: str) -> dict[str, str]:
@@ -173,11 +180,19 @@ def stage_env(**extra: str) -> dict[str, str]:
 
 
 def store_raw(root: Path) -> dict:
-    return {"model": "tiny-llama",
-            "data": {"source": str(root / "corpus.jsonl"), "seed": 0, "context": 32, "train_tokens": 2048,
-                     "eval_tokens": 512},
-            "extract": {"dtype": "float32", "batch_size": 16, "device": "cpu"},
-            "train": {"seed": 0}, "analysis": {"seed": 0}}
+    return {
+        "model": "tiny-llama",
+        "data": {
+            "source": str(root / "corpus.jsonl"),
+            "seed": 0,
+            "context": 32,
+            "train_tokens": 2048,
+            "eval_tokens": 512,
+        },
+        "extract": {"dtype": "float32", "batch_size": 16, "device": "cpu"},
+        "train": {"seed": 0},
+        "analysis": {"seed": 0},
+    }
 
 
 def shared_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:

@@ -31,8 +31,9 @@ with stage("probe"):
 
 
 def page_faults(**env: str) -> int:
-    out = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, env={**os.environ, **env}, check=True,
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE], cwd=ROOT, env={**os.environ, **env}, check=True, capture_output=True, text=True
+    )
     return int(out.stdout.strip().splitlines()[-1])
 
 

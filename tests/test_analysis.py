@@ -21,7 +21,6 @@ from test_layer_stats import _batches, _seed_metric, brute_headline, brute_laten
 from mlsae.analysis.aggregate import aggregate
 from mlsae.core.errors import MlsaeError
 from mlsae.core.params import AnalysisParams
-from mlsae.stores.activations import seal
 from mlsae.core.paths import (
     DOCUMENT,
     INDICES,
@@ -33,6 +32,7 @@ from mlsae.core.paths import (
     TOP_TOKENS,
     VALUES,
 )
+from mlsae.stores.activations import seal
 
 # --------------------------------------------------------------------------------------------
 # Helpers

@@ -13,20 +13,21 @@ import polars as pl
 import pytest
 import torch
 import zarr
-from browse_run import NASTY, tiny_run, tiny_run_skip_first  # noqa: F401  (session fixtures)
 from torch import nn
 
+from browse_run import NASTY, tiny_run, tiny_run_skip_first  # noqa: F401  (session fixtures)
 from mlsae.browse import page
 from mlsae.browse.data import collect, decoder_logit_lens, latent_columns, nearest_latents
 from mlsae.browse.vega import plots_template
-from mlsae.core.paths import LATENT_STATS, PLOTS_TEMPLATE
 from mlsae.core.errors import MlsaeError
 from mlsae.core.params import BrowseParams, parse_params
+from mlsae.core.paths import LATENT_STATS, PLOTS_TEMPLATE
 from mlsae.sae.model import MLSAE
 
 ROOT = Path(__file__).resolve().parents[1]
-P = BrowseParams(latents=40, contexts=3, before=5, after=2, bins=7, logit_tokens=4, neighbours=3, prompts=2,
-                 prompt_latents=4)
+P = BrowseParams(
+    latents=40, contexts=3, before=5, after=2, bins=7, logit_tokens=4, neighbours=3, prompts=2, prompt_latents=4
+)
 
 
 class _Tok:
@@ -47,8 +48,7 @@ def run(request: pytest.FixtureRequest) -> dict:
     with torch.no_grad():
         norm.weight.uniform_(0.5, 1.5)
     w_u = torch.randn(50, sae.cfg.d_model)
-    payload = collect(built["latents"], built["analysis"], sae, norm, w_u, lambda t: f"T{t}", 50, P,
-                      model="tiny")
+    payload = collect(built["latents"], built["analysis"], sae, norm, w_u, lambda t: f"T{t}", 50, P, model="tiny")
     root = zarr.open_group(str(built["latents"]), mode="r")
     dense = {k: np.asarray(root[k][:]) for k in ("indices", "values", "tokens", "context", "special", "position")}
     # the analysed tokens: not special, and not position 0 of a context when the run skips it
@@ -81,12 +81,19 @@ def test_selection_and_columns(run: dict) -> None:
 
 
 def test_latent_columns_prefers_the_analysis_columns() -> None:
-    base = {"latent": [0, 1], "count": [3, 0], "mean_layer": [1.0, None], "std_layer": [0.5, None],
-            "var_layer": [0.25, 0.0], "var_token_mean": [0.1, None], "entropy": [0.5, None],
-            "layer_dist": [[0.5, 0.5], None]}
+    base = {
+        "latent": [0, 1],
+        "count": [3, 0],
+        "mean_layer": [1.0, None],
+        "std_layer": [0.5, None],
+        "var_layer": [0.25, 0.0],
+        "var_token_mean": [0.1, None],
+        "entropy": [0.5, None],
+        "layer_dist": [[0.5, 0.5], None],
+    }
     old, notes = latent_columns(pl.DataFrame(base), n_layers=2)
     assert old["within_share"].to_list() == [pytest.approx(0.4), None]
-    assert old["effective_layers"][0] == pytest.approx(2 ** 0.5)
+    assert old["effective_layers"][0] == pytest.approx(2**0.5)
     assert "stand-in" in notes["within_share"] and "stand-in" in notes["effective_layers"]
     new, notes = latent_columns(pl.DataFrame({**base, "within_share": [0.9, None], "effective_layers": [1.5, None]}), 2)
     assert new["within_share"][0] == 0.9 and new["effective_layers"][0] == 1.5

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
-from browse_run import MODEL, NASTY, tiny_run  # noqa: F401  (session fixture)
 
+from browse_run import MODEL, NASTY, tiny_run  # noqa: F401  (session fixture)
 from mlsae.browse import build_browser
 from mlsae.browse.chromium import executable, launch
 from mlsae.core.params import BrowseParams
@@ -49,8 +50,14 @@ class Watched:
 @pytest.fixture(scope="module")
 def site(tiny_run: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: F811
     out = tmp_path_factory.mktemp("browser") / "browser"
-    build_browser(MODEL, tiny_run["latents"], tiny_run["analysis"], tiny_run["sae"], out,
-                  BrowseParams(latents=30, contexts=3, prompts=2))
+    build_browser(
+        MODEL,
+        tiny_run["latents"],
+        tiny_run["analysis"],
+        tiny_run["sae"],
+        out,
+        BrowseParams(latents=30, contexts=3, prompts=2),
+    )
     return out / "index.html"
 
 

@@ -24,9 +24,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def params(corpus: Path, **sections) -> dict:
-    raw = {"model": "tiny-llama", "data": {"source": str(corpus), "context": 64, "train_tokens": 1024,
-                                          "eval_tokens": 256}, "evaluate": {"tokens": 128},
-           "sae": {"dead_tokens": 256}}
+    raw = {
+        "model": "tiny-llama",
+        "data": {"source": str(corpus), "context": 64, "train_tokens": 1024, "eval_tokens": 256},
+        "evaluate": {"tokens": 128},
+        "sae": {"dead_tokens": 256},
+    }
     for key, value in sections.items():
         raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
     return raw
@@ -56,8 +59,9 @@ def test_evaluate_tokens_above_the_eval_split_names_both_numbers(text_corpus):
 def test_dead_window_at_or_beyond_the_run_is_refused_up_front(text_corpus):
     line = rejected(params(text_corpus, data={"train_tokens": 1000}, train={"epochs": 2}, sae={"dead_tokens": 2000}))
     assert line.startswith("sae.dead_tokens: 2000") and "2000 tokens" in line and "train.epochs 2" in line
-    chk.validate(parse_params(params(text_corpus, data={"train_tokens": 1000}, train={"epochs": 2},
-                                     sae={"dead_tokens": 1999})))
+    chk.validate(
+        parse_params(params(text_corpus, data={"train_tokens": 1000}, train={"epochs": 2}, sae={"dead_tokens": 1999}))
+    )
     chk.validate(parse_params(params(text_corpus, data={"train_tokens": 1000}, sae={"dead_tokens": 5000, "auxk": 0})))
 
 
@@ -68,8 +72,11 @@ def test_auto_values_resolve_as_documented(text_corpus):
     from mlsae.sae.config import resolve_dead_tokens
 
     for train_tokens, epochs in ((1000, 1), (1000, 2), (65536, 1), (9, 1)):
-        p = parse_params(params(text_corpus, data={"train_tokens": train_tokens}, train={"epochs": epochs},
-                                sae={"dead_tokens": "auto"}))
+        p = parse_params(
+            params(
+                text_corpus, data={"train_tokens": train_tokens}, train={"epochs": epochs}, sae={"dead_tokens": "auto"}
+            )
+        )
         assert resolve_dead_tokens(p.sae.dead_tokens, train_tokens * epochs) == max(1, train_tokens * epochs // 8)
         chk.check_auxk_window(p)
     for eval_tokens, expected in ((200, 256), (1024, 1024), (5000, 2048)):  # the split: whole contexts of 64
@@ -96,8 +103,10 @@ def test_a_small_run_needs_no_other_flag(text_corpus):
 def test_model_dimension_checks_for_the_tiny_model(text_corpus):
     # tiny-llama: 4 blocks, d_model 64 (mlsae.models.tiny.SIZES)
     line = rejected(params(text_corpus, sae={"expansion": 1, "k": 65}))
-    assert line == ("sae.k: 65 is more than the SAE's n_latents = sae.expansion x d_model = 1 x 64 = 64; lower sae.k "
-                    "or raise sae.expansion")
+    assert line == (
+        "sae.k: 65 is more than the SAE's n_latents = sae.expansion x d_model = 1 x 64 = 64; lower sae.k "
+        "or raise sae.expansion"
+    )
     chk.validate(parse_params(params(text_corpus, sae={"expansion": 1, "k": 64})))
     assert rejected(params(text_corpus, sae={"layers": [4]})).startswith("sae.layers: index 4 out of range")
     assert "maximum context" in rejected(params(text_corpus, data={"context": 257}, evaluate={"tokens": 64}))
@@ -137,8 +146,9 @@ def test_gguf_dims_reads_only_the_header(tmp_path):
 
 
 def test_local_hf_dir_dims(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"num_hidden_layers": 3, "hidden_size": 32,
-                                                      "max_position_embeddings": 128}))
+    (tmp_path / "config.json").write_text(
+        json.dumps({"num_hidden_layers": 3, "hidden_size": 32, "max_position_embeddings": 128})
+    )
     assert chk.model_dims(str(tmp_path)) == chk.ModelDims(3, 32, 128)
 
 
@@ -238,21 +248,29 @@ class _Reader:
 
 def test_evaluate_with_every_position_masked_gives_one_line():
     """Every position special (one-token documents): no next-token target, one clear line."""
+    import torch
+
     from mlsae.evaluation.downstream import mean_ablation, splice_sums
+    from mlsae.evaluation.reconstruction import reconstruction
     from mlsae.evaluation.sample import SplicedSample
     from mlsae.lens.tuned import Lens
-    from mlsae.evaluation.reconstruction import reconstruction
     from mlsae.models.registry import load_model
     from mlsae.sae.model import MLSAE, SAEConfig
-
-    import torch
 
     model = load_model("tiny-llama", "cpu")
     sae = MLSAE(SAEConfig(d_model=64, n_latents=128, k=2, layers=[0]))
     masked = np.ones((2, 4), dtype=bool)
-    sample = SplicedSample(contexts=np.arange(2), tokens=np.ones((2, 4), dtype=np.int32), special=masked,
-                           excluded=masked, document=np.zeros((2, 4), dtype=np.int64))
-    for replacements in ({"recon": reconstruction(sae, Lens.identity(4, 64))}, {"mean": mean_ablation(torch.zeros(1, 64))}):
+    sample = SplicedSample(
+        contexts=np.arange(2),
+        tokens=np.ones((2, 4), dtype=np.int32),
+        special=masked,
+        excluded=masked,
+        document=np.zeros((2, 4), dtype=np.int64),
+    )
+    for replacements in (
+        {"recon": reconstruction(sae, Lens.identity(4, 64))},
+        {"mean": mean_ablation(torch.zeros(1, 64))},
+    ):
         with pytest.raises(MlsaeError, match=r"^no position has a next-token target") as e:
             splice_sums(model, sample, [0], replacements, 2, progress=False)
         assert "\n" not in str(e.value)
@@ -282,8 +300,12 @@ def test_unreachable_hub_fails_fast_with_the_offline_hint(tmp_path, endpoint):
 
 
 def run(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "DVC_NO_ANALYTICS": "1",
+        "HF_HUB_OFFLINE": "1",
+    }
     proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -325,8 +347,15 @@ def test_dvc_corpus_edit_reruns_extract_and_bad_params_delete_nothing(tmp_path, 
     doc.write_text(doc.read_text().upper())
     assert "extract" in ran(run(repo, "dvc", "repro", "extract").stdout)
     # 4. a rejected param deletes nothing: check fails before DVC removes train's outputs
-    before = {p: (repo / p).read_bytes() for p in ("reports/metrics/extract.json", "reports/metrics/train.json",
-                                                   "reports/plots/train.csv", "data/sae/sae.safetensors")}
+    before = {
+        p: (repo / p).read_bytes()
+        for p in (
+            "reports/metrics/extract.json",
+            "reports/metrics/train.json",
+            "reports/plots/train.csv",
+            "data/sae/sae.safetensors",
+        )
+    }
     for bad in ("sae.k=100000", "data.context=1", "evaluate.tokens=100000"):
         proc = run(repo, "dvc", "exp", "run", "-S", bad, check=False)
         assert proc.returncode != 0

@@ -19,6 +19,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from conftest import document_runs, route_documents, split_arrays
+from mlsae.core.errors import MlsaeError
 from mlsae.data import contexts
 from mlsae.data.contexts import Contexts, DocumentSplit, build_contexts, build_splits, plan, train_documents
 from mlsae.data.corpus import (
@@ -35,7 +36,6 @@ from mlsae.data.corpus import (
     resolve_shuffle,
     stdlib_source_files,
 )
-from mlsae.core.errors import MlsaeError
 
 EOT = "<|endoftext|>"
 TRAINING_TEXT = [
@@ -232,9 +232,7 @@ def test_txt_jsonl_parquet_and_glob(tmp_path: Path) -> None:
     table = pa.table({"text": ["pq one", None, "", "pq two"], "n": [1, 2, 3, 4]})
     pq.write_table(table, tmp_path / "d.parquet")
 
-    assert list(iter_documents(str(tmp_path / "b.txt"))) == [
-        "Second file,\nwhole file is one document.\n"
-    ]
+    assert list(iter_documents(str(tmp_path / "b.txt"))) == ["Second file,\nwhole file is one document.\n"]
     assert list(iter_documents(str(tmp_path / "c.jsonl"))) == ["json one", "json two"]
     assert list(iter_documents(str(tmp_path / "d.parquet"))) == ["pq one", "pq two"]
     assert list(iter_documents(str(tmp_path / "*.txt"))) == [
@@ -427,10 +425,16 @@ def bos_tokenizer() -> PreTrainedTokenizerFast:
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=[EOT, "<bos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=[EOT, "<bos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     backend.train_from_iterator(TRAINING_TEXT, trainer=trainer)
-    backend.post_processor = TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", backend.token_to_id("<bos>"))])
+    backend.post_processor = TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", backend.token_to_id("<bos>"))]
+    )
     return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOT, bos_token="<bos>")
 
 
@@ -502,14 +506,14 @@ def test_reads_only_as_much_as_needed(tokenizer: PreTrainedTokenizerFast) -> Non
     assert needed_docs <= pulled < 1.5 * needed_docs + 5
 
 
-def test_long_documents_in_pieces(
-    monkeypatch: pytest.MonkeyPatch, tokenizer: PreTrainedTokenizerFast
-) -> None:
+def test_long_documents_in_pieces(monkeypatch: pytest.MonkeyPatch, tokenizer: PreTrainedTokenizerFast) -> None:
     monkeypatch.setattr(contexts, "_MAX_PIECE_CHARS", 50)
     long_doc = "\n".join(f"line {i}: the quick brown fox" for i in range(40))
     other = "A second, short document."
-    total = 2 + len(tokenizer.encode(long_doc, add_special_tokens=False)) + len(
-        tokenizer.encode(other, add_special_tokens=False)
+    total = (
+        2
+        + len(tokenizer.encode(long_doc, add_special_tokens=False))
+        + len(tokenizer.encode(other, add_special_tokens=False))
     )
     result = build_contexts(iter([long_doc, other]), tokenizer, 1, total)
     runs = split_stream(result.tokens.ravel(), tokenizer.eos_token_id)

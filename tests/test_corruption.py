@@ -11,15 +11,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
-
-from mlsae.stores import latents
 import pytest
 import torch
 
 from mlsae.core import paths as C
-from mlsae.stores import activations as store
 from mlsae.core.errors import MlsaeError
 from mlsae.sae.model import MLSAE, SAEConfig
+from mlsae.stores import activations as store
+from mlsae.stores import latents
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,11 +84,15 @@ def test_damaged_latent_shard_raises_one_line_naming_store_and_fix(tmp_path, dam
 def test_damaged_activation_shard_is_reported(tmp_path, damage):
     path = tmp_path / "activations.zarr"
     n, L, d, ctx = 512, 2, 16, 32
-    split = store.SplitData(tokens=np.zeros((n // ctx, ctx), np.int32), special=np.zeros((n // ctx, ctx), bool),
-                            context_index=np.arange(n // ctx, dtype=np.int32),
-                            document=np.repeat(np.arange(n // ctx, dtype=np.int64), ctx).reshape(n // ctx, ctx))
-    root = store.create(str(path), {"n_layers": L, "d_model": d, "context": ctx, "dtype": "float16"},
-                        {"train": split, "eval": split})
+    split = store.SplitData(
+        tokens=np.zeros((n // ctx, ctx), np.int32),
+        special=np.zeros((n // ctx, ctx), bool),
+        context_index=np.arange(n // ctx, dtype=np.int32),
+        document=np.repeat(np.arange(n // ctx, dtype=np.int64), ctx).reshape(n // ctx, ctx),
+    )
+    root = store.create(
+        str(path), {"n_layers": L, "d_model": d, "context": ctx, "dtype": "float16"}, {"train": split, "eval": split}
+    )
     x = np.random.default_rng(0).standard_normal((n, L, d)).astype(np.float16)
     for name in ("train", "eval"):
         root[name][C.RESID][:] = x
@@ -113,12 +116,20 @@ def test_aggregate_stage_on_a_garbled_store_prints_one_line(tmp_path):
     latent_store(tmp_path / C.LATENTS)
     garble(shard_files(tmp_path / C.LATENTS / C.VALUES)[0])
     (tmp_path / "params.yaml").write_text("model: tiny-llama\n")
-    proc = subprocess.run([sys.executable, str(ROOT / "stages" / "aggregate.py")], cwd=tmp_path,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "stages" / "aggregate.py")],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     # a progress bar cut short leaves no newline: the error line follows the bar's text
     errors = re.findall(r"error: [^\r\n]*", proc.stderr)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert len(errors) == 1 and errors[0].startswith("error: aggregate: data/latents.zarr: corrupted store"), proc.stderr[-3000:]
+    assert len(errors) == 1 and errors[0].startswith("error: aggregate: data/latents.zarr: corrupted store"), (
+        proc.stderr[-3000:]
+    )
     assert not (tmp_path / C.ANALYSIS_METRICS).exists()
 
 
@@ -150,5 +161,7 @@ def test_sae_config_without_a_weights_hash_fails_closed(tmp_path):
     cfg = json.loads((tmp_path / C.SAE_CONFIG).read_text())
     del cfg["weights_sha256"]
     (tmp_path / C.SAE_CONFIG).write_text(json.dumps(cfg))
-    with pytest.raises(MlsaeError, match=r"config.json: no weights_sha256 recorded for sae.safetensors .*dvc repro -f train"):
+    with pytest.raises(
+        MlsaeError, match=r"config.json: no weights_sha256 recorded for sae.safetensors .*dvc repro -f train"
+    ):
         MLSAE.load(tmp_path)

@@ -44,7 +44,7 @@ def _imported_modules(path: Path) -> set[str]:
     """Dotted names of the project modules `path` imports (top level or inside functions)."""
     tree = ast.parse(path.read_text(), filename=str(path))
     rel = path.relative_to(ROOT).with_suffix("")
-    here = list(rel.parts[:-1]) if rel.name != "__init__" else list(rel.parts[:-1])
+    here = list(rel.parts[:-1])
     names: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -133,7 +133,13 @@ def test_code_deps_are_exactly_the_import_closure(name):
 def test_closure_follows_function_local_and_package_imports(tmp_path):
     # the closure must include lazily imported modules (lens_stage imports models inside a function)
     closure = import_closure(ROOT / "stages" / "train.py")
-    assert {"mlsae/__init__.py", "mlsae/models/registry.py", "mlsae/lens/tuned.py", "mlsae/stores/activations.py", "mlsae/core/params.py"} <= closure
+    assert {
+        "mlsae/__init__.py",
+        "mlsae/models/registry.py",
+        "mlsae/lens/tuned.py",
+        "mlsae/stores/activations.py",
+        "mlsae/core/params.py",
+    } <= closure
 
 
 @pytest.mark.parametrize("name", STAGES)
@@ -152,8 +158,11 @@ def test_paths_an_entry_point_names_are_declared(name):
     stage = _pipeline()[name]
     declared = _paths(stage["deps"]) | _outputs(stage)
     tree = ast.parse((ROOT / "stages" / f"{name}.py").read_text())
-    used = {node.attr for node in ast.walk(tree)
-            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "C"}
+    used = {
+        node.attr
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "C"
+    }
     for const in sorted(used & set(constants)):
         path = constants[const]
         if path in UNTRACKED or _covered(path, UNTRACKED):

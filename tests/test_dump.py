@@ -14,14 +14,14 @@ import yaml
 import zarr
 
 import mlsae.stores.latents as latents_mod
+from conftest import run_train as train
 from mlsae.core import paths as C
-from mlsae.sae.dump import dump
-from mlsae.lens.tuned import Lens
-from mlsae.lens.build import run_lens_stage
 from mlsae.core.params import parse_params
+from mlsae.lens.build import run_lens_stage
+from mlsae.lens.tuned import Lens
+from mlsae.sae.dump import dump
 from mlsae.sae.model import MLSAE
 from mlsae.stores.activations import ActivationStore
-from conftest import run_train as train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,9 +29,17 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")  # fixtures `store`, `reader`: conftest.py
 
 
-SAE_RAW = {"sae": {"layers": [0, 2, 3], "expansion": 4, "k": 8, "auxk": 32, "dead_tokens": 256},
-           "train": {"batch_tokens": 128, "lr": 1e-3, "epochs": 1, "shuffle_buffer_tokens": 512,
-                     "geometric_median_sample": 256, "device": "cpu"}}
+SAE_RAW = {
+    "sae": {"layers": [0, 2, 3], "expansion": 4, "k": 8, "auxk": 32, "dead_tokens": 256},
+    "train": {
+        "batch_tokens": 128,
+        "lr": 1e-3,
+        "epochs": 1,
+        "shuffle_buffer_tokens": 512,
+        "geometric_median_sample": 256,
+        "device": "cpu",
+    },
+}
 
 
 def tuned_lens() -> Lens:
@@ -53,7 +61,10 @@ def dumped(sae: MLSAE, reader: ActivationStore, tmp_path_factory: pytest.TempPat
     """One uninterrupted dump with the module's default shard sizes."""
     path = tmp_path_factory.mktemp("dump") / "latents.zarr"
     assert dump(sae, tuned_lens(), reader, str(path), progress=False) == {
-        "tokens": reader.n_tokens("eval"), "layers": 3, "k": 8}
+        "tokens": reader.n_tokens("eval"),
+        "layers": 3,
+        "k": 8,
+    }
     return path
 
 
@@ -92,7 +103,7 @@ def test_dumped_latents_decode_to_the_sae_reconstruction(sae: MLSAE, reader: Act
     ref_vals = out.values.gather(-1, order_ref.indices)
     torch.testing.assert_close(values.gather(-1, order_got.indices), ref_vals, rtol=1e-3, atol=1e-4)
     # decoding: float16 values (relative error <= 2^-11) summed over k unit-norm columns
-    bound = 2 ** -11 * values.abs().sum(-1, keepdim=True) + 1e-5
+    bound = 2**-11 * values.abs().sum(-1, keepdim=True) + 1e-5
     assert ((decoded - out.xn_hat).abs() <= bound).all()
     scale = float(reference.abs().max())
     torch.testing.assert_close(model_space, reference, rtol=0, atol=2e-3 * scale)
@@ -151,7 +162,9 @@ def test_latent_store_reads_the_analysed_tokens_only(reader: ActivationStore, du
         dataclasses.replace(latents, values=values).read(0, n)
     indices = got[C.INDICES].copy()
     indices[t, 1, 2] = latents.n_latents
-    with pytest.raises(MlsaeError, match=rf"'indices' holds latent id {latents.n_latents}, outside 0\.\.{latents.n_latents - 1}$"):
+    with pytest.raises(
+        MlsaeError, match=rf"'indices' holds latent id {latents.n_latents}, outside 0\.\.{latents.n_latents - 1}$"
+    ):
         dataclasses.replace(latents, indices=indices).read(0, n)
     # a garbled entry at a token the analysis leaves out is never read
     values = got[C.VALUES].copy()
@@ -176,8 +189,9 @@ class RecordingReader:
         return ActivationStore.chunks(self, *args, **kw)  # type: ignore[arg-type]
 
 
-def test_interrupted_dump_resumes_to_identical_arrays(sae: MLSAE, reader: ActivationStore, dumped: Path,
-                                                      tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupted_dump_resumes_to_identical_arrays(
+    sae: MLSAE, reader: ActivationStore, dumped: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(latents_mod, "SHARD_TOKENS", 128)
     monkeypatch.setattr(latents_mod, "CHUNK_TOKENS", 64)
     n = reader.n_tokens("eval")
@@ -217,8 +231,9 @@ def test_interrupted_dump_resumes_to_identical_arrays(sae: MLSAE, reader: Activa
 
 
 @pytest.mark.parametrize("change", ["sae_weights", "lens"])
-def test_partial_dump_from_other_latents_is_started_over(sae: MLSAE, reader: ActivationStore, tmp_path: Path,
-                                                         monkeypatch: pytest.MonkeyPatch, change: str) -> None:
+def test_partial_dump_from_other_latents_is_started_over(
+    sae: MLSAE, reader: ActivationStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: str
+) -> None:
     """A retrained SAE keeps its params hash (same params, other activations or lens), so the hash
     alone cannot tell a stale partial dump from a resumable one; resuming it would mix latents."""
     monkeypatch.setattr(latents_mod, "SHARD_TOKENS", 128)
@@ -244,8 +259,9 @@ def test_partial_dump_from_other_latents_is_started_over(sae: MLSAE, reader: Act
         assert np.array_equal(got[key], fresh[key]), key
 
 
-def test_dump_stage(store: tuple[Path, dict], reader: ActivationStore, tmp_path: Path,
-                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_dump_stage(
+    store: tuple[Path, dict], reader: ActivationStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """`stages/dump.py` with `lens: none` writes a complete latent store equal to dump() with the identity."""
     raw = {**store[1], **SAE_RAW}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))

@@ -26,15 +26,15 @@ import yaml
 from conftest import run_train as train
 from mlsae.core import paths as C
 from mlsae.core.errors import MlsaeError
+from mlsae.core.params import parse_params
 from mlsae.evaluation.baseline import ablation_figures, baseline, layer_means
 from mlsae.evaluation.downstream import _ROWS, SpliceSums, _ce_kl, splice_sums
 from mlsae.evaluation.reconstruction import evaluate, reconstruction, reconstruction_metrics, splice_figures
 from mlsae.evaluation.sample import AUTO_TOKENS, SplicedSample, resolve_tokens, spliced_sample
-from mlsae.lens.tuned import Lens
 from mlsae.lens.build import run_lens_stage
 from mlsae.lens.loading import load_stage_lens
+from mlsae.lens.tuned import Lens
 from mlsae.models.registry import LoadedModel, load_model
-from mlsae.core.params import parse_params
 from mlsae.sae.model import MLSAE, NORM_EPS, SEED_NORM_EPS, SAEConfig
 from mlsae.stores.activations import ActivationStore
 
@@ -44,10 +44,18 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")  # fixtures `store`, `reader`: conftest.py
 
 
-SAE_RAW = {"sae": {"layers": [1, 3], "expansion": 4, "k": 8, "auxk": 32, "dead_tokens": 256},
-           "train": {"batch_tokens": 128, "lr": 1e-3, "epochs": 1, "shuffle_buffer_tokens": 512,
-                     "geometric_median_sample": 256, "device": "cpu"},
-           "evaluate": {"tokens": 64, "batch_size": 2}}
+SAE_RAW = {
+    "sae": {"layers": [1, 3], "expansion": 4, "k": 8, "auxk": 32, "dead_tokens": 256},
+    "train": {
+        "batch_tokens": 128,
+        "lr": 1e-3,
+        "epochs": 1,
+        "shuffle_buffer_tokens": 512,
+        "geometric_median_sample": 256,
+        "device": "cpu",
+    },
+    "evaluate": {"tokens": 64, "batch_size": 2},
+}
 
 
 def raw_params(store: tuple[Path, dict]) -> dict:
@@ -146,6 +154,7 @@ def hf_logits(model: LoadedModel, ids: torch.Tensor, block: int | None = None, f
     """The HF model's logits, optionally with decoder layer `block`'s output replaced by fn(output)."""
     handle = None
     if block is not None:
+
         def hook(module, args, out):
             h = out[0] if isinstance(out, tuple) else out
             new = fn(h).to(h.dtype)
@@ -192,10 +201,16 @@ def hf_downstream(model: LoadedModel, sample: SplicedSample, sae: MLSAE, lens: L
 
         return at_kept(fn)
 
-    variants = {"recon": recon, "zero": lambda j, b: at_kept(torch.zeros_like),
-                "mean": lambda j, b: at_kept(lambda h: torch.from_numpy(means[j]).expand_as(h))}
-    out = {"units": units, "count": np.bincount(unit, minlength=len(units)).astype(float),
-           "ce_clean": per_unit(-clean.gather(-1, tgt)[..., 0])}
+    variants = {
+        "recon": recon,
+        "zero": lambda j, b: at_kept(torch.zeros_like),
+        "mean": lambda j, b: at_kept(lambda h: torch.from_numpy(means[j]).expand_as(h)),
+    }
+    out = {
+        "units": units,
+        "count": np.bincount(unit, minlength=len(units)).astype(float),
+        "ce_clean": per_unit(-clean.gather(-1, tgt)[..., 0]),
+    }
     for name, make in variants.items():
         pairs = [ce_kl(hf_logits(model, ids, b, make(j, b))) for j, b in enumerate(sae.cfg.layers)]
         out[f"ce_{name}"] = np.stack([c for c, _ in pairs], 1)
@@ -203,16 +218,24 @@ def hf_downstream(model: LoadedModel, sample: SplicedSample, sae: MLSAE, lens: L
     return out
 
 
-def run_downstream(sae: MLSAE, lens: Lens, model: LoadedModel, reader: ActivationStore, n_tokens: int,
-                   batch_size: int, resamples: int = 0) -> dict:
+def run_downstream(
+    sae: MLSAE,
+    lens: Lens,
+    model: LoadedModel,
+    reader: ActivationStore,
+    n_tokens: int,
+    batch_size: int,
+    resamples: int = 0,
+) -> dict:
     """The baseline stage's sums (mean and zero ablations) and evaluate's recon sums on one spliced
     sample, and their figures (plug-in; with `resamples`, also the resampled figures)."""
     sample = spliced_sample(reader, n_tokens, 0)
     base = baseline(model, reader, sae.cfg.layers, sample, ["mean", "zero"], batch_size, progress=False)
-    recon = splice_sums(model, sample, sae.cfg.layers, {"recon": reconstruction(sae, lens)}, batch_size,
-                        progress=False)
+    recon = splice_sums(model, sample, sae.cfg.layers, {"recon": reconstruction(sae, lens)}, batch_size, progress=False)
     out = {**ablation_figures(base, 0, 0), **splice_figures(recon, base, 0, 0)}
-    resampled = {**ablation_figures(base, resamples, 0), **splice_figures(recon, base, resamples, 0)} if resamples else {}
+    resampled = (
+        {**ablation_figures(base, resamples, 0), **splice_figures(recon, base, resamples, 0)} if resamples else {}
+    )
     means = layer_means(reader, sae.cfg.layers).double().numpy()
     return {**out, "resampled": resampled, "base": base, "recon": recon, "sample": sample, "means": means}
 
@@ -230,7 +253,7 @@ def test_reconstruction_metrics_match_numpy(sae: MLSAE, reader: ActivationStore,
 
     x = reader.resid("eval", 0, reader.n_tokens("eval")).double().numpy()[keep]
     fvu, mse, l0, fired = [], [], [], np.zeros(sae.cfg.n_latents, bool)
-    for j, block in enumerate(sae.cfg.layers):
+    for block in sae.cfg.layers:
         r = np_sae(sae, np_lens(lens, x[:, block], block))
         err = ((r["xn"] - r["xn_hat"]) ** 2).sum()
         fvu.append(err / ((r["xn"] - r["xn"].mean(0)) ** 2).sum())
@@ -243,7 +266,7 @@ def test_reconstruction_metrics_match_numpy(sae: MLSAE, reader: ActivationStore,
     assert got["fvu"] == pytest.approx(np.mean(fvu), rel=1e-4) and got["l0"] == pytest.approx(np.mean(l0), rel=1e-3)
     assert got["dead_fraction"] == pytest.approx(1 - fired.mean(), abs=2 / sae.cfg.n_latents)
     assert got["eval_vectors"] == keep.sum() * len(sae.cfg.layers)
-    assert 0 < min(fvu) and max(l0) <= sae.cfg.k
+    assert min(fvu) > 0 and max(l0) <= sae.cfg.k
 
 
 def test_reconstruction_metrics_resample_documents(sae: MLSAE, reader: ActivationStore) -> None:
@@ -311,8 +334,9 @@ def test_layer_means_are_the_eval_splits_analysed_means(reader: ActivationStore)
 
 
 @pytest.mark.parametrize("lens_kind", list(LENSES))
-def test_splice_sums_match_hf_splice_per_document(sae: MLSAE, model: LoadedModel, reader: ActivationStore,
-                                                  lens_kind: str) -> None:
+def test_splice_sums_match_hf_splice_per_document(
+    sae: MLSAE, model: LoadedModel, reader: ActivationStore, lens_kind: str
+) -> None:
     """Splicing from the spliced block (recorded calls, rerun of the later blocks) equals replacing
     HF decoder layer ℓ's output in a whole forward, per eval document, for the SAE's own blocks
     (1 and 3), the three variants, over several batches with special (and skipped) positions kept
@@ -358,8 +382,9 @@ def test_splice_sums_match_hf_splice_per_document(sae: MLSAE, model: LoadedModel
     assert got["delta_ce_mean"] < got["delta_ce_zero"]
 
 
-def test_loss_recovered_is_one_minus_the_ratio_of_the_sums(sae: MLSAE, model: LoadedModel,
-                                                          reader: ActivationStore) -> None:
+def test_loss_recovered_is_one_minus_the_ratio_of_the_sums(
+    sae: MLSAE, model: LoadedModel, reader: ActivationStore
+) -> None:
     """loss_recovered_ℓ = 1 − ΔCE_ℓ / ΔCE_mean_ℓ, by hand from the two stages' per-document sums;
     its resampled figures (plug-in, bias, SE, interval) come with it."""
     got = run_downstream(sae, Lens.identity(4, 64), model, reader, 160, batch_size=4, resamples=100)
@@ -380,20 +405,25 @@ def test_loss_recovered_is_one_minus_the_ratio_of_the_sums(sae: MLSAE, model: Lo
         assert math.isfinite(resampled[f"loss_recovered_{key}"])
     lo, hi = resampled["loss_recovered_ci"]
     assert lo <= resampled["loss_recovered"] <= hi and lo < hi
-    assert all(lo <= v <= hi for v, (lo, hi) in zip(resampled["loss_recovered_by_layer"],
-                                                    resampled["loss_recovered_by_layer_ci"]))
+    assert all(
+        lo <= v <= hi
+        for v, (lo, hi) in zip(resampled["loss_recovered_by_layer"], resampled["loss_recovered_by_layer_ci"])
+    )
 
 
-def test_evaluate_refuses_baseline_sums_of_another_sample(sae: MLSAE, model: LoadedModel,
-                                                          reader: ActivationStore) -> None:
+def test_evaluate_refuses_baseline_sums_of_another_sample(
+    sae: MLSAE, model: LoadedModel, reader: ActivationStore
+) -> None:
     layers = sae.cfg.layers
     lens = Lens.identity(4, 64)
     sample, other = spliced_sample(reader, 64, 0), spliced_sample(reader, 64, 1)
     assert not np.array_equal(sample.contexts, other.contexts)
     base = baseline(model, reader, layers, other, ["mean"], 4, progress=False)
     recon = splice_sums(model, sample, layers, {"recon": reconstruction(sae, lens)}, 4, progress=False)
-    message = ("^the baseline stage's sums are for another spliced sample \\(other eval split, "
-               "evaluate.tokens or data.seed\\); rerun the baseline stage$")
+    message = (
+        "^the baseline stage's sums are for another spliced sample \\(other eval split, "
+        "evaluate.tokens or data.seed\\); rerun the baseline stage$"
+    )
     with pytest.raises(MlsaeError, match=message):
         splice_figures(recon, base, 0, 0)
     with pytest.raises(MlsaeError, match=message):
@@ -405,8 +435,9 @@ def test_evaluate_refuses_baseline_sums_of_another_sample(sae: MLSAE, model: Loa
 
 
 @pytest.mark.parametrize("lens_kind", list(LENSES))
-def test_perfect_reconstruction_costs_nothing(model: LoadedModel, reader: ActivationStore, lens_kind: str,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_perfect_reconstruction_costs_nothing(
+    model: LoadedModel, reader: ActivationStore, lens_kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A reconstruction equal to its input (through lens -> SAE -> inverse lens) gives delta_ce = 0,
     kl = 0 and loss_recovered = 1 at every block, while zero ablation gives a large positive delta_ce."""
     lens = LENSES[lens_kind]()
@@ -490,13 +521,15 @@ class NoLens(torch.nn.Module):
         return "no lens"
 
 
-def test_lens_none_is_the_identity(store: tuple[Path, dict], reader: ActivationStore, model: LoadedModel,
-                                   tmp_path: Path) -> None:
+def test_lens_none_is_the_identity(
+    store: tuple[Path, dict], reader: ActivationStore, model: LoadedModel, tmp_path: Path
+) -> None:
     """Train and evaluate with the lens stage's `lens: none` output give exactly what they give
     with no lens at all."""
     p = parse_params({**raw_params(store), "lens": "none"})
-    assert run_lens_stage(p.lens, p.lens_path, p.lens_fit, p.model, reader, tmp_path / "lens",
-                          progress=False) == {"lens": "none"}
+    assert run_lens_stage(p.lens, p.lens_path, p.lens_fit, p.model, reader, tmp_path / "lens", progress=False) == {
+        "lens": "none"
+    }
     assert sorted(f.name for f in (tmp_path / "lens").iterdir()) == ["mlsae.json"]  # no weights to carry
     lens = load_stage_lens(tmp_path / "lens", reader)
     assert lens.is_identity
@@ -507,8 +540,9 @@ def test_lens_none_is_the_identity(store: tuple[Path, dict], reader: ActivationS
     for name, ln in (("none", lens), ("nolens", NoLens())):
         m_train, history = train(p, reader, ln, tmp_path / name / "sae", tmp_path / name / "ckpt", progress=False)
         sae = MLSAE.load(tmp_path / name / "sae")
-        m_eval, rows = evaluate(sae, ln, model, reader, sample, base, p.evaluate.batch_size, 50, p.analysis.seed,
-                                progress=False)
+        m_eval, rows = evaluate(
+            sae, ln, model, reader, sample, base, p.evaluate.batch_size, 50, p.analysis.seed, progress=False
+        )
         runs[name] = (sae, m_train, history, m_eval, rows)
     a, b = runs["none"], runs["nolens"]
     for key, value in a[0].state_dict().items():
@@ -530,8 +564,9 @@ def run_stage(name: str) -> None:
 
 
 @pytest.fixture()
-def stage_dir(store: tuple[Path, dict], reader: ActivationStore, sae: MLSAE, tmp_path: Path,
-              monkeypatch: pytest.MonkeyPatch) -> Path:
+def stage_dir(
+    store: tuple[Path, dict], reader: ActivationStore, sae: MLSAE, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Path:
     """A working directory holding params.yaml, the store (a link), the lens (none) and the SAE."""
     raw = raw_params(store)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))

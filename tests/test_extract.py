@@ -9,8 +9,9 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -20,12 +21,12 @@ import yaml
 from conftest import ROOT, ascii_docs, document_runs, route_documents, split_arrays, stage_command, stage_env, tiny_raw
 from conftest import run_extract as extract_params
 from mlsae.core import paths as C
-from mlsae.data import extract as extract_mod
-from mlsae.stores import activations as store
 from mlsae.core.errors import MlsaeError
 from mlsae.core.params import parse_params
+from mlsae.data import extract as extract_mod
 from mlsae.data.corpus import ordered_documents
 from mlsae.models.tiny import EOS, build_tiny, tiny_tokenizer
+from mlsae.stores import activations as store
 
 ARRAYS = (C.RESID, C.TOKENS, C.CONTEXT, C.POSITION, C.SPECIAL, C.DOCUMENT)
 SHRINK_SHARDS = "import mlsae.stores.activations as s; s.SHARD_TARGET_BYTES = 1"  # 8 contexts per shard
@@ -52,8 +53,11 @@ def attrs(path: Path) -> dict:
 
 
 def tree_digest(path: Path) -> dict[str, str]:
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(path.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    }
 
 
 def hf_blocks(name: str, ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], torch.nn.Module]:
@@ -96,8 +100,12 @@ def reference(tmp_path_factory: pytest.TempPathFactory, text_corpus: Path) -> di
         main("params.yaml")
     finally:
         os.chdir(cwd)
-    return {"raw": raw, "work": work, "store": work / C.ACTIVATIONS,
-            "metrics": json.loads((work / C.EXTRACT_METRICS).read_text())}
+    return {
+        "raw": raw,
+        "work": work,
+        "store": work / C.ACTIVATIONS,
+        "metrics": json.loads((work / C.EXTRACT_METRICS).read_text()),
+    }
 
 
 def test_reference_store_layout_and_attrs(reference: dict) -> None:
@@ -160,7 +168,8 @@ def test_context_position_and_special(reference: dict) -> None:
     for split, n in (("train", 256), ("eval", 64)):
         g = root[split]
         tokens, context, position, special, document = (
-            g[k][:] for k in (C.TOKENS, C.CONTEXT, C.POSITION, C.SPECIAL, C.DOCUMENT))
+            g[k][:] for k in (C.TOKENS, C.CONTEXT, C.POSITION, C.SPECIAL, C.DOCUMENT)
+        )
         assert tokens.shape[0] == n * 64
         # a context's index is its place in its own split's stream
         assert np.array_equal(context, np.repeat(np.arange(n, dtype=np.int32), 64))
@@ -179,9 +188,13 @@ def test_adjacent_cos_metric_matches_numpy(reference: dict) -> None:
     x = root["eval"][C.RESID][:].astype(np.float64)
     keep = ~root["eval"][C.SPECIAL][:]
     x = x[keep] - x[keep].mean(axis=0)
-    cos = [np.mean(np.sum(x[:, i] * x[:, i + 1], -1)
-                   / (np.linalg.norm(x[:, i], axis=-1) * np.linalg.norm(x[:, i + 1], axis=-1)))
-           for i in range(x.shape[1] - 1)]
+    cos = [
+        np.mean(
+            np.sum(x[:, i] * x[:, i + 1], -1)
+            / (np.linalg.norm(x[:, i], axis=-1) * np.linalg.norm(x[:, i + 1], axis=-1))
+        )
+        for i in range(x.shape[1] - 1)
+    ]
     m = reference["metrics"]
     np.testing.assert_allclose(m["adjacent_cos_by_layer"], cos, rtol=1e-6)
     assert m["adjacent_cos"] == pytest.approx(np.mean(cos), rel=1e-6)
@@ -213,7 +226,9 @@ def test_stored_residuals_are_hf_hidden_states(name: str, tiny_params: Callable,
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_storage_dtypes_round_trip(dtype: str, tiny_params: Callable, tmp_path: Path) -> None:
     out = tmp_path / "a.zarr"
-    run_extract(tiny_params(model="tiny-llama", data__train_tokens=256, data__eval_tokens=128, extract__dtype=dtype), out)
+    run_extract(
+        tiny_params(model="tiny-llama", data__train_tokens=256, data__eval_tokens=128, extract__dtype=dtype), out
+    )
     reader = store.ActivationStore(str(out))
     assert reader.dtype == dtype
     ids = torch.from_numpy(reader.meta("eval", C.TOKENS)).long().reshape(-1, 64)
@@ -241,8 +256,11 @@ def test_storage_dtypes_round_trip(dtype: str, tiny_params: Callable, tmp_path: 
 def test_store_writes_refuse_non_finite_values() -> None:
     x = torch.zeros(4, 3, 8)
     x[2, 1, 5] = 7e4  # above float16's 65504
-    with pytest.raises(MlsaeError, match=r"^extract\.dtype: float16 cannot hold the residuals \(\|x\| reaches 7e\+04 "
-                       r"at block 1; float16 max 6\.55e\+04\); use extract\.dtype: bfloat16 or float32$"):
+    with pytest.raises(
+        MlsaeError,
+        match=r"^extract\.dtype: float16 cannot hold the residuals \(\|x\| reaches 7e\+04 "
+        r"at block 1; float16 max 6\.55e\+04\); use extract\.dtype: bfloat16 or float32$",
+    ):
         store.to_storage(x, "float16")
     back = store.from_storage(store.to_storage(x, "bfloat16"), "bfloat16").float()
     assert torch.isfinite(back).all() and abs(float(back[2, 1, 5]) - 7e4) < 7e4 * 2**-8  # bfloat16 rounding
@@ -255,12 +273,19 @@ def test_store_writes_refuse_non_finite_values() -> None:
 def test_overflowing_extract_fails_in_one_line_and_leaves_no_store(tiny_params: Callable, workdir: Path) -> None:
     """A model whose residuals float16 cannot hold: the stage exits 1 with one line, no store."""
     (workdir / "params.yaml").write_text(yaml.safe_dump(tiny_params()))
-    prelude = ("import mlsae.models.registry as m; _r = m.LoadedModel.residuals; "
-               "m.LoadedModel.residuals = lambda self, ids: _r(self, ids) * 1e6")
-    proc = subprocess.run(stage_command("extract", prelude), cwd=workdir, env=stage_env(), capture_output=True, text=True, timeout=300)
+    prelude = (
+        "import mlsae.models.registry as m; _r = m.LoadedModel.residuals; "
+        "m.LoadedModel.residuals = lambda self, ids: _r(self, ids) * 1e6"
+    )
+    proc = subprocess.run(
+        stage_command("extract", prelude), cwd=workdir, env=stage_env(), capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
-    assert lines[-1].startswith("error: extract: extract.dtype: float16 cannot hold the residuals") and "bfloat16" in lines[-1]
+    assert (
+        lines[-1].startswith("error: extract: extract.dtype: float16 cannot hold the residuals")
+        and "bfloat16" in lines[-1]
+    )
     assert not (workdir / C.ACTIVATIONS).exists() and not (workdir / C.EXTRACT_METRICS).exists()
 
 
@@ -305,16 +330,25 @@ def test_document_tokens_cuts_each_document(tiny_params: Callable, tmp_path: Pat
         ids, counts = np.unique(x[split, C.DOCUMENT], return_counts=True)
         assert counts.max() == 24 and (counts[:-1] == 24).all()  # only a split's last one can be shorter
         for d in ids:
-            assert np.array_equal(x[split, C.TOKENS][x[split, C.DOCUMENT] == d], runs[d][: (x[split, C.DOCUMENT] == d).sum()])
+            assert np.array_equal(
+                x[split, C.TOKENS][x[split, C.DOCUMENT] == d], runs[d][: (x[split, C.DOCUMENT] == d).sum()]
+            )
     assert cut["train_documents"] > 2 * whole["train_documents"]
-    assert cut["train_documents"] + cut["eval_documents"] == len(set(x["train", C.DOCUMENT].tolist()) | set(x["eval", C.DOCUMENT].tolist()))
+    assert cut["train_documents"] + cut["eval_documents"] == len(
+        set(x["train", C.DOCUMENT].tolist()) | set(x["eval", C.DOCUMENT].tolist())
+    )
 
 
 def test_shuffle_documents_takes_the_documents_in_a_seeded_order(tiny_params: Callable, tmp_path: Path) -> None:
     """data.shuffle_documents: document ids number the documents in the seeded shuffled order (a
     permutation of the corpus drawn from data.seed); another seed, another order."""
-    sizes = dict(data__context=16, data__train_tokens=384, data__eval_tokens=96, data__document_tokens=24,
-                 data__shuffle_documents=True)
+    sizes = dict(
+        data__context=16,
+        data__train_tokens=384,
+        data__eval_tokens=96,
+        data__document_tokens=24,
+        data__shuffle_documents=True,
+    )
     tok, docs = tiny_tokenizer(), ascii_docs()
     orders = {}
     for seed in (0, 1):
@@ -358,8 +392,9 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory, text_corpus: Path) -
     return {"raw": raw, "store": out, "metrics": run_extract(raw, out)}
 
 
-def test_interrupted_extract_resumes_to_the_same_store(uninterrupted: dict, tmp_path: Path,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupted_extract_resumes_to_the_same_store(
+    uninterrupted: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(store, "SHARD_TARGET_BYTES", 1)  # 8 contexts (256 tokens) per shard
     raw, out = uninterrupted["raw"], tmp_path / "a.zarr"
     assert run_extract(raw, out, stop_after_shards=1) == {}
@@ -380,12 +415,14 @@ def test_interrupted_extract_resumes_to_the_same_store(uninterrupted: dict, tmp_
     assert metrics["resumed"] is True and attrs(out)["complete"] is True
     assert metrics["tokens"] == uninterrupted["metrics"]["tokens"] == 2560
     assert_same_arrays(out, uninterrupted["store"])
-    np.testing.assert_allclose(metrics["adjacent_cos_by_layer"],
-                               uninterrupted["metrics"]["adjacent_cos_by_layer"], rtol=1e-9)
+    np.testing.assert_allclose(
+        metrics["adjacent_cos_by_layer"], uninterrupted["metrics"]["adjacent_cos_by_layer"], rtol=1e-9
+    )
 
 
-def test_extract_interrupted_while_creating_the_store_is_redone(uninterrupted: dict, tmp_path: Path,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_extract_interrupted_while_creating_the_store_is_redone(
+    uninterrupted: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """An interruption before the store's arrays all exist must not leave a store that a rerun
     takes for a resumable one (its token arrays would read back as the fill value)."""
     out = tmp_path / "a.zarr"
@@ -409,7 +446,9 @@ def test_extract_interrupted_while_creating_the_store_is_redone(uninterrupted: d
 def test_complete_store_of_another_configuration_is_rebuilt(tiny_params: Callable, tmp_path: Path) -> None:
     out = tmp_path / "a.zarr"
     run_extract(tiny_params(data__context=32, data__train_tokens=256, data__eval_tokens=64), out)
-    metrics = run_extract(tiny_params(model="tiny-llama", data__context=32, data__train_tokens=256, data__eval_tokens=64), out)
+    metrics = run_extract(
+        tiny_params(model="tiny-llama", data__context=32, data__train_tokens=256, data__eval_tokens=64), out
+    )
     assert metrics["resumed"] is False and attrs(out)["model"] == "tiny-llama" and attrs(out)["complete"]
 
 
@@ -423,8 +462,13 @@ def test_kill_9_then_rerun_resumes(uninterrupted: dict, tmp_path: Path, monkeypa
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     log = tmp_path / "stderr.txt"
     with log.open("w") as err:
-        proc = subprocess.Popen(stage_command("extract", f"{SHRINK_SHARDS}\n{PACE}"), cwd=tmp_path,
-                                stdout=subprocess.DEVNULL, stderr=err, env=stage_env())
+        proc = subprocess.Popen(
+            stage_command("extract", f"{SHRINK_SHARDS}\n{PACE}"),
+            cwd=tmp_path,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            env=stage_env(),
+        )
     meta = tmp_path / C.ACTIVATIONS / "zarr.json"
     deadline = time.monotonic() + 120
     try:
@@ -436,7 +480,9 @@ def test_kill_9_then_rerun_resumes(uninterrupted: dict, tmp_path: Path, monkeypa
             if done >= 2:
                 break
             time.sleep(0.01)
-        assert proc.poll() is None, f"the extract ended ({proc.returncode}) before it could be killed: {log.read_text()[-2000:]}"
+        assert proc.poll() is None, (
+            f"the extract ended ({proc.returncode}) before it could be killed: {log.read_text()[-2000:]}"
+        )
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.kill()
@@ -449,8 +495,9 @@ def test_kill_9_then_rerun_resumes(uninterrupted: dict, tmp_path: Path, monkeypa
     # another model: refused in one line naming the store, which is left exactly as it was
     before = tree_digest(out)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({**raw, "model": "tiny-llama"}))
-    result = subprocess.run(stage_command("extract"), cwd=tmp_path, capture_output=True, text=True,
-                            env=stage_env(), timeout=120)
+    result = subprocess.run(
+        stage_command("extract"), cwd=tmp_path, capture_output=True, text=True, env=stage_env(), timeout=120
+    )
     assert result.returncode == 1
     line = result.stderr.strip()
     assert "\n" not in line and line.startswith("error: extract: "), result.stderr
@@ -474,14 +521,20 @@ def _bad_cases(root: Path) -> dict[str, tuple[dict, dict, list[str]]]:
     (empty / "blank.txt").write_text("  \n\n")
     missing = root / "missing.txt"
     return {
-        "unknown model": ({"model": "pythia-7000"}, {}, ["model:", "'pythia-7000'", "known models", "tiny-neox", "smollm2-135m"]),
+        "unknown model": (
+            {"model": "pythia-7000"},
+            {},
+            ["model:", "'pythia-7000'", "known models", "tiny-neox", "smollm2-135m"],
+        ),
         "empty corpus": ({"data": {"source": str(empty)}}, {}, ["data.source", str(empty), "empty"]),
         "missing corpus": ({"data": {"source": str(missing)}}, {}, ["data.source", str(missing), "no such file"]),
         "context too long": ({"data": {"context": 512}}, {}, ["data.context", "512", "256"]),
         "unknown dtype": ({"extract": {"dtype": "float8"}}, {}, ["extract.dtype", "float8", "float16"]),
-        "hub offline": ({"model": "EleutherAI/pythia-70m"},
-                        {"HF_HUB_OFFLINE": "1", "HF_HOME": str(root / "hf-home")},
-                        ["model:", "EleutherAI/pythia-70m", "offline", "smollm2-135m"]),
+        "hub offline": (
+            {"model": "EleutherAI/pythia-70m"},
+            {"HF_HUB_OFFLINE": "1", "HF_HOME": str(root / "hf-home")},
+            ["model:", "EleutherAI/pythia-70m", "offline", "smollm2-135m"],
+        ),
     }
 
 
@@ -489,19 +542,34 @@ def _bad_cases(root: Path) -> dict[str, tuple[dict, dict, list[str]]]:
 def bad_runs(tmp_path_factory: pytest.TempPathFactory, text_corpus: Path) -> dict:
     """Every bad-input case run as its own `stages/extract.py` process, all at once."""
     root = tmp_path_factory.mktemp("bad")
-    base = {"model": "tiny-neox", "data": {"source": str(text_corpus), "context": 64, "train_tokens": 1024,
-                                           "eval_tokens": 256}, "extract": {"device": "cpu"}}
+    base = {
+        "model": "tiny-neox",
+        "data": {"source": str(text_corpus), "context": 64, "train_tokens": 1024, "eval_tokens": 256},
+        "extract": {"device": "cpu"},
+    }
     procs = {}
     for i, (case, (change, env, expected)) in enumerate(_bad_cases(root).items()):
         work = root / f"case{i}"
         work.mkdir()
-        raw = {**base, **{k: v for k, v in change.items() if k not in ("data", "extract")},
-               "data": {**base["data"], **change.get("data", {})},
-               "extract": {**base["extract"], **change.get("extract", {})}}
+        raw = {
+            **base,
+            **{k: v for k, v in change.items() if k not in ("data", "extract")},
+            "data": {**base["data"], **change.get("data", {})},
+            "extract": {**base["extract"], **change.get("extract", {})},
+        }
         (work / "params.yaml").write_text(yaml.safe_dump(raw))
-        procs[case] = (work, expected, subprocess.Popen(
-            stage_command("extract"), cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True, env=stage_env(**env)))
+        procs[case] = (
+            work,
+            expected,
+            subprocess.Popen(
+                stage_command("extract"),
+                cwd=work,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=stage_env(**env),
+            ),
+        )
     results = {}
     for case, (work, expected, proc) in procs.items():
         out, err = proc.communicate(timeout=180)
@@ -527,9 +595,9 @@ def test_bad_input_fails_in_one_line_and_writes_nothing(case: str, bad_runs: dic
 
 
 @pytest.mark.parametrize("source", ["missing.txt", "empty"])
-def test_bad_corpus_fails_before_the_model_loads(source: str, workdir: Path, tiny_params: Callable,
-                                                 monkeypatch: pytest.MonkeyPatch,
-                                                 capsys: pytest.CaptureFixture) -> None:
+def test_bad_corpus_fails_before_the_model_loads(
+    source: str, workdir: Path, tiny_params: Callable, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     import runpy
 
     (workdir / "empty").mkdir()
@@ -565,9 +633,11 @@ def test_embedded_model_extract(smollm2: Any, tmp_path: Path, monkeypatch: pytes
 
     assert (smollm2.n_layers, smollm2.d_model, smollm2.max_context) == (30, 576, 8192)
     monkeypatch.setattr(extract_mod, "load_model", lambda name, device: smollm2)  # loaded once
-    raw = {"model": "smollm2-135m",
-           "data": {"source": "embedded:python-docs", "seed": 0, "context": 64, "train_tokens": 256, "eval_tokens": 64},
-           "extract": {"dtype": "float16", "batch_size": 5, "device": "cpu"}}
+    raw = {
+        "model": "smollm2-135m",
+        "data": {"source": "embedded:python-docs", "seed": 0, "context": 64, "train_tokens": 256, "eval_tokens": 64},
+        "extract": {"dtype": "float16", "batch_size": 5, "device": "cpu"},
+    }
     out = tmp_path / "a.zarr"
     metrics = run_extract(raw, out)
     assert metrics["tokens"] == 320 and metrics["n_layers"] == 30 and len(metrics["adjacent_cos_by_layer"]) == 29
@@ -584,8 +654,11 @@ def test_embedded_model_extract(smollm2: Any, tmp_path: Path, monkeypatch: pytes
     # block 0 against HF hidden_states[1] of an independent 2-layer Llama with the same weights
     config = smollm2.hf_model.config.__class__.from_dict({**smollm2.hf_model.config.to_dict(), "num_hidden_layers": 2})
     two = LlamaForCausalLM(config).eval()
-    state = {k: v for k, v in smollm2.hf_model.state_dict().items()
-             if not k.startswith("model.layers.") or k.split(".")[2] in ("0", "1")}
+    state = {
+        k: v
+        for k, v in smollm2.hf_model.state_dict().items()
+        if not k.startswith("model.layers.") or k.split(".")[2] in ("0", "1")
+    }
     missing, unexpected = two.load_state_dict(state, strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}  # tied to the embedding
     ids = torch.from_numpy(reader.meta("eval", C.TOKENS)).long()[None]

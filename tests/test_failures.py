@@ -25,8 +25,14 @@ ROOT = Path(__file__).resolve().parents[1]
 def run_stage(cwd: Path, name: str, params: dict) -> subprocess.CompletedProcess:
     (cwd / "params.yaml").write_text(yaml.safe_dump(params))
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, str(ROOT / "stages" / f"{name}.py")], cwd=cwd, env=env,
-                           capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "stages" / f"{name}.py")],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def one_error_line(proc: subprocess.CompletedProcess, stage_name: str) -> str:
@@ -43,8 +49,10 @@ def one_error_line(proc: subprocess.CompletedProcess, stage_name: str) -> str:
     [
         (MlsaeError("sae.k: must be >= 1 (got 0)"), "error: train: sae.k: must be >= 1 (got 0)"),
         (OSError(errno.ENOSPC, "No space left on device", "data/sae/x"), "error: train: data/sae/x: disk full"),
-        (PermissionError(errno.EACCES, "Permission denied", "reports/m.json"),
-         "error: train: reports/m.json: permission denied"),
+        (
+            PermissionError(errno.EACCES, "Permission denied", "reports/m.json"),
+            "error: train: reports/m.json: permission denied",
+        ),
     ],
 )
 def test_stage_wrapper_prints_one_line_and_exits_1(capsys, exc, expected):
@@ -96,8 +104,10 @@ def test_unwritable_output_path_is_reported(tmp_path):
     corpus.mkdir()
     for i in range(20):  # whole documents go to one split: several are needed
         (corpus / f"{i:02d}.txt").write_text(f"Document {i}: the quick brown fox jumps over the lazy dog. " * 20)
-    params = {"model": "tiny-llama", "data": {"source": str(corpus / "*.txt"), "context": 32, "train_tokens": 256,
-                                              "eval_tokens": 64}}
+    params = {
+        "model": "tiny-llama",
+        "data": {"source": str(corpus / "*.txt"), "context": 32, "train_tokens": 256, "eval_tokens": 64},
+    }
     line = one_error_line(run_stage(tmp_path, "extract", params), "extract")
     assert "reports/metrics: Not a directory" in line
 
@@ -114,6 +124,7 @@ def test_bad_params_file_names_the_key(tmp_path):
     line = one_error_line(run_stage(tmp_path, "train", {"train": {"batch_tokens": -1}}), "train")
     assert "train.batch_tokens" in line
     (tmp_path / "params.yaml").write_text("model: [unclosed")
-    proc = subprocess.run([sys.executable, str(ROOT / "stages" / "train.py")], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "stages" / "train.py")], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
     assert "params.yaml: not valid YAML" in one_error_line(proc, "train")

@@ -17,11 +17,11 @@ import polars as pl
 import pytest
 import torch
 import yaml
-from conftest import ascii_docs
 
-from mlsae.stores import activations as store
-from mlsae.data.contexts import build_contexts, leading_bos
+from conftest import ascii_docs
 from mlsae.core.errors import MlsaeError
+from mlsae.data.contexts import build_contexts, leading_bos
+from mlsae.stores import activations as store
 
 pytestmark = pytest.mark.slow  # loads the embedded Gemma 3 (about 10 s from the cache, 100 s the first time)
 
@@ -79,7 +79,9 @@ def test_float16_cannot_hold_gemma_and_the_write_is_refused(gemma: Any, ids: tor
     float16 must fail with one line naming extract.dtype, and bfloat16 holds it finitely."""
     resid = gemma.residuals(ids).reshape(-1, 18, 640)
     assert float(resid.abs().max()) > 65504
-    with pytest.raises(MlsaeError, match=r"^extract\.dtype: float16 cannot hold the residuals .* at block \d+.*bfloat16 or float32$"):
+    with pytest.raises(
+        MlsaeError, match=r"^extract\.dtype: float16 cannot hold the residuals .* at block \d+.*bfloat16 or float32$"
+    ):
         store.to_storage(resid, "float16")
     kept = store.from_storage(store.to_storage(resid, "bfloat16"), "bfloat16").float()
     assert torch.isfinite(kept).all() and rel(kept, resid) < 4e-3
@@ -139,16 +141,21 @@ def test_every_stage_runs_on_gemma(gemma: Any, tmp_path: Path) -> None:
     for key, value in TINY_GEMMA.items():
         params[key] = {**params[key], **value} if isinstance(value, dict) else value
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "DVC_NO_ANALYTICS": "1",
+        "HF_HUB_OFFLINE": "1",
+    }
     for args in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "repro"]):
         proc = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=840)
         assert proc.returncode == 0, f"{args}: {proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
     ran = {line.split("'")[1] for line in proc.stdout.splitlines() if line.startswith("Running stage '")}
     assert ran == {"check", "extract", "lens", "baseline", "train", "evaluate", "dump", "aggregate", "report", "browse"}
 
-    metrics = {n: json.loads((repo / "reports" / "metrics" / f"{n}.json").read_text())
-               for n in ("extract", "eval", "analysis")}
+    metrics = {
+        n: json.loads((repo / "reports" / "metrics" / f"{n}.json").read_text()) for n in ("extract", "eval", "analysis")
+    }
     assert metrics["extract"]["n_layers"] == 18 and metrics["extract"]["d_model"] == 640
     assert metrics["extract"]["tokens"] == 2048 + 512
     assert len(metrics["eval"]["fvu_by_layer"]) == 18 and len(metrics["eval"]["delta_ce_by_layer"]) == 18

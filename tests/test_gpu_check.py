@@ -45,8 +45,14 @@ def gpu_check(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
 def cpu_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str, float]:
     out = tmp_path_factory.mktemp("gpu_check")
     start = time.perf_counter()
-    run = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--small", "--out", str(out)],
-                         cwd=out, capture_output=True, text=True, timeout=600, check=False)
+    run = subprocess.run(
+        [sys.executable, str(SCRIPT), "--device", "cpu", "--small", "--out", str(out)],
+        cwd=out,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     seconds = time.perf_counter() - start
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     return json.loads((out / "gpu_check.json").read_text()), (out / "gpu_check.md").read_text(), seconds
@@ -112,13 +118,17 @@ def test_a_failing_check_or_section_fails_the_run(gpu_check: ModuleType, tmp_pat
     """A failed check, an exception or a skipped section fails its section and the run, in the JSON
     and in the summary (the sections here are stand-ins; nothing is measured)."""
     gc = gpu_check
-    args = argparse.Namespace(device="cpu", small=True, out=str(tmp_path), sections=[], deadline_s=450.0,
-                              cpu_bf16=False)
+    args = argparse.Namespace(
+        device="cpu", small=True, out=str(tmp_path), sections=[], deadline_s=450.0, cpu_bf16=False
+    )
     run = gc.Run(args)
     run.section("train_step", "passes", lambda r: {"checks": [gc.check("close", 1e-7, 1e-5, "max")]})
     assert run.result["passed"]
-    run.section("splice", "a check fails", lambda r: {"checks": [gc.check("close", 2e-5, 1e-5, "max"),
-                                                                   gc.check("nan", float("nan"), 0.9, "min")]})
+    run.section(
+        "splice",
+        "a check fails",
+        lambda r: {"checks": [gc.check("close", 2e-5, 1e-5, "max"), gc.check("nan", float("nan"), 0.9, "min")]},
+    )
 
     def boom(r: object) -> dict:
         raise RuntimeError("CUDA error: an illegal memory access was encountered")

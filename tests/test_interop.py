@@ -23,14 +23,14 @@ from safetensors.numpy import load_file as load_np
 from safetensors.torch import save_file
 
 from mlsae.core import paths as C
-from mlsae.sae.dump import dump
 from mlsae.core.errors import MlsaeError
-from mlsae.lens.tuned import Lens
 from mlsae.core.params import parse_params
+from mlsae.lens.tuned import Lens
 from mlsae.report.inputs import _read_csv
-from mlsae.sae.model import MLSAE, SAEConfig
+from mlsae.sae.dump import dump
 from mlsae.sae.importer import TRAIN_CURVE_HEADER
 from mlsae.sae.importer import import_sae as import_sae_narrow
+from mlsae.sae.model import MLSAE, SAEConfig
 from mlsae.sae.saelens import export_saelens
 from mlsae.stores.activations import ActivationStore
 
@@ -55,7 +55,9 @@ def seed_forward(x: np.ndarray, w_enc: np.ndarray, b_pre: np.ndarray, k: int) ->
     return _topk_relu(z, k)
 
 
-def saelens_encode(x: np.ndarray, tensors: dict[str, np.ndarray], cfg: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def saelens_encode(
+    x: np.ndarray, tensors: dict[str, np.ndarray], cfg: dict
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """SAELens 6's TopKSAE.encode as documented: process_sae_in (layer_norm: mean, unbiased std,
     divide by std + 1e-5; then minus b_dec when apply_b_dec_to_input), hidden_pre = sae_in @ W_enc
     + b_enc, TopK then ReLU. Returns (values, indices) sorted by index, and hidden_pre."""
@@ -87,8 +89,16 @@ def f16_tol(ref: np.ndarray, atol: float) -> np.ndarray:
 # helpers
 
 
-def write_seed(path: Path, d: int = D, n: int = N, k: int = K, seed: int = 0, tfm: dict | None = None,
-               cfg_extra: dict | None = None, tensor_extra: dict | None = None) -> dict[str, np.ndarray]:
+def write_seed(
+    path: Path,
+    d: int = D,
+    n: int = N,
+    k: int = K,
+    seed: int = 0,
+    tfm: dict | None = None,
+    cfg_extra: dict | None = None,
+    tensor_extra: dict | None = None,
+) -> dict[str, np.ndarray]:
     """A checkpoint in the seed's exact published format (PyTorchModelHubMixin): config.json with
     the init kwargs, model.safetensors with the seed's key names. `tfm`: the Lightning module's
     kwargs instead (keys under `autoencoder.` beside a stand-in transformer weight)."""
@@ -98,17 +108,43 @@ def write_seed(path: Path, d: int = D, n: int = N, k: int = K, seed: int = 0, tf
     w_dec /= w_dec.norm(dim=0)
     b_pre = 0.1 * torch.randn(d, generator=g)
     if tfm is None:
-        cfg = {"n_inputs": d, "n_latents": n, "k": k, "dead_steps_threshold": 152, "dead_threshold": 0.001,
-               "auxk": 256, "standardize": True}
+        cfg = {
+            "n_inputs": d,
+            "n_latents": n,
+            "k": k,
+            "dead_steps_threshold": 152,
+            "dead_threshold": 0.001,
+            "auxk": 256,
+            "standardize": True,
+        }
         prefix, extra = "", {}
     else:
-        cfg = {"model_name": "tiny-llama", "layers": None, "expansion_factor": n // d, "k": k, "auxk": 256,
-               "auxk_coef": 1 / 32, "dead_tokens_threshold": 10_000_000, "dead_threshold": 0.001, "lr": 1e-4,
-               "standardize": True, "skip_special_tokens": True, "max_length": 2048, "batch_size": 1,
-               "accumulate_grad_batches": 64, "tuned_lens": False, **tfm}
+        cfg = {
+            "model_name": "tiny-llama",
+            "layers": None,
+            "expansion_factor": n // d,
+            "k": k,
+            "auxk": 256,
+            "auxk_coef": 1 / 32,
+            "dead_tokens_threshold": 10_000_000,
+            "dead_threshold": 0.001,
+            "lr": 1e-4,
+            "standardize": True,
+            "skip_special_tokens": True,
+            "max_length": 2048,
+            "batch_size": 1,
+            "accumulate_grad_batches": 64,
+            "tuned_lens": False,
+            **tfm,
+        }
         prefix, extra = "autoencoder.", {"transformer.model.gpt_neox.embed_in.weight": torch.randn(10, d, generator=g)}
-    tensors = {f"{prefix}encoder.weight": w_enc, f"{prefix}decoder.weight": w_dec,
-               f"{prefix}pre_encoder_bias": b_pre, **extra, **(tensor_extra or {})}
+    tensors = {
+        f"{prefix}encoder.weight": w_enc,
+        f"{prefix}decoder.weight": w_dec,
+        f"{prefix}pre_encoder_bias": b_pre,
+        **extra,
+        **(tensor_extra or {}),
+    }
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps({**cfg, **(cfg_extra or {})}))
     save_file({key: t.contiguous() for key, t in tensors.items()}, str(path / "model.safetensors"))
@@ -132,8 +168,11 @@ def import_sae(p, reader: ActivationStore, out_dir: Path) -> dict:
 
 def random_sae(layers: list[int], normalisation: str = "vector", lens: str = "none", seed: int = 0) -> MLSAE:
     torch.manual_seed(seed)
-    sae = MLSAE(SAEConfig(d_model=D, n_latents=N, k=K, layers=layers, normalisation=normalisation, lens=lens,
-                          model="tiny-llama"))
+    sae = MLSAE(
+        SAEConfig(
+            d_model=D, n_latents=N, k=K, layers=layers, normalisation=normalisation, lens=lens, model="tiny-llama"
+        )
+    )
     with torch.no_grad():
         sae.b_pre.normal_(0, 0.1)
     return sae
@@ -183,7 +222,9 @@ def test_imported_seed_sae_reconstructs_like_the_seed(store, reader, tmp_path):
     f = np.zeros((*x.shape[:-1], N))
     np.put_along_axis(f, indices, values, -1)
     xc = x - x.mean(-1, keepdims=True)
-    expected = (f @ ref["w_dec"].T.astype(np.float64) + ref["b_pre"]) * xc.std(-1, ddof=1, keepdims=True) + x.mean(-1, keepdims=True)
+    expected = (f @ ref["w_dec"].T.astype(np.float64) + ref["b_pre"]) * xc.std(-1, ddof=1, keepdims=True) + x.mean(
+        -1, keepdims=True
+    )
     np.testing.assert_allclose(recon, expected, rtol=1e-5, atol=1e-4)
 
 
@@ -194,8 +235,9 @@ def test_tfm_checkpoint_takes_the_autoencoders_weights_and_layers(store, reader,
     assert metrics["format"] == "seed-tfm" and sae.cfg.layers == [0, 2]
     assert torch.equal(sae.b_pre, torch.from_numpy(ref["b_pre"]))
     write_seed(tmp_path / "tfm_all", tfm={})
-    assert import_sae(params_with(store, source=str(tmp_path / "tfm_all"), layers=[1]), reader,
-                      tmp_path / "sae2")["layers"] == [0, 1, 2, 3]  # layers: null = every block
+    assert import_sae(params_with(store, source=str(tmp_path / "tfm_all"), layers=[1]), reader, tmp_path / "sae2")[
+        "layers"
+    ] == [0, 1, 2, 3]  # layers: null = every block
 
 
 def test_another_experiments_sae_dir_is_imported_as_is(store, reader, tmp_path):
@@ -216,8 +258,12 @@ def test_mismatches_name_both_sides(store, reader, tmp_path):
     with pytest.raises(MlsaeError, match=r"has d_model 32, but the store .* holds d_model 64"):
         import_sae(params_with(store, source=str(tmp_path / "wide")), reader, tmp_path / "sae")
     write_seed(tmp_path / "mlsae-pythia-70m-deduped-x4-k8")
-    with pytest.raises(MlsaeError, match=r"trained on model 'pythia-70m-deduped', but the store .* holds model 'tiny-llama'"):
-        import_sae(params_with(store, source=str(tmp_path / "mlsae-pythia-70m-deduped-x4-k8")), reader, tmp_path / "sae")
+    with pytest.raises(
+        MlsaeError, match=r"trained on model 'pythia-70m-deduped', but the store .* holds model 'tiny-llama'"
+    ):
+        import_sae(
+            params_with(store, source=str(tmp_path / "mlsae-pythia-70m-deduped-x4-k8")), reader, tmp_path / "sae"
+        )
     write_seed(tmp_path / "tfm", tfm={"layers": [2, 7]})
     with pytest.raises(MlsaeError, match=r"uses blocks \[2, 7\], but the store .* holds 4 layers"):
         import_sae(params_with(store, source=str(tmp_path / "tfm")), reader, tmp_path / "sae")
@@ -233,13 +279,16 @@ def test_mismatches_name_both_sides(store, reader, tmp_path):
     assert not (tmp_path / "sae").exists()
 
 
-@pytest.mark.parametrize("variant, message", [
-    ({"cfg_extra": {"standardize": False}}, r"unsupported seed variant: standardize=False"),
-    ({"cfg_extra": {"normalize_decoder": True}}, r"unsupported seed variant: unknown .* key 'normalize_decoder'"),
-    ({"tensor_extra": {"encoder.bias": torch.zeros(N)}}, r"unsupported seed variant: tensor 'encoder.bias'"),
-    ({"cfg_extra": {"k": 0}}, r"'k' must be a positive integer"),
-    ({"cfg_extra": {"n_latents": 300}}, r"'encoder.weight' has shape \(256, 64\), expected \(300, 64\)"),
-])
+@pytest.mark.parametrize(
+    "variant, message",
+    [
+        ({"cfg_extra": {"standardize": False}}, r"unsupported seed variant: standardize=False"),
+        ({"cfg_extra": {"normalize_decoder": True}}, r"unsupported seed variant: unknown .* key 'normalize_decoder'"),
+        ({"tensor_extra": {"encoder.bias": torch.zeros(N)}}, r"unsupported seed variant: tensor 'encoder.bias'"),
+        ({"cfg_extra": {"k": 0}}, r"'k' must be a positive integer"),
+        ({"cfg_extra": {"n_latents": 300}}, r"'encoder.weight' has shape \(256, 64\), expected \(300, 64\)"),
+    ],
+)
 def test_unsupported_seed_variants_are_refused_by_name(store, reader, tmp_path, variant, message):
     write_seed(tmp_path / "seed", **variant)
     with pytest.raises(MlsaeError, match=message):
@@ -335,7 +384,12 @@ def test_saelens_cfg_schema_and_hardlinks(tmp_path):
         cfg = json.loads((folder / "cfg.json").read_text())
         # SAELens 6 SAEConfig/TopKSAEConfig fields and their allowed values
         assert cfg["architecture"] == "topk" and (cfg["d_in"], cfg["d_sae"], cfg["k"]) == (D, N, K)
-        assert cfg["normalize_activations"] in ("none", "expected_average_only_in", "constant_norm_rescale", "layer_norm")
+        assert cfg["normalize_activations"] in (
+            "none",
+            "expected_average_only_in",
+            "constant_norm_rescale",
+            "layer_norm",
+        )
         assert cfg["normalize_activations"] == "layer_norm" and cfg["apply_b_dec_to_input"] is True
         assert cfg["dtype"] == "float32" and cfg["reshape_activations"] == "none"
         assert cfg["rescale_acts_by_decoder_norm"] is False
@@ -344,8 +398,11 @@ def test_saelens_cfg_schema_and_hardlinks(tmp_path):
         assert meta["hook_name"] == f"blocks.{block}.hook_resid_post" and meta["model_name"] == "tiny-llama"
         tensors = load_np(str(folder / "sae_weights.safetensors"))
         assert {k: (v.shape, v.dtype) for k, v in tensors.items()} == {
-            "W_enc": ((D, N), np.float32), "W_dec": ((N, D), np.float32),
-            "b_enc": ((N,), np.float32), "b_dec": ((D,), np.float32)}
+            "W_enc": ((D, N), np.float32),
+            "W_dec": ((N, D), np.float32),
+            "b_enc": ((N,), np.float32),
+            "b_dec": ((D,), np.float32),
+        }
 
 
 def test_export_refusals(tmp_path):
@@ -369,8 +426,13 @@ def test_export_refusals(tmp_path):
 
 def test_export_cli(tmp_path):
     def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "mlsae.cli", "export", *args], cwd=tmp_path,
-                              env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
+        return subprocess.run(
+            [sys.executable, "-m", "mlsae.cli", "export", *args],
+            cwd=tmp_path,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            capture_output=True,
+            text=True,
+        )
 
     proc = cli("--format", "onnx", "o")
     assert proc.returncode == 1 and proc.stderr.strip() == "error: export: --format: unknown format 'onnx'; use saelens"
@@ -406,16 +468,23 @@ def run_train(cwd: Path, store: tuple[Path, dict], source: str) -> subprocess.Co
     if not link.exists():
         link.symlink_to(store[0])
     (cwd / "params.yaml").write_text(yaml.safe_dump({**store[1], "sae": {"source": source}}))
-    return subprocess.run([sys.executable, str(ROOT / "stages" / "train.py")], cwd=cwd,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"},
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "stages" / "train.py")],
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_train_stage_imports_instead_of_training(store, tmp_path):
     write_seed(tmp_path / "seed")
     random_sae([1, 2]).save(tmp_path / "other" / "data" / "sae")
-    for source, fmt, layers in ((tmp_path / "seed", "seed", [0, 1, 2, 3]),
-                                (tmp_path / "other" / "data" / "sae", "mlsae", [1, 2])):
+    for source, fmt, layers in (
+        (tmp_path / "seed", "seed", [0, 1, 2, 3]),
+        (tmp_path / "other" / "data" / "sae", "mlsae", [1, 2]),
+    ):
         run = tmp_path / f"run_{fmt}"
         proc = run_train(run, store, str(source))
         assert proc.returncode == 0, proc.stderr[-2000:]
@@ -436,5 +505,3 @@ def test_train_stage_mismatch_is_one_line_and_writes_nothing(store, tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and lines[0].startswith("error: train: sae.source: ") and "d_model 32" in lines[0]
     assert not (tmp_path / "run" / C.SAE_DIR).exists() and not (tmp_path / "run" / C.TRAIN_METRICS).exists()
-
-

@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from mlsae.core.paths import LENS_CONFIG, LENS_PARAMS
 from mlsae.core.errors import MlsaeError
-from mlsae.lens.tuned import Lens, import_tuned_lens, load_pretrained
+from mlsae.core.paths import LENS_CONFIG, LENS_PARAMS
 from mlsae.lens.fit import fit_lens, kl_by_layer, shuffled_chunks
+from mlsae.lens.tuned import Lens, import_tuned_lens, load_pretrained
 
 L, D, V = 4, 32, 256
 

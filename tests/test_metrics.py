@@ -19,8 +19,18 @@ from mlsae.core.metrics import (
 )
 from mlsae.core.params import parse_params
 
-TRAIN = {"fvu": 0.25, "fvu_by_layer": [0.2, 0.3], "loss": 0.26, "l0": 32.0, "dead_fraction": None,
-         "vectors_per_s": 1.5e5, "steps": 10, "tokens": 5120, "n_latents": 256, "layers": [0, 1]}
+TRAIN = {
+    "fvu": 0.25,
+    "fvu_by_layer": [0.2, 0.3],
+    "loss": 0.26,
+    "l0": 32.0,
+    "dead_fraction": None,
+    "vectors_per_s": 1.5e5,
+    "steps": 10,
+    "tokens": 5120,
+    "n_latents": 256,
+    "layers": [0, 1],
+}
 
 
 def test_round_trip_keeps_every_key_in_order(tmp_path: Path) -> None:
@@ -67,7 +77,12 @@ def test_one_record_per_metrics_file() -> None:
 def test_device_per_stage_from_params() -> None:
     p = parse_params({})
     assert {s: p.device(s) for s in ("extract", "lens", "train", "evaluate", "dump")} == {
-        "extract": "auto", "lens": "cpu", "train": "auto", "evaluate": "auto", "dump": "cpu"}
+        "extract": "auto",
+        "lens": "cpu",
+        "train": "auto",
+        "evaluate": "auto",
+        "dump": "cpu",
+    }
     p = parse_params({"extract": {"device": "cpu"}, "evaluate": {"device": "cuda:1"}, "dump": {"device": "auto"}})
     assert (p.device("evaluate"), p.device("dump")) == ("cuda:1", "auto")
     assert parse_params({"extract": {"device": "cpu"}}).device("evaluate") == "cpu"  # empty: extract's

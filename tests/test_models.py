@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mlsae.core.paths import HOOK_NAME
 from mlsae.core.errors import MlsaeError
+from mlsae.core.paths import HOOK_NAME
 from mlsae.models.registry import REGISTRY, classify, load_model
 from mlsae.models.tiny import SIZES, build_tiny
 
@@ -128,8 +128,10 @@ def test_bridge_is_lazy_and_never_wraps_the_hf_model(tiny: tuple) -> None:
     bridged = {p.data_ptr() for p in loaded.bridge.parameters()}
     own = {p.data_ptr() for p in loaded.hf_model.parameters()}
     assert own and own <= bridged
-    assert all(type(m).__module__.startswith("transformers.") or type(m).__module__.startswith("torch.")
-               for m in loaded.hf_model.modules())
+    assert all(
+        type(m).__module__.startswith("transformers.") or type(m).__module__.startswith("torch.")
+        for m in loaded.hf_model.modules()
+    )
     assert type(loaded.hf_model.base_model.layers[0]) is layer_type
 
 
@@ -143,7 +145,9 @@ def test_logits_and_splice_match_hf(tiny: tuple) -> None:
 
     shift = torch.randn(loaded.d_model, generator=torch.Generator().manual_seed(4))
     layer = fresh.base_model.layers[1]
-    handle = layer.register_forward_hook(lambda m, a, out: (out[0] + shift, *out[1:]) if isinstance(out, tuple) else out + shift)
+    handle = layer.register_forward_hook(
+        lambda m, a, out: (out[0] + shift, *out[1:]) if isinstance(out, tuple) else out + shift
+    )
     try:
         with torch.no_grad():
             shifted = fresh(ids).logits

@@ -10,6 +10,7 @@ test_browse.py and test_browser.py. docs/failures.md maps each fault class to it
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -51,9 +52,18 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # helpers
 
 SIZES = dict(data__context=32, data__train_tokens=2048, data__eval_tokens=512)  # 64 + 16 contexts
-TRAIN = dict(sae={"expansion": 2, "k": 4, "auxk": 16, "dead_tokens": 256},
-             train={"batch_tokens": 128, "lr": 1e-3, "epochs": 1, "shuffle_buffer_tokens": 512,
-                    "checkpoint_every": 2, "geometric_median_sample": 256, "device": "cpu"})
+TRAIN = dict(
+    sae={"expansion": 2, "k": 4, "auxk": 16, "dead_tokens": 256},
+    train={
+        "batch_tokens": 128,
+        "lr": 1e-3,
+        "epochs": 1,
+        "shuffle_buffer_tokens": 512,
+        "checkpoint_every": 2,
+        "geometric_median_sample": 256,
+        "device": "cpu",
+    },
+)
 
 
 def run_extract(raw: dict, out: Path, **kwargs: Any) -> dict:
@@ -62,8 +72,11 @@ def run_extract(raw: dict, out: Path, **kwargs: Any) -> dict:
 
 def arrays(path: Path) -> dict[str, np.ndarray]:
     root = store.open_root(str(path))
-    return {f"{s}/{k}": root[s][k][:] for s in C.SPLITS
-            for k in (C.RESID, C.TOKENS, C.CONTEXT, C.POSITION, C.SPECIAL, C.DOCUMENT)}
+    return {
+        f"{s}/{k}": root[s][k][:]
+        for s in C.SPLITS
+        for k in (C.RESID, C.TOKENS, C.CONTEXT, C.POSITION, C.SPECIAL, C.DOCUMENT)
+    }
 
 
 def assert_same_arrays(a: Path, b: Path) -> None:
@@ -124,8 +137,9 @@ def test_corpus_content_hash_follows_content_not_path(corpus_copy: Path, tmp_pat
     assert corpus.content_sha256(str(corpus_copy)) != before
 
 
-def test_extract_interrupted_then_corpus_edited_starts_afresh(corpus_copy: Path, tmp_path: Path,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_extract_interrupted_then_corpus_edited_starts_afresh(
+    corpus_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Issue 28 (1): the store recorded the corpus path only, so a rerun after an edit resumed,
     mixing old and new text, and marked the store complete."""
     monkeypatch.setattr(store, "SHARD_TARGET_BYTES", 1)  # 8 contexts per shard
@@ -140,8 +154,9 @@ def test_extract_interrupted_then_corpus_edited_starts_afresh(corpus_copy: Path,
     assert store.open_root(str(out)).attrs["corpus_sha256"] == corpus.content_sha256(str(corpus_copy))
 
 
-def test_extract_refuses_an_incomplete_store_of_other_params(corpus_copy: Path, tmp_path: Path,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_extract_refuses_an_incomplete_store_of_other_params(
+    corpus_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Other params (here: extract.batch_size, which changes the residuals' rounding) never resume
     an incomplete store; it is refused, untouched, so that its own params can still finish it."""
     monkeypatch.setattr(store, "SHARD_TARGET_BYTES", 1)
@@ -162,8 +177,9 @@ class CountingStep:
         return self.real(*args, **kw)
 
 
-def test_train_never_resumes_a_checkpoint_of_other_corpus_content(corpus_copy: Path, tmp_path: Path,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_train_never_resumes_a_checkpoint_of_other_corpus_content(
+    corpus_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Issue 28 (2): the checkpoint's identity held the corpus path; after a corpus edit and a
     rebuilt store, train continued the old checkpoint, mixing both corpora."""
     import mlsae.sae.trainer as trainer
@@ -209,18 +225,23 @@ def _done(path: Path, split: str = "train") -> int:
 
 
 def _run_stage(work: Path, name: str, prelude: str = "") -> subprocess.CompletedProcess:
-    return subprocess.run(stage_command(name, prelude), cwd=work, capture_output=True, text=True, env=stage_env(),
-                          timeout=300)
+    return subprocess.run(
+        stage_command(name, prelude), cwd=work, capture_output=True, text=True, env=stage_env(), timeout=300
+    )
 
 
 SHRINK = "import mlsae.stores.activations as s; s.SHARD_TARGET_BYTES = 1"
 PACE_EXTRACT = "import time; _ts = s.to_storage; s.to_storage = lambda *a: (time.sleep(0.15), _ts(*a))[1]"
-PACE_TRAIN = ("import time, mlsae.sae.trainer as t; _st = t.train_step\n"
-              "t.train_step = lambda *a, **k: (time.sleep(0.05), _st(*a, **k))[1]")
+PACE_TRAIN = (
+    "import time, mlsae.sae.trainer as t; _st = t.train_step\n"
+    "t.train_step = lambda *a, **k: (time.sleep(0.05), _st(*a, **k))[1]"
+)
 
 
 @pytest.mark.slow  # stage processes killed with SIGKILL
-def test_kill_9_mid_extract_and_mid_train_then_corpus_edit_equals_a_fresh_run(corpus_copy: Path, tmp_path: Path) -> None:
+def test_kill_9_mid_extract_and_mid_train_then_corpus_edit_equals_a_fresh_run(
+    corpus_copy: Path, tmp_path: Path
+) -> None:
     """The issue's end-to-end case: kill -9 extract mid-way, edit the corpus, rerun; kill -9 train
     mid-way, edit the corpus again, rerun extract and train. Both results equal uninterrupted runs
     on the final corpus."""
@@ -232,8 +253,13 @@ def test_kill_9_mid_extract_and_mid_train_then_corpus_edit_equals_a_fresh_run(co
     acts = work / C.ACTIVATIONS
 
     with open(tmp_path / "extract.err", "w") as err:
-        proc = subprocess.Popen(stage_command("extract", f"{SHRINK}\n{PACE_EXTRACT}"), cwd=work,
-                                stdout=subprocess.DEVNULL, stderr=err, env=stage_env())
+        proc = subprocess.Popen(
+            stage_command("extract", f"{SHRINK}\n{PACE_EXTRACT}"),
+            cwd=work,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            env=stage_env(),
+        )
     _kill_when(proc, lambda: _done(acts) >= 2, "extract")
     assert not store.open_root(str(acts)).attrs["complete"]
     edit(corpus_copy)
@@ -245,8 +271,9 @@ def test_kill_9_mid_extract_and_mid_train_then_corpus_edit_equals_a_fresh_run(co
     assert lens_stage.returncode == 0, lens_stage.stderr[-2000:]
     ckpt = work / C.CHECKPOINTS_DIR / "train" / C.CHECKPOINT
     with open(tmp_path / "train.err", "w") as err:
-        proc = subprocess.Popen(stage_command("train", PACE_TRAIN), cwd=work, stdout=subprocess.DEVNULL,
-                                stderr=err, env=stage_env())
+        proc = subprocess.Popen(
+            stage_command("train", PACE_TRAIN), cwd=work, stdout=subprocess.DEVNULL, stderr=err, env=stage_env()
+        )
     _kill_when(proc, lambda: ckpt.is_file(), "train")
     assert torch.load(ckpt, weights_only=True)["step"] >= 1
     edit(corpus_copy)
@@ -281,9 +308,13 @@ def test_missing_activation_chunk_fails_naming_the_array(store_copy: Path, array
     assert f"dvc checkout {store_copy}" in line and "dvc repro -f extract" in line
 
 
-def test_train_stage_on_a_store_missing_a_chunk_prints_one_line(store: tuple[Path, dict], store_copy: Path,
-                                                                tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                                capsys: pytest.CaptureFixture) -> None:
+def test_train_stage_on_a_store_missing_a_chunk_prints_one_line(
+    store: tuple[Path, dict],
+    store_copy: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
     import runpy
 
     work = tmp_path / "work"
@@ -307,8 +338,15 @@ def latents_copy(store: tuple[Path, dict], tmp_path: Path) -> Path:
 
     reader = ActivationStore(str(store[0]))
     torch.manual_seed(0)
-    sae = MLSAE(SAEConfig(d_model=reader.d_model, n_latents=2 * reader.d_model, k=4,
-                          layers=list(range(reader.n_layers)), model="tiny-llama"))
+    sae = MLSAE(
+        SAEConfig(
+            d_model=reader.d_model,
+            n_latents=2 * reader.d_model,
+            k=4,
+            layers=list(range(reader.n_layers)),
+            model="tiny-llama",
+        )
+    )
     out = tmp_path / "latents.zarr"
     dump(sae, Lens.identity(reader.n_layers, reader.d_model), reader, str(out), progress=False)
     return out
@@ -341,8 +379,9 @@ def flip(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("array", ["eval/tokens", "eval/special", "eval/position", "eval/context", "eval/document",
-                                   "train/tokens"])
+@pytest.mark.parametrize(
+    "array", ["eval/tokens", "eval/special", "eval/position", "eval/context", "eval/document", "train/tokens"]
+)
 def test_flipped_byte_in_a_metadata_array_is_reported(store_copy: Path, array: str) -> None:
     """Issue 28 (4): the metadata arrays carried no checksum; one flipped byte in eval/tokens
     changed delta_ce silently (exit 0) and dump copied the bad tokens on."""
@@ -368,7 +407,10 @@ def test_every_array_of_both_stores_is_checksummed_and_recorded(store: tuple[Pat
     for path in (store[0], latents_copy):
         root = zarr.open_group(str(path), mode="r")
         found = {name for name, node in root.members(max_depth=None) if isinstance(node, zarr.Array)}
-        assert {"eval/tokens", "eval/special", "eval/position", "eval/context"} <= found or {C.TOKENS, C.VALUES} <= found
+        assert {"eval/tokens", "eval/special", "eval/position", "eval/context"} <= found or {
+            C.TOKENS,
+            C.VALUES,
+        } <= found
         for name in found:
             codecs = root[name].metadata.codecs
             inner = getattr(codecs[0], "codecs", ())  # a sharded array's chunk codecs
@@ -462,8 +504,9 @@ def test_export_force_never_replaces_a_git_repository(tmp_path: Path, capsys: py
     assert listing(repo) == before
 
 
-def test_export_force_never_replaces_a_pipeline_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                       capsys: pytest.CaptureFixture) -> None:
+def test_export_force_never_replaces_a_pipeline_output(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     """`--force data/sae` replaced the pipeline's SAE and then failed."""
     monkeypatch.chdir(tmp_path)
     saved_sae(tmp_path / C.SAE_DIR)
@@ -475,9 +518,9 @@ def test_export_force_never_replaces_a_pipeline_output(tmp_path: Path, monkeypat
 
 
 @pytest.mark.parametrize("out", [".", ".."])
-def test_export_force_never_replaces_the_working_directory_or_above(tmp_path: Path, out: str,
-                                                                    monkeypatch: pytest.MonkeyPatch,
-                                                                    capsys: pytest.CaptureFixture) -> None:
+def test_export_force_never_replaces_the_working_directory_or_above(
+    tmp_path: Path, out: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     """`--force .` raised a traceback; `--force ..` left a stray temporary directory."""
     work = tmp_path / "work"
     work.mkdir()
@@ -525,9 +568,15 @@ def run_check_stage() -> None:
 @pytest.fixture()
 def checked(tiny_params: Any, workdir: Path) -> Path:
     """A workspace whose check stage has validated (and recorded) params.yaml."""
-    raw = tiny_params(model="tiny-llama", data__context=32, data__train_tokens=1024, data__eval_tokens=256,
-                      evaluate={"tokens": 64}, sae={"dead_tokens": 256},
-                      train={"batch_tokens": 128, "shuffle_buffer_tokens": 512})
+    raw = tiny_params(
+        model="tiny-llama",
+        data__context=32,
+        data__train_tokens=1024,
+        data__eval_tokens=256,
+        evaluate={"tokens": 64},
+        sae={"dead_tokens": 256},
+        train={"batch_tokens": 128, "shuffle_buffer_tokens": 512},
+    )
     (workdir / "params.yaml").write_text(yaml.safe_dump(raw))
     run_check_stage()
     return workdir / "params.yaml"
@@ -564,8 +613,9 @@ def test_check_refuses_while_another_run_is_in_progress(checked: Path, capsys: p
     run_check_stage()
 
 
-def test_second_trainer_on_one_checkpoint_refuses(store: tuple[Path, dict], reader: ActivationStore,
-                                                  tmp_path: Path) -> None:
+def test_second_trainer_on_one_checkpoint_refuses(
+    store: tuple[Path, dict], reader: ActivationStore, tmp_path: Path
+) -> None:
     """Issue 28 (8): an orphaned train process went on writing while a rerun resumed its checkpoint.
     The trainer holds a lock on its checkpoint directory: the second refuses at once."""
     p = parse_params({**store[1], **TRAIN})
@@ -628,8 +678,7 @@ def test_stage_dies_with_its_dvc_process(tmp_path: Path, via_shell: bool) -> Non
     child = [sys.executable, "-c", STAGE_LOOP, str(beat)]
     if via_shell:
         child = ["sh", "-c", " ".join(f"'{a}'" for a in child) + "; true"]  # `; true`: sh stays the parent
-    parent = subprocess.Popen([sys.executable, str(dvc), *child], stdout=subprocess.PIPE, text=True,
-                              env=stage_env())
+    parent = subprocess.Popen([sys.executable, str(dvc), *child], stdout=subprocess.PIPE, text=True, env=stage_env())
     pid = int(parent.stdout.readline())
     stage_pid = pid
     try:
@@ -649,10 +698,8 @@ def test_stage_dies_with_its_dvc_process(tmp_path: Path, via_shell: bool) -> Non
         assert _gone(stage_pid), "the stage outlived its dvc process"
     finally:
         for p in {pid, stage_pid}:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(p, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 @pytest.mark.slow  # a stage process and a signal
@@ -668,17 +715,30 @@ def test_sigterm_stops_train_between_steps_with_a_checkpoint(store: tuple[Path, 
     (work / "params.yaml").write_text(yaml.safe_dump(raw))
     (work / C.ACTIVATIONS).symlink_to(store[0])
     p = parse_params(raw)
-    run_lens_stage(p.lens, p.lens_path, p.lens_fit, p.model, ActivationStore(str(store[0])), work / C.LENS_DIR,
-                   progress=False)
+    run_lens_stage(
+        p.lens, p.lens_path, p.lens_fit, p.model, ActivationStore(str(store[0])), work / C.LENS_DIR, progress=False
+    )
     steps = tmp_path / "steps"
-    prelude = (f"import pathlib, time, mlsae.sae.trainer as t; _st = t.train_step; _n = [0]\n"
-               f"def _step(*a, **k):\n    out = _st(*a, **k); _n[0] += 1; pathlib.Path({str(steps)!r}).write_text(str(_n[0]))"
-               f"; time.sleep(0.05); return out\nt.train_step = _step")
-    proc = subprocess.Popen(stage_command("train", prelude), cwd=work, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, env=stage_env())
+    prelude = (
+        f"import pathlib, time, mlsae.sae.trainer as t; _st = t.train_step; _n = [0]\n"
+        f"def _step(*a, **k):\n    out = _st(*a, **k); _n[0] += 1; pathlib.Path({str(steps)!r}).write_text(str(_n[0]))"
+        f"; time.sleep(0.05); return out\nt.train_step = _step"
+    )
+    proc = subprocess.Popen(
+        stage_command("train", prelude),
+        cwd=work,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=stage_env(),
+    )
     deadline = time.monotonic() + 120
     # (the file may be caught empty between its truncation and its write: that reads as 0)
-    while time.monotonic() < deadline and proc.poll() is None and int((steps.read_text() if steps.exists() else "") or 0) < 3:
+    while (
+        time.monotonic() < deadline
+        and proc.poll() is None
+        and int((steps.read_text() if steps.exists() else "") or 0) < 3
+    ):
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
@@ -692,8 +752,9 @@ def test_sigterm_stops_train_between_steps_with_a_checkpoint(store: tuple[Path, 
 # 9. imports refuse non-finite weights
 
 
-def test_import_of_a_seed_sae_with_nan_weights_is_refused(store: tuple[Path, dict], reader: ActivationStore,
-                                                          tmp_path: Path) -> None:
+def test_import_of_a_seed_sae_with_nan_weights_is_refused(
+    store: tuple[Path, dict], reader: ActivationStore, tmp_path: Path
+) -> None:
     """Issue 28 (9): a NaN SAE imported with exit 0 and went into dvc.lock; evaluate then failed."""
     from test_interop import D, N, write_seed
 
@@ -713,9 +774,13 @@ def test_import_of_a_seed_sae_with_nan_weights_is_refused(store: tuple[Path, dic
 
 
 def check_params(corpus_dir: Path, **sections: Any) -> dict:
-    raw = {"model": "tiny-llama", "data": {"source": str(corpus_dir), "context": 64, "train_tokens": 1024,
-                                          "eval_tokens": 256}, "evaluate": {"tokens": 128},
-           "sae": {"dead_tokens": 256}, "train": {"batch_tokens": 128, "shuffle_buffer_tokens": 512}}
+    raw = {
+        "model": "tiny-llama",
+        "data": {"source": str(corpus_dir), "context": 64, "train_tokens": 1024, "eval_tokens": 256},
+        "evaluate": {"tokens": 128},
+        "sae": {"dead_tokens": 256},
+        "train": {"batch_tokens": 128, "shuffle_buffer_tokens": 512},
+    }
     for key, value in sections.items():
         raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
     return raw
@@ -731,11 +796,14 @@ def test_check_accepts_the_test_params(text_corpus: Path) -> None:
     chk.validate(parse_params(check_params(text_corpus)))
 
 
-@pytest.mark.parametrize(("section", "message"), [
-    ({"train": {"device": "tpu9"}}, r"^train.device: must be auto, cpu, cuda, cuda:N or mps"),
-    ({"sae": {"auxk_coef": float("nan")}}, r"^sae.auxk_coef: input should be a finite number"),
-    ({"train": {"grad_clip": float("nan")}}, r"^train.grad_clip: input should be a finite number"),
-])
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ({"train": {"device": "tpu9"}}, r"^train.device: must be auto, cpu, cuda, cuda:N or mps"),
+        ({"sae": {"auxk_coef": float("nan")}}, r"^sae.auxk_coef: input should be a finite number"),
+        ({"train": {"grad_clip": float("nan")}}, r"^train.grad_clip: input should be a finite number"),
+    ],
+)
 def test_bad_device_and_non_finite_floats_are_refused_by_params(text_corpus: Path, section: dict, message: str) -> None:
     """Issue 28 (10): these were found by the stage, after DVC had deleted its outputs (a NaN
     grad_clip was accepted silently). The typed params refuse them (pydantic, at the edge)."""
@@ -746,7 +814,8 @@ def test_bad_device_and_non_finite_floats_are_refused_by_params(text_corpus: Pat
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
 def test_a_device_this_machine_lacks_is_refused_by_check(text_corpus: Path) -> None:
     assert rejected(check_params(text_corpus, evaluate={"device": "cuda:1"})).startswith(
-        "evaluate.device: 'cuda:1' requested but CUDA is not available")
+        "evaluate.device: 'cuda:1' requested but CUDA is not available"
+    )
 
 
 def test_batch_above_the_run_or_the_buffer_is_refused_by_check(text_corpus: Path) -> None:
@@ -760,7 +829,10 @@ def test_lens_path_contents_are_checked(text_corpus: Path, tmp_path: Path) -> No
     empty = tmp_path / "empty"
     empty.mkdir()
     line = rejected(check_params(text_corpus, lens="pretrained", lens_path=str(empty)))
-    assert line == f"lens_path: {empty} holds no config.json or params.pt (a tuned-lens directory has config.json and params.pt)"
+    assert (
+        line
+        == f"lens_path: {empty} holds no config.json or params.pt (a tuned-lens directory has config.json and params.pt)"
+    )
     Lens(3, 64, torch.zeros(3, 64, 64), torch.zeros(3, 64)).save(tmp_path / "wrong")  # tiny-llama: 4 layers
     line = rejected(check_params(text_corpus, lens="pretrained", lens_path=str(tmp_path / "wrong")))
     assert "is a lens for 3 layers x d_model 64, but model tiny-llama has 4 x 64" in line
@@ -774,8 +846,9 @@ def test_a_run_that_cannot_fit_fails_in_check_saying_how_much_it_needs(text_corp
     assert line.startswith("data.train_tokens / data.eval_tokens: this run needs at least ")
     assert "GiB of memory" in line or "GiB of disk" in line
     memory, disk = chk.machine()
-    need = chk.estimate(parse_params(check_params(text_corpus, data={"train_tokens": 10_000_000_000})),
-                        chk.model_dims("tiny-llama"))
+    need = chk.estimate(
+        parse_params(check_params(text_corpus, data={"train_tokens": 10_000_000_000})), chk.model_dims("tiny-llama")
+    )
     assert need.memory > memory and need.memory > 200 * 2**30  # ~24 bytes a token before any residual
     small = chk.estimate(parse_params(check_params(text_corpus)), chk.model_dims("tiny-llama"))
     assert small.memory < 2**30 and small.disk < 2**25
@@ -804,14 +877,17 @@ def gguf_string(s: str) -> bytes:
 ARCH = gguf_string("general.architecture") + struct.pack("<I", 8) + gguf_string("llama")
 
 
-@pytest.mark.parametrize(("blob", "reason"), [
-    (gguf_bytes(struct.pack("<Q", 1 << 62) + bytes(32)), "key length 4611686018427387904 at offset 24 exceeds"),
-    (gguf_bytes(gguf_string("general.architecture") + struct.pack("<I", 99)), "has unknown value type 99"),
-    (gguf_bytes(ARCH, gguf_string("llama.block_count") + struct.pack("<I", 4)), "truncated header"),
-    (gguf_bytes(ARCH, n_keys=1 << 40), "key count 1099511627776 exceeds the file"),
-    (gguf_bytes(gguf_string("a") + struct.pack("<IIQ", 9, 8, 1 << 60)), "array 'a' of 1152921504606846976 items"),
-    (b"GGUF\x03\x00", "truncated header"),
-])
+@pytest.mark.parametrize(
+    ("blob", "reason"),
+    [
+        (gguf_bytes(struct.pack("<Q", 1 << 62) + bytes(32)), "key length 4611686018427387904 at offset 24 exceeds"),
+        (gguf_bytes(gguf_string("general.architecture") + struct.pack("<I", 99)), "has unknown value type 99"),
+        (gguf_bytes(ARCH, gguf_string("llama.block_count") + struct.pack("<I", 4)), "truncated header"),
+        (gguf_bytes(ARCH, n_keys=1 << 40), "key count 1099511627776 exceeds the file"),
+        (gguf_bytes(gguf_string("a") + struct.pack("<IIQ", 9, 8, 1 << 60)), "array 'a' of 1152921504606846976 items"),
+        (b"GGUF\x03\x00", "truncated header"),
+    ],
+)
 def test_crafted_gguf_headers_fail_in_one_line(tmp_path: Path, blob: bytes, reason: str) -> None:
     """Issue 28 (11): crafted headers gave tracebacks (huge key length, unknown value type,
     truncated header)."""
@@ -823,9 +899,9 @@ def test_crafted_gguf_headers_fail_in_one_line(tmp_path: Path, blob: bytes, reas
     assert line.startswith(f"model: {path}: malformed GGUF header (") and reason in line and "\n" not in line
 
 
-def test_crafted_gguf_fails_the_check_stage_in_one_line(tmp_path: Path, text_corpus: Path,
-                                                        monkeypatch: pytest.MonkeyPatch,
-                                                        capsys: pytest.CaptureFixture) -> None:
+def test_crafted_gguf_fails_the_check_stage_in_one_line(
+    tmp_path: Path, text_corpus: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     monkeypatch.chdir(tmp_path)
     (tmp_path / "m.gguf").write_bytes(gguf_bytes(struct.pack("<Q", 1 << 62)))
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(check_params(text_corpus, model=str(tmp_path / "m.gguf"))))
@@ -841,8 +917,10 @@ def test_jsonl_line_with_a_lone_surrogate_is_one_line_naming_the_line(tmp_path: 
     with pytest.raises(MlsaeError, match=rf"^{path}:3: 'text' holds an unpaired surrogate '\\ud800' at character 4"):
         list(corpus.iter_documents(str(path)))
     with pytest.raises(MlsaeError, match=rf"^{path}:3: 'text' holds an unpaired surrogate"):
-        run_extract(tiny_params(data__source=str(path), data__context=32, data__train_tokens=4096,
-                                data__eval_tokens=64), tmp_path / "a.zarr")
+        run_extract(
+            tiny_params(data__source=str(path), data__context=32, data__train_tokens=4096, data__eval_tokens=64),
+            tmp_path / "a.zarr",
+        )
 
 
 def test_garbled_parquet_names_the_file_and_reason(tmp_path: Path) -> None:
@@ -851,8 +929,12 @@ def test_garbled_parquet_names_the_file_and_reason(tmp_path: Path) -> None:
     import pyarrow.parquet as pq
 
     path = tmp_path / "c.parquet"
-    pq.write_table(pa.table({"text": [f"document number {i} " * 50 for i in range(3000)]}), path,
-                   row_group_size=1000, compression="snappy")
+    pq.write_table(
+        pa.table({"text": [f"document number {i} " * 50 for i in range(3000)]}),
+        path,
+        row_group_size=1000,
+        compression="snappy",
+    )
     data = bytearray(path.read_bytes())
     data[len(data) // 2 : len(data) // 2 + 64] = b"\xff" * 64  # a data page: the footer still parses
     path.write_bytes(bytes(data))
@@ -860,12 +942,18 @@ def test_garbled_parquet_names_the_file_and_reason(tmp_path: Path) -> None:
         list(corpus.iter_documents(str(path)))
 
 
-@pytest.mark.parametrize("error", [
-    OSError(errno.ENOSPC, "No space left on device"),
-    RuntimeError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'),
-])
-def test_model_cache_on_a_full_disk_is_one_line_naming_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                                 error: Exception) -> None:
+@pytest.mark.parametrize(
+    "error",
+    [
+        OSError(errno.ENOSPC, "No space left on device"),
+        RuntimeError(
+            'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+        ),
+    ],
+)
+def test_model_cache_on_a_full_disk_is_one_line_naming_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: Exception
+) -> None:
     """Issue 28 (11): the model cache on a full disk gave a traceback (safetensors writes through
     Rust, so the disk-full error names no path)."""
     import safetensors.torch
@@ -885,14 +973,18 @@ def test_model_cache_on_a_full_disk_is_one_line_naming_the_cache(tmp_path: Path,
     with pytest.raises(MlsaeError) as e:
         gguf_cache.load_gguf(path)
     line = str(e.value)
-    assert line.startswith(f"model cache {tmp_path / 'cache' / 'converted'}: disk full while writing the de-quantised model.gguf")
+    assert line.startswith(
+        f"model cache {tmp_path / 'cache' / 'converted'}: disk full while writing the de-quantised model.gguf"
+    )
     assert "MLSAE_CACHE" in line
     assert [p.name for p in (tmp_path / "cache" / "converted").iterdir()] == []  # no half-written directory
 
 
-def test_disk_full_line_names_the_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                       capsys: pytest.CaptureFixture) -> None:
+def test_disk_full_line_names_the_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     """Issue 28 (11): the disk-full line named no path when the library's error carried none."""
+
     def full(self: Path, *args: Any, **kwargs: Any) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")  # no file name, as from a C library
 
@@ -917,10 +1009,12 @@ EXP_SHOW_BAD = {
     "DVC 2.x layout": b'{"workspace": {"baseline": {"data": {}}}}',
     "a number": b"5",
 }
+
+
 @pytest.mark.parametrize("case", sorted(EXP_SHOW_BAD))
-def test_compare_with_malformed_json_is_one_line_naming_the_file(case: str, tmp_path: Path,
-                                                                 monkeypatch: pytest.MonkeyPatch,
-                                                                 capsys: pytest.CaptureFixture) -> None:
+def test_compare_with_malformed_json_is_one_line_naming_the_file(
+    case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     """Issue 28 (11): `mlsae compare` on malformed JSON gave a traceback."""
     from mlsae.compare.experiments import main
 
@@ -934,8 +1028,9 @@ def test_compare_with_malformed_json_is_one_line_naming_the_file(case: str, tmp_
     assert not (tmp_path / "reports").exists()
 
 
-def test_compare_runs_with_malformed_metrics_are_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                          capsys: pytest.CaptureFixture) -> None:
+def test_compare_runs_with_malformed_metrics_are_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     from mlsae.compare.experiments import main
 
     monkeypatch.chdir(tmp_path)
@@ -968,8 +1063,9 @@ def dvc_outputs() -> set[str]:
     return outs
 
 
-def test_compare_writes_outside_every_stage_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                   capsys: pytest.CaptureFixture) -> None:
+def test_compare_writes_outside_every_stage_output(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     """Issue 28 (12): the table went to reports/tables/, the report stage's output: `dvc status`
     saw the report changed and the next `dvc repro` deleted the table."""
     from test_report import EXP_SHOW_JSON
@@ -1001,10 +1097,13 @@ def test_min_count_above_every_latents_count_is_an_error_naming_it(tmp_path: Pat
     from mlsae.analysis.aggregate import aggregate
 
     path = make_store(tmp_path / "s.zarr", HAND_INDICES, HAND_VALUES, HAND_SPECIAL, n_latents=N_LATENTS)
-    with pytest.raises(MlsaeError, match=r"^analysis.min_count: 10 leaves no latent .*lower analysis.min_count to at most 4"):
+    with pytest.raises(
+        MlsaeError, match=r"^analysis.min_count: 10 leaves no latent .*lower analysis.min_count to at most 4"
+    ):
         aggregate(path, tmp_path / "analysis", tmp_path / "analysis.json", AnalysisParams(min_count=10))
     assert not (tmp_path / "analysis").exists() and not (tmp_path / "analysis.json").exists()
     # (the store holds 3 documents: min_documents at most that, so that min_count alone decides)
-    counted = aggregate(path, tmp_path / "analysis", tmp_path / "analysis.json",
-                        AnalysisParams(min_count=4, min_documents=1))
+    counted = aggregate(
+        path, tmp_path / "analysis", tmp_path / "analysis.json", AnalysisParams(min_count=4, min_documents=1)
+    )
     assert counted["n_latents_counted"] == 1

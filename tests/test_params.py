@@ -36,8 +36,10 @@ def knobs(raw: dict) -> dict:
 
 def params_knobs() -> dict:
     """Every key of the Params model, by section."""
-    return {name: set(f.annotation.model_fields) if hasattr(f.annotation, "model_fields") else None
-            for name, f in Params.model_fields.items()}
+    return {
+        name: set(f.annotation.model_fields) if hasattr(f.annotation, "model_fields") else None
+        for name, f in Params.model_fields.items()
+    }
 
 
 def test_params_yaml_lists_every_knob():
@@ -48,10 +50,16 @@ def test_auto_and_new_keys_parse():
     p = parse_params({})
     assert (p.data.shuffle_documents, p.data.document_tokens, p.evaluate.tokens, p.sae.dead_tokens) == ("auto",) * 4
     assert p.evaluate.baselines == ["mean"] and (p.train.lr_schedule, p.train.warmup_steps) == ("constant", 0)
-    p = parse_params({"data": {"seed": 3, "shuffle_documents": True, "document_tokens": 0},
-                      "train": {"seed": 4, "lr_schedule": "cosine", "warmup_steps": 10},
-                      "lens_fit": {"seed": 5}, "analysis": {"seed": 6},
-                      "evaluate": {"tokens": 100, "baselines": ["mean", "zero"]}, "sae": {"dead_tokens": 7}})
+    p = parse_params(
+        {
+            "data": {"seed": 3, "shuffle_documents": True, "document_tokens": 0},
+            "train": {"seed": 4, "lr_schedule": "cosine", "warmup_steps": 10},
+            "lens_fit": {"seed": 5},
+            "analysis": {"seed": 6},
+            "evaluate": {"tokens": 100, "baselines": ["mean", "zero"]},
+            "sae": {"dead_tokens": 7},
+        }
+    )
     assert (p.data.seed, p.train.seed, p.lens_fit.seed, p.analysis.seed) == (3, 4, 5, 6)
     assert (p.data.shuffle_documents, p.data.document_tokens, p.evaluate.tokens, p.sae.dead_tokens) == (True, 0, 100, 7)
     assert p.evaluate.baselines == ["mean", "zero"] and p.train.lr_schedule == "cosine"
@@ -76,17 +84,27 @@ def test_the_old_top_level_seed_is_refused_naming_the_section_seeds(raw, tmp_pat
     [
         ({"sae": {"k": 0}}, "sae.k: input should be greater than or equal to 1 (got 0)"),
         ({"data": {"seed": -1}}, "data.seed: input should be greater than or equal to 0 (got -1)"),
-        ({"data": {"document_tokens": -1}}, "data.document_tokens: input should be greater than or equal to 0 or "
-                                            "input should be 'auto' (got -1)"),
-        ({"sae": {"dead_tokens": 0}}, "sae.dead_tokens: input should be greater than or equal to 1 or input should "
-                                      "be 'auto' (got 0)"),
-        ({"evaluate": {"tokens": 0}}, "evaluate.tokens: input should be greater than or equal to 1 or input should "
-                                      "be 'auto' (got 0)"),
-        ({"train": {"lr_schedule": "step"}}, "train.lr_schedule: input should be 'constant', 'linear' or 'cosine' "
-                                             "(got 'step')"),
+        (
+            {"data": {"document_tokens": -1}},
+            "data.document_tokens: input should be greater than or equal to 0 or input should be 'auto' (got -1)",
+        ),
+        (
+            {"sae": {"dead_tokens": 0}},
+            "sae.dead_tokens: input should be greater than or equal to 1 or input should be 'auto' (got 0)",
+        ),
+        (
+            {"evaluate": {"tokens": 0}},
+            "evaluate.tokens: input should be greater than or equal to 1 or input should be 'auto' (got 0)",
+        ),
+        (
+            {"train": {"lr_schedule": "step"}},
+            "train.lr_schedule: input should be 'constant', 'linear' or 'cosine' (got 'step')",
+        ),
         ({"train": {"warmup_steps": -2}}, "train.warmup_steps: input should be greater than or equal to 0 (got -2)"),
-        ({"evaluate": {"baselines": ["median"]}}, "evaluate.baselines[0]: input should be 'mean' or 'zero' "
-                                                  "(got 'median')"),
+        (
+            {"evaluate": {"baselines": ["median"]}},
+            "evaluate.baselines[0]: input should be 'mean' or 'zero' (got 'median')",
+        ),
     ],
 )
 def test_new_keys_are_refused_in_pydantic_words(raw, line):
@@ -133,7 +151,6 @@ def test_section_hash_tracks_only_its_sections():
 
 def test_paper_preset_is_the_papers_main_run() -> None:
     """presets/paper.yaml: a complete, valid params file with the paper's settings in stream mode."""
-    import yaml
 
     from mlsae.core.params import load_params
 

@@ -131,12 +131,18 @@ def run_pipeline(workdir: Path, raw: dict, monkeypatch: pytest.MonkeyPatch) -> d
 
 
 @pytest.mark.slow  # the tiny pipeline twice, in process
-def test_every_stage_declares_exactly_the_params_it_reads(text_corpus: Path, tmp_path: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_every_stage_declares_exactly_the_params_it_reads(
+    text_corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     base = {
         "model": "tiny-neox",
-        "data": {"source": str(text_corpus), "context": 64, "train_tokens": 2048, "eval_tokens": 1024,
-                 "sample_tokens": 1024},
+        "data": {
+            "source": str(text_corpus),
+            "context": 64,
+            "train_tokens": 2048,
+            "eval_tokens": 1024,
+            "sample_tokens": 1024,
+        },
         "extract": {"dtype": "float32", "batch_size": 8, "device": "cpu"},
         "sae": {"expansion": 2, "k": 4},
         "train": {"batch_tokens": 256, "device": "cpu"},

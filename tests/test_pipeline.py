@@ -32,11 +32,17 @@ TINY = {
 
 
 def run(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "DVC_NO_ANALYTICS": "1",
+        "HF_HUB_OFFLINE": "1",
+    }
     proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise AssertionError(
+            f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
     return proc
 
 
@@ -64,7 +70,17 @@ def repo(tmp_path_factory) -> Path:
     run(repo, "git", "config", "user.name", "ci")
     run(repo, "dvc", "init", "-q")
     out = run(repo, "dvc", "repro").stdout
-    assert ran_stages(out) == {"extract", "lens", "baseline", "train", "evaluate", "dump", "aggregate", "report", "browse"}
+    assert ran_stages(out) == {
+        "extract",
+        "lens",
+        "baseline",
+        "train",
+        "evaluate",
+        "dump",
+        "aggregate",
+        "report",
+        "browse",
+    }
     run(repo, "git", "add", "-A")
     run(repo, "git", "commit", "-qm", "baseline")
     return repo
@@ -75,10 +91,18 @@ def metrics(repo: Path, name: str) -> dict:
 
 
 def test_repro_writes_every_output(repo):
-    for path in ("data/activations.zarr/zarr.json", "data/sae/sae.safetensors", "data/sae/config.json",
-                 "data/lens/mlsae.json", "data/latents.zarr/zarr.json", "data/analysis/latents.parquet",
-                 "reports/tables/summary.md", "reports/figures/latent_layer_heatmap.png",
-                 "reports/plots/train.csv", "reports/plots/eval_by_layer.csv"):
+    for path in (
+        "data/activations.zarr/zarr.json",
+        "data/sae/sae.safetensors",
+        "data/sae/config.json",
+        "data/lens/mlsae.json",
+        "data/latents.zarr/zarr.json",
+        "data/analysis/latents.parquet",
+        "reports/tables/summary.md",
+        "reports/figures/latent_layer_heatmap.png",
+        "reports/plots/train.csv",
+        "reports/plots/eval_by_layer.csv",
+    ):
         assert (repo / path).exists(), path
     ev = metrics(repo, "eval")
     assert len(ev["fvu_by_layer"]) == 4 and len(ev["delta_ce_by_layer"]) == 4

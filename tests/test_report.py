@@ -20,6 +20,7 @@ from PIL import Image
 
 from mlsae import report
 from mlsae.compare.experiments import compare, experiment_rows, experiments_from_rows, read_rows
+from mlsae.core.errors import MlsaeError
 from mlsae.core.paths import (
     ADJ_COS_PLOT,
     ANALYSIS_METRICS,
@@ -35,7 +36,6 @@ from mlsae.core.paths import (
     TRAIN_METRICS,
     TRAIN_PLOT,
 )
-from mlsae.core.errors import MlsaeError
 
 BLOCKS = [0, 1, 2, 3]  # the SAE's layers (L = 4); the model has 4 blocks
 L = len(BLOCKS)
@@ -394,7 +394,9 @@ def test_figures_and_plot_csvs(run: dict[str, Path]) -> None:
     assert len(centres) == 4 and all(float(r["bin_start"]) <= float(r["bin_end"]) for r in mean_hist)
     std_hist = _read_csv(run["plots_dir"] / report.STD_HIST_PLOT)
     assert sum(int(r["count"]) for r in std_hist) == 4
-    largest_std = max(float(np.sqrt(((np.arange(L) - np.dot(np.arange(L), d)) ** 2) @ d)) for c, _, d in LATENTS.values() if c >= 10)
+    largest_std = max(
+        float(np.sqrt(((np.arange(L) - np.dot(np.arange(L), d)) ** 2) @ d)) for c, _, d in LATENTS.values() if c >= 10
+    )
     assert largest_std < float(std_hist[-1]["bin_end"]) <= (L - 1) / 2  # the range covers every sigma_f
     adjacent = _read_csv(run["plots_dir"] / ADJ_COS_PLOT.name)
     assert [(int(r["layer"]), float(r["adjacent_cos"])) for r in adjacent] == [(0, 0.9), (1, 0.8), (2, 0.7)]
@@ -441,9 +443,9 @@ def test_subset_of_layers_maps_blocks(run: dict[str, Path]) -> None:
     _write_json(run["metrics_dir"] / TRAIN_METRICS.name, {**TRAIN, "fvu_by_layer": [0.2, 0.3]})
     _write_json(run["metrics_dir"] / ANALYSIS_METRICS.name, {**ANALYSIS, "n_layers": 2})
     analysis = run["analysis_dir"]
-    pl.read_parquet(analysis / LAYER_STATS.name).head(2).with_columns(block=pl.Series(blocks, dtype=pl.Int32)).write_parquet(
-        analysis / LAYER_STATS.name
-    )
+    pl.read_parquet(analysis / LAYER_STATS.name).head(2).with_columns(
+        block=pl.Series(blocks, dtype=pl.Int32)
+    ).write_parquet(analysis / LAYER_STATS.name)
     latents = pl.read_parquet(analysis / LATENT_STATS.name)
     latents.with_columns(layer_dist=pl.col("layer_dist").list.head(2)).write_parquet(analysis / LATENT_STATS.name)
     top = pl.read_parquet(analysis / TOP_TOKENS.name)
@@ -457,9 +459,14 @@ def test_subset_of_layers_maps_blocks(run: dict[str, Path]) -> None:
     assert [float(r["delta_ce_mean"]) for r in rows] == [2.0, 3.1]
     assert out["summary"]["layers"] == "1,3"
     # a baseline without one of the SAE's blocks is refused, naming the fix
-    _write_json(run["metrics_dir"] / BASELINE_METRICS.name, {**BASELINE, "layers": [0, 1], "delta_ce_mean_by_layer": [1.0, 2.0]})
-    with pytest.raises(MlsaeError, match=r"baseline\.json: no delta_ce_mean for some of the SAE's blocks \[1, 3\]; "
-                                         r"rerun the baseline stage"):
+    _write_json(
+        run["metrics_dir"] / BASELINE_METRICS.name, {**BASELINE, "layers": [0, 1], "delta_ce_mean_by_layer": [1.0, 2.0]}
+    )
+    with pytest.raises(
+        MlsaeError,
+        match=r"baseline\.json: no delta_ce_mean for some of the SAE's blocks \[1, 3\]; "
+        r"rerun the baseline stage",
+    ):
         _build(run)
 
 
@@ -525,8 +532,12 @@ def test_report_reads_the_aggregate_stage_output(run: dict[str, Path], tmp_path:
     root.create_array("document", data=np.arange(N_TOKENS, dtype=np.int64) // 10, chunks=(16,))  # 6 documents
     seal(root, store, "dump")
     root.attrs.update({"layers": BLOCKS, "n_latents": n_latents, "k": k, "complete": True})
-    metrics = aggregate(store, run["analysis_dir"], run["metrics_dir"] / ANALYSIS_METRICS.name,
-                        AnalysisParams(min_count=1, min_documents=1))
+    metrics = aggregate(
+        store,
+        run["analysis_dir"],
+        run["metrics_dir"] / ANALYSIS_METRICS.name,
+        AnalysisParams(min_count=1, min_documents=1),
+    )
 
     out = _build(run, top_latents=4, min_count=1)
     rows = _read_csv(run["tables_dir"] / "top_latents.csv")
@@ -540,6 +551,7 @@ def test_report_reads_the_aggregate_stage_output(run: dict[str, Path], tmp_path:
 # --------------------------------------------------------------------------------------------
 # compare
 # --------------------------------------------------------------------------------------------
+
 
 def _table_rows(out: Path) -> list[dict[str, str]]:
     return _read_csv(out.with_suffix(".csv"))
@@ -657,11 +669,245 @@ def test_compare_runs_dvc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
 # train.seed 1), one queued (pending) and one that failed in the queue (broken, sae.k 0), with k64
 # applied to the workspace. Captured as returned; only the timestamps are as they came.
 EXP_SHOW_ROWS: list[dict[str, Any]] = [
-    {'Experiment': None, 'rev': 'workspace', 'typ': 'baseline', 'Created': None, 'parent': None, 'State': None, 'Executor': None, 'tokens': 73728.0, 'reports/metrics/extract.json:n_layers': 30.0, 'd_model': 576.0, 'adjacent_cos': 0.85, 'eval_documents': 40.0, 'reports/metrics/lens.json:lens': 'none', 'reports/metrics/train.json:fvu': 0.03125, 'steps': 128.0, 'n_latents': 9216.0, 'auxk_steps': 3.0, 'reports/metrics/baseline.json:ce_clean': 2.9, 'delta_ce_mean': 2.0, 'reports/metrics/eval.json:fvu': 0.0390625, 'delta_ce': 0.025, 'loss_recovered': 0.9875, 'kl': 0.02, 'l0': 64.0, 'reports/metrics/eval.json:ce_clean': 2.9, 'var_ratio': 150.0, 'within_share': 0.006666666666666667, 'multi_layer_fraction': 0.4, 'reports/metrics/analysis.json:n_layers': 30.0, 'model': 'smollm2-135m', 'data.train_tokens': 65536.0, 'params.yaml:lens': 'none', 'sae.layers': 'all', 'sae.expansion': 16.0, 'sae.k': 64.0, 'train.seed': 0.0, 'evaluate.baselines': "['mean']", 'make.py': '55a8b24282d658ac9033ea952a538859'},
-    {'Experiment': None, 'rev': 'master', 'typ': 'baseline', 'Created': '01:25 PM', 'parent': None, 'State': None, 'Executor': None, 'tokens': 73728.0, 'reports/metrics/extract.json:n_layers': 30.0, 'd_model': 576.0, 'adjacent_cos': 0.85, 'eval_documents': 40.0, 'reports/metrics/lens.json:lens': 'none', 'reports/metrics/train.json:fvu': 0.0625, 'steps': 128.0, 'n_latents': 9216.0, 'auxk_steps': 3.0, 'reports/metrics/baseline.json:ce_clean': 2.9, 'delta_ce_mean': 2.0, 'reports/metrics/eval.json:fvu': 0.078125, 'delta_ce': 0.05, 'loss_recovered': 0.975, 'kl': 0.04, 'l0': 32.0, 'reports/metrics/eval.json:ce_clean': 2.9, 'var_ratio': 150.0, 'within_share': 0.006666666666666667, 'multi_layer_fraction': 0.4, 'reports/metrics/analysis.json:n_layers': 30.0, 'model': 'smollm2-135m', 'data.train_tokens': 65536.0, 'params.yaml:lens': 'none', 'sae.layers': 'all', 'sae.expansion': 16.0, 'sae.k': 32.0, 'train.seed': 0.0, 'evaluate.baselines': "['mean']", 'make.py': '55a8b24282d658ac9033ea952a538859'},
-    {'Experiment': 'single3', 'rev': 'e7a90d1', 'typ': 'branch_commit', 'Created': '01:25 PM', 'parent': None, 'State': None, 'Executor': None, 'tokens': 73728.0, 'reports/metrics/extract.json:n_layers': 30.0, 'd_model': 576.0, 'adjacent_cos': 0.85, 'eval_documents': 40.0, 'reports/metrics/lens.json:lens': 'fit', 'reports/metrics/train.json:fvu': 0.03125, 'steps': 128.0, 'n_latents': 9216.0, 'auxk_steps': 3.0, 'reports/metrics/baseline.json:ce_clean': 2.9, 'delta_ce_mean': 2.0, 'reports/metrics/eval.json:fvu': 0.0390625, 'delta_ce': 0.025, 'loss_recovered': 0.9875, 'kl': 0.02, 'l0': 64.0, 'reports/metrics/eval.json:ce_clean': 2.9, 'var_ratio': 100.0, 'within_share': 0.01, 'multi_layer_fraction': 0.4, 'reports/metrics/analysis.json:n_layers': 30.0, 'model': 'smollm2-135m', 'data.train_tokens': 65536.0, 'params.yaml:lens': 'fit', 'sae.layers': '[3]', 'sae.expansion': 16.0, 'sae.k': 64.0, 'train.seed': 1.0, 'evaluate.baselines': "['mean']", 'make.py': '55a8b24282d658ac9033ea952a538859'},
-    {'Experiment': 'k64', 'rev': 'a75005d', 'typ': 'branch_commit', 'Created': '01:25 PM', 'parent': None, 'State': None, 'Executor': None, 'tokens': 73728.0, 'reports/metrics/extract.json:n_layers': 30.0, 'd_model': 576.0, 'adjacent_cos': 0.85, 'eval_documents': 40.0, 'reports/metrics/lens.json:lens': 'none', 'reports/metrics/train.json:fvu': 0.03125, 'steps': 128.0, 'n_latents': 9216.0, 'auxk_steps': 3.0, 'reports/metrics/baseline.json:ce_clean': 2.9, 'delta_ce_mean': 2.0, 'reports/metrics/eval.json:fvu': 0.0390625, 'delta_ce': 0.025, 'loss_recovered': 0.9875, 'kl': 0.02, 'l0': 64.0, 'reports/metrics/eval.json:ce_clean': 2.9, 'var_ratio': 150.0, 'within_share': 0.006666666666666667, 'multi_layer_fraction': 0.4, 'reports/metrics/analysis.json:n_layers': 30.0, 'model': 'smollm2-135m', 'data.train_tokens': 65536.0, 'params.yaml:lens': 'none', 'sae.layers': 'all', 'sae.expansion': 16.0, 'sae.k': 64.0, 'train.seed': 0.0, 'evaluate.baselines': "['mean']", 'make.py': '55a8b24282d658ac9033ea952a538859'},
-    {'Experiment': 'pending', 'rev': '8a5ea3d', 'typ': 'branch_commit', 'Created': '01:25 PM', 'parent': None, 'State': 'Queued', 'Executor': 'Dvc-task', 'tokens': None, 'reports/metrics/extract.json:n_layers': None, 'd_model': None, 'adjacent_cos': None, 'eval_documents': None, 'reports/metrics/lens.json:lens': None, 'reports/metrics/train.json:fvu': None, 'steps': None, 'n_latents': None, 'auxk_steps': None, 'reports/metrics/baseline.json:ce_clean': None, 'delta_ce_mean': None, 'reports/metrics/eval.json:fvu': None, 'delta_ce': None, 'loss_recovered': None, 'kl': None, 'l0': None, 'reports/metrics/eval.json:ce_clean': None, 'var_ratio': None, 'within_share': None, 'multi_layer_fraction': None, 'reports/metrics/analysis.json:n_layers': None, 'model': 'gpt2', 'data.train_tokens': 1000.0, 'params.yaml:lens': 'fit', 'sae.layers': '[3]', 'sae.expansion': 16.0, 'sae.k': 64.0, 'train.seed': 1.0, 'evaluate.baselines': "['mean']", 'make.py': '55a8b24282d658ac9033ea952a538859'},
-    {'Experiment': 'broken', 'rev': 'd4bebb7', 'typ': 'branch_base', 'Created': '01:25 PM', 'parent': None, 'State': 'Failed', 'Executor': None, 'tokens': 73728.0, 'reports/metrics/extract.json:n_layers': 30.0, 'd_model': 576.0, 'adjacent_cos': 0.85, 'eval_documents': 40.0, 'reports/metrics/lens.json:lens': 'fit', 'reports/metrics/train.json:fvu': 0.03125, 'steps': 128.0, 'n_latents': 9216.0, 'auxk_steps': 3.0, 'reports/metrics/baseline.json:ce_clean': 2.9, 'delta_ce_mean': 2.0, 'reports/metrics/eval.json:fvu': 0.0390625, 'delta_ce': 0.025, 'loss_recovered': 0.9875, 'kl': 0.02, 'l0': 64.0, 'reports/metrics/eval.json:ce_clean': 2.9, 'var_ratio': 100.0, 'within_share': 0.01, 'multi_layer_fraction': 0.4, 'reports/metrics/analysis.json:n_layers': 30.0, 'model': 'smollm2-135m', 'data.train_tokens': 65536.0, 'params.yaml:lens': 'fit', 'sae.layers': '[3]', 'sae.expansion': 16.0, 'sae.k': 0.0, 'train.seed': 1.0, 'evaluate.baselines': "['mean']", 'make.py': '55a8b24282d658ac9033ea952a538859'},
+    {
+        "Experiment": None,
+        "rev": "workspace",
+        "typ": "baseline",
+        "Created": None,
+        "parent": None,
+        "State": None,
+        "Executor": None,
+        "tokens": 73728.0,
+        "reports/metrics/extract.json:n_layers": 30.0,
+        "d_model": 576.0,
+        "adjacent_cos": 0.85,
+        "eval_documents": 40.0,
+        "reports/metrics/lens.json:lens": "none",
+        "reports/metrics/train.json:fvu": 0.03125,
+        "steps": 128.0,
+        "n_latents": 9216.0,
+        "auxk_steps": 3.0,
+        "reports/metrics/baseline.json:ce_clean": 2.9,
+        "delta_ce_mean": 2.0,
+        "reports/metrics/eval.json:fvu": 0.0390625,
+        "delta_ce": 0.025,
+        "loss_recovered": 0.9875,
+        "kl": 0.02,
+        "l0": 64.0,
+        "reports/metrics/eval.json:ce_clean": 2.9,
+        "var_ratio": 150.0,
+        "within_share": 0.006666666666666667,
+        "multi_layer_fraction": 0.4,
+        "reports/metrics/analysis.json:n_layers": 30.0,
+        "model": "smollm2-135m",
+        "data.train_tokens": 65536.0,
+        "params.yaml:lens": "none",
+        "sae.layers": "all",
+        "sae.expansion": 16.0,
+        "sae.k": 64.0,
+        "train.seed": 0.0,
+        "evaluate.baselines": "['mean']",
+        "make.py": "55a8b24282d658ac9033ea952a538859",
+    },
+    {
+        "Experiment": None,
+        "rev": "master",
+        "typ": "baseline",
+        "Created": "01:25 PM",
+        "parent": None,
+        "State": None,
+        "Executor": None,
+        "tokens": 73728.0,
+        "reports/metrics/extract.json:n_layers": 30.0,
+        "d_model": 576.0,
+        "adjacent_cos": 0.85,
+        "eval_documents": 40.0,
+        "reports/metrics/lens.json:lens": "none",
+        "reports/metrics/train.json:fvu": 0.0625,
+        "steps": 128.0,
+        "n_latents": 9216.0,
+        "auxk_steps": 3.0,
+        "reports/metrics/baseline.json:ce_clean": 2.9,
+        "delta_ce_mean": 2.0,
+        "reports/metrics/eval.json:fvu": 0.078125,
+        "delta_ce": 0.05,
+        "loss_recovered": 0.975,
+        "kl": 0.04,
+        "l0": 32.0,
+        "reports/metrics/eval.json:ce_clean": 2.9,
+        "var_ratio": 150.0,
+        "within_share": 0.006666666666666667,
+        "multi_layer_fraction": 0.4,
+        "reports/metrics/analysis.json:n_layers": 30.0,
+        "model": "smollm2-135m",
+        "data.train_tokens": 65536.0,
+        "params.yaml:lens": "none",
+        "sae.layers": "all",
+        "sae.expansion": 16.0,
+        "sae.k": 32.0,
+        "train.seed": 0.0,
+        "evaluate.baselines": "['mean']",
+        "make.py": "55a8b24282d658ac9033ea952a538859",
+    },
+    {
+        "Experiment": "single3",
+        "rev": "e7a90d1",
+        "typ": "branch_commit",
+        "Created": "01:25 PM",
+        "parent": None,
+        "State": None,
+        "Executor": None,
+        "tokens": 73728.0,
+        "reports/metrics/extract.json:n_layers": 30.0,
+        "d_model": 576.0,
+        "adjacent_cos": 0.85,
+        "eval_documents": 40.0,
+        "reports/metrics/lens.json:lens": "fit",
+        "reports/metrics/train.json:fvu": 0.03125,
+        "steps": 128.0,
+        "n_latents": 9216.0,
+        "auxk_steps": 3.0,
+        "reports/metrics/baseline.json:ce_clean": 2.9,
+        "delta_ce_mean": 2.0,
+        "reports/metrics/eval.json:fvu": 0.0390625,
+        "delta_ce": 0.025,
+        "loss_recovered": 0.9875,
+        "kl": 0.02,
+        "l0": 64.0,
+        "reports/metrics/eval.json:ce_clean": 2.9,
+        "var_ratio": 100.0,
+        "within_share": 0.01,
+        "multi_layer_fraction": 0.4,
+        "reports/metrics/analysis.json:n_layers": 30.0,
+        "model": "smollm2-135m",
+        "data.train_tokens": 65536.0,
+        "params.yaml:lens": "fit",
+        "sae.layers": "[3]",
+        "sae.expansion": 16.0,
+        "sae.k": 64.0,
+        "train.seed": 1.0,
+        "evaluate.baselines": "['mean']",
+        "make.py": "55a8b24282d658ac9033ea952a538859",
+    },
+    {
+        "Experiment": "k64",
+        "rev": "a75005d",
+        "typ": "branch_commit",
+        "Created": "01:25 PM",
+        "parent": None,
+        "State": None,
+        "Executor": None,
+        "tokens": 73728.0,
+        "reports/metrics/extract.json:n_layers": 30.0,
+        "d_model": 576.0,
+        "adjacent_cos": 0.85,
+        "eval_documents": 40.0,
+        "reports/metrics/lens.json:lens": "none",
+        "reports/metrics/train.json:fvu": 0.03125,
+        "steps": 128.0,
+        "n_latents": 9216.0,
+        "auxk_steps": 3.0,
+        "reports/metrics/baseline.json:ce_clean": 2.9,
+        "delta_ce_mean": 2.0,
+        "reports/metrics/eval.json:fvu": 0.0390625,
+        "delta_ce": 0.025,
+        "loss_recovered": 0.9875,
+        "kl": 0.02,
+        "l0": 64.0,
+        "reports/metrics/eval.json:ce_clean": 2.9,
+        "var_ratio": 150.0,
+        "within_share": 0.006666666666666667,
+        "multi_layer_fraction": 0.4,
+        "reports/metrics/analysis.json:n_layers": 30.0,
+        "model": "smollm2-135m",
+        "data.train_tokens": 65536.0,
+        "params.yaml:lens": "none",
+        "sae.layers": "all",
+        "sae.expansion": 16.0,
+        "sae.k": 64.0,
+        "train.seed": 0.0,
+        "evaluate.baselines": "['mean']",
+        "make.py": "55a8b24282d658ac9033ea952a538859",
+    },
+    {
+        "Experiment": "pending",
+        "rev": "8a5ea3d",
+        "typ": "branch_commit",
+        "Created": "01:25 PM",
+        "parent": None,
+        "State": "Queued",
+        "Executor": "Dvc-task",
+        "tokens": None,
+        "reports/metrics/extract.json:n_layers": None,
+        "d_model": None,
+        "adjacent_cos": None,
+        "eval_documents": None,
+        "reports/metrics/lens.json:lens": None,
+        "reports/metrics/train.json:fvu": None,
+        "steps": None,
+        "n_latents": None,
+        "auxk_steps": None,
+        "reports/metrics/baseline.json:ce_clean": None,
+        "delta_ce_mean": None,
+        "reports/metrics/eval.json:fvu": None,
+        "delta_ce": None,
+        "loss_recovered": None,
+        "kl": None,
+        "l0": None,
+        "reports/metrics/eval.json:ce_clean": None,
+        "var_ratio": None,
+        "within_share": None,
+        "multi_layer_fraction": None,
+        "reports/metrics/analysis.json:n_layers": None,
+        "model": "gpt2",
+        "data.train_tokens": 1000.0,
+        "params.yaml:lens": "fit",
+        "sae.layers": "[3]",
+        "sae.expansion": 16.0,
+        "sae.k": 64.0,
+        "train.seed": 1.0,
+        "evaluate.baselines": "['mean']",
+        "make.py": "55a8b24282d658ac9033ea952a538859",
+    },
+    {
+        "Experiment": "broken",
+        "rev": "d4bebb7",
+        "typ": "branch_base",
+        "Created": "01:25 PM",
+        "parent": None,
+        "State": "Failed",
+        "Executor": None,
+        "tokens": 73728.0,
+        "reports/metrics/extract.json:n_layers": 30.0,
+        "d_model": 576.0,
+        "adjacent_cos": 0.85,
+        "eval_documents": 40.0,
+        "reports/metrics/lens.json:lens": "fit",
+        "reports/metrics/train.json:fvu": 0.03125,
+        "steps": 128.0,
+        "n_latents": 9216.0,
+        "auxk_steps": 3.0,
+        "reports/metrics/baseline.json:ce_clean": 2.9,
+        "delta_ce_mean": 2.0,
+        "reports/metrics/eval.json:fvu": 0.0390625,
+        "delta_ce": 0.025,
+        "loss_recovered": 0.9875,
+        "kl": 0.02,
+        "l0": 64.0,
+        "reports/metrics/eval.json:ce_clean": 2.9,
+        "var_ratio": 100.0,
+        "within_share": 0.01,
+        "multi_layer_fraction": 0.4,
+        "reports/metrics/analysis.json:n_layers": 30.0,
+        "model": "smollm2-135m",
+        "data.train_tokens": 65536.0,
+        "params.yaml:lens": "fit",
+        "sae.layers": "[3]",
+        "sae.expansion": 16.0,
+        "sae.k": 0.0,
+        "train.seed": 1.0,
+        "evaluate.baselines": "['mean']",
+        "make.py": "55a8b24282d658ac9033ea952a538859",
+    },
 ]
 EXP_SHOW_JSON = json.dumps(EXP_SHOW_ROWS)

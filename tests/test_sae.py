@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from mlsae.core.paths import SAE_CONFIG, SAE_WEIGHTS
 from mlsae.core.errors import MlsaeError
-from mlsae.sae.model import MLSAE, SAEConfig, geometric_median
 from mlsae.core.params import SAEParams
+from mlsae.core.paths import SAE_CONFIG, SAE_WEIGHTS
 from mlsae.sae import config as sae_config_module
 from mlsae.sae.config import check_dead_window, check_k, resolve_dead_tokens
 from mlsae.sae.kernels import dead_topk, sparse_outer, topk_select
+from mlsae.sae.model import MLSAE, SAEConfig, geometric_median
 from mlsae.sae.trainer import make_optimizer, train_step
 
 
@@ -190,7 +190,10 @@ def test_dead_topk_reads_only_the_dead_rows() -> None:
     """dead_topk never touches a live latent's encoder row (NaN there changes nothing), and equals
     topk_select's masked selection on the full product."""
     g = torch.Generator().manual_seed(0)
-    xc, w_enc = torch.randn(50, 16, generator=g, dtype=torch.float64), torch.randn(64, 16, generator=g, dtype=torch.float64)
+    xc, w_enc = (
+        torch.randn(50, 16, generator=g, dtype=torch.float64),
+        torch.randn(64, 16, generator=g, dtype=torch.float64),
+    )
     dead = torch.zeros(64, dtype=torch.bool)
     dead[[2, 5, 11, 17, 30, 31, 47, 60, 63]] = True
     for n_aux in (1, 4, 9):
@@ -418,7 +421,10 @@ def test_train_step_through_ddp_matches_plain(tmp_path) -> None:
 
     # a bounded timeout: a gloo hang fails this test within minutes instead of stalling the suite
     dist.init_process_group(
-        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1,
+        "gloo",
+        init_method=f"file://{tmp_path / 'store'}",
+        rank=0,
+        world_size=1,
         timeout=timedelta(seconds=120),
     )
     try:
@@ -552,15 +558,20 @@ def test_config_lives_in_sae_config_and_defaults_to_the_params() -> None:
 
 def test_config_rules_k_dead_window_and_auto_dead_tokens() -> None:
     check_k(64, 64)
-    with pytest.raises(MlsaeError, match=r"^sae\.k: 65 is more than the SAE's n_latents = sae\.expansion x d_model "
-                                         r"= 4 x 16 = 64; lower sae\.k or raise sae\.expansion$"):
+    with pytest.raises(
+        MlsaeError,
+        match=r"^sae\.k: 65 is more than the SAE's n_latents = sae\.expansion x d_model "
+        r"= 4 x 16 = 64; lower sae\.k or raise sae\.expansion$",
+    ):
         check_k(65, 64, 4)
     check_dead_window(99, 100, "how")
     for dead in (100, 101):
         with pytest.raises(MlsaeError) as err:
             check_dead_window(dead, 100, "3 steps x 33")
         message = str(err.value)
-        assert message.startswith(f"sae.dead_tokens: {dead} is at or beyond the run's length of 100 tokens (3 steps x 33)")
+        assert message.startswith(
+            f"sae.dead_tokens: {dead} is at or beyond the run's length of 100 tokens (3 steps x 33)"
+        )
         assert "\n" not in message and "sae.auxk: 0" in message
     assert resolve_dead_tokens("auto", 65536) == 8192 and resolve_dead_tokens("auto", 4096 * 3) == 1536
     assert resolve_dead_tokens("auto", 7) == 1  # at least one token

@@ -7,17 +7,20 @@ import zarr
 
 from conftest import run_extract as extract
 from conftest import run_train as train
-from mlsae.sae.dump import dump
-from mlsae.lens.tuned import Lens
 from mlsae.core.params import parse_params
+from mlsae.lens.tuned import Lens
+from mlsae.sae.dump import dump
 from mlsae.sae.model import MLSAE
 from mlsae.stores.activations import ActivationStore
 
 
 def test_memory_url_store_round_trip(tmp_path: Path, text_corpus: Path):
-    raw = {"model": "tiny-llama", "data": {"source": str(text_corpus), "context": 32, "train_tokens": 1024,
-                                           "eval_tokens": 256},
-           "sae": {"expansion": 2, "k": 4, "dead_tokens": 256}, "train": {"batch_tokens": 128, "shuffle_buffer_tokens": 512}}
+    raw = {
+        "model": "tiny-llama",
+        "data": {"source": str(text_corpus), "context": 32, "train_tokens": 1024, "eval_tokens": 256},
+        "sae": {"expansion": 2, "k": 4, "dead_tokens": 256},
+        "train": {"batch_tokens": 128, "shuffle_buffer_tokens": 512},
+    }
     p = parse_params(raw)
     url = "memory://mlsae-test/activations.zarr"
     extract(p, url)

@@ -17,19 +17,27 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_train import (
+    TRAIN_RAW,
+    WRAPPER,
+    assert_same_weights,
+    identity,
+    merge,
+    read_csv,
+    run_stage_in_process,
+    stage_dir,
+    stage_env,
+)
 
 from conftest import document_runs, route_documents, run_extract, split_arrays
 from conftest import run_train as train
 from mlsae.core import paths as C
-from mlsae.data import contexts
-from mlsae.data import corpus
 from mlsae.core.errors import MlsaeError
-from mlsae.models.registry import load_model
 from mlsae.core.params import Params, parse_params
+from mlsae.data import contexts, corpus
+from mlsae.models.registry import load_model
 from mlsae.sae.model import MLSAE
 from mlsae.stores.activations import ActivationStore
-from test_train import (TRAIN_RAW, WRAPPER, assert_same_weights, identity, merge, read_csv, run_stage_in_process,
-                        stage_dir, stage_env)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,8 +46,10 @@ TORCHRUN = Path(sys.executable).with_name("torchrun")
 
 def stream_raw(store: tuple[Path, dict], **over: dict) -> dict:
     """TRAIN_RAW in stream mode; sample_tokens = train_tokens makes the split store mode's."""
-    raw = merge(merge(store[1], TRAIN_RAW), {"train": {"source": "stream"},
-                                             "data": {"sample_tokens": store[1]["data"]["train_tokens"]}})
+    raw = merge(
+        merge(store[1], TRAIN_RAW),
+        {"train": {"source": "stream"}, "data": {"sample_tokens": store[1]["data"]["train_tokens"]}},
+    )
     return merge(raw, over)
 
 
@@ -101,8 +111,9 @@ def test_context_stream_gives_build_contexts_rows_and_resumes_where_it_stopped(s
     assert not set(counting.texts) & set(docs[: position["piece"]])
 
 
-def test_stream_equals_store_mode_with_the_same_token_order(store: tuple[Path, dict], reader: ActivationStore,
-                                                              tmp_path: Path) -> None:
+def test_stream_equals_store_mode_with_the_same_token_order(
+    store: tuple[Path, dict], reader: ActivationStore, tmp_path: Path
+) -> None:
     """Float32 store, split made equal (sample_tokens >= train_tokens), store chunks visited in
     order and whole chunks per shuffle buffer: stream mode trains on exactly store mode's batches."""
     raw = stream_raw(store)
@@ -110,8 +121,9 @@ def test_stream_equals_store_mode_with_the_same_token_order(store: tuple[Path, d
     p_store = parse_params(merge(raw, {"train": {"source": "store"}}))
     # whole store chunks per buffer, whole contexts per buffer: the buffers hold the same tokens
     assert reader.dtype == "float32" and p_store.train.shuffle_buffer_tokens % reader.chunk_tokens == 0
-    m_store, h_store = train(p_store, reader, identity(reader), tmp_path / "store", tmp_path / "c1", progress=False,
-                             chunk_order="sequential")
+    m_store, h_store = train(
+        p_store, reader, identity(reader), tmp_path / "store", tmp_path / "c1", progress=False, chunk_order="sequential"
+    )
     m_stream, h_stream = train(p_stream, reader, identity(reader), tmp_path / "stream", tmp_path / "c2", progress=False)
     assert m_stream["steps"] == m_store["steps"] > 10
     assert m_stream["train_source"] == "stream" and m_store["train_source"] == "store"
@@ -121,15 +133,17 @@ def test_stream_equals_store_mode_with_the_same_token_order(store: tuple[Path, d
     assert_same_weights(MLSAE.load(tmp_path / "stream"), MLSAE.load(tmp_path / "store"), atol=1e-5)
 
     # the default (seeded chunk order) differs from stream mode only in that order: same tokens
-    m_shuffled, h_shuffled = train(p_store, reader, identity(reader), tmp_path / "shuffled", tmp_path / "c3",
-                                   progress=False)
+    m_shuffled, h_shuffled = train(
+        p_store, reader, identity(reader), tmp_path / "shuffled", tmp_path / "c3", progress=False
+    )
     assert m_shuffled["steps"] == m_store["steps"]
     assert abs(m_shuffled["fvu"] - m_stream["fvu"]) < 0.05
     assert [h["loss"] for h in h_shuffled] != [h["loss"] for h in h_store]
 
 
-def test_stream_split_beyond_the_sample(store: tuple[Path, dict], tmp_path: Path,
-                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_stream_split_beyond_the_sample(
+    store: tuple[Path, dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """With a smaller sample, stream mode trains on the train documents of the head's split (the
     stored sample first), then on every later document: never on an eval document, each train
     context once, in corpus order."""
@@ -148,9 +162,18 @@ def test_stream_split_beyond_the_sample(store: tuple[Path, dict], tmp_path: Path
 
     seen: list[np.ndarray] = []
     real = StreamBatches._residuals
-    monkeypatch.setattr(StreamBatches, "_residuals", lambda self, tokens: (seen.append(tokens.copy()), real(self, tokens))[1])
-    source = StreamBatches(p.data, p.train, p.extract, split, load_model(p.model), list(range(sample_store.n_layers)),
-                           sample_store.skip_first)
+    monkeypatch.setattr(
+        StreamBatches, "_residuals", lambda self, tokens: (seen.append(tokens.copy()), real(self, tokens))[1]
+    )
+    source = StreamBatches(
+        p.data,
+        p.train,
+        p.extract,
+        split,
+        load_model(p.model),
+        list(range(sample_store.n_layers)),
+        sample_store.skip_first,
+    )
     assert (source.n_train, source.n_eval, source.n_sample) == (64, 16, 8)
     assert sum(1 for _ in source.batches()) > 0
     np.testing.assert_array_equal(np.concatenate(seen), expected)  # in corpus order, each once
@@ -163,8 +186,9 @@ def test_stream_split_beyond_the_sample(store: tuple[Path, dict], tmp_path: Path
     assert ctx.document.max() > split.eval_until  # it reads beyond the head
 
 
-def test_stream_resume_equals_uninterrupted_and_reads_nothing_twice(store: tuple[Path, dict], reader: ActivationStore,
-                                                                   tmp_path: Path) -> None:
+def test_stream_resume_equals_uninterrupted_and_reads_nothing_twice(
+    store: tuple[Path, dict], reader: ActivationStore, tmp_path: Path
+) -> None:
     p = parse_params(stream_raw(store))
     full, h_full = train(p, reader, identity(reader), tmp_path / "full", tmp_path / "c0", progress=False)
     out, ckpt = tmp_path / "sae", tmp_path / "ckpt"
@@ -188,14 +212,20 @@ def test_stream_resume_equals_uninterrupted_and_reads_nothing_twice(store: tuple
 
 
 @pytest.mark.slow  # starts a stage process
-def test_stream_kill_9_then_rerun_equals_uninterrupted(store: tuple[Path, dict], reader: ActivationStore,
-                                                       tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_stream_kill_9_then_rerun_equals_uninterrupted(
+    store: tuple[Path, dict], reader: ActivationStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     raw = stream_raw(store, train={"epochs": 3, "checkpoint_every": 1})
     p = parse_params(raw)
     work = stage_dir(tmp_path / "work", store, raw)
     ckpt = work / C.CHECKPOINTS_DIR / "train" / C.CHECKPOINT
-    proc = subprocess.Popen([sys.executable, str(ROOT / "stages" / "train.py")], cwd=work, env=stage_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "stages" / "train.py")],
+        cwd=work,
+        env=stage_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + 300  # a loaded machine (pytest -n 2 beside other work) is slow to start
     while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
@@ -219,8 +249,9 @@ def test_stream_kill_9_then_rerun_equals_uninterrupted(store: tuple[Path, dict],
     assert_same_weights(MLSAE.load(work / C.SAE_DIR), MLSAE.load(tmp_path / "ref"), atol=1e-5)
 
 
-def test_stream_nan_keeps_last_good_checkpoint(store: tuple[Path, dict], reader: ActivationStore, tmp_path: Path,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_stream_nan_keeps_last_good_checkpoint(
+    store: tuple[Path, dict], reader: ActivationStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import mlsae.sae.trainer as train_mod
 
     real, calls = train_mod.train_step, []
@@ -260,8 +291,9 @@ def test_stream_extract_stores_the_sample_whatever_the_train_budget(store: tuple
     np.testing.assert_array_equal(large.meta("eval", "tokens"), expected_eval.reshape(-1))
 
 
-def test_stream_mode_trains_on_any_store_cut_from_the_same_documents(store: tuple[Path, dict], reader: ActivationStore,
-                                                                    tmp_path: Path) -> None:
+def test_stream_mode_trains_on_any_store_cut_from_the_same_documents(
+    store: tuple[Path, dict], reader: ActivationStore, tmp_path: Path
+) -> None:
     """Stream mode trains on the train documents of the store's own split, whatever the store's
     mode and budget: a store-mode store is fine, and no eval document is ever trained on; a store
     cut from other documents is refused, and store mode refuses a stream-mode store."""
@@ -273,8 +305,9 @@ def test_stream_mode_trains_on_any_store_cut_from_the_same_documents(store: tupl
     assert split == contexts.DocumentSplit(**reader.attrs["split"])
     n_train, _ = contexts.plan(p.data.train_tokens, p.data.eval_tokens, p.data.context)
     docs = corpus.ordered_documents(p.data.source, p.data.shuffle_documents, p.data.seed)
-    ctx = contexts.ContextStream(contexts.train_documents(docs, split), load_model(p.model).tokenizer,
-                                 p.data.context, n_train).take(n_train)
+    ctx = contexts.ContextStream(
+        contexts.train_documents(docs, split), load_model(p.model).tokenizer, p.data.context, n_train
+    ).take(n_train)
     eval_docs = set(reader.meta("eval", C.DOCUMENT).tolist())
     assert eval_docs and not set(ctx.document.ravel().tolist()) & eval_docs
     stored = sorted(set(reader.meta("train", C.DOCUMENT).tolist()))
@@ -292,20 +325,24 @@ def test_stream_mode_trains_on_any_store_cut_from_the_same_documents(store: tupl
     # ... and stream mode refuses a store cut from other documents
     for over in ({"seed": 1}, {"document_tokens": 16}, {"eval_tokens": 256}, {"context": 16}):
         p = parse_params(stream_raw(store, data=over))
-        with pytest.raises(MlsaeError, match="^train.source: stream, but the activation store was cut from other "
-                                             "documents .*; rerun extract$"):
+        with pytest.raises(
+            MlsaeError,
+            match="^train.source: stream, but the activation store was cut from other documents .*; rerun extract$",
+        ):
             check_store(p.data, "stream", sample_store.attrs)
     p = parse_params(stream_raw(store, data={"seed": 1}))
     with pytest.raises(MlsaeError, match="rerun extract"):
         train(p, sample_store, identity(sample_store), tmp_path / "b", tmp_path / "c")
 
 
-def test_stream_sample_reads_past_a_buffer_without_batches(store: tuple[Path, dict], reader: ActivationStore,
-                                                           tmp_path: Path) -> None:
+def test_stream_sample_reads_past_a_buffer_without_batches(
+    store: tuple[Path, dict], reader: ActivationStore, tmp_path: Path
+) -> None:
     """A buffer that is exactly one batch of tokens holds no whole batch of *usable* tokens (the
     separators are left out): the run has no step at all, and says so in one line."""
-    p = parse_params(stream_raw(store, train={"batch_tokens": 512, "shuffle_buffer_tokens": 512},
-                                sae={"dead_tokens": 128}))
+    p = parse_params(
+        stream_raw(store, train={"batch_tokens": 512, "shuffle_buffer_tokens": 512}, sae={"dead_tokens": 128})
+    )
     with pytest.raises(MlsaeError, match="^train.batch_tokens: no shuffle buffer holds a whole batch"):
         train(p, reader, identity(reader), tmp_path / "a", tmp_path / "c", progress=False)
 
@@ -318,14 +355,21 @@ def test_bad_train_source_is_one_clear_error(store: tuple[Path, dict]) -> None:
 
 
 @pytest.mark.slow  # spawns torchrun
-def test_torchrun_stream_ranks_read_disjoint_slices_and_agree(store: tuple[Path, dict], reader: ActivationStore,
-                                                               tmp_path: Path) -> None:
+def test_torchrun_stream_ranks_read_disjoint_slices_and_agree(
+    store: tuple[Path, dict], reader: ActivationStore, tmp_path: Path
+) -> None:
     # float16 buffers: the checkpoint gathers every rank's remaining rows in that dtype
     raw = stream_raw(store, train={"epochs": 1}, extract={"dtype": "float16"})
     work = stage_dir(tmp_path / "work", store, raw)
     (work / "wrapper.py").write_text(WRAPPER)
-    run = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node=2", "wrapper.py", str(ROOT / "stages" / "train.py")],
-                         cwd=work, env=stage_env(), capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [str(TORCHRUN), "--standalone", "--nproc_per_node=2", "wrapper.py", str(ROOT / "stages" / "train.py")],
+        cwd=work,
+        env=stage_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     logs = [json.loads((work / f"log_rank{r}.json").read_text()) for r in range(2)]
     p = parse_params(raw)

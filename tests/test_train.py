@@ -28,16 +28,16 @@ import torch
 import yaml
 import zarr
 
+from conftest import run_train as train
 from mlsae.core import paths as C
 from mlsae.core.errors import MlsaeError
-from mlsae.lens.tuned import Lens
-from mlsae.lens.build import run_lens_stage
 from mlsae.core.params import Params, parse_params
-from mlsae.sae.model import MLSAE
 from mlsae.data.shuffle import BatchPlan, iter_batches
-from mlsae.stores.activations import ActivationStore
+from mlsae.lens.build import run_lens_stage
+from mlsae.lens.tuned import Lens
+from mlsae.sae.model import MLSAE
 from mlsae.sae.trainer import CHECKPOINT_VERSION, lr_factor
-from conftest import run_train as train
+from mlsae.stores.activations import ActivationStore
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_STAGE = ROOT / "stages" / "train.py"
@@ -56,8 +56,15 @@ def merge(base: dict, over: dict) -> dict:
 
 TRAIN_RAW = {
     "sae": {"expansion": 4, "k": 8, "auxk": 32, "dead_tokens": 256},
-    "train": {"batch_tokens": 128, "lr": 1e-3, "epochs": 2, "shuffle_buffer_tokens": 512, "checkpoint_every": 2,
-              "geometric_median_sample": 256, "device": "cpu"},
+    "train": {
+        "batch_tokens": 128,
+        "lr": 1e-3,
+        "epochs": 2,
+        "shuffle_buffer_tokens": 512,
+        "checkpoint_every": 2,
+        "geometric_median_sample": 256,
+        "device": "cpu",
+    },
 }
 
 
@@ -71,8 +78,14 @@ def identity(reader: ActivationStore) -> Lens:
 
 def plan_of(p: Params, reader: ActivationStore) -> BatchPlan:
     """The plan train() builds (same store chunks, see mlsae.sae.trainer.train)."""
-    return BatchPlan(~reader.keep("train"), reader.chunk_tokens, p.train.shuffle_buffer_tokens,
-                     p.train.batch_tokens, p.train.epochs, p.train.seed)
+    return BatchPlan(
+        ~reader.keep("train"),
+        reader.chunk_tokens,
+        p.train.shuffle_buffer_tokens,
+        p.train.batch_tokens,
+        p.train.epochs,
+        p.train.seed,
+    )
 
 
 def state(sae: MLSAE) -> dict[str, torch.Tensor]:
@@ -97,8 +110,9 @@ def stage_dir(tmp: Path, store: tuple[Path, dict], raw: dict, with_store: bool =
     if with_store:
         (tmp / C.ACTIVATIONS).symlink_to(store[0])
     p = parse_params(raw)
-    run_lens_stage(p.lens, p.lens_path, p.lens_fit, p.model, ActivationStore(str(store[0])), tmp / C.LENS_DIR,
-                   progress=False)
+    run_lens_stage(
+        p.lens, p.lens_path, p.lens_fit, p.model, ActivationStore(str(store[0])), tmp / C.LENS_DIR, progress=False
+    )
     return tmp
 
 
@@ -256,15 +270,17 @@ def test_resume_after_interruption_equals_uninterrupted_run(
 
 
 @pytest.mark.slow  # starts stage processes (a new interpreter each)
-def test_kill_9_mid_run_then_rerun_resumes(store: tuple[Path, dict], reader: ActivationStore, tmp_path: Path,
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_kill_9_mid_run_then_rerun_resumes(
+    store: tuple[Path, dict], reader: ActivationStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     raw = raw_params(store, train={"epochs": 5, "checkpoint_every": 1})
     p = parse_params(raw)
     n = plan_of(p, reader).n_batches
     work = stage_dir(tmp_path / "work", store, raw)
     ckpt = work / C.CHECKPOINTS_DIR / "train" / C.CHECKPOINT
-    proc = subprocess.Popen([sys.executable, str(TRAIN_STAGE)], cwd=work, env=stage_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, str(TRAIN_STAGE)], cwd=work, env=stage_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     deadline = time.monotonic() + 60
     while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
@@ -356,7 +372,11 @@ def test_torchrun_two_processes_match_single_process(
     (work / "wrapper.py").write_text(WRAPPER)
     run = subprocess.run(
         [str(TORCHRUN), "--standalone", "--nproc_per_node=2", "wrapper.py", str(TRAIN_STAGE)],
-        cwd=work, env=stage_env(), capture_output=True, text=True, timeout=300,
+        cwd=work,
+        env=stage_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     logs = [json.loads((work / f"log_rank{r}.json").read_text()) for r in range(2)]
@@ -394,8 +414,11 @@ def test_torchrun_two_processes_match_single_process(
         assert (ddp.b_pre - single.b_pre).norm() < 0.01 * single.b_pre.norm()
     # rank 0's logged FVU is that of its own half batch: close to the whole batch's, not equal
     tail = slice(n - 6, n)
-    np.testing.assert_allclose(np.mean([float(r["fvu"]) for r in rows[tail]]),
-                               np.mean([h["fvu"] for h in reference["history"][tail]]), rtol=0.05)
+    np.testing.assert_allclose(
+        np.mean([float(r["fvu"]) for r in rows[tail]]),
+        np.mean([h["fvu"] for h in reference["history"][tail]]),
+        rtol=0.05,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -435,8 +458,9 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(
     assert_same_weights(MLSAE.load(out), reference["sae"])
 
 
-def test_nan_loss_before_any_checkpoint_says_so(reference: dict, reader: ActivationStore, tmp_path: Path,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_nan_loss_before_any_checkpoint_says_so(
+    reference: dict, reader: ActivationStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import mlsae.sae.trainer as train_mod
 
     real_step = train_mod.train_step
@@ -451,9 +475,11 @@ def test_nan_loss_before_any_checkpoint_says_so(reference: dict, reader: Activat
 
 
 BAD_INPUTS = {
-    "k_above_n_latents": ({"sae": {"k": 10_000}},
-                          "sae.k: 10000 is more than the SAE's n_latents = sae.expansion x d_model = 4 x 64 = 256; "
-                          "lower sae.k or raise sae.expansion"),
+    "k_above_n_latents": (
+        {"sae": {"k": 10_000}},
+        "sae.k: 10000 is more than the SAE's n_latents = sae.expansion x d_model = 4 x 64 = 256; "
+        "lower sae.k or raise sae.expansion",
+    ),
     "k_zero": ({"sae": {"k": 0}}, "sae.k"),
     "k_negative": ({"sae": {"k": -4}}, "sae.k"),
     "layer_out_of_range": ({"sae": {"layers": [1, 4]}}, "sae.layers"),
@@ -542,8 +568,12 @@ def test_crafted_checkpoint_would_run_code_if_unpickled(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_fails_with_one_clear_line(
-    store: tuple[Path, dict], reader: ActivationStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture, case: str,
+    store: tuple[Path, dict],
+    reader: ActivationStore,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+    case: str,
 ) -> None:
     """The stage's main() in process (a new interpreter per case costs seconds; see the next test)."""
     work = bad_input_dir(case, tmp_path, store, reader)
@@ -559,8 +589,9 @@ def test_bad_input_fails_with_one_clear_line_in_a_real_process(
     store: tuple[Path, dict], reader: ActivationStore, tmp_path: Path, case: str
 ) -> None:
     work = bad_input_dir(case, tmp_path, store, reader)
-    run = subprocess.run([sys.executable, str(TRAIN_STAGE)], cwd=work, env=stage_env(), capture_output=True,
-                         text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, str(TRAIN_STAGE)], cwd=work, env=stage_env(), capture_output=True, text=True, timeout=300
+    )
     assert_failed_cleanly(case, work, run.returncode, run.stderr)
 
 
@@ -568,14 +599,17 @@ def test_bad_input_fails_with_one_clear_line_in_a_real_process(
 # single-layer SAE
 
 
-def test_single_layer_sae(store: tuple[Path, dict], reader: ActivationStore, tmp_path: Path,
-                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_single_layer_sae(
+    store: tuple[Path, dict], reader: ActivationStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import mlsae.sae.trainer as train_mod
 
     p = parse_params(raw_params(store, sae={"layers": [2]}, train={"epochs": 1}))
     seen: list[torch.Tensor] = []
     real_step = train_mod.train_step
-    monkeypatch.setattr(train_mod, "train_step", lambda m, o, x, c=0.0: (seen.append(x.clone()), real_step(m, o, x, c))[1])
+    monkeypatch.setattr(
+        train_mod, "train_step", lambda m, o, x, c=0.0: (seen.append(x.clone()), real_step(m, o, x, c))[1]
+    )
     metrics, history = train(p, reader, identity(reader), tmp_path / "sae", tmp_path / "ckpt", progress=False)
     sae = MLSAE.load(tmp_path / "sae")
     assert sae.cfg.layers == [2] and json.loads((tmp_path / "sae" / C.SAE_CONFIG).read_text())["layers"] == [2]
@@ -588,14 +622,22 @@ def test_single_layer_sae(store: tuple[Path, dict], reader: ActivationStore, tmp
     assert all(v.numpy().tobytes() in rows for v in seen[0][:, 0])
 
 
-def test_snapshot_after_epoch_one_is_the_one_epoch_run(store: tuple[Path, dict], reader: ActivationStore,
-                                                      tmp_path: Path) -> None:
+def test_snapshot_after_epoch_one_is_the_one_epoch_run(
+    store: tuple[Path, dict], reader: ActivationStore, tmp_path: Path
+) -> None:
     """The convergence study's premise: with a constant learning rate, the SAE saved at the end of
     epoch 1 of a 2-epoch run equals the SAE of a 1-epoch run, bit for bit."""
     two = parse_params(raw_params(store, train={"epochs": 2}))
     ends = plan_of(parse_params(raw_params(store, train={"epochs": 1})), reader).n_batches
-    train(two, reader, identity(reader), tmp_path / "two", tmp_path / "c2", progress=False,
-          snapshots={ends: tmp_path / "snap"})
+    train(
+        two,
+        reader,
+        identity(reader),
+        tmp_path / "two",
+        tmp_path / "c2",
+        progress=False,
+        snapshots={ends: tmp_path / "snap"},
+    )
     one = parse_params(raw_params(store, train={"epochs": 1}))
     train(one, reader, identity(reader), tmp_path / "one", tmp_path / "c1", progress=False)
     a, b = MLSAE.load(tmp_path / "snap").state_dict(), MLSAE.load(tmp_path / "one").state_dict()
@@ -604,11 +646,14 @@ def test_snapshot_after_epoch_one_is_the_one_epoch_run(store: tuple[Path, dict],
     assert not torch.equal(MLSAE.load(tmp_path / "two").W_enc, b["W_enc"])  # epoch 2 moved on
 
 
-def test_dead_window_beyond_the_run_is_an_error(store: tuple[Path, dict], reader: ActivationStore,
-                                                tmp_path: Path) -> None:
+def test_dead_window_beyond_the_run_is_an_error(
+    store: tuple[Path, dict], reader: ActivationStore, tmp_path: Path
+) -> None:
     p = parse_params(raw_params(store, sae={"dead_tokens": 10**9}, train={"epochs": 1}))
     n = plan_of(p, reader).n_batches * p.train.batch_tokens
-    with pytest.raises(MlsaeError, match=rf"sae.dead_tokens: 1000000000 is at or beyond the run's length of {n} tokens"):
+    with pytest.raises(
+        MlsaeError, match=rf"sae.dead_tokens: 1000000000 is at or beyond the run's length of {n} tokens"
+    ):
         train(p, reader, identity(reader), tmp_path / "sae", tmp_path / "ckpt", progress=False)
     assert not (tmp_path / "sae").exists()
 
@@ -619,7 +664,6 @@ def test_auxk_acts_when_latents_die(store: tuple[Path, dict], reader: Activation
     metrics, history = train(p, reader, identity(reader), tmp_path / "sae", tmp_path / "ckpt", progress=False)
     assert metrics["auxk_steps"] == sum(h["auxk"] > 0 for h in history) > 0
     assert any(h["dead_fraction"] > 0 for h in history)
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -652,6 +696,7 @@ def test_train_seed_picks_the_init_and_the_batch_order(
         def run(m, o, x, c=0.0):
             seen.setdefault(name, []).append(x.clone())
             return real_step(m, o, x, c)
+
         return run
 
     runs = {"a": {}, "b": {}, "seed1": {"seed": 1}}
@@ -689,8 +734,14 @@ def test_lr_factor_values() -> None:
 
 
 @pytest.mark.parametrize("schedule,warmup", [("constant", 3), ("linear", 0), ("cosine", 2)])
-def test_trainer_applies_the_lr_schedule(store: tuple[Path, dict], reader: ActivationStore, tmp_path: Path,
-                                         monkeypatch: pytest.MonkeyPatch, schedule: str, warmup: int) -> None:
+def test_trainer_applies_the_lr_schedule(
+    store: tuple[Path, dict],
+    reader: ActivationStore,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    schedule: str,
+    warmup: int,
+) -> None:
     import mlsae.sae.trainer as train_mod
 
     lrs: list[float] = []
@@ -714,8 +765,9 @@ def test_trainer_applies_the_lr_schedule(store: tuple[Path, dict], reader: Activ
         assert lrs[-1] < 0.2 * lr  # decayed most of the way by the last step
 
 
-def test_dead_tokens_auto_is_an_eighth_of_the_run(store: tuple[Path, dict], reader: ActivationStore,
-                                                  tmp_path: Path) -> None:
+def test_dead_tokens_auto_is_an_eighth_of_the_run(
+    store: tuple[Path, dict], reader: ActivationStore, tmp_path: Path
+) -> None:
     p = parse_params(raw_params(store, sae={"dead_tokens": "auto"}, train={"epochs": 2}))
     assert p.sae.dead_tokens == "auto"
     train(p, reader, identity(reader), tmp_path / "sae", tmp_path / "ckpt")
