@@ -26,8 +26,9 @@ $(STAMP): pyproject.toml constraints.txt
 repro: setup
 	source $(VENV)/bin/activate && dvc repro
 
+# both cores; a module's tests stay on one worker (module fixtures such as test_pipeline's DVC repo are shared)
 test: setup
-	source $(VENV)/bin/activate && python -m pytest -q
+	source $(VENV)/bin/activate && python -m pytest -q -n 2 --dist loadscope --durations=15
 
 # the inner loop: no DVC runs, torchrun, stage processes or 30-layer model; both cores
 test-fast: setup
