@@ -1,16 +1,24 @@
-"""Coverage of the aggregate stage's 95 % intervals against a known truth.
+"""Coverage of the 95 % intervals that mlsae prints, against a known truth.
 
-Synthetic latent stores, written in the real store format (mlsae/stores/latents.py), are analysed
-by the real aggregate stage code (:func:`mlsae.analysis.aggregate.aggregate`); each reported
-interval is checked against the population value it estimates. Run:
+Two parts. (1) The aggregate stage: synthetic latent stores, written in the real store format
+(mlsae/stores/latents.py), are analysed by the real aggregate stage code
+(:func:`mlsae.analysis.aggregate.aggregate`); every figure of analysis.json with resampled
+figures (mlsae.analysis.decomposition.HEADLINE_KEYS and the seed paper's per-batch estimator) is
+checked against the population value it estimates. (2) The evaluate and baseline stages: synthetic
+per-document sums (:class:`mlsae.evaluation.downstream.SpliceSums`) and a synthetic eval split go
+through the stages' own functions (:func:`mlsae.evaluation.reconstruction.reconstruction_metrics`,
+:func:`~mlsae.evaluation.reconstruction.splice_figures`,
+:func:`mlsae.evaluation.baseline.ablation_figures`); every figure they print with an interval
+(``fvu``, ``ce_clean``, ``delta_ce``, ``kl``, ``loss_recovered``, ``delta_ce_mean``, ``kl_mean``,
+``delta_ce_zero``, ``kl_zero`` and each one's per-layer intervals) is checked likewise. Run:
 
     .venv/bin/python benchmarks/coverage.py [--reps 500] [--documents 64 256] [--latents 1000]
-        [--layers 30] [--out benchmarks/results/coverage.json]
+        [--layers 30] [--eval-reps 1000] [--units 64 230 256] [--out benchmarks/results/coverage.json]
 
 It runs on one core (this process is pinned to one CPU, niced by 10, with one thread per math
 library) and writes the per-statistic results (coverage, mean interval width, bias in SE units,
-...) per document count to the JSON file and a markdown table to stdout. The results are in
-docs/statistics.md, section "Coverage of the intervals".
+...) per document count to the JSON file (the evaluate part under ``evaluate``) and markdown tables
+to stdout. The results are in docs/statistics.md, section "Coverage of the intervals".
 
 Generative model (ported from the coverage prototype that chose the scheme; every draw is
 independent given the latent's parameters). The population ("the SAE") is F latents whose
@@ -73,8 +81,55 @@ latents.parquet: count >= min_count and n_documents >= min_documents):
     multi_layer_fraction = sum_f lambda_f P(s2 >= 0.1)_f / sum_f lambda_f
 
 `_sparse` figures take the sample's dense latents (rate >= analysis.max_rate) out of those sets;
-`_any_docs` figures use K_any = {count >= min_count}; the report prints no interval for them, so for
-them the coverage recorded is that of ``value ± t·se``.
+`_any_docs` figures use K_any = {count >= min_count}; `_k_resampled` figures have the truth of the
+main figure (their replicas recompute K, the estimand is the same). Further:
+
+    var_ratio_mass, var_ratio_peak, var_ratio_pooled = 1 / the matching within_share
+    var_within_norm, var_total_norm = var_within, var_total / (L - 1)^2
+    dense_mass_share_c  = sum_{r_f >= c} lambda_f M_f / sum_f lambda_f M_f   (c = 0.5, 0.9; all latents)
+    dense_within_share  = sum_{K and dense} W_f / sum_K W_f
+
+with r_f = pi_f rho_f the latent's expected rate (active pairs per analysed token) and M_f = E[m]
+its mean pair mass: the dense set of dense_mass_share is the population's (the stage recomputes it
+in every replica), that of dense_within_share and the `_sparse` figures the sample's (the stage
+holds it fixed). The seed paper's estimator (mlsae.analysis.decomposition.paper_batches) is
+estimated per batch of `analysis.paper_batch_tokens` (2048) tokens; its truth is the population's
+value, a batch as large as the population (docs/statistics.md, "What the seed paper's estimator
+measures"), over all F latents, with mu_f = E[mu] the mean depth of a population pair:
+
+    var_token_paper = mean_f r_f W_f        var_aggregate_paper_spread = mean_f r_f T_f
+    var_aggregate_paper_depth = mean_f r_f (1 - r_f) mu_f^2
+    var_aggregate_paper = spread + depth    var_ratio_paper = var_aggregate_paper / var_token_paper
+
+The report prints no interval for the figures in NO_INTERVAL: for them the coverage recorded is
+that of ``value ± t·se``.
+
+The evaluate side (:func:`eval_population`; every parameter a module constant or there). U
+documents are drawn i.i.d. A document's length n (loss positions, or analysed tokens) is a
+discretised log-normal (median 48, log-SD 0.8, 4 .. 400); h = n / 50; a_u, b_u, e_u are standard
+normal document effects and LN(s z) = exp(s z - s^2 / 2) (mean 1). Per document:
+
+    ce_clean sum       ~ Gamma(1.2 n, 3.0 LN(0.25 a) h^-0.1 / 1.2)
+    sensitivity s_vl   = LN(sigma_v z_vl) h^gamma_v,  z_vl = 0.5 a + 0.5 b + sqrt(0.5) N(0, 1)
+    ce[v, l] sum       = ce_clean + delta_vl s_vl X + omega_v sqrt(n) N(0, 1)
+    kl[v, l] sum       = kappa_vl s_vl X'
+
+for the variants v = recon (evaluate), mean, zero (the baseline stage) and layers l, with X, X'
+independent sums over the document's tokens of a per-token factor of mean 1: 0.7 Gamma(0.6) + 0.3
+spikes, a spike Bernoulli(0.02) times Pareto(2.5) (heavy-ish tails). The eval split for fvu: per
+document a special token (never measured) and n tokens x_t = centre_l + c_ul + tau_u z_t at each
+layer (d = 8), c_ul ~ N(0, (doc_effect_l LN(0.3 b))^2 I), tau_u = LN(0.25 a) h^-0.1, with
+reconstruction error phi_u sigma_l eta_t, phi_u = LN(0.2 (0.6 a + 0.8 e)) h^0.1 (z, eta Student t
+with 5 degrees of freedom per coordinate, unit variance). Every figure is a ratio of expected sums
+(documents weighted by length, exactly, over the length distribution: :func:`eval_truth`):
+
+    ce_clean = 3.0 E_n[h^-0.1]      delta_ce_vl = delta_vl E_n[h^gamma_v]     kl_vl likewise
+    loss_recovered_l = 1 - delta_ce_recon,l / delta_ce_mean,l      fvu_l = its set value (sigma_l fits it)
+
+and the headline figures are their means over layers. A repetition r at U documents draws its
+sample with seed 2_000_003 U + r, which also seeds the stages' bootstrap (`evaluate.bootstrap`
+200). A per-layer figure's coverage (``k_by_layer``) is that of all its per-layer intervals; each
+layer's is recorded too.
 """
 
 from __future__ import annotations
@@ -99,11 +154,13 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numba
 import numpy as np
 import polars as pl
+import torch
 import zarr
 from zarr.codecs import ZstdCodec
 
@@ -111,6 +168,9 @@ from mlsae.analysis.aggregate import aggregate
 from mlsae.analysis.decomposition import NO_INTERVAL
 from mlsae.core.params import AnalysisParams
 from mlsae.core.paths import CONTEXT, DOCUMENT, INDICES, LATENT_STATS, POSITION, SPECIAL, TOKENS, VALUES
+from mlsae.evaluation.baseline import ablation_figures
+from mlsae.evaluation.downstream import SpliceSums
+from mlsae.evaluation.reconstruction import reconstruction_metrics, splice_figures
 from mlsae.stats.estimate import bias_flag, t_quantile
 from mlsae.stores.activations import CHECKSUM, META_CODECS, seal
 from mlsae.stores.latents import CHUNK_TOKENS, SHARD_TOKENS
@@ -122,6 +182,14 @@ THETA = 0.1
 """`analysis.multi_layer_threshold` (its default): a pair is multi-layer when s2 >= THETA."""
 REQUIRED = ("within_share", "within_share_mass", "effective_layers", "multi_layer_fraction")
 """The statistics the issue requires to reach TARGET."""
+PAPER = (
+    "var_token_paper",
+    "var_aggregate_paper",
+    "var_aggregate_paper_spread",
+    "var_aggregate_paper_depth",
+    "var_ratio_paper",
+)
+"""The seed paper's estimator, per batch of documents (mlsae.analysis.decomposition.paper_batches)."""
 STATISTICS = (
     *REQUIRED,
     "within_share_peak",
@@ -143,8 +211,32 @@ STATISTICS = (
     "within_share_mass_any_docs",
     "within_share_peak_any_docs",
     "within_share_pooled_any_docs",
+    "var_ratio_any_docs",
+    # measured since the second study (every figure the stage prints with an interval)
+    "var_between_mass",
+    "var_ratio_mass",
+    "var_within_peak",
+    "var_between_peak",
+    "var_total_peak",
+    "var_ratio_peak",
+    "var_within_norm",
+    "var_total_norm",
+    "var_ratio_pooled",
+    "within_share_peak_sparse",
+    "var_ratio_sparse",
+    "within_share_pooled_sparse",
+    "dense_mass_share_50",
+    "dense_mass_share_90",
+    "dense_within_share",
+    "within_share_k_resampled",
+    "within_share_mass_k_resampled",
+    "within_share_peak_k_resampled",
+    "var_ratio_k_resampled",
+    "within_share_pooled_k_resampled",
+    *PAPER,
 )
-"""Every figure whose coverage is measured (all in mlsae.analysis.decomposition.HEADLINE_KEYS)."""
+"""Every figure whose coverage is measured: every key of mlsae.analysis.decomposition.HEADLINE_KEYS
+and the seed paper's per-batch estimator (:data:`PAPER`)."""
 SPECIAL_LATENTS = 4
 """Latents active (with large values) on each document's special token."""
 jit = numba.njit(cache=False)
@@ -446,6 +538,7 @@ _TRUTH_COLUMNS = (
     "eff_sq",
     "multi",
     "mass",
+    "mean_d",
 )
 
 
@@ -493,6 +586,7 @@ def _truth(seed, npairs, n_layers, c, sdoc, stok, b, out):
         out[f, 7] = s[12]
         out[f, 8] = s[13]
         out[f, 9] = s[3]
+        out[f, 10] = s[0]
 
 
 def population_truth(pop: dict[str, Any], npairs: int = 100_000, seed: int = 12345) -> dict[str, np.ndarray]:
@@ -508,6 +602,8 @@ def population_truth(pop: dict[str, Any], npairs: int = 100_000, seed: int = 123
     for w in ("", "_mass", "_peak"):
         tr[f"total{w}"] = tr[f"within{w}"] + tr[f"between{w}"]
     tr["lam"] = lam
+    tr["rate"] = pop["pi"] * pop["rho"]  # expected active pairs per analysed token
+    tr["mean"] = pop["c"] + tr["mean_d"]  # E[mu_tf], the mean depth of a population pair
     tr["npairs"] = per
     return tr
 
@@ -527,9 +623,12 @@ def pooled_truth(tr: dict[str, np.ndarray], keep: np.ndarray | None = None) -> d
     return out
 
 
-def truths(tr: dict[str, np.ndarray], counted: np.ndarray, any_docs: np.ndarray, dense: np.ndarray) -> dict[str, float]:
+def truths(
+    tr: dict[str, np.ndarray], counted: np.ndarray, any_docs: np.ndarray, dense: np.ndarray, n_layers: int
+) -> dict[str, float]:
     """The truth of every figure of STATISTICS for one sample, given its counted set ``counted``
-    (K), ``any_docs`` (K_any) and dense latents (module docstring)."""
+    (K), ``any_docs`` (K_any) and dense latents ``dense`` (rate >= max_rate in the sample), over
+    ``n_layers`` layers (module docstring)."""
     out: dict[str, float] = {}
     sets = {"": counted, "_sparse": counted & ~dense, "_any_docs": any_docs}
     for name, member in sets.items():
@@ -537,18 +636,49 @@ def truths(tr: dict[str, np.ndarray], counted: np.ndarray, any_docs: np.ndarray,
             out[f"within_share{w}{name}"] = tr[f"within{w}"][member].sum() / tr[f"total{w}"][member].sum()
         lam = tr["lam"][member]
         out[f"within_share_pooled{name}"] = (lam * tr["within"][member]).sum() / (lam * tr["total"][member]).sum()
-    for w in ("", "_mass"):
+        out[f"var_ratio{name}"] = 1.0 / out[f"within_share{name}"]
+    for w in ("", "_mass", "_peak"):
         out[f"var_within{w}"] = tr[f"within{w}"][counted].mean()
         out[f"var_between{w}"] = tr[f"between{w}"][counted].mean()
         out[f"var_total{w}"] = tr[f"total{w}"][counted].mean()
-    out["var_ratio"] = 1.0 / out["within_share"]
+        out[f"var_ratio{w}"] = 1.0 / out[f"within_share{w}"]
+    out["var_ratio_pooled"] = 1.0 / out["within_share_pooled"]
+    scale = float(max(n_layers - 1, 1) ** 2)
+    out["var_within_norm"] = out["var_within"] / scale
+    out["var_total_norm"] = out["var_total"] / scale
+    for key in ("within_share", "within_share_mass", "within_share_peak", "var_ratio", "within_share_pooled"):
+        out[f"{key}_k_resampled"] = out[key]  # the same estimand: the replicas recompute K, the truth does not
     q25, q50, q75 = np.percentile(tr["within"][counted] / tr["total"][counted], [25, 50, 75])
     out.update(within_share_q25=q25, within_share_median=q50, within_share_q75=q75)
     pooled, sparse = pooled_truth(tr), pooled_truth(tr, ~dense)
     for name in ("effective_layers", "multi_layer_fraction"):
         out[name] = pooled[name]
         out[f"{name}_sparse"] = sparse[name]
+    mass = tr["lam"] * tr["mass"]  # expected activation mass per document
+    for cut in (0.5, 0.9):  # the population's dense latents: the replicas recompute the set
+        out[f"dense_mass_share_{round(100 * cut)}"] = mass[tr["rate"] >= cut].sum() / mass.sum()
+    out["dense_within_share"] = tr["within"][counted & dense].sum() / tr["within"][counted].sum()
+    out.update(paper_truth(tr))
     return {k: float(v) for k, v in out.items() if k in STATISTICS}
+
+
+def paper_truth(tr: dict[str, np.ndarray]) -> dict[str, float]:
+    """The seed paper's figures (:data:`PAPER`) of the population, over all F latents: a batch as
+    large as the population, so ``r_f`` is the expected rate and ``Q_f`` the population mixture
+    (docs/statistics.md, "What the seed paper's estimator measures"):
+    ``var_token = mean_f r_f W_f``, ``spread = mean_f r_f T_f``, ``depth = mean_f r_f (1 - r_f)
+    mu_f^2``, ``var_aggregate = spread + depth``, ``var_ratio_paper = var_aggregate / var_token``."""
+    r, mean = tr["rate"], tr["mean"]
+    token = float((r * tr["within"]).mean())
+    spread = float((r * tr["total"]).mean())
+    depth = float((r * (1 - r) * mean**2).mean())
+    return {
+        "var_token_paper": token,
+        "var_aggregate_paper": spread + depth,
+        "var_aggregate_paper_spread": spread,
+        "var_aggregate_paper_depth": depth,
+        "var_ratio_paper": (spread + depth) / token,
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -616,7 +746,7 @@ def repetition(
         shutil.rmtree(where, ignore_errors=True)
     if run["n_units"] != n_documents:
         raise AssertionError(f"the stage counted {run['n_units']} documents, the sample has {n_documents}")
-    truth = truths(tr, run["counted"], run["any_docs"], run["dense"])
+    truth = truths(tr, run["counted"], run["any_docs"], run["dense"], pop["L"])
     t = t_quantile(run["n_units"])
     rows = {}
     for key, fig in run["figures"].items():
@@ -644,7 +774,7 @@ def repetition(
 
 def summarise(reps: list[dict[str, Any]]) -> dict[str, Any]:
     """Per statistic over repetitions: coverage, mean interval width, mean bias of the reported
-    value and of the plug-in in SE units, ..."""
+    value and of the plug-in in SE units, ... (:func:`figure_summary`)."""
     out: dict[str, Any] = {
         "reps": len(reps),
         "n_tokens_mean": float(np.mean([r["n_tokens"] for r in reps])),
@@ -653,53 +783,401 @@ def summarise(reps: list[dict[str, Any]]) -> dict[str, Any]:
         "k_max": int(max(r["k"] for r in reps)),
     }
     for key in STATISTICS:
+        out[key] = figure_summary([r["figures"][key] for r in reps], key not in NO_INTERVAL)
+    return out
+
+
+def figure_summary(rows: list[dict[str, Any]], interval: bool) -> dict[str, Any]:
+    """One figure over repetitions: whether the stage prints its interval, coverage (of ``value ±
+    t·se`` where it prints none) and its Monte-Carlo SE, mean interval width, the reported value's
+    and the plug-in's mean error in SE units, mean SE against the SD of the error, the rate of the
+    bias flag. Repetitions where the figure is undefined or its SE is 0 are left out (``n``)."""
+    ok = [x for x in rows if x["value"] is not None and x["se"] is not None and x["se"] > 0]
+    if not ok:
+        return {"interval": interval, "n": 0, "coverage": None, "reaches_target": False}
+    truth = np.array([x["truth"] for x in ok])
+    value = np.array([x["value"] for x in ok])
+    se = np.array([x["se"] for x in ok])
+    error = value - truth
+    coverage = float(np.mean([x["covered"] for x in ok]))
+    n = len(ok)
+    plugin = [x["plugin"] for x in ok]
+    return {
+        "interval": interval,
+        "n": n,
+        "coverage": coverage,
+        "coverage_mc_se": math.sqrt(coverage * (1 - coverage) / n),
+        "reaches_target": coverage >= TARGET,
+        "width": float(np.mean([x["hi"] - x["lo"] for x in ok])),
+        "truth_mean": float(truth.mean()),
+        "bias": float(error.mean()),
+        "bias_se": float(np.mean(error / se)),
+        "plugin_bias_se": float(np.mean((np.array(plugin) - truth) / se)) if None not in plugin else None,
+        "se_mean": float(se.mean()),
+        "error_sd": float(error.std(ddof=1)) if n > 1 else None,
+        "se_over_error_sd": float(se.mean() / error.std(ddof=1)) if n > 1 else None,
+        "bias_flag_rate": float(np.mean([x["bias_flag"] for x in ok])) if None not in plugin else None,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# The evaluate and baseline stages: ratios of per-document sums
+# --------------------------------------------------------------------------------------------
+
+EVAL_BY_LAYER = ("fvu", "delta_ce", "kl", "loss_recovered", "delta_ce_mean", "kl_mean", "delta_ce_zero", "kl_zero")
+"""The evaluate and baseline figures with one value per layer (``k_by_layer``, ``k_by_layer_ci``)
+and their mean over layers (``k``, ``k_ci``)."""
+EVAL_STATISTICS = ("ce_clean", *EVAL_BY_LAYER, *(f"{k}_by_layer" for k in EVAL_BY_LAYER))
+"""Every evaluate and baseline figure whose coverage is measured: ``k_by_layer`` stands for the
+per-layer intervals of ``k`` (its coverage is that of all of them, every layer's also recorded)."""
+ABLATIONS = ("mean", "zero")
+"""The baseline stage's ablations (`evaluate.baselines`; the default asks for ``mean`` only)."""
+LENGTH_MEDIAN, LENGTH_SD, LENGTH_RANGE = 48.0, 0.8, (4, 400)
+"""Document lengths (loss positions, or analysed tokens): a discretised log-normal."""
+CE_CLEAN, CE_SHAPE, CE_DOC_SD, CE_LENGTH = 3.0, 1.2, 0.25, -0.1
+"""Clean CE per token: Gamma(CE_SHAPE) with mean CE_CLEAN LN(CE_DOC_SD a_u) h_u^CE_LENGTH."""
+TOKEN_SHAPE, SPIKE_P, SPIKE_ALPHA, SPIKE_SHARE = 0.6, 0.02, 2.5, 0.3
+"""Per-token ΔCE and KL shape: (1 - SPIKE_SHARE) Gamma(TOKEN_SHAPE) + SPIKE_SHARE spikes
+(Bernoulli(SPIKE_P) Pareto(SPIKE_ALPHA)), each part of mean 1."""
+FVU_DOC_SD, FVU_TOKEN_SD, FVU_ERROR_SD, FVU_DF = 0.3, 0.25, 0.2, 5.0
+"""The token vectors: document effect scale LN(FVU_DOC_SD b_u), token spread LN(FVU_TOKEN_SD a_u)
+h^-0.1, error scale LN(FVU_ERROR_SD (0.6 a_u + 0.8 e_u)) h^0.1; Student t (FVU_DF) noise."""
+
+
+def _ln(sd: float, z: np.ndarray) -> np.ndarray:
+    """``exp(sd z - sd^2 / 2)``: log-normal of mean 1 for standard normal ``z``."""
+    return np.exp(sd * z - sd * sd / 2)
+
+
+def eval_population(n_layers: int = 4, dim: int = 8, seed: int = 2) -> dict[str, Any]:
+    """The evaluate side's fixed parameters (module docstring): the length distribution, per layer
+    the mean vector, the document-effect SD and the FVU, per variant and layer the mean ΔCE and KL
+    per token, per variant the document-level SD of its sensitivity, the exponent of its length
+    dependence and its symmetric per-token CE noise."""
+    support = np.arange(LENGTH_RANGE[0], LENGTH_RANGE[1] + 1)
+    log_density = -((np.log(support) - np.log(LENGTH_MEDIAN)) ** 2) / (2 * LENGTH_SD**2) - np.log(support)
+    pmf = np.exp(log_density - log_density.max())
+    frac = np.linspace(0.0, 1.0, n_layers)
+    return {
+        "L": n_layers,
+        "dim": dim,
+        "support": support,
+        "pmf": pmf / pmf.sum(),
+        "centre": np.random.default_rng(seed).normal(0.0, 2.0, (n_layers, dim)),
+        "doc_effect": 0.6 - 0.2 * frac,
+        "fvu": 0.15 + 0.2 * frac,
+        "delta": {"recon": 0.2 + 0.2 * frac, "mean": 3.0 + 3.5 * frac, "zero": 10.0 + 2.0 * frac},
+        "kl": {"recon": 0.3 + 0.3 * frac, "mean": 3.2 + 3.6 * frac, "zero": 10.5 + 2.0 * frac},
+        "doc_sd": {"recon": 0.55, "mean": 0.2, "zero": 0.12},
+        "length_exp": {"recon": 0.1, "mean": -0.05, "zero": 0.0},
+        "noise": {"recon": 0.3, "mean": 0.5, "zero": 0.5},
+        "seed": seed,
+    }
+
+
+def _token_mean(ev: dict[str, Any], power: float) -> float:
+    """``E_n[h^power]``, documents weighted by their length n (a token's document), ``h = n / 50``."""
+    n, p = ev["support"], ev["pmf"]
+    return float((p * n * (n / 50.0) ** power).sum() / (p * n).sum())
+
+
+def _error_sd(ev: dict[str, Any]) -> np.ndarray:
+    """Per layer the SD of the error noise that makes the population FVU ``ev["fvu"]``."""
+    spread = ev["doc_effect"] ** 2 * math.exp(FVU_DOC_SD**2) + math.exp(FVU_TOKEN_SD**2) * _token_mean(ev, -0.2)
+    return np.sqrt(ev["fvu"] * spread / (math.exp(FVU_ERROR_SD**2) * _token_mean(ev, 0.2)))
+
+
+def eval_truth(ev: dict[str, Any]) -> dict[str, Any]:
+    """The population value of every figure of EVAL_STATISTICS (per token: a ratio of expected
+    sums, ``E[sum_t x_t] / E[n]``); the ``_by_layer`` ones are lists."""
+    out: dict[str, Any] = {"ce_clean": CE_CLEAN * _token_mean(ev, CE_LENGTH), "fvu_by_layer": ev["fvu"]}
+    for v in ("recon", *ABLATIONS):
+        scale = _token_mean(ev, ev["length_exp"][v])
+        suffix = "" if v == "recon" else f"_{v}"
+        out[f"delta_ce{suffix}_by_layer"] = ev["delta"][v] * scale
+        out[f"kl{suffix}_by_layer"] = ev["kl"][v] * scale
+    out["loss_recovered_by_layer"] = 1 - out["delta_ce_by_layer"] / out["delta_ce_mean_by_layer"]
+    for key in EVAL_BY_LAYER:
+        out[key] = float(np.mean(out[f"{key}_by_layer"]))
+        out[f"{key}_by_layer"] = [float(x) for x in out[f"{key}_by_layer"]]
+    return out
+
+
+def _lengths(ev: dict[str, Any], n_units: int, rng: np.random.Generator) -> np.ndarray:
+    return rng.choice(ev["support"], n_units, p=ev["pmf"]).astype(np.float64)
+
+
+def _token_sums(n: np.ndarray, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    """Per (unit, ...) the sum over the unit's ``n`` tokens of a per-token factor of mean 1 (the
+    TOKEN_SHAPE Gamma part and the SPIKE_ALPHA Pareto spikes, module docstring)."""
+    n = np.broadcast_to(n.reshape(-1, *[1] * (len(shape) - 1)), shape)
+    smooth = rng.gamma(TOKEN_SHAPE * n, 1.0 / TOKEN_SHAPE)
+    spikes = rng.binomial(n.astype(np.int64), SPIKE_P)
+    heights = rng.pareto(SPIKE_ALPHA, int(spikes.sum())) + 1.0  # Pareto, x_m = 1: mean alpha / (alpha - 1)
+    where = np.repeat(np.arange(spikes.size), spikes.reshape(-1))
+    spike_sum = np.bincount(where, heights, minlength=spikes.size).reshape(shape)
+    mean_spike = SPIKE_P * SPIKE_ALPHA / (SPIKE_ALPHA - 1)
+    return (1 - SPIKE_SHARE) * smooth + SPIKE_SHARE * spike_sum / mean_spike
+
+
+def simulate_splice(ev: dict[str, Any], n_units: int, seed: int) -> tuple[SpliceSums, SpliceSums]:
+    """The (evaluate's ``recon``, the baseline stage's ``mean`` and ``zero``) per-document sums of
+    one sample of ``n_units`` documents (module docstring)."""
+    rng = np.random.default_rng([seed, 3])
+    n_layers = ev["L"]
+    n = _lengths(ev, n_units, rng)
+    h = n / 50.0
+    a, b = rng.standard_normal(n_units), rng.standard_normal(n_units)
+    ce_clean = rng.gamma(CE_SHAPE * n, CE_CLEAN * _ln(CE_DOC_SD, a) * h**CE_LENGTH / CE_SHAPE)
+    ce, kl = {}, {}
+    for v in ("recon", *ABLATIONS):
+        z = 0.5 * a[:, None] + 0.5 * b[:, None] + math.sqrt(0.5) * rng.standard_normal((n_units, n_layers))
+        sens = _ln(ev["doc_sd"][v], z) * h[:, None] ** ev["length_exp"][v]
+        noise = ev["noise"][v] * np.sqrt(n)[:, None] * rng.standard_normal((n_units, n_layers))
+        ce[v] = ce_clean[:, None] + ev["delta"][v] * sens * _token_sums(n, (n_units, n_layers), rng) + noise
+        kl[v] = ev["kl"][v] * sens * _token_sums(n, (n_units, n_layers), rng)
+    units = np.cumsum(rng.integers(1, 4, n_units)).astype(np.int64) + 1000
+    layers = list(range(n_layers))
+
+    def sums(variants: tuple[str, ...]) -> SpliceSums:
+        return SpliceSums(
+            units=units,
+            variants=variants,
+            layers=layers,
+            ce_clean=ce_clean,
+            count=n,
+            ce=np.stack([ce[v] for v in variants]),
+            kl=np.stack([kl[v] for v in variants]),
+            n_tokens=int(n.sum()),
+            sample="synthetic (benchmarks/coverage.py)",
+        )
+
+    return sums(("recon",)), sums(ABLATIONS)
+
+
+class EvalSplit:
+    """The eval split of an activation store as :func:`reconstruction_metrics` reads it (``n_tokens``,
+    ``keep``, ``meta``, ``resid_kept``), holding the synthetic residuals ``x`` (tokens, L, d) and
+    the errors ``err`` that :class:`EvalSAE` subtracts from the rows last read."""
+
+    path = "synthetic eval split (benchmarks/coverage.py)"
+
+    def __init__(self, x: np.ndarray, err: np.ndarray, document: np.ndarray, keep: np.ndarray):
+        self.x, self.err, self.document, self._keep = x, err, document, keep
+        self.last = np.zeros(0, np.int64)
+
+    def n_tokens(self, split: str) -> int:
+        return int(self.x.shape[0])
+
+    def keep(self, split: str) -> np.ndarray:
+        return self._keep
+
+    def meta(self, split: str, key: str) -> np.ndarray:
+        if key != DOCUMENT:
+            raise KeyError(key)
+        return self.document
+
+    def resid_kept(self, split: str, start: int, stop: int, layers: list[int] | None = None) -> torch.Tensor:
+        self.last = start + np.flatnonzero(self._keep[start:stop])
+        return torch.from_numpy(self.x[self.last])
+
+
+class EvalSAE:
+    """An SAE for :func:`reconstruction_metrics`: its reconstruction of the rows the split returned
+    last is ``x - err`` (its lens, :func:`identity_lens`, is the identity)."""
+
+    def __init__(self, split: EvalSplit):
+        n_layers, dim = split.x.shape[1:]
+        self.split = split
+        self.cfg = SimpleNamespace(layers=list(range(n_layers)), d_model=dim, n_latents=8)
+        self.b_pre = torch.zeros(dim)
+
+    def __call__(self, x: torch.Tensor) -> SimpleNamespace:
+        err = torch.from_numpy(self.split.err[self.split.last])
+        active = torch.ones(x.shape[0], x.shape[1], 1)
+        return SimpleNamespace(xn=x, xn_hat=x - err, values=active, indices=torch.zeros(active.shape, dtype=torch.long))
+
+
+def identity_lens(x: torch.Tensor, layers: list[int]) -> torch.Tensor:
+    return x
+
+
+def simulate_tokens(ev: dict[str, Any], n_units: int, seed: int) -> EvalSplit:
+    """One eval split of ``n_units`` documents (module docstring): each a special token (not kept:
+    large values the figures must ignore), then its tokens ``x = centre_l + c_ul + tau_u z_t`` with
+    errors ``phi_u sigma_l eta_t`` (``z``, ``eta`` Student t per coordinate, unit variance)."""
+    rng = np.random.default_rng([seed, 4])
+    n_layers, dim = ev["L"], ev["dim"]
+    n = _lengths(ev, n_units, rng).astype(np.int64)
+    h = n / 50.0
+    a, b, e = rng.standard_normal((3, n_units))
+    tau = _ln(FVU_TOKEN_SD, a) * h**-0.1
+    phi = _ln(FVU_ERROR_SD, 0.6 * a + 0.8 * e) * h**0.1
+    effect = (
+        ev["doc_effect"][None, :, None]
+        * _ln(FVU_DOC_SD, b)[:, None, None]
+        * rng.standard_normal((n_units, n_layers, dim))
+    )
+    rows = n + 1
+    doc = np.repeat(np.arange(n_units), rows)
+    keep = np.ones(doc.size, bool)
+    keep[np.concatenate([[0], np.cumsum(rows)[:-1]])] = False
+    t_sd = math.sqrt(FVU_DF / (FVU_DF - 2))
+    shape = (doc.size, n_layers, dim)
+    x = ev["centre"][None] + effect[doc] + tau[doc, None, None] * rng.standard_t(FVU_DF, shape) / t_sd
+    err = _error_sd(ev)[None, :, None] * phi[doc, None, None] * rng.standard_t(FVU_DF, shape) / t_sd
+    x[~keep], err[~keep] = 50.0, 30.0  # the special tokens: never measured
+    ids = np.cumsum(rng.integers(1, 4, n_units)) + 1000
+    return EvalSplit(x.astype(np.float32), err.astype(np.float32), ids[doc].astype(np.int64), keep)
+
+
+def eval_metrics(ev: dict[str, Any], n_units: int, seed: int, n_resamples: int) -> dict[str, Any]:
+    """One sample's evaluate and baseline metrics, by the stages' own functions:
+    :func:`reconstruction_metrics` on a synthetic eval split, :func:`splice_figures` on the
+    evaluate and baseline sums, :func:`ablation_figures` on the baseline sums; `seed` is both the
+    sample's and the bootstrap's (`analysis.seed`)."""
+    split = simulate_tokens(ev, n_units, seed)
+    metrics = reconstruction_metrics(
+        EvalSAE(split),
+        identity_lens,
+        split,
+        progress=False,
+        n_resamples=n_resamples,
+        seed=seed,
+    )
+    recon, base = simulate_splice(ev, n_units, seed)
+    metrics.update(splice_figures(recon, base, n_resamples, seed))
+    metrics.update({k: v for k, v in ablation_figures(base, n_resamples, seed).items() if not k.startswith("ce_clean")})
+    metrics.update(downstream_tokens=int(recon.count.sum()), downstream_documents=len(recon.units))
+    return metrics
+
+
+def eval_repetition(ev: dict[str, Any], truth: dict[str, Any], n_units: int, rep: int, n_resamples: int) -> dict:
+    """One sample at ``n_units`` documents: every figure of EVAL_STATISTICS against its truth. A
+    ``_by_layer`` figure has one row per layer, its SE read off its interval."""
+    metrics = eval_metrics(ev, n_units, 2_000_003 * n_units + rep, n_resamples)
+    if metrics["bootstrap_units"] != n_units or metrics["downstream_documents"] != n_units:
+        raise AssertionError(f"evaluate counted {metrics['bootstrap_units']} documents, the sample has {n_units}")
+    t = t_quantile(n_units)
+    rows: dict[str, Any] = {}
+    for key in EVAL_STATISTICS:
+        if key.endswith("_by_layer"):
+            rows[key] = []
+            for j, (value, ci) in enumerate(zip(metrics[key], metrics[f"{key}_ci"], strict=True)):
+                lo, hi = ci
+                row = {"truth": truth[key][j], "value": value, "plugin": None, "bias_flag": None}
+                rows[key].append({**row, "se": (hi - lo) / (2 * t), "lo": lo, "hi": hi})
+                rows[key][-1]["covered"] = bool(lo <= truth[key][j] <= hi)
+            continue
+        value, se, ci = metrics[key], metrics[f"{key}_se"], metrics.get(f"{key}_ci")
+        lo, hi = ci if ci is not None else (value - t * se, value + t * se)
+        rows[key] = {
+            "truth": truth[key],
+            "value": value,
+            "plugin": metrics[f"{key}_plugin"],
+            "se": se,
+            "bias_flag": bias_flag(metrics, key),
+            "lo": lo,
+            "hi": hi,
+            "covered": bool(lo <= truth[key] <= hi),
+            "interval": ci is not None,
+        }
+    return {"figures": rows, "n_tokens": int(metrics["downstream_tokens"])}
+
+
+def eval_summarise(reps: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per evaluate figure over repetitions (:func:`figure_summary`); a ``_by_layer`` figure's
+    fields are per layer (``<field>_by_layer``), its ``coverage`` the lowest over the layers."""
+    out: dict[str, Any] = {"reps": len(reps), "n_tokens_mean": float(np.mean([r["n_tokens"] for r in reps]))}
+    for key in EVAL_STATISTICS:
         rows = [r["figures"][key] for r in reps]
-        ok = [x for x in rows if x["value"] is not None and x["se"] is not None and x["se"] > 0]
-        truth = np.array([x["truth"] for x in ok])
-        value = np.array([x["value"] for x in ok])
-        plugin = np.array([x["plugin"] for x in ok])
-        se = np.array([x["se"] for x in ok])
-        error = value - truth
-        coverage = float(np.mean([x["covered"] for x in ok])) if ok else None
-        n = len(ok)
+        if not key.endswith("_by_layer"):
+            out[key] = figure_summary(rows, bool(rows[0]["interval"]))
+            continue
+        layers = [figure_summary([r[j] for r in rows], True) for j in range(len(rows[0]))]
+        pooled = figure_summary([x for r in rows for x in r], True)  # every layer's interval
+        fields = ("coverage", "coverage_mc_se", "width", "truth_mean", "bias_se", "se_over_error_sd")
         out[key] = {
-            "interval": key not in NO_INTERVAL,
-            "n": n,
-            "coverage": coverage,
-            "coverage_mc_se": math.sqrt(coverage * (1 - coverage) / n) if n else None,
-            "reaches_target": coverage is not None and coverage >= TARGET,
-            "width": float(np.mean([x["hi"] - x["lo"] for x in ok])),
-            "truth_mean": float(truth.mean()),
-            "bias": float(error.mean()),
-            "bias_se": float(np.mean(error / se)),
-            "plugin_bias_se": float(np.mean((plugin - truth) / se)),
-            "se_mean": float(se.mean()),
-            "error_sd": float(error.std(ddof=1)) if n > 1 else None,
-            "se_over_error_sd": float(se.mean() / error.std(ddof=1)) if n > 1 else None,
-            "bias_flag_rate": float(np.mean([x["bias_flag"] for x in ok])),
+            "interval": True,
+            "n": pooled["n"],
+            "coverage": pooled["coverage"],
+            "coverage_mc_se": pooled["coverage_mc_se"],
+            "reaches_target": pooled["reaches_target"],
+            "coverage_min_layer": min(s["coverage"] for s in layers),
+            **{f"{f}_by_layer": [s[f] for s in layers] for f in fields},
         }
     return out
 
 
+def eval_study(args: argparse.Namespace) -> dict[str, Any]:
+    """The evaluate side of the study: per document count `args.units`, `args.eval_reps` samples."""
+    ev = eval_population(args.eval_layers, args.eval_dim)
+    truth = eval_truth(ev)
+    out: dict[str, Any] = {
+        "settings": {
+            "reps": args.eval_reps,
+            "units": args.units,
+            "layers": args.eval_layers,
+            "dim": args.eval_dim,
+            "bootstrap": args.eval_bootstrap,
+            "ablations": list(ABLATIONS),
+            "mean_length": float((ev["support"] * ev["pmf"]).sum()),
+            "token_weighted_mean_length": float(
+                (ev["support"] ** 2 * ev["pmf"]).sum() / (ev["support"] * ev["pmf"]).sum()
+            ),
+        },
+        "truth": truth,
+    }
+    start, cpu = time.perf_counter(), time.process_time()
+    for n_units in args.units:
+        t0, c0 = time.perf_counter(), time.process_time()
+        reps = []
+        for rep in range(args.eval_reps):
+            reps.append(eval_repetition(ev, truth, n_units, rep, args.eval_bootstrap))
+            if (rep + 1) % max(1, args.eval_reps // 5) == 0 or rep + 1 == args.eval_reps:
+                covered = {k: np.mean([r["figures"][k]["covered"] for r in reps]) for k in EVAL_BY_LAYER[:4]}
+                print(
+                    f"evaluate U={n_units} rep {rep + 1}/{args.eval_reps} {time.perf_counter() - t0:.0f} s "
+                    + " ".join(f"{k}={100 * v:.0f}%" for k, v in covered.items()),
+                    flush=True,
+                )
+        seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
+        out[f"U{n_units}"] = {**eval_summarise(reps), "seconds": seconds, "cpu_seconds": cpu_seconds}
+    out["seconds"], out["cpu_seconds"] = time.perf_counter() - start, time.process_time() - cpu
+    return out
+
+
+def _cell(x: float | None, spec: str) -> str:
+    return "-" if x is None else f"{x:{spec}}"
+
+
 def table(result: dict[str, Any]) -> str:
-    """The markdown table of coverage, width and bias per statistic and document count."""
-    ds = [k for k in result if k.startswith("D") and k[1:].isdigit()]
-    head = "| statistic | interval | " + " | ".join(
-        f"D = {d[1:]}: coverage | width | bias / SE | flag rate" for d in ds
-    )
-    lines = [head + " |", "|---|---|" + "---:|---:|---:|---:|" * len(ds)]
-    for key in STATISTICS:
-        cells = [key, "yes" if result[ds[0]][key]["interval"] else "no"]
-        for d in ds:
-            s = result[d][key]
-            cells += [
-                f"{100 * s['coverage']:.1f} %",
-                f"{s['width']:.3g}",
-                f"{s['bias_se']:+.2f}",
-                f"{100 * s['bias_flag_rate']:.0f} %",
-            ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    """The markdown tables of coverage, width and bias per statistic and document count: the
+    aggregate stage's, then the evaluate and baseline stages'."""
+    lines = []
+    for part, keys, prefix in (
+        (result, STATISTICS, "D"),
+        (result.get("evaluate", {}), EVAL_STATISTICS, "U"),
+    ):
+        ds = [k for k in part if k.startswith(prefix) and k[1:].isdigit()]
+        if not ds:
+            continue
+        head = "| statistic | interval | " + " | ".join(
+            f"{prefix} = {d[1:]}: coverage | width | bias / SE | SE / error SD" for d in ds
+        )
+        lines += ["", head + " |", "|---|---|" + "---:|---:|---:|---:|" * len(ds)]
+        for key in keys:
+            cells = [key, "yes" if part[ds[0]][key]["interval"] else "no"]
+            for d in ds:
+                s = part[d][key]
+                formats = (("width", ".3g"), ("bias_se", "+.2f"), ("se_over_error_sd", ".2f"))
+                if key.endswith("_by_layer"):
+                    width, bias, ratio = (", ".join(_cell(x, f) for x in s[f"{name}_by_layer"]) for name, f in formats)
+                else:
+                    width, bias, ratio = (_cell(s.get(name), f) for name, f in formats)
+                cells += [_cell(s["coverage"] and 100 * s["coverage"], ".1f") + " %", width, bias, ratio]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines[1:])
 
 
 def run_study(args: argparse.Namespace, command: str) -> dict[str, Any]:
@@ -725,17 +1203,21 @@ def run_study(args: argparse.Namespace, command: str) -> dict[str, Any]:
             "truth_pairs": args.truth_pairs,
             "target": TARGET,
             "required": list(REQUIRED),
+            "max_rate": AnalysisParams().max_rate,
+            "paper_batch_tokens": AnalysisParams().paper_batch_tokens,
         },
         "population": {
             **pooled,
             "within_share_all_latents": float(tr["within"].sum() / tr["total"].sum()),
             "within_share_mass_all_latents": float(tr["within_mass"].sum() / tr["total_mass"].sum()),
+            **paper_truth(tr),
         },
         "truth_seconds": truth_seconds,
     }
+    result["evaluate"] = eval_study(args) if args.eval_reps else {}
     work = Path(tempfile.mkdtemp(prefix="mlsae-coverage-"))
     try:
-        for n_documents in args.documents:
+        for n_documents in args.documents if args.reps else []:
             t0, c0 = time.perf_counter(), time.process_time()
             reps = []
             for rep in range(args.reps):
@@ -764,6 +1246,7 @@ def one_core() -> None:
         os.sched_setaffinity(0, {cpus[-1]})
     os.nice(10)
     zarr.config.set({"threading.max_workers": 1})
+    torch.set_num_threads(1)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -778,6 +1261,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--min-documents", type=int, default=5)
     ap.add_argument("--population-seed", type=int, default=1)
     ap.add_argument("--truth-pairs", type=int, default=100_000, help="Monte-Carlo pairs per latent for the truth")
+    ap.add_argument("--eval-reps", type=int, default=1000, help="evaluate side: repetitions per document count")
+    ap.add_argument("--units", type=int, nargs="+", default=[64, 230, 256], help="evaluate side: documents")
+    ap.add_argument("--eval-layers", type=int, default=4)
+    ap.add_argument("--eval-dim", type=int, default=8, help="evaluate side: residual dimension")
+    ap.add_argument("--eval-bootstrap", type=int, default=200, help="evaluate.bootstrap")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "coverage.json")
     return ap.parse_args(argv)
 

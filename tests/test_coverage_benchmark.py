@@ -3,8 +3,9 @@
 Checks the machinery, not the coverage: the generator's float16 rounding, that the latent store it
 writes analyses (by the real aggregate stage) to the plug-in values computed independently from
 the generator's own per-firing records, that the counted set is read back correctly, that the
-population truth agrees with a direct Monte-Carlo estimate from a large sample, and that the
-result JSON has every field.
+population truth agrees with a direct Monte-Carlo estimate from a large sample, that the evaluate
+side's synthetic split and sums reach the stages' functions as meant and its truth agrees with a
+large sample, and that the result JSON has every field.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def test_float16_rounding_is_numpys(cov: ModuleType) -> None:
     assert np.array_equal(ours, x.astype(np.float16).astype(np.float64))
 
 
-def plugin_from_firings(sample: dict, min_count: int, min_documents: int) -> dict:
+def plugin_from_firings(sample: dict, min_count: int, min_documents: int, max_rate: float = 0.5) -> dict:
     """The headline plug-in values from the generator's per-firing records, in plain numpy."""
     fire = sample["firing"]
     latent, doc = sample["firing_latent"], sample["firing_document"]
@@ -60,6 +61,8 @@ def plugin_from_firings(sample: dict, min_count: int, min_documents: int) -> dic
     n = np.bincount(latent, minlength=F)
     docs = np.array([np.unique(doc[latent == f]).size for f in range(F)])
     counted = (n >= min_count) & (docs >= min_documents)
+    tokens = int((~sample["special"]).sum())
+    rate = n / tokens
     terms = {}
     for name, w in (("", np.ones_like(m)), ("_mass", m), ("_peak", fire[:, 6])):
         within, total = np.zeros(F), np.zeros(F)
@@ -70,16 +73,38 @@ def plugin_from_firings(sample: dict, min_count: int, min_documents: int) -> dic
             total[f] = within[f] + np.average((mu[sel] - mean) ** 2, weights=w[sel])
         terms[name] = (within, total)
     within, total = terms[""]
-    return {
+    out = {
         "counted": counted,
-        "within_share": within[counted].sum() / total[counted].sum(),
-        "within_share_mass": terms["_mass"][0][counted].sum() / terms["_mass"][1][counted].sum(),
-        "within_share_peak": terms["_peak"][0][counted].sum() / terms["_peak"][1][counted].sum(),
         "within_share_pooled": (n * within)[counted].sum() / (n * total)[counted].sum(),
         "effective_layers": np.exp(fire[:, 4]).mean(),
         "multi_layer_fraction": (fire[:, 5] >= 0.1).mean(),
-        "n_tokens": int((~sample["special"]).sum()),
+        "n_tokens": tokens,
     }
+    for name, (w_f, t_f) in terms.items():
+        out[f"within_share{name}"] = w_f[counted].sum() / t_f[counted].sum()
+        out[f"var_ratio{name}"] = t_f[counted].sum() / w_f[counted].sum()
+        out[f"var_within{name}"] = w_f[counted].mean()
+        out[f"var_between{name}"] = (t_f - w_f)[counted].mean()
+        out[f"var_total{name}"] = t_f[counted].mean()
+    out["var_ratio_pooled"] = 1 / out["within_share_pooled"]
+    out["var_within_norm"] = out["var_within"] / (L - 1) ** 2
+    sparse = counted & (rate < max_rate)
+    out["within_share_peak_sparse"] = terms["_peak"][0][sparse].sum() / terms["_peak"][1][sparse].sum()
+    out["within_share_pooled_sparse"] = (n * within)[sparse].sum() / (n * total)[sparse].sum()
+    mass = np.bincount(latent, weights=m, minlength=F)
+    for cut in (50, 90):
+        out[f"dense_mass_share_{cut}"] = mass[rate >= cut / 100].sum() / mass.sum()
+    out["dense_within_share"] = within[counted & (rate >= max_rate)].sum() / within[counted].sum()
+    # the seed paper's estimator over one batch (every document): q_f = sum_t p_tf / T
+    first = np.bincount(latent, weights=mu, minlength=F) / tokens  # sum_l l q_f(l)
+    second = np.bincount(latent, weights=v + mu**2, minlength=F) / tokens  # sum_l l^2 q_f(l)
+    depth = np.where(n > 0, first**2 / np.maximum(rate, 1e-300) - first**2, 0.0)
+    out["var_token_paper"] = v.sum() / (tokens * F)
+    out["var_aggregate_paper"] = (second - first**2).mean()
+    out["var_aggregate_paper_depth"] = depth.mean()
+    out["var_aggregate_paper_spread"] = (second - first**2 - depth).mean()
+    out["var_ratio_paper"] = out["var_aggregate_paper"] / out["var_token_paper"]
+    return out
 
 
 def test_store_analyses_to_the_generators_values(cov: ModuleType, pop: dict, tmp_path: Path) -> None:
@@ -94,10 +119,11 @@ def test_store_analyses_to_the_generators_values(cov: ModuleType, pop: dict, tmp
     assert 3 <= expected["counted"].sum() < F
     np.testing.assert_array_equal(run["counted"], expected["counted"])
     assert metrics["n_tokens"] == expected["n_tokens"] and run["n_units"] == D
-    for key in ("within_share", "within_share_mass", "within_share_peak", "within_share_pooled"):
-        assert run["figures"][key]["plugin"] == pytest.approx(expected[key], rel=1e-8), key
-    for key in ("effective_layers", "multi_layer_fraction"):
-        assert run["figures"][key]["plugin"] == pytest.approx(expected[key], rel=1e-10), key
+    assert metrics["paper_batches"] == 1  # fewer tokens than analysis.paper_batch_tokens: one batch
+    assert 0 < expected["dense_mass_share_50"] < 1 and 0 < expected["dense_within_share"] < 1
+    for key in expected.keys() - {"counted", "n_tokens"}:
+        rel = 1e-10 if key in ("effective_layers", "multi_layer_fraction") else 1e-6 if "paper" in key else 1e-8
+        assert run["figures"][key]["plugin"] == pytest.approx(expected[key], rel=rel), key
     written = json.loads((tmp_path / "analysis.json").read_text())
     for key, fig in run["figures"].items():
         assert fig["value"] == pytest.approx(written[key], rel=1e-12), key
@@ -132,11 +158,47 @@ def test_truth_matches_a_direct_monte_carlo(cov: ModuleType, pop: dict) -> None:
         assert abs(ratio_z(np.exp(fire[:, 4]), keep, tr["eff"][f], 0.0)) < 4, f
     assert np.all(tr["total"] >= tr["within"]) and np.all(tr["total_mass"] >= tr["within_mass"])
 
+    # The seed paper's figures (one batch of all 2000 documents) and the dense latents' mass
+    # share, against the jackknife over documents (bias-corrected value and SE, as the stage's).
+    tokens = np.bincount(sample["context"][~sample["special"]], minlength=2000).astype(float)
+    mu, v, m = fire[:, 1], fire[:, 3], fire[:, 0]
+    cell = doc * F + latent
+
+    def per_doc(x: np.ndarray) -> np.ndarray:  # (documents, F) sums
+        return np.bincount(cell, weights=x, minlength=2000 * F).reshape(2000, F)
+
+    sums = {"n": per_doc(np.ones_like(mu)), "mu": per_doc(mu), "sq": per_doc(v + mu**2), "v": per_doc(v)}
+    sums["m"] = per_doc(m)
+
+    def paper(t: np.ndarray, n: np.ndarray, mu: np.ndarray, sq: np.ndarray, v: np.ndarray, m: np.ndarray) -> dict:
+        first, rate = mu / t[:, None], n / t[:, None]
+        aggregate = sq / t[:, None] - first**2
+        depth = np.where(n > 0, first**2 / np.where(n > 0, rate, 1.0) - first**2, 0.0)
+        dense = tr["rate"] >= 0.5
+        return {
+            "var_token_paper": v.sum(axis=1) / (t * F),
+            "var_aggregate_paper": aggregate.mean(axis=1),
+            "var_aggregate_paper_depth": depth.mean(axis=1),
+            "var_aggregate_paper_spread": (aggregate - depth).mean(axis=1),
+            "dense_mass_share_50": m[:, dense].sum(axis=1) / m.sum(axis=1),
+        }
+
+    point = paper(np.array([tokens.sum()]), **{k: x.sum(axis=0)[None] for k, x in sums.items()})
+    jack = paper(tokens.sum() - tokens, **{k: x.sum(axis=0)[None] - x for k, x in sums.items()})
+    everyone = np.ones(F, bool)
+    truth = cov.truths(tr, everyone, everyone, everyone, L)
+    assert 0 < truth["dense_mass_share_50"] < 1
+    for key, values in jack.items():
+        value = point[key][0] - 1999 * (values.mean() - point[key][0])
+        se = np.sqrt(1999 / 2000 * ((values - values.mean()) ** 2).sum())
+        assert abs(value - truth[key]) < 4 * se, (key, value, truth[key], se)
+
 
 def test_study_writes_every_field(cov: ModuleType, tmp_path: Path) -> None:
     out = tmp_path / "coverage.json"
     argv = ["--reps", "3", "--documents", str(D), "--latents", str(F), "--layers", str(L), "--bootstrap", "20"]
     argv += ["--truth-pairs", "2000", "--min-count", "5", "--min-documents", "3", "--k", "4", "--out", str(out)]
+    argv += ["--eval-reps", "3", "--units", "12", "20"]
     cov.main(argv)
     result = json.loads(out.read_text())
     assert {"command", "settings", "population", "truth_seconds", "wall_seconds", "cpu_seconds"} <= set(result)
@@ -146,7 +208,66 @@ def test_study_writes_every_field(cov: ModuleType, tmp_path: Path) -> None:
     fields = {"interval", "n", "coverage", "coverage_mc_se", "reaches_target", "width", "truth_mean", "bias"}
     fields |= {"bias_se", "plugin_bias_se", "se_mean", "error_sd", "se_over_error_sd", "bias_flag_rate"}
     for key in cov.STATISTICS:
+        assert part[key]["interval"] == (key not in NO_INTERVAL), key
+        if key == "dense_mass_share_90" and part[key]["n"] == 0:  # no latent that dense: SE 0, left out
+            assert part[key]["coverage"] is None
+            continue
         assert set(part[key]) == fields, key
         assert part[key]["n"] == 3 and 0 <= part[key]["coverage"] <= 1 and part[key]["width"] > 0, key
-        assert part[key]["interval"] == (key not in NO_INTERVAL), key
-    assert "| within_share |" in cov.table(result)
+    assert "| within_share |" in cov.table(result) and "| delta_ce_by_layer |" in cov.table(result)
+    evaluate = result["evaluate"]
+    assert evaluate["settings"]["reps"] == 3 and set(evaluate["truth"]) == set(cov.EVAL_STATISTICS)
+    for units in (12, 20):
+        part = evaluate[f"U{units}"]
+        assert part["reps"] == 3 and part["seconds"] > 0 and part["n_tokens_mean"] > units
+        for key in cov.EVAL_STATISTICS:
+            assert part[key]["interval"] and 0 <= part[key]["coverage"] <= 1, key
+            if key.endswith("_by_layer"):
+                assert part[key]["n"] == 3 * 4 and len(part[key]["coverage_by_layer"]) == 4, key
+                assert part[key]["coverage_min_layer"] <= part[key]["coverage"], key
+            else:
+                assert set(part[key]) == fields and part[key]["n"] == 3 and part[key]["width"] > 0, key
+
+
+# --------------------------------------------------------------------------------------------
+# The evaluate side
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ev(cov: ModuleType) -> dict:
+    return cov.eval_population()
+
+
+def test_evaluate_functions_see_the_synthetic_split_and_sums(cov: ModuleType, ev: dict) -> None:
+    """The stages' functions on the synthetic data give the plug-in values computed directly."""
+    metrics = cov.eval_metrics(ev, 12, seed=5, n_resamples=20)
+    split = cov.simulate_tokens(ev, 12, seed=5)
+    keep = split.keep("eval")
+    assert (~keep).sum() == 12 and metrics["bootstrap_units"] == 12
+    x, err = split.x[keep].astype(np.float64), split.err[keep].astype(np.float64)
+    fvu = (err**2).sum(axis=(0, 2)) / ((x - x.mean(axis=0)) ** 2).sum(axis=(0, 2))
+    np.testing.assert_allclose(metrics["fvu_plugin_by_layer"], fvu, rtol=1e-5)
+    assert metrics["fvu_plugin"] == pytest.approx(fvu.mean(), rel=1e-5)
+    recon, base = cov.simulate_splice(ev, 12, seed=5)
+    n, clean = recon.count.sum(), recon.ce_clean.sum()
+    assert metrics["ce_clean_plugin"] == pytest.approx(clean / n, rel=1e-12)
+    delta = {v: ce.sum(axis=0) / n - clean / n for v, ce in zip(("recon", *cov.ABLATIONS), (*recon.ce, *base.ce))}
+    assert metrics["delta_ce_plugin"] == pytest.approx(delta["recon"].mean(), rel=1e-12)
+    assert metrics["delta_ce_mean_plugin"] == pytest.approx(delta["mean"].mean(), rel=1e-12)
+    assert metrics["kl_zero_plugin"] == pytest.approx((base.kl[1].sum(axis=0) / n).mean(), rel=1e-12)
+    assert metrics["loss_recovered_plugin"] == pytest.approx((1 - delta["recon"] / delta["mean"]).mean(), rel=1e-12)
+
+
+def test_evaluate_truth_matches_a_large_sample(cov: ModuleType, ev: dict) -> None:
+    """Every evaluate figure of 2000 documents, bias-corrected, within 4 SE of its truth."""
+    truth = cov.eval_truth(ev)
+    metrics = cov.eval_metrics(ev, 2000, seed=9, n_resamples=2)
+    t = cov.t_quantile(2000)
+    for key in cov.EVAL_STATISTICS:
+        if key.endswith("_by_layer"):
+            for j, (lo, hi) in enumerate(metrics[f"{key}_ci"]):
+                se = (hi - lo) / (2 * t)
+                assert abs(metrics[key][j] - truth[key][j]) < 4 * se, (key, j, metrics[key][j], truth[key][j], se)
+        else:
+            assert abs(metrics[key] - truth[key]) < 4 * metrics[f"{key}_se"], (key, metrics[key], truth[key])
