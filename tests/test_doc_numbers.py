@@ -9,7 +9,8 @@ brackets right after the number (in a table, in the next cell):
 ``path`` is relative to the repository root; a bare file name is under ``reports/metrics/``. A
 value followed by ``%`` is the source's value x 100. The printed value must equal the source's
 rounded to the printed decimals (``65,536`` and ``0.0705`` alike); an interval is checked against
-``key_ci`` (the value's own list when the key ends in ``_ci``). A citation whose file or key is
+``key_ci`` (``name_ci.i`` for a list element ``name.i``; the value's own list when the key ends in
+``_ci``). A citation whose file or key is
 missing fails, so a renamed key cannot leave a stale number behind.
 """
 
@@ -60,8 +61,15 @@ def lookup(source: str) -> tuple[Any, Any]:
             value = json_key(data, key)
         except (KeyError, IndexError, TypeError):
             raise AssertionError(f"[{source}]: no key {key!r} in {path}") from None
-        base = key.removesuffix("_ci")
-        ci = value if key.endswith("_ci") else (data.get(f"{base}_ci") if "." not in base else None)
+        ci = None
+        if key.endswith("_ci"):
+            ci = value
+        else:  # `k` -> `k_ci`; a list element `k.i` -> `k_ci.i`
+            head, _, index = key.rpartition(".")
+            try:
+                ci = json_key(data, f"{head}_ci.{index}" if index.isdigit() else f"{key}_ci")
+            except (KeyError, IndexError, TypeError):
+                ci = None
         return value, ci
     column, _, filters = key.partition("@")
     table = pl.read_csv(file, infer_schema_length=None)
@@ -111,7 +119,16 @@ def test_the_checker_reads_and_rejects(tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.setattr(__import__(__name__), "ROOT", tmp_path)
     (tmp_path / "reports" / "metrics").mkdir(parents=True)
     (tmp_path / "reports" / "metrics" / "m.json").write_text(
-        json.dumps({"a": 0.07049, "a_ci": [0.0681, 0.0729], "n": 65536, "by": [0.12, 0.41], "f": 0.0531})
+        json.dumps(
+            {
+                "a": 0.07049,
+                "a_ci": [0.0681, 0.0729],
+                "n": 65536,
+                "by": [0.12, 0.41],
+                "by_ci": [[0, 1], [0.4, 0.42]],
+                "f": 0.0531,
+            }
+        )
     )
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "t.csv").write_text("figure,sd\nx,0.0011\ny,0.02\n")
@@ -124,6 +141,7 @@ def test_the_checker_reads_and_rejects(tmp_path: Path, monkeypatch: pytest.Monke
     assert check("5.3 [m.json#f]")  # the % sign matters
     assert check("1 [m.json#missing]") and check("1 [nope.json#a]") and check("0.02 [x/t.csv#sd@figure=z]")
     assert check("0.05 (0.04–0.06) [m.json#f]")  # an interval the source does not have
+    assert check("0.41 (0.40–0.42) [m.json#by.1]") == [] and check("0.41 (0.39–0.42) [m.json#by.1]")
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=[str(d.relative_to(ROOT)) for d in DOCS])
