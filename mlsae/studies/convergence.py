@@ -96,9 +96,18 @@ def study_params(base: Params, budget: int, schedule: str, seed: int) -> Params:
 
 
 def points(budgets: list[int], schedules: list[str], seeds: list[int]) -> list[tuple[str, int, int]]:
-    """(schedule, seed, budget) of every point: seed 0 at every budget, other seeds at the ends."""
+    """(schedule, seed, budget) of every point. The constant schedule, whose one run per seed yields
+    every budget as a snapshot: the first seed at every budget, the other seeds at the smallest and
+    largest (their runs are as long either way). A decayed schedule, which costs one run per budget:
+    the first seed at the smallest and largest budget."""
     ends = {min(budgets), max(budgets)}
-    return [(s, seed, b) for s in schedules for seed in seeds for b in sorted(budgets) if seed == seeds[0] or b in ends]
+    return [
+        (s, seed, b)
+        for s in schedules
+        for seed in (seeds if s == "constant" else seeds[:1])
+        for b in sorted(budgets)
+        if (s == "constant" and seed == seeds[0]) or b in ends
+    ]
 
 
 def budget_steps(p: Params, store: ActivationStore, budgets: list[int]) -> dict[int, int]:
@@ -212,19 +221,26 @@ def run(
                 snapshots = {steps[b]: out / "sae" / f"{schedule}_s{seed}_{b}" for b in todo if b <= budget}
                 if schedule != "constant":
                     snapshots = {steps[budget]: out / "sae" / tag}
-                t0 = time.perf_counter()
-                _, history = train(
-                    p.sae,
-                    p.train,
-                    p.lens,
-                    store,
-                    Lens.identity(store.n_layers, store.d_model),
-                    out / "sae" / f"final_{tag}",
-                    out / "ckpt" / tag,
-                    stream=StreamSource(p.model, p.data, p.extract),
-                    snapshots=snapshots,
-                )
-                train_s = time.perf_counter() - t0
+                record = out / "runs" / f"{tag}.json"
+                if record.exists() and all(d.exists() for d in snapshots.values()):
+                    done_run = json.loads(record.read_text())  # trained before an interruption: measure only
+                    train_s, history = done_run["train_seconds"], done_run["history"]
+                else:
+                    t0 = time.perf_counter()
+                    _, history = train(
+                        p.sae,
+                        p.train,
+                        p.lens,
+                        store,
+                        Lens.identity(store.n_layers, store.d_model),
+                        out / "sae" / f"final_{tag}",
+                        out / "ckpt" / tag,
+                        stream=StreamSource(p.model, p.data, p.extract),
+                        snapshots=snapshots,
+                    )
+                    train_s = time.perf_counter() - t0
+                    keep = [{k: h[k] for k in ("step", "auxk", "dead_fraction")} for h in history]
+                    write_text(record, json.dumps({"train_seconds": train_s, "history": keep}) + "\n")
                 for step, sae_dir in sorted(snapshots.items()):
                     b = int(sae_dir.name.rsplit("_", 1)[1])
                     if not sae_dir.exists():
@@ -246,8 +262,9 @@ def run(
                         steps=step,
                         train_seconds=train_s,
                         measure_seconds=time.perf_counter() - t1,
-                        auxk_steps=sum(h["auxk"] > 0 for h in done),
-                        train_dead_fraction=done[-1]["dead_fraction"] if done else None,
+                        # None where the run's step history was not kept (a run trained before records existed)
+                        auxk_steps=sum(h["auxk"] > 0 for h in done) if len(done) == step else None,
+                        train_dead_fraction=done[-1]["dead_fraction"] if done and len(done) == step else None,
                     )
                     write_text(rows_dir / f"{schedule}_s{seed}_{b}.json", json.dumps(row, indent=1) + "\n")
                     print(
