@@ -1087,7 +1087,8 @@ def eval_repetition(ev: dict[str, Any], truth: dict[str, Any], n_units: int, rep
 
 def eval_summarise(reps: list[dict[str, Any]]) -> dict[str, Any]:
     """Per evaluate figure over repetitions (:func:`figure_summary`); a ``_by_layer`` figure's
-    fields are per layer (``<field>_by_layer``), its ``coverage`` the lowest over the layers."""
+    fields are per layer (``<field>_by_layer``), its ``coverage`` that of every layer's interval
+    pooled, and ``coverage_min_layer`` the lowest layer's."""
     out: dict[str, Any] = {"reps": len(reps), "n_tokens_mean": float(np.mean([r["n_tokens"] for r in reps]))}
     for key in EVAL_STATISTICS:
         rows = [r["figures"][key] for r in reps]
