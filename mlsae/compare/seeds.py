@@ -68,6 +68,11 @@ def _number(value: Any) -> float | None:
     return float(value)
 
 
+def _seed_text(seed: Any) -> str:
+    """A seed as written in params.yaml (DVC's rows may carry an int as a float)."""
+    return str(int(seed)) if isinstance(seed, float) and seed.is_integer() else str(seed)
+
+
 def seed_groups(experiments: Sequence[Experiment]) -> list[list[Experiment]]:
     """Finished experiments grouped by every param but the seed (and where they ran); groups with
     at least two distinct `train.seed` values, in first-appearance order."""
@@ -109,7 +114,7 @@ def seed_table(experiments: Sequence[Experiment]) -> pl.DataFrame:
                     "group": g,
                     "model": first.params.get("model"),
                     "lens": first.params.get("lens"),
-                    "seeds": ", ".join(str(e.params.get("train.seed")) for e in group),
+                    "seeds": ", ".join(_seed_text(e.params.get("train.seed")) for e in group),
                     "figure": key,
                     "seed_mean": mean,
                     "seed_sd": sd,
@@ -131,11 +136,15 @@ def seed_table(experiments: Sequence[Experiment]) -> pl.DataFrame:
 
 
 def seeds(
-    out_path: str | Path = SEEDS_TABLE, rows: Sequence[dict] | None = None, repo_dir: str | Path = "."
+    out_path: str | Path = SEEDS_TABLE,
+    rows: Sequence[dict] | None = None,
+    repo_dir: str | Path = ".",
+    all_commits: bool = False,
 ) -> pl.DataFrame:
-    """Write the seed table (Markdown at `out_path`, CSV beside it) from the DVC experiments (or
-    saved `rows` of dvc.api.exp_show) and return it."""
-    experiments = experiments_from_rows(list(rows) if rows is not None else exp_show_rows(repo_dir, False))
+    """Write the seed table (Markdown at `out_path`, CSV beside it) from the DVC experiments of
+    HEAD (of every ancestor commit too with `all_commits`; a run met twice counts once, the newest)
+    or saved `rows` of dvc.api.exp_show, and return it."""
+    experiments = experiments_from_rows(list(rows) if rows is not None else exp_show_rows(repo_dir, all_commits))
     table = seed_table(experiments)
     out_path = Path(out_path)
     intro = (
@@ -150,8 +159,9 @@ def seeds(
     return table
 
 
-def main(out: Path | None = None, json_file: Path | None = None) -> None:
-    """Write the seed-variance table from the DVC experiments (mlsae/compare/seeds.py)."""
+def main(out: Path | None = None, json_file: Path | None = None, all_commits: bool = False) -> None:
+    """Write the seed-variance table from the DVC experiments (mlsae/compare/seeds.py); with
+    --all-commits, those of HEAD's ancestors too (experiments queued before the last commits)."""
     from mlsae.core.paths import inside_outputs
     from mlsae.core.stage import stage
 
@@ -161,5 +171,5 @@ def main(out: Path | None = None, json_file: Path | None = None) -> None:
             raise MlsaeError(
                 f"--out {out}: lies in the pipeline output {inside_outputs(out)}; write under reports/compare/"
             )
-        table = seeds(out, read_rows(json_file) if json_file is not None else None)
+        table = seeds(out, read_rows(json_file) if json_file is not None else None, all_commits=all_commits)
         print(f"{out}: {table.height} rows (CSV: {Path(out).with_suffix('.csv')})")
