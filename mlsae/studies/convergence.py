@@ -67,7 +67,7 @@ app = typer.Typer(help="The convergence study on fresh tokens (stream mode).", n
 BUDGETS = (16384, 32768, 65536, 131072)
 """Distinct training tokens per point: an 8x span, from a quarter to twice the default run. The
 embedded corpus cut to 64 tokens per document (`data.document_tokens: auto`, the default run's
-split) holds about 231k train tokens, so 262,144 does not fit; a larger `data.source` does."""
+split) holds too few train tokens for 262,144; a larger `data.source` does."""
 SCHEDULES = ("constant", "cosine")
 SEEDS = (0, 1)
 """Training seeds: every seed at the smallest and largest budget, seed 0 at every budget."""
