@@ -225,10 +225,9 @@ def check_auxk_window(p: Params) -> None:
 
 
 FLOAT16_UNSAFE: dict[str, float] = {"gemma3-270m": 1.04e5}
-"""Registry models whose residual entries are known to exceed float16's range (65504): the largest
-|entry| measured on the embedded corpus (Gemma 3 270M: the BOS position, above 65504 at blocks
-7-17, 103,794 at block 14; other positions reach 46,550 at block 17). Extract
-refuses a non-finite write anyway; this check says so before anything runs."""
+"""Registry models whose residual entries are known to exceed float16's range (65504), with a
+bound on the largest |entry| on the embedded corpus (Gemma 3 270M: at the BOS position, in its
+later blocks). Extract refuses a non-finite write anyway; this check says so before anything runs."""
 
 
 def check_storage_dtype(p: Params) -> None:

@@ -87,14 +87,13 @@ NO_INTERVAL: frozenset[str] = frozenset(
 )
 """Figures whose intervals did not cover a known truth in the coverage study (benchmarks/coverage.py,
 benchmarks/results/coverage.json, docs/statistics.md; below 90 % at 64 or 256 documents): their
-bias-corrected value and standard error are reported, no interval. Why, as measured: latents seen in
-few documents, whose bias no resampling sees (``_any_docs``); a latent set recomputed per replica
-(``_k_resampled``); a quantile's jackknife SE, known to be inconsistent; the between-token and
-total variances and ratios under mass and peak weighting, SE too small by 15-20 % (84-90 %); the
-dense latents' mass shares, whose latent set jumps when a latent's rate sits near the cut, which
-the delete-one jackknife does not see (SE a tenth of the error); the paper estimator's spread
-part, whose per-batch bias (latents seen in one document of a batch) the jackknife leaves (25 % at
-256 documents)."""
+bias-corrected value and standard error are reported, no interval. Why (the figures are in
+docs/statistics.md): latents seen in few documents, whose bias no resampling sees (``_any_docs``);
+a latent set recomputed per replica (``_k_resampled``); a quantile's jackknife SE, known to be
+inconsistent; the between-token and total variances and ratios under mass and peak weighting, whose
+SE comes out too small; the dense latents' mass shares, whose latent set jumps when a latent's rate
+sits near the cut, which the delete-one jackknife does not see; the paper estimator's spread part,
+whose per-batch bias (latents seen in one document of a batch) the jackknife leaves."""
 HEADLINE_KEYS: tuple[str, ...] = (
     *(f"{k}{w}" for w in _WEIGHTINGS for k in _VAR_KEYS),
     "var_within_norm",
