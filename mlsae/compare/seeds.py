@@ -7,7 +7,7 @@ the group's seeds ``s = 1 .. S``:
 
     mean = (1/S) sum_s k_s      sd = sqrt(sum_s (k_s - mean)^2 / (S - 1))      range = [min_s k_s, max_s k_s]
 
-beside the document interval of the group's first seed (``k ± t_{U-1} se``, U its eval documents;
+beside the document interval of the group's lowest seed (``k ± t_{U-1} se``, U its eval documents;
 the experiments table has no list-valued metrics, so the interval is rebuilt from the scalar
 ``k_se`` as the aggregate and evaluate stages build it) and ``sd / se``: how the seeds' spread
 compares with the sampling spread of one run. The table goes to ``reports/compare/seeds.md`` (and
@@ -75,7 +75,7 @@ def _seed_text(seed: Any) -> str:
 
 def seed_groups(experiments: Sequence[Experiment]) -> list[list[Experiment]]:
     """Finished experiments grouped by every param but the seed (and where they ran); groups with
-    at least two distinct `train.seed` values, in first-appearance order."""
+    at least two distinct `train.seed` values, in first-appearance order, each ordered by seed."""
     groups: dict[str, list[Experiment]] = {}
     for exp in experiments:
         if exp.status not in ("done", "workspace", "baseline") or not exp.metrics:
@@ -87,14 +87,14 @@ def seed_groups(experiments: Sequence[Experiment]) -> list[list[Experiment]]:
         by_seed: dict[Any, Experiment] = {}
         for exp in members:
             by_seed.setdefault(exp.params.get("train.seed"), exp)  # one run per seed
-        if len(by_seed) >= 2:
-            out.append(list(by_seed.values()))
+        if len(by_seed) >= 2:  # the lowest seed first: the run whose document interval is shown
+            out.append([by_seed[s] for s in sorted(by_seed, key=lambda s: (str(type(s)), s))])
     return out
 
 
 def seed_table(experiments: Sequence[Experiment]) -> pl.DataFrame:
     """One row per (group, figure): the seeds' mean, SD and range, and the document interval and
-    SE of the group's first seed (module docstring)."""
+    SE of the group's lowest seed (module docstring)."""
     rows: list[dict[str, Any]] = []
     for g, group in enumerate(seed_groups(experiments)):
         first = group[0]
@@ -150,7 +150,7 @@ def seeds(
     intro = (
         "# Training-seed variance\n\n"
         "Experiments that differ only in `train.seed`: per headline figure the seeds' mean, SD and range "
-        "(reported, bias-corrected values), beside the first seed's 95 % document interval and its SE "
+        "(reported, bias-corrected values), beside the lowest seed's 95 % document interval and its SE "
         "(docs/statistics.md). `sd_over_se` compares the spread over seeds with one run's sampling error. "
         "Regenerate with `mlsae seeds`.\n\n"
     )
