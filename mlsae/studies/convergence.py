@@ -321,7 +321,7 @@ def _fmt(row: dict, key: str) -> str:
 def report(
     out: Path = Path("runs/convergence"), docs: Path = Path("docs"), params_file: Path = Path("params.yaml")
 ) -> None:
-    """Write docs/convergence.md, .csv and .png from the measured points."""
+    """Write docs/convergence.md, .csv and .png from the measured points (and OUT/notes.md, if any)."""
     p = load_params(params_file)
     rows = [json.loads(f.read_text()) for f in sorted((out / "points").glob("*.json"))]
     if not rows:
@@ -400,6 +400,9 @@ def report(
         + "\n".join(parts)
         + "\n\n![convergence](convergence.png)\n"
     )
+    notes = out / "notes.md"  # what the rows cannot say (e.g. how this run of the study went), kept beside them
+    if notes.exists():
+        text += "\n## Notes on this run of the study\n\n" + notes.read_text().strip() + "\n"
     write_text(docs / "convergence.md", text)
     write_bytes(docs / "convergence.png", _figure(rows))
 
