@@ -73,6 +73,12 @@ def _seed_text(seed: Any) -> str:
     return str(int(seed)) if isinstance(seed, float) and seed.is_integer() else str(seed)
 
 
+def _seed_order(seed: Any) -> tuple[int, float | str]:
+    """Seeds in numeric order (DVC's rows carry them as floats, hand-written rows as ints)."""
+    number = _number(seed)
+    return (0, number) if number is not None else (1, str(seed))
+
+
 def seed_groups(experiments: Sequence[Experiment]) -> list[list[Experiment]]:
     """Finished experiments grouped by every param but the seed (and where they ran); groups with
     at least two distinct `train.seed` values, in first-appearance order, each ordered by seed."""
@@ -88,7 +94,7 @@ def seed_groups(experiments: Sequence[Experiment]) -> list[list[Experiment]]:
         for exp in members:
             by_seed.setdefault(exp.params.get("train.seed"), exp)  # one run per seed
         if len(by_seed) >= 2:  # the lowest seed first: the run whose document interval is shown
-            out.append([by_seed[s] for s in sorted(by_seed, key=lambda s: (str(type(s)), s))])
+            out.append([by_seed[s] for s in sorted(by_seed, key=_seed_order)])
     return out
 
 
@@ -129,8 +135,9 @@ def seed_table(experiments: Sequence[Experiment]) -> pl.DataFrame:
             )
     if not rows:
         raise MlsaeError(
-            "seeds: no two finished experiments differ only in train.seed; run them first, e.g. "
-            "`dvc exp run --queue -S train.seed=1 && dvc exp run --queue -S train.seed=2 && dvc exp run --run-all`"
+            "no two finished experiments differ only in train.seed; run them first (e.g. "
+            "`dvc exp run --queue -S train.seed=1`, the same with 2, then `dvc queue start`), or add "
+            "--all-commits for experiments queued before the last commit"
         )
     return pl.DataFrame(rows)
 
