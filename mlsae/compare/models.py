@@ -3,7 +3,7 @@ summarised, and the paper's figure of multi-layer activity against adjacent-laye
 
 A run is a directory holding a pipeline run's ``metrics/`` (``extract.json``, ``eval.json``,
 ``analysis.json``, as the stages write them) and ``tables/summary.csv`` (for the model's name), and
-optionally ``params.yaml`` (for ``train.seed``): ``reports/`` of any workspace, or a copy kept under
+optionally ``params.yaml`` (for ``train.seed``; for a workspace's ``reports/``, the workspace's own): ``reports/`` of any workspace, or a copy kept under
 ``reports/models/<name>/``. ``dvc exp show`` drops list-valued metrics, so the figures are read from
 the files themselves. For a figure ``k`` the files hold ``k`` (the value, bias-corrected by the
 jackknife over eval documents), ``k_se`` and ``k_ci = [lo, hi]`` (the 95 % t interval around the
@@ -211,7 +211,10 @@ def load_run(path: str | os.PathLike[str]) -> Run:
         depth = depth_normalised(figures["effective_layers"], n_layers)
         if depth is not None:
             figures[DEPTH] = depth
-    return Run(model, root, _train_seed(root / "params.yaml"), figures)
+    params = root / "params.yaml"
+    if not params.is_file() and root.name == "reports":  # a workspace's own reports/: the workspace's params
+        params = root.parent / "params.yaml"
+    return Run(model, root, _train_seed(params), figures)
 
 
 def group_runs(runs: list[Run]) -> list[Group]:
