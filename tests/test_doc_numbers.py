@@ -10,7 +10,7 @@ brackets right after the number (in a table, in the next cell):
 value followed by ``%`` is the source's value x 100. The printed value must equal the source's
 rounded to the printed decimals (``65,536`` and ``0.0705`` alike); an interval is checked against
 ``key_ci`` (``name_ci.i`` for a list element ``name.i``; the value's own list when the key ends in
-``_ci``). A citation whose file or key is
+``_ci``; in a CSV, the row's ``lo`` and ``hi`` for its ``value`` column). A citation whose file or key is
 missing fails, so a renamed key cannot leave a stale number behind.
 """
 
@@ -78,7 +78,10 @@ def lookup(source: str) -> tuple[Any, Any]:
         table = table.filter(pl.col(col).cast(pl.String) == want)
     if table.height != 1 or column not in table.columns:
         raise AssertionError(f"[{source}]: {table.height} rows match in {path} (need one with column {column!r})")
-    return table[column][0], None
+    ci = None
+    if column == "value" and {"lo", "hi"} <= set(table.columns) and table["lo"][0] is not None:
+        ci = [table["lo"][0], table["hi"][0]]  # a table of values with their intervals (mlsae compare)
+    return table[column][0], ci
 
 
 def agrees(printed: str, actual: Any, percent: bool) -> bool:
@@ -132,6 +135,7 @@ def test_the_checker_reads_and_rejects(tmp_path: Path, monkeypatch: pytest.Monke
     )
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "t.csv").write_text("figure,sd\nx,0.0011\ny,0.02\n")
+    (tmp_path / "x" / "v.csv").write_text("figure,value,lo,hi\nx,0.5,0.4,0.6\ny,2,,\n")
     good = (
         "share 0.0705 (0.068–0.073) [m.json#a], 65,536 [m.json#n] tokens, block 1: 0.41 [m.json#by.1], "
         "5.3 % [m.json#f] dead | 0.0011 | [x/t.csv#sd@figure=x] |"
@@ -142,6 +146,8 @@ def test_the_checker_reads_and_rejects(tmp_path: Path, monkeypatch: pytest.Monke
     assert check("1 [m.json#missing]") and check("1 [nope.json#a]") and check("0.02 [x/t.csv#sd@figure=z]")
     assert check("0.05 (0.04–0.06) [m.json#f]")  # an interval the source does not have
     assert check("0.41 (0.40–0.42) [m.json#by.1]") == [] and check("0.41 (0.39–0.42) [m.json#by.1]")
+    assert check("0.5 (0.4–0.6) [x/v.csv#value@figure=x]") == [] and check("0.5 (0.4–0.7) [x/v.csv#value@figure=x]")
+    assert check("2 [x/v.csv#value@figure=y]") == [] and check("2 (1–3) [x/v.csv#value@figure=y]")
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=[str(d.relative_to(ROOT)) for d in DOCS])
