@@ -153,6 +153,7 @@ import math
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -1085,6 +1086,19 @@ def eval_repetition(ev: dict[str, Any], truth: dict[str, Any], n_units: int, rep
     return {"figures": rows, "n_tokens": int(metrics["downstream_tokens"])}
 
 
+def _progress(label: str, reps: list[dict[str, Any]], total: int, times: int, keys: Sequence[str], t0: float) -> None:
+    """Print the running coverage of `keys` about `times` times over `total` repetitions."""
+    done = len(reps)
+    if done % max(1, total // times) and done != total:
+        return
+    covered = {k: np.mean([r["figures"][k]["covered"] for r in reps]) for k in keys}
+    print(
+        f"{label} rep {done}/{total} {time.perf_counter() - t0:.0f} s "
+        + " ".join(f"{k}={100 * v:.0f}%" for k, v in covered.items()),
+        flush=True,
+    )
+
+
 def eval_summarise(reps: list[dict[str, Any]]) -> dict[str, Any]:
     """Per evaluate figure over repetitions (:func:`figure_summary`); a ``_by_layer`` figure's
     fields are per layer (``<field>_by_layer``), its ``coverage`` that of every layer's interval
@@ -1135,13 +1149,7 @@ def eval_study(args: argparse.Namespace) -> dict[str, Any]:
         reps = []
         for rep in range(args.eval_reps):
             reps.append(eval_repetition(ev, truth, n_units, rep, args.eval_bootstrap))
-            if (rep + 1) % max(1, args.eval_reps // 5) == 0 or rep + 1 == args.eval_reps:
-                covered = {k: np.mean([r["figures"][k]["covered"] for r in reps]) for k in EVAL_BY_LAYER[:4]}
-                print(
-                    f"evaluate U={n_units} rep {rep + 1}/{args.eval_reps} {time.perf_counter() - t0:.0f} s "
-                    + " ".join(f"{k}={100 * v:.0f}%" for k, v in covered.items()),
-                    flush=True,
-                )
+            _progress(f"evaluate U={n_units}", reps, args.eval_reps, 5, EVAL_BY_LAYER[:4], t0)
         seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
         out[f"U{n_units}"] = {**eval_summarise(reps), "seconds": seconds, "cpu_seconds": cpu_seconds}
     out["seconds"], out["cpu_seconds"] = time.perf_counter() - start, time.process_time() - cpu
@@ -1223,13 +1231,7 @@ def run_study(args: argparse.Namespace, command: str) -> dict[str, Any]:
             reps = []
             for rep in range(args.reps):
                 reps.append(repetition(pop, tr, n_documents, rep, args, work))
-                if (rep + 1) % max(1, args.reps // 10) == 0 or rep + 1 == args.reps:
-                    covered = {k: np.mean([r["figures"][k]["covered"] for r in reps]) for k in REQUIRED}
-                    print(
-                        f"D={n_documents} rep {rep + 1}/{args.reps} {time.perf_counter() - t0:.0f} s "
-                        + " ".join(f"{k}={100 * v:.0f}%" for k, v in covered.items()),
-                        flush=True,
-                    )
+                _progress(f"D={n_documents}", reps, args.reps, 10, REQUIRED, t0)
             seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
             result[f"D{n_documents}"] = {**summarise(reps), "seconds": seconds, "cpu_seconds": cpu_seconds}
     finally:
